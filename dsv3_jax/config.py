@@ -1,0 +1,230 @@
+"""ModelConfig: the one frozen description of a DeepSeek-V3-style network.
+
+Field names follow the released `config.json` (REFERENCE.md section 1) so that a Hugging Face config
+maps onto this class key for key. The config is validated when it is constructed: every invalid
+combination raises a `ValueError` that names the field and says how to fix it, before any array is
+allocated or any function is compiled.
+
+Derived sizes (head dims, number of MoE layers, ...) are properties, never stored twice.
+ml-collections stays at the edge: `ModelConfig.from_dict(config.model)` turns the `model` section of a
+`configs/*.py` ConfigDict into this class and rejects unknown keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (REFERENCE.md section 2). `factor` = target / original context."""
+
+    factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    type: str = "yarn"
+
+    def __post_init__(self):
+        if self.type != "yarn":
+            raise ValueError(f"rope_scaling.type={self.type!r} is not supported; use 'yarn' or set rope_scaling=None.")
+        if self.factor < 1.0:
+            raise ValueError(f"rope_scaling.factor={self.factor} must be >= 1 (target context / original context).")
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError("rope_scaling.original_max_position_embeddings must be > 0.")
+        if not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(
+                f"rope_scaling needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
+                f"beta_slow={self.beta_slow} (DeepSeek-V3 uses 32 and 1)."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Every field that shapes the network. Defaults are the released DeepSeek-V3 (671B)."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense SwiGLU layers
+    moe_intermediate_size: int = 2048  # each routed expert; shared = this * n_shared_experts
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536  # None: queries projected directly (q_proj)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    num_nextn_predict_layers: int = 1  # MTP depth D
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = dataclasses.field(default_factory=RopeScaling)
+    initializer_range: float = 0.006
+    dtype: str = "bfloat16"  # activations / matmul inputs
+    param_dtype: str = "float32"  # master weights
+    moe_impl: str = "auto"  # auto | blocks | ragged | dense (see moe.py)
+    moe_block_size: int = 64  # rows per block in the 'blocks' expert layout
+
+    # ------------------------------------------------------------------ validation
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, Mapping):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling)))
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "max_position_embeddings", "moe_block_size",
+        ]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0.")
+        if self.q_lora_rank is not None and self.q_lora_rank <= 0:
+            raise ValueError(
+                f"ModelConfig.q_lora_rank={self.q_lora_rank} must be > 0, or None to project queries directly."
+            )
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(
+                f"ModelConfig.qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates pairs of channels."
+            )
+        if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
+            raise ValueError(
+                f"ModelConfig.first_k_dense_replace={self.first_k_dense_replace} must be between 0 and "
+                f"num_hidden_layers={self.num_hidden_layers}."
+            )
+        if self.num_nextn_predict_layers < 0:
+            raise ValueError("ModelConfig.num_nextn_predict_layers (MTP depth) must be >= 0.")
+        if self.scoring_func != "sigmoid":
+            raise ValueError(f"ModelConfig.scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported.")
+        if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
+            raise ValueError(
+                f"ModelConfig.dtype={self.dtype!r} / param_dtype={self.param_dtype!r}: choose from {sorted(_DTYPES)}."
+            )
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"ModelConfig.moe_impl={self.moe_impl!r}: choose from {MOE_IMPLS}.")
+        if self.has_moe:
+            self._validate_moe()
+
+    def _validate_moe(self):
+        E, K = self.n_routed_experts, self.num_experts_per_tok
+        if E <= 0 or K <= 0:
+            raise ValueError(
+                f"ModelConfig.n_routed_experts={E} and num_experts_per_tok={K} must be > 0 when there are MoE "
+                f"layers (first_k_dense_replace={self.first_k_dense_replace} < num_hidden_layers="
+                f"{self.num_hidden_layers}); set first_k_dense_replace=num_hidden_layers for a dense model."
+            )
+        if K > E:
+            raise ValueError(
+                f"ModelConfig.num_experts_per_tok={K} exceeds n_routed_experts={E}: lower top-k or add experts."
+            )
+        if self.n_shared_experts < 0:
+            raise ValueError("ModelConfig.n_shared_experts must be >= 0.")
+        if self.n_group <= 0 or E % self.n_group:
+            raise ValueError(
+                f"ModelConfig.n_group={self.n_group} must be > 0 and divide n_routed_experts={E}; "
+                f"use a divisor of {E} (n_group=1 disables group-limited routing)."
+            )
+        if not 0 < self.topk_group <= self.n_group:
+            raise ValueError(
+                f"ModelConfig.topk_group={self.topk_group} must be between 1 and n_group={self.n_group}."
+            )
+        per_group = E // self.n_group
+        if self.n_group > 1 and per_group < 2:
+            raise ValueError(
+                f"ModelConfig.n_group={self.n_group} leaves {per_group} expert per group; group scores sum the top-2 "
+                f"experts of a group, so use n_group <= {E // 2}."
+            )
+        if self.topk_group * per_group < K:
+            raise ValueError(
+                f"ModelConfig: topk_group={self.topk_group} groups of {per_group} experts hold fewer than "
+                f"num_experts_per_tok={K} experts; raise topk_group or lower top-k."
+            )
+        if self.routed_scaling_factor <= 0:
+            raise ValueError("ModelConfig.routed_scaling_factor must be > 0.")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def has_moe(self) -> bool:
+        return self.first_k_dense_replace < self.num_hidden_layers
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.first_k_dense_replace
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @property
+    def softmax_scale(self) -> float:
+        """(dn + dr)^-0.5, times mscale^2 under YaRN (REFERENCE.md section 2)."""
+        scale = self.qk_head_dim ** -0.5
+        rs = self.rope_scaling
+        if rs is not None and rs.mscale_all_dim:
+            m = yarn_mscale(rs.factor, rs.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def latent_cache_values_per_token(self) -> int:
+        """Values per token per layer in the absorbed-MLA cache: kv_lora_rank + qk_rope_head_dim (576 in V3)."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a mapping (e.g. `config.model` of an ml-collections ConfigDict); unknown keys are errors."""
+        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"Unknown ModelConfig field(s) {unknown}; valid fields are: {sorted(known)}."
+            )
+        rs = d.get("rope_scaling")
+        if rs is not None and not isinstance(rs, RopeScaling):
+            rs = dict(rs)
+            if not rs:  # an empty dict in a ConfigDict means "no scaling"
+                rs = None
+            d["rope_scaling"] = rs
+        return cls(**d)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+    if factor <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(factor) + 1.0

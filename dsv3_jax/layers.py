@@ -1,0 +1,81 @@
+"""Building blocks: parameters with logical axes, RMSNorm, embedding, einsum projections, SwiGLU.
+
+Shape legend (all model files): B batch, T query length, S key length, D model width, N heads,
+H head dim, R latent rank, E experts, K top-k, F ffn width, V vocabulary, L stacked layers.
+
+Every parameter is created through `param(...)`, which attaches *logical* axis names (e.g.
+`('embed', 'mlp')`). `sharding.py` holds the single table that maps these names onto mesh axes, so a
+module never mentions a device or a mesh. Eager sharding is off: parameters are placed when the
+caller jits the constructor with output shardings derived from the names.
+
+Dtypes: parameters are stored in `param_dtype` (float32 master weights); matmuls run in the
+config's compute `dtype` (bfloat16 on accelerators, float32 on CPU); RMSNorm always computes its
+statistics in float32:  y = w * x / sqrt(mean(x^2) + eps).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
+    """A Param initialised by `init(key, shape, dtype)` and tagged with logical axis names."""
+    if len(axes) != len(shape):
+        raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def normal(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+class RMSNorm(nnx.Module):
+    """w * x / sqrt(mean(x^2) + eps), statistics in float32; output in the input dtype."""
+
+    def __init__(self, dim: int, eps: float, *, axis_name: str, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Einsum(nnx.Module):
+    """A projection written as an einsum, e.g. 'BTD,DNH->BTNH', weight of `shape` with logical `axes`."""
+
+    def __init__(self, eq: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eq = eq
+        self.dtype = dtype
+        self.kernel = param(rngs, normal(std), shape, axes, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum(self.eq, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D]; lookup returns the compute dtype."""
+
+    def __init__(self, vocab: int, dim: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, normal(std), (vocab, dim), ("vocab", "embed"), param_dtype)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
+        self.up = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
+        self.down = Einsum("...F,FD->...D", (hidden, dim), ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))

@@ -1,0 +1,196 @@
+"""DeepSeek-V3: embed -> dense blocks -> MoE blocks -> RMSNorm -> lm_head, plus the MTP chain.
+
+Shape legend: B batch, T tokens, D model, V vocabulary, E routed experts, L stacked layers.
+
+Block (pre-norm):  x += MLA(RMSNorm(x));  x += FFN(RMSNorm(x)),  FFN = SwiGLU (first
+`first_k_dense_replace` layers) or DeepSeekMoE (the rest).
+
+Homogeneous layers are stacked: the dense blocks form one `Block` whose parameters carry a leading
+'layers' axis (created with `nnx.vmap`), the MoE blocks another, and each stack is applied with
+`jax.lax.scan`, so compile time does not grow with depth (the 61-layer model lowers as 2 layer bodies).
+
+Multi-token prediction (REFERENCE.md section 4), depth k = 1..D, h^0 = final-normed main hidden state:
+    h'_i  = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])      (embedding FIRST)
+    h^k   = Block_k(h')                                            (an MoE block when the model has MoE)
+    mtp_logits[k-1][i] = lm_head(norm_k(h^k_i))   predicts token i + k + 1
+Embedding and head are shared with the main model. Positions with i + k >= T see a padding token
+and must be masked out of the MTP loss (see `mtp_valid_mask`).
+
+`DeepSeekV3(tokens)` returns `ModelOutput(logits [B, T, V] f32, mtp_logits (D x [B, T, V]),
+expert_counts [MoE layers (main stack, then MTP blocks), E], balance_loss)`.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import MLP, Einsum, Embed, RMSNorm, normal, param
+from dsv3_jax.mla import MLA
+from dsv3_jax.moe import MoE
+from dsv3_jax.rope import rope_tables
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, V] float32
+    mtp_logits: tuple  # D arrays [B, T, V]; depth k position i predicts token i + k + 1
+    expert_counts: jax.Array  # [n_moe_layers, E] float32 tokens routed to each expert
+    balance_loss: jax.Array  # scalar: mean over MoE layers of the sequence-wise balance loss (no alpha)
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer block: MLA then a dense SwiGLU or a DeepSeekMoE FFN."""
+
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        nkw = dict(axis_name="embed", param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
+        self.attn = MLA(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
+        self.is_moe = moe
+        if moe:
+            self.ffn = MoE(cfg, rngs=rngs)
+        else:
+            self.ffn = MLP(D, cfg.intermediate_size, std=cfg.initializer_range, dtype=cfg.compute_dtype,
+                           param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.num_experts = cfg.n_routed_experts
+
+    def __call__(self, x, cos, sin, moe_impl=None):
+        """x [B, T, D] -> (x, expert counts [E] (zeros for dense), balance loss)."""
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn_norm(x)
+        if self.is_moe:
+            y, counts, bal = self.ffn(h, impl=moe_impl)
+        else:
+            y, counts, bal = self.ffn(h), jnp.zeros((self.num_experts,), jnp.float32), jnp.zeros((), jnp.float32)
+        return x + y, counts, bal
+
+
+def stacked_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Block:
+    """n Blocks with parameters stacked on a leading 'layers' axis."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(r):
+        return Block(cfg, moe=moe, rngs=r)
+
+    return make(rngs)
+
+
+def scan_blocks(stack: Block, x, cos, sin, *, remat: bool, moe_impl=None):
+    """Apply a stacked Block layer by layer with lax.scan; returns x, counts [L, E], balance [L]."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, layer_state):
+        h, counts, bal = nnx.merge(graphdef, layer_state)(h, cos, sin, moe_impl)
+        return h, (counts, bal)
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    x, (counts, bal) = jax.lax.scan(body, x, state)
+    return x, counts, bal
+
+
+class MTPModule(nnx.Module):
+    """One multi-token-prediction depth: combine shifted embedding and previous hidden, one block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D = cfg.hidden_size
+        nkw = dict(axis_name="embed", param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
+        self.eh_proj = Einsum("BTC,CD->BTD", (2 * D, D), ("mtp_concat", "embed"), std=cfg.initializer_range,
+                              dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.block = Block(cfg, moe=cfg.has_moe, rngs=rngs)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
+
+    def __call__(self, h_prev, emb_next, cos, sin, moe_impl=None):
+        h = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
+        return self.block(h, cos, sin, moe_impl)
+
+
+class DeepSeekV3(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False):
+        self.cfg = cfg
+        self.remat = remat
+        D, std = cfg.hidden_size, cfg.initializer_range
+        self.embed = Embed(cfg.vocab_size, D, std=std, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                           rngs=rngs)
+        self.dense_layers = stacked_blocks(cfg, cfg.num_dense_layers, False, rngs) if cfg.num_dense_layers else None
+        self.moe_layers = stacked_blocks(cfg, cfg.num_moe_layers, True, rngs) if cfg.num_moe_layers else None
+        self.norm = RMSNorm(D, cfg.rms_norm_eps, axis_name="embed", param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.lm_head = param(rngs, normal(std), (D, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+
+    def head(self, h: jax.Array) -> jax.Array:
+        """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
+        dt = self.cfg.compute_dtype
+        return jnp.einsum("BTD,DV->BTV", h.astype(dt), self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: jax.Array, *, moe_impl: str | None = None) -> ModelOutput:
+        cfg = self.cfg
+        B, T = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        cos, sin = rope_tables(cfg, positions)
+        x = self.embed(tokens)
+        counts, bals = [], []
+        for stack in (self.dense_layers, self.moe_layers):
+            if stack is not None:
+                x, c, b = scan_blocks(stack, x, cos, sin, remat=self.remat, moe_impl=moe_impl)
+                if stack.is_moe:
+                    counts.append(c)
+                    bals.append(b)
+        h = self.norm(x)
+        logits = self.head(h)
+
+        mtp_logits = []
+        for k, module in enumerate(self.mtp, start=1):
+            shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
+            h, c, b = module(h, self.embed(shifted), cos, sin, moe_impl)
+            if cfg.has_moe:
+                counts.append(c[None])
+                bals.append(b[None])
+            mtp_logits.append(self.head(module.norm(h)))
+
+        E = cfg.n_routed_experts
+        expert_counts = jnp.concatenate(counts, axis=0) if counts else jnp.zeros((0, E), jnp.float32)
+        balance = jnp.concatenate(bals).mean() if bals else jnp.zeros((), jnp.float32)
+        return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), expert_counts=expert_counts,
+                           balance_loss=balance)
+
+
+def mtp_valid_mask(T: int, depth: int) -> jax.Array:
+    """[T] bool: positions whose depth-k MTP prediction has a real target inside a window of T+1 tokens."""
+    return jnp.arange(T) < T - depth
+
+
+def param_counts(model: DeepSeekV3) -> dict:
+    """Parameter counts from the module tree (works on an abstract `nnx.eval_shape` model).
+
+    total: main model (everything but the MTP modules); mtp: the MTP modules' own parameters
+    (embedding and head are shared, so not counted again); active: parameters used per token by the
+    main model, counting embedding and head, with routed experts counted K/E of their size.
+    """
+    cfg = model.cfg
+    total = mtp = routed = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = _numel(var.get_value().shape)
+        names = [str(p) for p in path]
+        if names[0] == "mtp":
+            mtp += n
+            continue
+        total += n
+        if names[-1] in ("w_gate", "w_up", "w_down"):
+            routed += n
+    active = total - routed + routed * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1)
+    return {"params_total": total, "params_mtp": mtp, "params_active": active}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

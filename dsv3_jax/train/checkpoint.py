@@ -1,0 +1,257 @@
+"""Checkpointing: a thin wrapper over orbax's `CheckpointManager` (async save, keep last N).
+
+A checkpoint of step ``s`` is one directory ``DIR/<s>/`` holding two items:
+
+* ``state`` -- the training state, any pytree of `jax.Array` (model params, optimizer state,
+  RNG keys, step counter), written with ``ocp.args.StandardSave`` as tensorstore arrays. Each
+  array is written shard by shard by the processes that own it, so a sharded 671B state is never
+  gathered on one host.
+* ``meta`` -- a small plain-JSON dict (``ocp.args.JsonSave``): data-loader position, a snapshot
+  of the config, counters such as tokens seen. Anything ``json.dumps`` accepts.
+
+Saving
+------
+``save(step, state, meta)`` is *asynchronous* by default: the call blocks only while the arrays
+are copied from device to host memory, then tensorstore writes them in a background thread while
+training continues (so the caller may donate/overwrite the device buffers as soon as ``save``
+returns). The next ``save`` (or ``wait()``/``close()``) waits for the previous one to finish.
+A step is written when ``step % save_interval_steps == 0``, or always with ``force=True`` (use it
+for the final step or on preemption). Unlike orbax's default policy, the first call of a fresh
+run is *not* saved unconditionally (orbax 0.12 adds an "initial save" policy; we pass an explicit
+save-decision policy instead so the interval means exactly what it says). Saving a step that
+already exists returns False instead of raising. After each save only the newest ``keep``
+checkpoints are kept (``keep=None`` keeps all).
+
+Crash safety
+------------
+A run can be killed at any moment, including in the middle of a save. Orbax never writes into
+the final directory: on a local/POSIX file system a save goes into
+``DIR/<s>.orbax-checkpoint-tmp-<timestamp>/`` and is *renamed* to ``DIR/<s>/`` only after every
+array and the metadata are on disk (a rename within one file system is atomic). (On GCS, where
+rename is not atomic, orbax instead writes ``commit_success.txt`` last and treats a step
+directory without it as unfinished.) Step discovery (``latest_step``, ``restore``) only lists
+finalized directories, so a killed save leaves the previous checkpoint as the latest usable one;
+``cleanup_tmp_directories=True`` makes the next ``Checkpointer`` on that directory delete the
+leftover temporary directory. Old checkpoints are deleted only *after* a newer one is finalized,
+so there is always at least one complete checkpoint once the first save has finished. The test
+suite kills a process inside ``finalize`` to check exactly this.
+
+Restoring
+---------
+``restore(abstract_state, step=None) -> (step, state, meta)`` takes a pytree of
+`jax.ShapeDtypeStruct` with ``.sharding`` set: each array is read directly into that sharding
+(each device reads only its shard), so the same checkpoint can be restored onto a different mesh.
+Build it from a freshly initialised (or ``jax.eval_shape``/``nnx.eval_shape``-d and sharded)
+state::
+
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    # or: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+Concrete arrays are accepted too (converted the same way); a leaf without a sharding is placed
+on the first local device. Before reading any array the target is compared with the checkpoint's
+own metadata (tree paths and shapes); a mismatch -- a different model/optimizer config -- raises
+``ValueError`` naming the keys that differ and the directory. Dtypes may differ: orbax casts on
+read (e.g. restore float32 master weights as bfloat16 for evaluation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+__all__ = ["Checkpointer"]
+
+PyTree = Any
+
+_STATE = "state"
+_META = "meta"
+_MAX_LISTED = 8  # how many mismatching keys an error message lists per category
+
+
+def _to_abstract(x):
+    """Leaf of the restore target -> ShapeDtypeStruct with a sharding."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        if getattr(x, "sharding", None) is None:
+            return jax.ShapeDtypeStruct(
+                x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            )
+        return x
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return _to_abstract(ocp.utils.to_shape_dtype_struct(x))
+    return x
+
+
+def _fmt_key(key: tuple) -> str:
+    return "/".join(str(k) for k in key)
+
+
+class Checkpointer:
+    """Async, keep-last-N checkpoints of ``(state pytree, JSON meta)`` in ``directory``.
+
+    Args:
+      directory: where step directories ``<step>/`` are written (created if missing).
+      keep: how many most recent checkpoints to keep; None keeps all.
+      save_interval_steps: ``save`` writes only when ``step % save_interval_steps == 0``
+        (unless ``force=True``).
+      async_save: write in a background thread (True) or block until written (False).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int | None = 3,
+        save_interval_steps: int = 1,
+        async_save: bool = True,
+    ):
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+        if save_interval_steps < 1:
+            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+        path = os.fspath(directory)
+        if "://" not in path:  # orbax wants absolute local paths
+            path = os.path.abspath(path)
+        self.directory = epath.Path(path)
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+            save_decision_policy=policies.AnySavePolicy(
+                [
+                    policies.FixedIntervalPolicy(save_interval_steps),
+                    policies.PreemptionCheckpointingPolicy(),
+                ]
+            ),
+        )
+        # Explicit handlers (not just item names): a manager opened on an existing directory has
+        # not saved anything yet, and without them it cannot read the items' metadata.
+        self._mngr = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()},
+        )
+
+    # ------------------------------------------------------------------ save
+
+    def save(self, step: int, state: PyTree, meta: dict | None = None, *, force: bool = False) -> bool:
+        """Start saving ``state`` and ``meta`` as step ``step``; True if a save was started.
+
+        Skipped (False) when a checkpoint of ``step`` already exists, and, unless ``force``,
+        when ``step`` is not a multiple of ``save_interval_steps`` or not newer than the latest.
+        """
+        step = int(step)
+        meta = {} if meta is None else meta
+        try:  # fail here, in the caller's thread, rather than in the background writer
+            json.dumps(meta)
+        except TypeError as e:
+            raise TypeError(f"checkpoint meta must be plain JSON: {e}") from e
+        if step in self._mngr.all_steps():
+            return False
+        return self._mngr.save(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardSave(state), _META: ocp.args.JsonSave(meta)}
+            ),
+            force=force,
+        )
+
+    # --------------------------------------------------------------- inspect
+
+    def latest_step(self) -> int | None:
+        """Newest *finalized* step in the directory (unfinished temporary saves are ignored)."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        """All finalized steps, ascending."""
+        return sorted(self._mngr.all_steps())
+
+    # --------------------------------------------------------------- restore
+
+    def _check_matches(self, step: int, abstract_state: PyTree) -> None:
+        """Raise ValueError if the restore target's tree paths/shapes differ from the checkpoint."""
+        md = self._mngr.item_metadata(step)[_STATE]
+        if md is None:  # metadata unreadable: leave the checking to orbax's restore
+            return
+        tree = getattr(md, "tree", md)
+        saved = ocp.tree.to_flat_dict(tree)
+        target = ocp.tree.to_flat_dict(abstract_state)
+        missing = sorted(set(target) - set(saved))  # the target wants them, the checkpoint lacks them
+        extra = sorted(set(saved) - set(target))
+        shapes = []
+        for k in sorted(set(saved) & set(target)):
+            s_shape = getattr(saved[k], "shape", None)
+            t_shape = getattr(target[k], "shape", None)
+            if s_shape is not None and t_shape is not None and tuple(s_shape) != tuple(t_shape):
+                shapes.append(f"{_fmt_key(k)}: checkpoint {tuple(s_shape)} vs requested {tuple(t_shape)}")
+        if not (missing or extra or shapes):
+            return
+
+        def listing(items):
+            shown = ", ".join(items[:_MAX_LISTED])
+            return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
+
+        parts = []
+        if shapes:
+            parts.append("shape mismatch: " + listing(shapes))
+        if missing:
+            parts.append("not in checkpoint: " + listing([_fmt_key(k) for k in missing]))
+        if extra:
+            parts.append("only in checkpoint: " + listing([_fmt_key(k) for k in extra]))
+        raise ValueError(
+            f"checkpoint in {self.directory} (step {step}) was written with a different config "
+            f"(model/optimizer tree or shapes differ from the restore target); "
+            + "; ".join(parts)
+        )
+
+    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree, dict]:
+        """Restore ``(step, state, meta)``; ``step=None`` means the latest finalized step.
+
+        ``abstract_state`` gives the tree, shapes, dtypes and *shardings* to restore into.
+        Raises FileNotFoundError if there is no such checkpoint and ValueError if its tree or
+        shapes do not match ``abstract_state``.
+        """
+        self._mngr.wait_until_finished()  # a save in flight becomes visible first
+        steps = self._mngr.all_steps()
+        if step is None:
+            step = self._mngr.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
+        step = int(step)
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no finalized checkpoint for step {step} in {self.directory}; available: {sorted(steps)}"
+            )
+        abstract_state = jax.tree.map(_to_abstract, abstract_state)
+        self._check_matches(step, abstract_state)
+        out = self._mngr.restore(
+            step,
+            args=ocp.args.Composite(
+                **{_STATE: ocp.args.StandardRestore(abstract_state), _META: ocp.args.JsonRestore()}
+            ),
+        )
+        meta = out[_META]
+        return step, out[_STATE], ({} if meta is None else dict(meta))
+
+    # ------------------------------------------------------------- lifecycle
+
+    def wait(self) -> None:
+        """Block until any in-flight async save is finalized on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's background resources."""
+        self._mngr.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,56 @@
+"""Defaults for every non-model section of a training config (ml-collections).
+
+`configs/*.py` call `base_config()` and fill in `config.model` (the fields of `ModelConfig`) and any
+section they change. Every key here is an interface: users override it as `--config.SECTION.KEY=V`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()  # ModelConfig fields, filled in by each configs/*.py
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000  # optimizer steps
+    c.train.seed = 0  # parameter init, data order and sampling
+    c.train.batch_size = 16  # global batch (sequences); the end value of the ramp below
+    c.train.batch_size_start = 0  # batch-size ramp start; 0 disables the ramp
+    c.train.batch_ramp_steps = 0  # steps over which the batch grows from batch_size_start to batch_size
+    c.train.seq_len = 128  # tokens per sequence
+    c.train.peak_lr = 2.2e-4  # DeepSeek-V3 peak learning rate
+    c.train.warmup_steps = 100  # linear warmup 0 -> peak_lr
+    c.train.constant_fraction = 0.6  # fraction of the steps after warmup spent at peak_lr
+    c.train.final_lr_ratio = 0.1  # cosine decay ends at peak_lr * this
+    c.train.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms and biases)
+    c.train.b1 = 0.9  # AdamW beta1
+    c.train.b2 = 0.95  # AdamW beta2
+    c.train.clip_norm = 1.0  # global gradient-norm clipping
+    c.train.log_every = 10  # steps between metrics lines
+    c.train.eval_every = 100  # steps between validation losses
+    c.train.eval_batches = 4  # validation batches per evaluation
+    c.train.sample_tokens = 48  # tokens of greedy text printed at the end of training (0: none)
+    c.train.remat = False  # rematerialise each block in the backward pass (saves activation memory)
+
+    c.moe = ml_collections.ConfigDict()
+    c.moe.bias_update_rate = 0.001  # gamma: b_i += gamma * sign(mean load - load_i) after each step
+    c.moe.bias_update_stop_step = -1  # from this step on gamma = 0 (DeepSeek: last 500B tokens); -1 never
+    c.moe.seq_balance_alpha = 0.0001  # alpha of the sequence-wise balance loss
+
+    c.mtp = ml_collections.ConfigDict()
+    c.mtp.loss_weight = 0.3  # lambda: weight of the mean MTP cross-entropy
+    c.mtp.loss_weight_after = 0.1  # lambda after mtp.switch_step (DeepSeek: 0.3 -> 0.1)
+    c.mtp.switch_step = -1  # step at which lambda drops to loss_weight_after; -1 never
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 100  # steps between orbax checkpoints (the last step is always saved)
+    c.checkpoint.keep = 3  # checkpoints kept
+    c.checkpoint.async_save = True  # write checkpoints in the background
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = ""  # text/markdown/JSONL file or directory; "" uses the embedded corpus
+    c.data.tokenizer_path = ""  # an existing tokenizer.json; "" trains a byte-level BPE into the workdir
+    c.data.val_fraction = 0.05  # tail of the token stream held out for validation
+    return c

@@ -1,0 +1,37 @@
+"""Train DeepSeek-V3-style models: `python train.py --config configs/tiny.py --workdir DIR`.
+
+Every config field is overridable, e.g. `--config.train.steps=200 --config.model.n_group=2`.
+`--dry_run` builds the model abstractly and prints parameter counts without allocating anything.
+"""
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"), "Training config file.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", os.path.join(_HERE, "workdir", "demo"), "Checkpoints, metrics, tokenizer.")
+flags.DEFINE_bool("dry_run", False, "Print parameter counts from abstract shapes and exit.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from dsv3_jax.config import ModelConfig
+    from dsv3_jax.train import plan
+
+    try:
+        model_cfg = ModelConfig.from_dict(FLAGS.config.model)
+    except ValueError as e:  # a config error: say what is wrong before anything is built
+        raise SystemExit(f"config error: {e}") from None
+    if FLAGS.dry_run:
+        plan.dry_run(model_cfg)
+        return
+    from dsv3_jax.train.loop import train
+
+    train(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)
