@@ -5,7 +5,7 @@ Every config field is overridable, e.g. `--config.train.steps=200 --config.model
 """
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -18,18 +18,17 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from dsv3_jax.config import ModelConfig
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
     from dsv3_jax.train import plan
+    from dsv3_jax.train.loop import train, validate_train_config
 
     try:
-        model_cfg = ModelConfig.from_dict(FLAGS.config.model)
-    except ValueError as e:  # a config error: say what is wrong before anything is built
+        model_cfg = validate_train_config(FLAGS.config)
+    except (ValueError, FileNotFoundError) as e:  # say what is wrong before anything is built
         raise SystemExit(f"config error: {e}") from None
     if FLAGS.dry_run:
         plan.dry_run(model_cfg)
         return
-    from dsv3_jax.train.loop import train
-
     train(FLAGS.config, FLAGS.workdir)
 
 

@@ -85,7 +85,16 @@ class ModelConfig:
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
         if isinstance(self.rope_scaling, Mapping):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**dict(self.rope_scaling)))
+            rs = dict(self.rope_scaling)
+            if "rope_type" in rs:  # transformers >= 5 spelling of `type`
+                rs.setdefault("type", rs.pop("rope_type"))
+            known = {f.name for f in dataclasses.fields(RopeScaling)}
+            unknown = sorted(set(rs) - known)
+            if unknown:
+                raise ValueError(
+                    f"ModelConfig.rope_scaling has unknown field(s) {unknown}; valid fields are {sorted(known)}."
+                )
+            object.__setattr__(self, "rope_scaling", RopeScaling(**rs))
         positive = [
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -144,7 +153,7 @@ class ModelConfig:
                 f"ModelConfig.topk_group={self.topk_group} must be between 1 and n_group={self.n_group}."
             )
         per_group = E // self.n_group
-        if self.n_group > 1 and per_group < 2:
+        if self.n_group > 1 and per_group < 2 and self.topk_group < self.n_group:
             raise ValueError(
                 f"ModelConfig.n_group={self.n_group} leaves {per_group} expert per group; group scores sum the top-2 "
                 f"experts of a group, so use n_group <= {E // 2}."

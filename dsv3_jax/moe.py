@@ -108,15 +108,47 @@ def block_layout(idx: jax.Array, num_experts: int, block: int):
     return dest, jnp.minimum(block_expert, E - 1).astype(jnp.int32), nb
 
 
+@jax.custom_vjp
+def permute_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
+    """out[j] = x[src[j]] for an injective row map, with src == len(x) meaning "a zero row".
+
+    `inv` is the inverse map (inv[i] = j with src[j] = i, or len(out) if row i is not used). The
+    backward pass is then another gather, grad_x = grad_out[inv], instead of the scatter-add that
+    XLA would emit for the transpose of a gather (a serial loop on XLA:CPU).
+    """
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[src]
+
+
+def _permute_fwd(x, src, inv):
+    return permute_rows(x, src, inv), (src, inv)
+
+
+def _permute_bwd(res, g):
+    src, inv = res
+    return permute_rows(g, inv, src), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
 def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int):
-    """Rows sorted into per-expert padded blocks, one batched einsum per matrix. x [N, D] -> [N, D] (f32)."""
+    """Rows sorted into per-expert padded blocks, one batched einsum per matrix. x [N, D] -> [N, D] (f32).
+
+    Row moves use `permute_rows` (gathers both ways) and each block's expert weights are selected with
+    a one-hot matmul ([nb, E] x [E, D, F]), whose transpose is a GEMM rather than a scatter-add.
+    """
     N, K = idx.shape
-    D = x.shape[1]
-    dest, block_expert, nb = block_layout(idx, w_gate.shape[0], block)
-    buf = jnp.zeros((nb * block, D), x.dtype).at[dest].set(jnp.repeat(x, K, axis=0))
-    xb = buf.reshape(nb, block, D)
-    y = _swiglu(xb, w_gate[block_expert], w_up[block_expert], w_down[block_expert], "nbD,nDF->nbF", "nbF,nFD->nbD")
-    y = y.reshape(nb * block, D)[dest].reshape(N, K, D)
+    D, E = x.shape[1], w_gate.shape[0]
+    M = N * K
+    dest, block_expert, nb = block_layout(idx, E, block)
+    P = nb * block
+    src = jnp.full((P,), M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32))  # slot -> row (M: empty)
+    xb = permute_rows(jnp.repeat(x, K, axis=0), src, dest).reshape(nb, block, D)
+    pick = jax.nn.one_hot(block_expert, E, dtype=w_gate.dtype)  # [nb, E]
+    hi = jax.lax.Precision.HIGHEST  # a selection must not round the weights (e.g. TF32 on GPU)
+    wg, wu, wd = (jnp.einsum("nE,E...->n...", pick, wt, precision=hi) for wt in (w_gate, w_up, w_down))
+    y = _swiglu(xb, wg, wu, wd, "nbD,nDF->nbF", "nbF,nFD->nbD").reshape(P, D)
+    y = permute_rows(y, dest, src).reshape(N, K, D)
     return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
 
 

@@ -1,0 +1,173 @@
+"""The training loop: config -> data -> model -> jitted steps -> metrics and checkpoints -> sample.
+
+    python train.py --config configs/tiny.py --workdir DIR [--config.train.steps=N ...]
+
+What happens, in order (all config errors are raised before anything is compiled):
+  1. validate the config (ModelConfig + training sections), build corpus, tokenizer and loader;
+  2. build the model and optimizer, or restore both (with router biases, loader position, step and
+     skip counter) from the latest checkpoint in WORKDIR/checkpoints;
+  3. per step: a window batch from the loader, lambda/gamma from their schedules, one jitted step
+     (donated state); every `log_every` steps a metrics record (console, TensorBoard, metrics.jsonl),
+     every `eval_every` steps the validation loss, every `checkpoint.every_steps` an async checkpoint;
+  4. at the end: final checkpoint and a greedy sample of generated text.
+Resuming re-runs the same command; metrics.jsonl records after the restored step are dropped first,
+so the file always describes one uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.train import data as data_lib
+from dsv3_jax.train.checkpoint import Checkpointer
+from dsv3_jax.train.metrics import MetricsWriter
+from dsv3_jax.train.optim import batch_size_at, make_optimizer
+from dsv3_jax.train.step import make_eval_step, make_train_step, split_model
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: dict
+    graphdef: object
+    tokenizer: object
+    history: list  # metrics records written during this call
+    sample: str
+
+
+def validate_train_config(config) -> ModelConfig:
+    """Check every section before any work; raise ValueError naming the key and the fix."""
+    try:
+        model_cfg = ModelConfig.from_dict(config.model)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.model: {e}") from None
+    t = config.train
+    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
+        if t[key] <= 0:
+            raise ValueError(f"config.train.{key}={t[key]} must be > 0.")
+    if t.warmup_steps < 0:
+        raise ValueError(f"config.train.warmup_steps={t.warmup_steps} must be >= 0.")
+    if not 0.0 <= t.constant_fraction <= 1.0:
+        raise ValueError(f"config.train.constant_fraction={t.constant_fraction} must be in [0, 1].")
+    if t.seq_len > model_cfg.max_position_embeddings:
+        raise ValueError(f"config.train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                         f"{model_cfg.max_position_embeddings}; shorten the sequences or raise the limit.")
+    if config.moe.bias_update_rate < 0 or config.moe.seq_balance_alpha < 0 or config.mtp.loss_weight < 0:
+        raise ValueError("config.moe.bias_update_rate, config.moe.seq_balance_alpha and config.mtp.loss_weight "
+                         "must be >= 0.")
+    if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
+        raise ValueError("config.checkpoint.every_steps and config.checkpoint.keep must be > 0.")
+    if not 0.0 <= config.data.val_fraction < 1.0:
+        raise ValueError(f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1).")
+    if config.data.path and not os.path.exists(config.data.path):
+        raise FileNotFoundError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
+                                f"file or directory, or set it to '' for the embedded corpus.")
+    return model_cfg
+
+
+def _schedules(config):
+    t = config.train
+    warmup = min(t.warmup_steps, t.steps)  # a short run keeps the schedule's shape
+    after_warmup = t.steps - warmup
+    constant = int(after_warmup * t.constant_fraction)
+    tx, schedule = make_optimizer(peak_lr=t.peak_lr, warmup_steps=warmup, constant_steps=constant,
+                                  decay_steps=max(after_warmup - constant, 1), final_ratio=t.final_lr_ratio,
+                                  b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+
+    def lam(step):
+        m = config.mtp
+        return m.loss_weight_after if 0 <= m.switch_step <= step else m.loss_weight
+
+    def gamma(step):
+        stop = config.moe.bias_update_stop_step
+        return 0.0 if 0 <= stop <= step else config.moe.bias_update_rate
+
+    def batch(step):
+        start = t.batch_size_start if t.batch_size_start > 0 else t.batch_size
+        return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=max(1, jax.device_count()))
+
+    return tx, schedule, lam, gamma, batch
+
+
+def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool):
+    model = DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), remat=remat)
+    graphdef, params, biases = split_model(model)
+    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+    return graphdef, state
+
+
+def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None = None) -> TrainResult:
+    """Train (or resume) to `config.train.steps`. `interrupt_at` stops after that step as a crash would:
+    no final checkpoint and no sample, so tests can check that resuming reproduces the run exactly."""
+    model_cfg = validate_train_config(config)
+    t = config.train
+    os.makedirs(workdir, exist_ok=True)
+    data = data_lib.build_data(config.data.path or None, config.data.tokenizer_path or None, workdir,
+                               model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed)
+    val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
+
+    tx, schedule, lam, gamma, batch_size = _schedules(config)
+    graphdef, state = init_state(model_cfg, tx, t.seed, t.remat)
+    ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
+                        save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
+    start = 0
+    if ckpt.latest_step() is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        start, state, meta = ckpt.restore(abstract)
+        data.train.restore(meta["loader"])
+        if not quiet:
+            print(f"resumed from step {start} in {workdir}")
+    writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet)
+
+    train_step = make_train_step(graphdef, tx, schedule)
+    eval_step = make_eval_step(graphdef)
+    alpha = jnp.float32(config.moe.seq_balance_alpha)
+    history, tokens_seen, t0, pending = [], 0, time.perf_counter(), None
+    for step in range(start, t.steps):
+        window = jnp.asarray(data.train.next_batch(batch_size(step)))
+        state, metrics = train_step(state, window, jnp.float32(lam(step)), alpha, jnp.float32(gamma(step)))
+        tokens_seen += window.shape[0] * (window.shape[1] - 1)
+        done = step + 1
+        if done % t.log_every == 0 or done == t.steps:
+            m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            dt = time.perf_counter() - t0
+            record = {"step": done, "loss": m["loss"], "mtp_loss": m["mtp_loss"], "balance_loss": m["balance_loss"],
+                      "grad_norm": m["grad_norm"], "lr": m["lr"], "max_vio": m["max_vio"],
+                      "skipped_steps": int(m["skipped_steps"]), "tokens_per_sec": tokens_seen / max(dt, 1e-9),
+                      "batch_size": int(window.shape[0]), "lambda": lam(step), "gamma": gamma(step)}
+            if not m["finite"]:
+                record["skipped_this_step"] = True
+            if val and (done % t.eval_every == 0 or done == t.steps):
+                record["val_loss"] = float(np.mean([float(eval_step(state["params"], state["biases"], jnp.asarray(v)))
+                                                    for v in val]))
+            writer.write(record)
+            history.append(record)
+            tokens_seen, t0 = 0, time.perf_counter()
+        else:
+            writer.advance()
+        if interrupt_at is not None and done >= interrupt_at:
+            break
+        if done % config.checkpoint.every_steps == 0 or done == t.steps:
+            ckpt.save(done, state, {"loader": data.train.state(), "config": config.to_json()}, force=True)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+    sample = ""
+    if t.sample_tokens > 0 and interrupt_at is None:
+        from dsv3_jax.infer.simple import greedy_text
+
+        model = nnx.merge(graphdef, state["params"], state["biases"])
+        sample = greedy_text(model, data.tokenizer, prompt="The ", max_new_tokens=t.sample_tokens)
+        if not quiet:
+            print(f"\nsample (greedy, {t.sample_tokens} tokens):\n{sample}\n")
+    return TrainResult(state=state, graphdef=graphdef, tokenizer=data.tokenizer, history=history, sample=sample)

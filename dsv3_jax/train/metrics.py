@@ -1,0 +1,61 @@
+"""Metrics sinks: a tqdm progress bar on the console, TensorBoard event files (tensorboardX) and
+WORKDIR/metrics.jsonl with one JSON object per logged step.
+
+On resume, records in metrics.jsonl with a step beyond the restored step are dropped first (they came
+from steps that will be re-run), so the file always describes one uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from tqdm import tqdm
+
+
+def _truncate_jsonl(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, quiet: bool = False):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        _truncate_jsonl(self.path, start_step)
+        self.quiet = quiet
+        self.bar = None if quiet else tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # tensorboardX is a dependency; tolerate its absence in stripped installs
+            self.tb = None
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record["step"]
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.tb.add_scalar(k, v, step)
+        if self.bar is not None:
+            self.advance()
+            shown = {k: record[k] for k in ("loss", "mtp_loss", "val_loss", "max_vio", "tokens_per_sec") if k in record}
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+            self.bar.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.bar is not None:
+            self.bar.close()

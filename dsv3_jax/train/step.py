@@ -1,0 +1,124 @@
+"""The jitted train step: objective, AdamW update, non-finite guard and the router-bias update.
+
+Objective (REFERENCE.md sections 3-4), for a window w [B, T+1] of tokens (inputs w[:, :T], targets w[:, 1:]):
+    L = CE_main + (lambda / D) * sum_k CE_k + alpha * L_bal
+CE_k is the depth-k MTP cross-entropy: position i predicts w[i + k + 1], valid for i < T - k.
+
+Aux-loss-free balancing: after the optimizer update, outside the gradient,
+    b_i += gamma * sign(mean_j c_j - c_i)      per MoE layer, c = tokens routed to each expert in the
+global batch (under jit on a mesh the count is a global reduction, so every replica sees the same c).
+    MaxVio = (max_i c_i - mean c) / mean c,   averaged over MoE layers.
+
+Non-finite guard: when the loss or the gradient norm is not finite, parameters, optimizer state and
+router biases are kept as they were (a select, no host round trip) and `skipped` is incremented.
+
+The train state is a dict of plain pytrees (`params`, `biases`, `opt_state`, `step`, `skipped`), split
+from the NNX model with `nnx.split(model, nnx.Param, RouterBias)` and converted to pure dicts so it
+checkpoints with orbax and jits with donated buffers.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dsv3_jax.model import DeepSeekV3, mtp_valid_mask
+from dsv3_jax.moe import RouterBias
+
+
+def split_model(model: DeepSeekV3):
+    """graphdef, params (pure dict), router biases (pure dict)."""
+    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean token cross-entropy in float32; `mask` [B, T] or [T] selects the counted positions."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    if mask is None:
+        return ce.mean()
+    mask = jnp.broadcast_to(mask, ce.shape).astype(jnp.float32)
+    return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def losses(graphdef, params, biases, window: jax.Array):
+    """All loss terms for one window [B, T+1]; returns (dict of scalars, expert_counts [L, E])."""
+    inputs, targets = window[:, :-1], window[:, 1:]
+    T = inputs.shape[1]
+    out = nnx.merge(graphdef, params, biases)(inputs)
+    main = cross_entropy(out.logits, targets)
+    mtp_terms = []
+    for k, logits in enumerate(out.mtp_logits, start=1):
+        tk = jnp.concatenate([window[:, k + 1:], jnp.zeros((window.shape[0], k), window.dtype)], axis=1)
+        mtp_terms.append(cross_entropy(logits, tk, mtp_valid_mask(T, k)))
+    mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
+    return {"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss}, out.expert_counts
+
+
+def max_violation(counts: jax.Array) -> jax.Array:
+    """Mean over layers of (max load - mean load) / mean load; counts [L, E]."""
+    if counts.shape[0] == 0:
+        return jnp.zeros((), jnp.float32)
+    mean = counts.mean(-1)
+    return ((counts.max(-1) - mean) / jnp.maximum(mean, 1e-9)).mean()
+
+
+def update_biases(biases, counts: jax.Array, gamma):
+    """b += gamma * sign(mean - c) for every MoE layer: main stack rows first, then MTP blocks."""
+    leaves, treedef = jax.tree.flatten(biases)
+    # Leaves are ordered as in the model tree: 'moe_layers' [L, E] sorts before 'mtp' entries [E].
+    delta = gamma * jnp.sign(counts.mean(-1, keepdims=True) - counts)  # [rows, E]
+    new, row = [], 0
+    for b in leaves:
+        n = b.shape[0] if b.ndim == 2 else 1
+        d = delta[row:row + n].reshape(b.shape)
+        new.append(b + d.astype(b.dtype))
+        row += n
+    if row != counts.shape[0]:
+        raise ValueError(f"router biases cover {row} MoE layers but the model reported {counts.shape[0]}")
+    return jax.tree.unflatten(treedef, new)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable) -> Callable:
+    """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated."""
+
+    def step(state: dict[str, Any], window, lam, alpha, gamma):
+        def objective(params):
+            terms, counts = losses(graphdef, params, state["biases"], window)
+            total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
+            return total, (terms, counts)
+
+        (total, (terms, counts)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        biases = update_biases(state["biases"], counts, gamma)
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new_state = {
+            "params": keep(params, state["params"]),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "biases": keep(biases, state["biases"]),
+            "step": state["step"] + 1,
+            "skipped": state["skipped"] + (~ok).astype(jnp.int32),
+        }
+        metrics = dict(terms, total_loss=total, grad_norm=grad_norm, lr=schedule(state["step"]),
+                       max_vio=max_violation(counts), skipped_steps=new_state["skipped"], finite=ok)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(graphdef) -> Callable:
+    @jax.jit
+    def evaluate(params, biases, window):
+        terms, _ = losses(graphdef, params, biases, window)
+        return terms["loss"]
+
+    return evaluate

@@ -1,0 +1,147 @@
+"""Training loop: the loss falls, bias balancing works, resume is exact, bad steps are skipped,
+config overrides reach the model and bad configs fail fast."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import param_counts
+from dsv3_jax.train import loop
+from dsv3_jax.train.optim import make_optimizer
+from dsv3_jax.train.plan import abstract_model
+from dsv3_jax.train.step import make_train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny", os.path.join(ROOT, "configs", "tiny.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def micro_config(steps=24, **train):
+    """The tiny config shrunk so that a run compiles and trains in seconds."""
+    c = tiny_config()
+    m = c.model
+    m.vocab_size, m.hidden_size, m.intermediate_size, m.moe_intermediate_size = 512, 64, 128, 32
+    m.num_hidden_layers, m.num_attention_heads, m.q_lora_rank, m.kv_lora_rank = 3, 2, 32, 32
+    m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 16, 8, 16
+    m.n_routed_experts, m.num_experts_per_tok, m.n_group, m.topk_group = 8, 2, 4, 2
+    m.moe_block_size = 16
+    c.train.steps, c.train.batch_size, c.train.seq_len = steps, 8, 32
+    c.train.warmup_steps, c.train.peak_lr, c.train.log_every, c.train.eval_every = 4, 3e-3, 4, 8
+    c.train.eval_batches, c.train.sample_tokens = 2, 0
+    c.checkpoint.every_steps, c.checkpoint.async_save = 8, True
+    for k, v in train.items():
+        section, key = k.split("__")
+        c[section][key] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One base run, one with gamma = 0, and the base run split in two halves with a resume."""
+    base = tmp_path_factory.mktemp("base")
+    r_full = loop.train(micro_config(moe__bias_update_rate=0.01), str(base), quiet=True)
+    r_nobias = loop.train(micro_config(moe__bias_update_rate=0.0), str(tmp_path_factory.mktemp("nobias")), quiet=True)
+    split = tmp_path_factory.mktemp("split")
+    loop.train(micro_config(moe__bias_update_rate=0.01), str(split), quiet=True, interrupt_at=13)  # last ckpt: 8
+    r_resumed = loop.train(micro_config(moe__bias_update_rate=0.01), str(split), quiet=True)
+    return {"full": r_full, "nobias": r_nobias, "resumed": r_resumed, "split_dir": split, "base_dir": base}
+
+
+def _records(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_loss_decreases(runs):
+    hist = runs["full"].history
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.5, [h["loss"] for h in hist]
+    assert np.isfinite(hist[-1]["val_loss"]) and hist[-1]["val_loss"] < hist[0]["loss"]
+    required = {"step", "loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "max_vio", "skipped_steps",
+                "tokens_per_sec"}
+    for rec in _records(runs["base_dir"]):
+        assert required <= set(rec)
+    assert "val_loss" in _records(runs["base_dir"])[1]  # step 8 = eval_every
+
+
+def test_bias_balancing_lowers_max_vio(runs):
+    with_bias = np.mean([h["max_vio"] for h in runs["full"].history[-3:]])
+    without = np.mean([h["max_vio"] for h in runs["nobias"].history[-3:]])
+    assert with_bias < without, (with_bias, without)
+    # the biases moved only in the gamma > 0 run, and by multiples of gamma
+    b_full = np.asarray(runs["full"].state["biases"]["moe_layers"]["ffn"]["bias"])
+    b_none = np.asarray(runs["nobias"].state["biases"]["moe_layers"]["ffn"]["bias"])
+    assert np.all(b_none == 0) and np.abs(b_full).max() > 0
+    np.testing.assert_allclose(np.round(b_full / 0.01), b_full / 0.01, atol=1e-3)
+
+
+def test_resume_is_exact(runs):
+    full, resumed = _records(runs["base_dir"]), _records(runs["split_dir"])
+    assert [r["step"] for r in full] == [r["step"] for r in resumed]
+    keys = ["loss", "mtp_loss", "balance_loss", "grad_norm", "lr", "max_vio", "val_loss"]
+    for a, b in zip(full, resumed):
+        for k in keys:
+            assert a.get(k) == b.get(k), (a["step"], k, a.get(k), b.get(k))
+    for a, b in zip(jax.tree.leaves(runs["full"].state), jax.tree.leaves(runs["resumed"].state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_nonfinite_guard_skips_poisoned_batch():
+    cfg = loop.validate_train_config(micro_config())
+    tx, schedule = make_optimizer(peak_lr=1e-2, warmup_steps=0, constant_steps=10, decay_steps=10)
+    graphdef, state = loop.init_state(cfg, tx, seed=0, remat=False)
+    step = make_train_step(graphdef, tx, schedule)
+    scalars = (jnp.float32(0.3), jnp.float32(1e-4), jnp.float32(0.01))
+    good = jax.random.randint(jax.random.key(1), (4, 17), 0, cfg.vocab_size)
+    poisoned = good.at[0, 3].set(cfg.vocab_size)  # out-of-range id: NaN embedding -> NaN loss
+    before = jax.tree.map(np.asarray, state)
+    state, m = step(state, poisoned, *scalars)
+    assert not bool(m["finite"]) and int(m["skipped_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(before["biases"]), jax.tree.leaves(state["biases"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    state, m = step(state, good, *scalars)  # training goes on
+    assert bool(m["finite"]) and int(m["skipped_steps"]) == 1 and int(state["step"]) == 2
+    changed = [not np.array_equal(a, np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"]))]
+    assert any(changed)
+
+
+def _run_train(*args, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_config_override_reaches_model():
+    r = _run_train("--dry_run", "--config.model.num_hidden_layers=2", "--config.model.n_routed_experts=8",
+                   "--config.model.q_lora_rank=48")
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout.strip().splitlines()[-1])
+    cfg = ModelConfig.from_dict(tiny_config().model).replace(num_hidden_layers=2, n_routed_experts=8, q_lora_rank=48)
+    assert printed == param_counts(abstract_model(cfg))
+    base = param_counts(abstract_model(ModelConfig.from_dict(tiny_config().model)))
+    assert printed != base
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
+    (["--config.model.num_experts_per_tok=32"], "num_experts_per_tok"),
+    (["--config.train.batch_size=0"], "train.batch_size"),
+])
+def test_bad_config_fails_fast(tmp_path, args, needle):
+    r = _run_train("--workdir", str(tmp_path / "wd"), *args, timeout=60)
+    assert r.returncode != 0
+    assert needle in r.stderr and "config error" in r.stderr
+    assert not (tmp_path / "wd").exists()  # nothing was created before the error
