@@ -36,7 +36,7 @@ def get_config():
     m.dtype = "float32"  # compute dtype: float32 on CPU (XLA:CPU bf16 matmuls are slower)
     m.param_dtype = "float32"  # master weights
     m.moe_impl = "auto"  # blocks on CPU, ragged_dot elsewhere
-    m.moe_block_size = 32  # rows per expert block in the CPU layout
+    m.moe_block_size = 128  # rows per expert block in the CPU layout
 
     c.train.steps = 300
     c.train.batch_size = 16

@@ -145,3 +145,31 @@ def test_bad_config_fails_fast(tmp_path, args, needle):
     assert r.returncode != 0
     assert needle in r.stderr and "config error" in r.stderr
     assert not (tmp_path / "wd").exists()  # nothing was created before the error
+
+
+def test_load_trained_and_greedy_decode(runs):
+    """infer.py's loader restores exactly the trained parameters; cache-free greedy decoding equals
+    the argmax of a fresh full forward over the growing sequence (no padding buffer)."""
+    from flax import nnx
+
+    from dsv3_jax.infer.load import load_trained
+    from dsv3_jax.infer.simple import greedy_tokens
+
+    model, tokenizer, config, step = load_trained(str(runs["base_dir"]))
+    assert step == config.train.steps == 24
+    trained = nnx.merge(runs["full"].graphdef, runs["full"].state["params"], runs["full"].state["biases"])
+    prompt = tokenizer.encode("The object").ids
+    tokens = jnp.asarray([prompt])
+    np.testing.assert_array_equal(np.asarray(model(tokens).logits), np.asarray(trained(tokens).logits))
+    got = greedy_tokens(model, prompt, 6)
+    seq = list(prompt)
+    for _ in range(6):
+        seq.append(int(jnp.argmax(trained(jnp.asarray([seq])).logits[0, -1])))
+    assert got == seq[len(prompt):]
+
+
+def test_load_trained_missing_workdir(tmp_path):
+    from dsv3_jax.infer.load import load_trained
+
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        load_trained(str(tmp_path / "nothing"))

@@ -240,6 +240,16 @@ class Checkpointer:
         meta = out[_META]
         return step, out[_STATE], ({} if meta is None else dict(meta))
 
+    def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
+        """Only the JSON meta of a checkpoint (e.g. its config), without reading any array."""
+        self._mngr.wait_until_finished()
+        step = self._mngr.latest_step() if step is None else int(step)
+        if step is None or step not in self._mngr.all_steps():
+            raise FileNotFoundError(f"no finalized checkpoint{'' if step is None else f' for step {step}'} in "
+                                    f"{self.directory}")
+        out = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
+        return step, dict(out[_META] or {})
+
     # ------------------------------------------------------------- lifecycle
 
     def wait(self) -> None:

@@ -73,7 +73,7 @@ def validate_train_config(config) -> ModelConfig:
     return model_cfg
 
 
-def _schedules(config):
+def make_schedules(config):
     t = config.train
     warmup = min(t.warmup_steps, t.steps)  # a short run keeps the schedule's shape
     after_warmup = t.steps - warmup
@@ -115,7 +115,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                                model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed)
     val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
 
-    tx, schedule, lam, gamma, batch_size = _schedules(config)
+    tx, schedule, lam, gamma, batch_size = make_schedules(config)
     graphdef, state = init_state(model_cfg, tx, t.seed, t.remat)
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
@@ -167,7 +167,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         from dsv3_jax.infer.simple import greedy_text
 
         model = nnx.merge(graphdef, state["params"], state["biases"])
-        sample = greedy_text(model, data.tokenizer, prompt="The ", max_new_tokens=t.sample_tokens)
+        sample = greedy_text(model, data.tokenizer, prompt="The", max_new_tokens=t.sample_tokens)
         if not quiet:
             print(f"\nsample (greedy, {t.sample_tokens} tokens):\n{sample}\n")
     return TrainResult(state=state, graphdef=graphdef, tokenizer=data.tokenizer, history=history, sample=sample)
