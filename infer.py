@@ -1,43 +1,155 @@
-"""Generate text from a model trained by train.py:
+"""Generate text from a model trained by train.py (or a released-format checkpoint directory):
 
     python infer.py --checkpoint WORKDIR --prompt "..." [--max_new_tokens N]
+        [--temperature T --top_p P --top_k K --seed S] [--speculative] [--output_json FILE]
+        [--mesh data=2,tensor=4] [--hf DIR]
 
-Reads prompts from stdin (one per line) when no --prompt is given.
+Reads prompts from stdin (one per line) when no --prompt is given. --temperature 0 (the default) is
+greedy. Decoding uses the absorbed-MLA latent cache (dsv3_jax/infer/generate.py); --speculative drafts
+each token after next with the MTP module and verifies both in one step. Output text streams to stdout
+(when one prompt is decoded at a time); tokens/s and the acceptance rate go to stderr. --mesh places
+parameters and cache on a device mesh by the logical-axis rules (on CPU, fake devices with
+XLA_FLAGS=--xla_force_host_platform_device_count=8).
 """
+import json
 import sys
-import time
 
 from absl import app, flags, logging
 
 flags.DEFINE_string("checkpoint", "workdir/demo", "A train.py workdir (holds checkpoints/ and tokenizer.json).")
+flags.DEFINE_string("hf", None, "A released-format directory (config.json, *.safetensors, tokenizer.json); "
+                                "overrides --checkpoint.")
 flags.DEFINE_string("prompt", None, "Prompt text; read from stdin, one prompt per line, when omitted.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (fewer if a stop token comes first).")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens with this much mass (1: off).")
+flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
+flags.DEFINE_boolean("speculative", False, "MTP speculative decoding (the MTP module drafts, the model verifies).")
+flags.DEFINE_string("output_json", None, "Write a JSON list, one {text, tokens, tokens_per_sec, acceptance_rate} "
+                                         "per prompt.")
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data=2,tensor=4' (axes: data, stage, fsdp, expert, tensor; "
+                                  "unnamed axes are 1, one axis may be -1 = the remaining devices).")
+flags.DEFINE_integer("batch_size", 1, "Prompts decoded together (output streams only when this is 1).")
+flags.DEFINE_integer("cache_len", 0, "Cache slots per prompt; 0: longest prompt + max_new_tokens, rounded up.")
+flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
 FLAGS = flags.FLAGS
+
+
+def parse_mesh(text: str) -> dict:
+    sizes = {}
+    for part in text.split(","):
+        name, eq, size = part.partition("=")
+        if not eq or not size.strip().lstrip("-").isdigit():
+            raise ValueError(f"--mesh {text!r}: write axis=size pairs separated by commas, e.g. data=2,tensor=4")
+        sizes[name.strip()] = int(size)
+    return sizes
+
+
+def make_mesh(text: str, model_cfg):
+    import jax
+
+    from dsv3_jax import sharding
+
+    sizes = parse_mesh(text)
+    try:
+        resolved = sharding.mesh_sizes(sizes, jax.device_count())
+    except ValueError as e:
+        hint = ("; on CPU, fake devices with XLA_FLAGS=--xla_force_host_platform_device_count=N"
+                if jax.default_backend() == "cpu" else "")
+        raise ValueError(f"--mesh {text!r}: {e}{hint}") from None
+    sharding.validate_mesh(resolved, model_cfg)
+    return sharding.make_mesh(resolved)
+
+
+class Stream:
+    """Prints a prompt, then its continuation as tokens arrive (re-decoding the whole continuation each time,
+    so multi-token characters come out whole)."""
+
+    def __init__(self, tokenizer, prompt: str):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], ""
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+
+    def __call__(self, row: int, new: list):
+        self.tokens.extend(new)
+        self._show(self.tokenizer.decode(self.tokens))
+
+    def _show(self, text: str):
+        if text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+    def finish(self, text: str):
+        self._show(text)
+        sys.stdout.write("\n")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    from dsv3_jax.infer.load import load_trained
-    from dsv3_jax.infer.simple import greedy_tokens
+    import jax.numpy as jnp
+
+    from dsv3_jax.infer.generate import Generator, round_up
+    from dsv3_jax.infer.sampling import SamplingParams
+
+    def fail(e):
+        raise SystemExit(f"error: {e}")
 
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
-        raise SystemExit("no prompt: pass --prompt or pipe prompts on stdin")
+        fail("no prompt: pass --prompt or pipe prompts on stdin")
     try:
-        model, tokenizer, _, step = load_trained(FLAGS.checkpoint)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt).ids
-        t0 = time.perf_counter()
-        try:
-            out = greedy_tokens(model, ids, FLAGS.max_new_tokens)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-        dt = time.perf_counter() - t0
-        print(prompt + tokenizer.decode(out))
-        print(f"[{len(out)} tokens in {dt:.2f}s: {len(out) / dt:.1f} tokens/s, checkpoint step {step}]", file=sys.stderr)
+        sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
+        if FLAGS.batch_size < 1:
+            raise ValueError(f"--batch_size={FLAGS.batch_size} must be >= 1")
+        if FLAGS.hf:
+            from dsv3_jax.infer.load import load_hf
+
+            model, tokenizer = load_hf(FLAGS.hf)
+            source = FLAGS.hf
+        else:
+            from dsv3_jax.infer.load import load_trained
+
+            model, tokenizer, _, step = load_trained(FLAGS.checkpoint)
+            source = f"{FLAGS.checkpoint} step {step}"
+        cfg = model.cfg
+        mesh = make_mesh(FLAGS.mesh, cfg) if FLAGS.mesh else None
+        ids = [tokenizer.encode(p).ids for p in prompts]
+        capacity = FLAGS.cache_len or min(cfg.max_position_embeddings,
+                                          round_up(max(map(len, ids)) + FLAGS.max_new_tokens, 64))
+        gen = Generator(model, capacity=capacity, mesh=mesh,
+                        cache_dtype=jnp.dtype(FLAGS.cache_dtype) if FLAGS.cache_dtype else None)
+        gen.check_prompts(ids, FLAGS.max_new_tokens)
+        if FLAGS.speculative and not gen.has_mtp:
+            raise ValueError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(e)
+
+    results = []
+    for start in range(0, len(prompts), FLAGS.batch_size):
+        batch, batch_ids = prompts[start:start + FLAGS.batch_size], ids[start:start + FLAGS.batch_size]
+        stream = Stream(tokenizer, batch[0]) if len(batch) == 1 else None
+        comps = gen.generate(batch_ids, FLAGS.max_new_tokens, sampling, speculative=FLAGS.speculative,
+                             on_tokens=stream)
+        for prompt, c in zip(batch, comps):
+            text = tokenizer.decode(c.tokens)
+            if stream:
+                stream.finish(text)
+            else:
+                print(prompt + text)
+            stats = f"{len(c.tokens)} tokens in {c.seconds:.2f}s: {c.tokens_per_sec:.1f} tokens/s"
+            if FLAGS.speculative:
+                stats += f", acceptance rate {c.acceptance_rate or 0.0:.2f} ({c.accepted}/{c.drafted} drafts)"
+            print(f"[{stats}; {c.finish_reason}]", file=sys.stderr)
+            results.append({"text": prompt + text, "tokens": c.tokens, "tokens_per_sec": c.tokens_per_sec,
+                            "acceptance_rate": c.acceptance_rate if FLAGS.speculative else None})
+    print(f"[{source}; cache {gen.capacity} slots ({gen.cache_dtype.name}); compiled in {gen.compile_seconds:.1f}s"
+          f" (not counted in tokens/s)]", file=sys.stderr)
+    if FLAGS.output_json:
+        with open(FLAGS.output_json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""Multi-head latent attention (MLA), training path (REFERENCE.md section 2).
+"""Multi-head latent attention (MLA): the training path, the absorbed decode path and its latent cache
+(REFERENCE.md section 2).
 
-Shape legend: B batch, T query length, S key length, D model, N heads, Q q_lora_rank,
-R kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
+Shape legend: B batch, T query length, S key length (the cache capacity in decode), D model, N heads,
+Q q_lora_rank, R kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim, L stacked layers.
 
+Training path (`__call__`, and `prefill`, which also returns the latent it computed):
     q          = wq_b(RMSNorm(wq_a(x)))  (or wq(x) when q_lora_rank is None)  -> [B, T, N, dn + dr]
     c_kv, k_pe = wkv_a(x)                                                     -> [B, T, R], [B, T, dr]
     c_kv       = RMSNorm(c_kv)
@@ -11,20 +13,83 @@ R kv_lora_rank, dn qk_nope_head_dim, dr qk_rope_head_dim, dv v_head_dim.
     scores     = (q_nope . k_nope + q_pe . k_pe) * scale,  causal softmax in float32
     out        = wo(softmax @ v)
 
+Absorbed decode path (`decode`): split wkv_b [R, N, dn + dv] into W_UK [R, N, dn] and W_UV [R, N, dv].
+Because k_nope = c_kv W_UK and v = c_kv W_UV are linear in the latent,
+    q_nope . k_nope[s] = (W_UK q_nope) . c_kv[s]           q_abs = einsum('BTNH,RNH->BTNR')   [B, T, N, R]
+    softmax @ v        = W_UV (softmax @ c_kv)              o_lat = einsum('BNTS,BSR->BTNR')  [B, T, N, R]
+so attention reads only the cache, c_kv [B, S, R] and roped k_pe [B, S, dr]: R + dr values per token per
+layer (576 for DeepSeek-V3, against N (dn + dr + dv) = 40,960 for a multi-head K/V cache), and no
+[B, S, N, *] key or value tensor is ever formed (`tests/test_infer.py` checks the jaxpr for that).
+The scores are the same numbers as the training path's, summed in a different order.
+
+`LatentCache` is that cache: fixed capacity S (static shapes, so one decode step compiles once), a
+configurable dtype, and per-row write positions, so rows of one batch may sit at different lengths.
+A slot s is attended by a query at position p iff s <= p; slots past a row's length hold stale values
+(padding, rejected drafts) that are masked out and later overwritten, which is what makes "roll back"
+free for speculative decoding.
+
 Dtypes: projections run in the compute dtype; scores, softmax and the probability-weighted sum
-accumulate in float32. Weights are stored "in -> out" for einsums (the HF checkpoint's [out, in]
-matrices are transposed by the converter). `latent()` exposes (c_kv, roped k_pe), the 576 values per
-token that an absorbed-attention decode cache stores.
+accumulate in float32. In decode the cached latent is read in the compute dtype (bfloat16 on
+accelerators), stored in the cache dtype. Weights are stored "in -> out" for einsums (the HF
+checkpoint's [out, in] matrices are transposed by the converter).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from flax import nnx, struct
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm
 from dsv3_jax.rope import apply_rope
+
+# Logical axis names of the cache arrays, mapped to mesh axes by dsv3_jax.sharding.RULES (batch -> the
+# data-parallel axes; cache_length and the latent are replicated). k_pe's rope axis has no rule of its
+# own and is never sharded, so it stays unnamed (None).
+CACHE_AXES = {"c_kv": ("batch", "cache_length", "kv_lora"), "k_pe": ("batch", "cache_length", None)}
+
+
+@struct.dataclass
+class LatentCache:
+    """Absorbed-MLA cache of one layer ([B, S, *]) or of a stack of layers ([L, B, S, *])."""
+
+    c_kv: jax.Array  # [(L,) B, S, R]  RMS-normalised latent
+    k_pe: jax.Array  # [(L,) B, S, dr] roped shared key
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, layers: int | None = None) -> "LatentCache":
+        lead = () if layers is None else (layers,)
+        return cls(c_kv=jnp.zeros(lead + (batch, capacity, cfg.kv_lora_rank), dtype),
+                   k_pe=jnp.zeros(lead + (batch, capacity, cfg.qk_rope_head_dim), dtype))
+
+    @staticmethod
+    def logical_axes(stacked: bool) -> "LatentCache":
+        lead = ("layers",) if stacked else ()
+        return LatentCache(c_kv=lead + CACHE_AXES["c_kv"], k_pe=lead + CACHE_AXES["k_pe"])
+
+    @property
+    def capacity(self) -> int:
+        return self.c_kv.shape[-2]
+
+    def fill(self, c_kv: jax.Array, k_pe: jax.Array) -> "LatentCache":
+        """Write [(L,) B, T, *] latents into slots [0, T) (prefill)."""
+        start = (0,) * self.c_kv.ndim
+        return LatentCache(c_kv=jax.lax.dynamic_update_slice(self.c_kv, c_kv.astype(self.c_kv.dtype), start),
+                           k_pe=jax.lax.dynamic_update_slice(self.k_pe, k_pe.astype(self.k_pe.dtype), start))
+
+    def write(self, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array, layer=None) -> "LatentCache":
+        """Write c_kv [B, T, R], k_pe [B, T, dr] at slots positions [B, T] (of stacked layer `layer`)."""
+        rows = jnp.arange(positions.shape[0])[:, None]
+        idx = (rows, positions) if layer is None else (layer, rows, positions)
+        # mode='drop': a finished row that keeps stepping in a batch may point one slot past the end
+        return LatentCache(c_kv=self.c_kv.at[idx].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+                           k_pe=self.k_pe.at[idx].set(k_pe.astype(self.k_pe.dtype), mode="drop"))
+
+    def layer(self, layer=None) -> tuple[jax.Array, jax.Array]:
+        """(c_kv [B, S, R], k_pe [B, S, dr]) of one layer (`layer=None`: an unstacked cache)."""
+        if layer is None:
+            return self.c_kv, self.k_pe
+        return self.c_kv[layer], self.k_pe[layer]
 
 
 class MLA(nnx.Module):
@@ -59,19 +124,58 @@ class MLA(nnx.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin)[:, :, 0, :]
         return self.kv_norm(c_kv), k_pe
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """Causal self-attention over the whole sequence: x [B, T, D] -> [B, T, D]."""
+    # ------------------------------------------------------------------ training path / prefill
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype) -> jax.Array:
+        """Causal attention with K/V expanded from the latent: [B, T, *] -> [B, T, D]."""
         cfg = self.cfg
-        q_nope, q_pe = self.queries(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
         k_nope, v = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)  # [B, S, N, dn], [B, S, N, dv]
         f32 = jnp.float32
         scores = jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=f32)
         scores += jnp.einsum("BTNH,BSH->BNTS", q_pe, k_pe, preferred_element_type=f32)
         scores *= cfg.softmax_scale
-        T = x.shape[1]
+        T = q_nope.shape[1]
         causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
         scores = jnp.where(causal, scores, jnp.finfo(f32).min)
         probs = jax.nn.softmax(scores, axis=-1)
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(f32)).astype(x.dtype)  # [B, T, N, dv]
+        out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(f32)).astype(dtype)  # [B, T, N, dv]
         return self.wo(out)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        """Causal self-attention over the whole sequence: x [B, T, D] -> [B, T, D]."""
+        return self.prefill(x, cos, sin)[0]
+
+    def prefill(self, x, cos, sin):
+        """The training path, also returning the latent it used: out [B, T, D], c_kv [B, T, R], k_pe [B, T, dr]."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
+
+    # ------------------------------------------------------------------ absorbed decode path
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, dtype) -> jax.Array:
+        """Attention over the latent cache with W_UK absorbed into the query and W_UV into the output.
+
+        q_nope [B, T, N, dn], q_pe [B, T, N, dr], c_kv [B, S, R], k_pe [B, S, dr], mask [B, T, S] -> [B, T, D].
+        """
+        cfg = self.cfg
+        dt, f32 = cfg.compute_dtype, jnp.float32
+        w_uk, w_uv = jnp.split(self.wkv_b.kernel[...].astype(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
+        c_kv, k_pe = c_kv.astype(dt), k_pe.astype(dt)
+        q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope.astype(dt), w_uk, preferred_element_type=f32).astype(dt)
+        scores = jnp.einsum("BTNR,BSR->BNTS", q_abs, c_kv, preferred_element_type=f32)
+        scores += jnp.einsum("BTNH,BSH->BNTS", q_pe.astype(dt), k_pe, preferred_element_type=f32)
+        scores *= cfg.softmax_scale
+        scores = jnp.where(mask[:, None], scores, jnp.finfo(f32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
+        o_lat = jnp.einsum("BNTS,BSR->BTNR", probs.astype(dt), c_kv, preferred_element_type=f32)  # [B, T, N, R]
+        out = jnp.einsum("BTNR,RNH->BTNH", o_lat.astype(dt), w_uv, preferred_element_type=f32)  # [B, T, N, dv]
+        return self.wo(out.astype(dtype))
+
+    def decode(self, x, cos, sin, cache: LatentCache, positions: jax.Array, layer=None):
+        """x [B, T, D] at positions [B, T] (consecutive per row): write their latents into the cache at those
+        slots, attend over slots s <= position. Returns (out [B, T, D], cache)."""
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_new, k_new = self.latent(x, cos, sin)
+        cache = cache.write(positions, c_new, k_new, layer)
+        c_kv, k_pe = cache.layer(layer)
+        mask = jnp.arange(cache.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        return self.absorbed(q_nope, q_pe, c_kv, k_pe, mask, x.dtype), cache

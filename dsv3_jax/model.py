@@ -1,6 +1,7 @@
 """DeepSeek-V3: embed -> dense blocks -> MoE blocks -> RMSNorm -> lm_head, plus the MTP chain.
 
-Shape legend: B batch, T tokens, D model, V vocabulary, E routed experts, L stacked layers.
+Shape legend: B batch, T tokens, D model, V vocabulary, E routed experts, L stacked layers; in the cache
+S capacity (slots per row), R kv_lora_rank, dr qk_rope_head_dim.
 
 Block (pre-norm):  x += MLA(RMSNorm(x));  x += FFN(RMSNorm(x)),  FFN = SwiGLU (first
 `first_k_dense_replace` layers) or DeepSeekMoE (the rest).
@@ -18,6 +19,17 @@ and must be masked out of the MTP loss (see `mtp_valid_mask`).
 
 `DeepSeekV3(tokens)` returns `ModelOutput(logits [B, T, V] f32, mtp_logits (D x [B, T, V]),
 expert_counts [MoE layers (main stack, then MTP blocks), E], balance_loss)`.
+
+Inference (cache-aware forwards over a `ModelCache`, the absorbed-MLA latent cache of every layer; S is
+its fixed capacity, see `mla.py`):
+    init_cache(B, S, dtype, mtp)                     zeros: [L, B, S, R] + [L, B, S, dr] per stack (+ MTP layer)
+    prefill(tokens [B, T], cache)                    training-path attention over positions 0..T-1, latents
+                                                     written to slots [0, T) -> logits, final-normed h, cache
+    decode(tokens [B, T], positions [B, T], cache)   absorbed attention over the cache (T = 1, or 2 to verify a draft)
+    mtp_prefill / mtp_decode(h, next_tokens, ...)    the first MTP module on its own cache: position i reads
+                                                     (h_i, Emb(t_{i+1})) and predicts t_{i+2} (the speculative draft)
+MoE layers route each token with the same `MoE` module (and so the same router) as the training path;
+`moe_impl` picks only the expert layout ('dense' is cheapest at decode sizes on CPU).
 """
 from __future__ import annotations
 
@@ -27,7 +39,7 @@ from flax import nnx, struct
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, Einsum, Embed, RMSNorm, normal, param
-from dsv3_jax.mla import MLA
+from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.moe import MoE
 from dsv3_jax.rope import rope_tables
 
@@ -60,12 +72,28 @@ class Block(nnx.Module):
     def __call__(self, x, cos, sin, moe_impl=None):
         """x [B, T, D] -> (x, expert counts [E] (zeros for dense), balance loss)."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
+        return self.feed_forward(x, moe_impl)
+
+    def feed_forward(self, x, moe_impl=None):
+        """x + FFN(RMSNorm(x)) -> (x, expert counts [E] (zeros for dense), balance loss)."""
         h = self.ffn_norm(x)
         if self.is_moe:
             y, counts, bal = self.ffn(h, impl=moe_impl)
         else:
             y, counts, bal = self.ffn(h), jnp.zeros((self.num_experts,), jnp.float32), jnp.zeros((), jnp.float32)
         return x + y, counts, bal
+
+    def prefill(self, x, cos, sin, moe_impl=None):
+        """Training-path block that also returns its attention latent: x, c_kv [B, T, R], k_pe [B, T, dr]."""
+        a, c_kv, k_pe = self.attn.prefill(self.attn_norm(x), cos, sin)
+        x, _, _ = self.feed_forward(x + a, moe_impl)
+        return x, c_kv, k_pe
+
+    def decode(self, x, cos, sin, cache: LatentCache, positions, moe_impl=None, layer=None):
+        """Absorbed-attention block over the latent cache (layer `layer` of a stacked one): -> x, cache."""
+        a, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions, layer)
+        x, _, _ = self.feed_forward(x + a, moe_impl)
+        return x, cache
 
 
 def stacked_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Block:
@@ -93,6 +121,53 @@ def scan_blocks(stack: Block, x, cos, sin, *, remat: bool, moe_impl=None):
     return x, counts, bal
 
 
+def scan_prefill(stack: Block, x, cos, sin, moe_impl=None):
+    """Prefill a stacked Block: x [B, T, D] -> x, c_kv [L, B, T, R], k_pe [L, B, T, dr]."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, layer_state):
+        h, c_kv, k_pe = nnx.merge(graphdef, layer_state).prefill(h, cos, sin, moe_impl)
+        return h, (c_kv, k_pe)
+
+    x, (c_kv, k_pe) = jax.lax.scan(body, x, state)
+    return x, c_kv, k_pe
+
+
+def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions, moe_impl=None):
+    """Decode through a stacked Block with its stacked cache [L, B, S, *] in the loop carry, so each layer
+    writes only its new slots in place. -> x [B, T, D], cache."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, xs):
+        h, cache = carry
+        layer_state, i = xs
+        h, cache = nnx.merge(graphdef, layer_state).decode(h, cos, sin, cache, positions, moe_impl, layer=i)
+        return (h, cache), None
+
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cache.c_kv.shape[0])))
+    return x, cache
+
+
+@struct.dataclass
+class ModelCache:
+    """Latent caches of the whole model: one stacked cache per layer stack, plus the first MTP module's."""
+
+    dense: LatentCache | None  # [first_k_dense_replace, B, S, *]
+    moe: LatentCache | None  # [MoE layers, B, S, *]
+    mtp: LatentCache | None  # [B, S, *] (speculative decoding only)
+
+    @staticmethod
+    def logical_axes(cache: "ModelCache") -> "ModelCache":
+        """Logical axis names of each array (a ModelCache of name tuples), for `dsv3_jax.sharding`."""
+        return ModelCache(dense=None if cache.dense is None else LatentCache.logical_axes(True),
+                          moe=None if cache.moe is None else LatentCache.logical_axes(True),
+                          mtp=None if cache.mtp is None else LatentCache.logical_axes(False))
+
+    @property
+    def capacity(self) -> int:
+        return next(c for c in (self.dense, self.moe, self.mtp) if c is not None).capacity
+
+
 class MTPModule(nnx.Module):
     """One multi-token-prediction depth: combine shifted embedding and previous hidden, one block."""
 
@@ -107,8 +182,11 @@ class MTPModule(nnx.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
 
     def __call__(self, h_prev, emb_next, cos, sin, moe_impl=None):
-        h = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-        return self.block(h, cos, sin, moe_impl)
+        return self.block(self.combine(h_prev, emb_next), cos, sin, moe_impl)
+
+    def combine(self, h_prev, emb_next):
+        """eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]): [B, T, D] x 2 -> [B, T, D]."""
+        return self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
 
 
 class DeepSeekV3(nnx.Module):
@@ -160,6 +238,68 @@ class DeepSeekV3(nnx.Module):
         balance = jnp.concatenate(bals).mean() if bals else jnp.zeros((), jnp.float32)
         return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), expert_counts=expert_counts,
                            balance_loss=balance)
+
+    # ------------------------------------------------------------------ inference (latent cache)
+    def init_cache(self, batch: int, capacity: int, dtype=None, mtp: bool = False) -> ModelCache:
+        """Zero cache of `capacity` slots per row; `mtp=True` adds the first MTP module's (speculative decoding)."""
+        cfg = self.cfg
+        dtype = cfg.compute_dtype if dtype is None else dtype
+        if mtp and not len(self.mtp):
+            raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens "
+                             "for speculative decoding")
+        stack = lambda n: LatentCache.zeros(cfg, batch, capacity, dtype, layers=n) if n else None  # noqa: E731
+        return ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
+                          mtp=LatentCache.zeros(cfg, batch, capacity, dtype) if mtp else None)
+
+    def prefill(self, tokens: jax.Array, cache: ModelCache, *, moe_impl: str | None = None):
+        """Training-path forward of tokens [B, T] at positions 0..T-1, writing every layer's latent into
+        cache slots [0, T). -> (logits [B, T, V] f32, final-normed hidden h [B, T, D], cache)."""
+        B, T = tokens.shape
+        self._check_fits(T, cache)
+        cos, sin = rope_tables(self.cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        x = self.embed(tokens)
+        new = {}
+        for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+            if stack is not None:
+                x, c_kv, k_pe = scan_prefill(stack, x, cos, sin, moe_impl)
+                new[name] = getattr(cache, name).fill(c_kv, k_pe)
+        h = self.norm(x)
+        return self.head(h), h, cache.replace(**new)
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache, *, moe_impl: str | None = None):
+        """Absorbed-attention forward of tokens [B, T] at positions [B, T] (consecutive per row; slots
+        before them must hold that row's earlier tokens). -> (logits [B, T, V] f32, h [B, T, D], cache)."""
+        cos, sin = rope_tables(self.cfg, positions)
+        x = self.embed(tokens)
+        new = {}
+        for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
+            if stack is not None:
+                x, new[name] = scan_decode(stack, x, cos, sin, getattr(cache, name), positions, moe_impl)
+        h = self.norm(x)
+        return self.head(h), h, cache.replace(**new)
+
+    def mtp_prefill(self, h: jax.Array, next_tokens: jax.Array, cache: ModelCache, *, moe_impl: str | None = None):
+        """First MTP module over positions 0..T-1: h [B, T, D] main hidden, next_tokens [B, T] = t_{i+1}.
+        -> (logits [B, T, V] predicting t_{i+2}, cache with the MTP layer's slots [0, T) filled)."""
+        B, T = next_tokens.shape
+        self._check_fits(T, cache)
+        module = self.mtp[0]
+        cos, sin = rope_tables(self.cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
+        x, c_kv, k_pe = module.block.prefill(module.combine(h, self.embed(next_tokens)), cos, sin, moe_impl)
+        return self.head(module.norm(x)), cache.replace(mtp=cache.mtp.fill(c_kv, k_pe))
+
+    def mtp_decode(self, h, next_tokens, positions, cache: ModelCache, *, moe_impl: str | None = None):
+        """First MTP module at positions [B, T] over its cache. -> (logits [B, T, V] predicting t_{i+2}, cache)."""
+        module = self.mtp[0]
+        cos, sin = rope_tables(self.cfg, positions)
+        x, mtp_cache = module.block.decode(module.combine(h, self.embed(next_tokens)), cos, sin, cache.mtp,
+                                           positions, moe_impl)
+        return self.head(module.norm(x)), cache.replace(mtp=mtp_cache)
+
+    def _check_fits(self, T: int, cache: ModelCache):
+        if T > cache.capacity or T > self.cfg.max_position_embeddings:
+            raise ValueError(f"prefill of {T} tokens does not fit the cache ({cache.capacity} slots) or the model's "
+                             f"context (max_position_embeddings={self.cfg.max_position_embeddings})")
 
 
 def mtp_valid_mask(T: int, depth: int) -> jax.Array:

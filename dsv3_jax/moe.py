@@ -35,6 +35,7 @@ from flax import nnx
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, normal, param
+from dsv3_jax.sharding import axis_size, current_mesh
 
 
 class RouterBias(nnx.Variable):
@@ -189,7 +190,13 @@ class MoE(nnx.Module):
         weights = [p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)]
         xf = x.reshape(B * T, D).astype(dt)
         impl = resolve_impl(impl or cfg.moe_impl)
-        if impl == "dense":
+        if axis_size("expert") > 1:  # expert parallelism over the current mesh
+            from dsv3_jax.parallel.expert import experts_expert_parallel
+
+            y, _dropped = experts_expert_parallel(xf, idx, w, *weights, mesh=current_mesh(),
+                                                  block=cfg.moe_block_size,
+                                                  capacity_factor=cfg.expert_capacity_factor)
+        elif impl == "dense":
             y = experts_dense(xf, idx, w, *weights)
         elif impl == "ragged":
             y = experts_ragged(xf, idx, w, *weights)

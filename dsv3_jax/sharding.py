@@ -1,21 +1,40 @@
-"""The one logical-axis rules table, and helpers that turn logical names into mesh shardings.
+"""The one logical-axis rules table, the mesh built from the config, and activation constraints.
 
 Every parameter carries logical axis names (see `layers.param`). This table maps each name to a mesh
-axis (or a tuple of them, or None = replicated). Mesh axes: 'data', 'fsdp', 'expert', 'stage',
-'tensor'. A name missing from the table is an error, so a new parameter cannot silently end up
-replicated; `tests/test_sharding.py` keeps a golden table of names per parameter.
+axis (or a tuple of them, or None = replicated). Mesh axes, outermost first:
+
+    data    pure data parallelism (parameters replicated)
+    stage   pipeline stages (the stacked 'layers' axis)
+    fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style)
+    expert  expert parallelism: routed experts split over it; tokens also split over it (each expert
+            rank is a data-parallel rank for everything that is not a routed expert)
+    tensor  tensor parallelism of heads / ffn width (size 1 by default; DeepSeek-V3 used none)
+
+A name missing from the table is an error, so a new parameter cannot silently end up replicated;
+`tests/test_sharding.py` keeps a golden table of names per parameter. Activations are constrained
+with `constrain(x, names)` at block boundaries; outside a mesh context it does nothing, so the same
+model code runs on one device or many.
 """
 from __future__ import annotations
 
+import math
+from typing import Mapping
+
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # logical name -> mesh axis (None: replicated)
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    # activations
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("act_embed", None),
+    # parameters
     ("layers", "stage"),
     ("vocab", "tensor"),
     ("embed", "fsdp"),
@@ -30,6 +49,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_mlp", "tensor"),
     ("router_experts", None),
     ("mtp_concat", None),
+    # inference cache
+    ("cache_length", None),
 )
 _RULES = dict(RULES)
 
@@ -45,7 +66,7 @@ def logical_to_spec(names) -> P:
 
 
 def state_specs(state: nnx.State):
-    """PartitionSpecs for every variable of an nnx.State, from its `out_sharding` logical names."""
+    """PartitionSpecs for every variable of an nnx.State (or its pure dict), from `out_sharding` names."""
 
     def spec(v):
         names = v.get_metadata().get("out_sharding") if hasattr(v, "get_metadata") else None
@@ -58,3 +79,103 @@ def state_specs(state: nnx.State):
 
 def state_shardings(state: nnx.State, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state))
+
+
+# ----------------------------------------------------------------------------- mesh
+
+
+def mesh_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolve axis sizes from the config (at most one -1 = "the rest") and check the device count."""
+    sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+    unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"config.mesh has unknown axes {unknown}; valid axes are {list(MESH_AXES)}.")
+    fill = [a for a, s in sizes.items() if s == -1]
+    if len(fill) > 1:
+        raise ValueError(f"config.mesh: only one axis may be -1 (fill with the remaining devices), got {fill}.")
+    for a, s in sizes.items():
+        if s == 0 or s < -1:
+            raise ValueError(f"config.mesh.{a}={s} must be >= 1 (or -1 for the remaining devices).")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if fill:
+        if num_devices % known:
+            raise ValueError(f"config.mesh: the fixed axes multiply to {known}, which does not divide the "
+                             f"{num_devices} devices; change the axis sizes.")
+        sizes[fill[0]] = num_devices // known
+    total = math.prod(sizes.values())
+    if total != num_devices:
+        raise ValueError(f"config.mesh {sizes} uses {total} devices but {num_devices} are available; make the "
+                         f"product of the axis sizes equal {num_devices} (or set one axis to -1).")
+    return sizes
+
+
+def validate_mesh(sizes: Mapping[str, int], model_cfg, batch_size: int | None = None) -> None:
+    """Model/batch divisibility checks, with the field and the fix named."""
+    ep = sizes["expert"]
+    if model_cfg.has_moe and model_cfg.n_routed_experts % ep:
+        raise ValueError(f"config.mesh.expert={ep} must divide model.n_routed_experts="
+                         f"{model_cfg.n_routed_experts}.")
+    st = sizes["stage"]
+    for name, n in (("dense", model_cfg.num_dense_layers), ("MoE", model_cfg.num_moe_layers)):
+        if n and n % st:
+            raise ValueError(f"config.mesh.stage={st} must divide the number of {name} layers ({n}); change "
+                             f"the stage count or model.first_k_dense_replace / num_hidden_layers.")
+    tp = sizes["tensor"]
+    for field in ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "vocab_size"):
+        if getattr(model_cfg, field) % tp:
+            raise ValueError(f"config.mesh.tensor={tp} must divide model.{field}={getattr(model_cfg, field)}.")
+    fs = sizes["fsdp"]
+    if model_cfg.hidden_size % fs:
+        raise ValueError(f"config.mesh.fsdp={fs} must divide model.hidden_size={model_cfg.hidden_size}.")
+    if batch_size is not None:
+        shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        if batch_size % shards:
+            raise ValueError(f"config.train.batch_size={batch_size} must be divisible by data x fsdp x expert = "
+                             f"{shards}.")
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_sizes(mesh_cfg, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def current_mesh():
+    """The mesh set with `jax.set_mesh`, or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def axis_size(name: str) -> int:
+    mesh = current_mesh()
+    return 1 if mesh is None or name not in mesh.axis_names else mesh.shape[name]
+
+
+def constrain(x: jax.Array, names) -> jax.Array:
+    """with_sharding_constraint by logical names; a no-op without a mesh context."""
+    if current_mesh() is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def put_global_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Every process holds the same global batch (same seed); each places only its own shards."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def pure_specs(state: nnx.State) -> dict:
+    """Nested dict of PartitionSpecs matching `nnx.to_pure_dict(state)`, from the logical names."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        names = var.get_metadata().get("out_sharding")
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = P() if names is None else logical_to_spec(names)
+    return out

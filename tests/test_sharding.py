@@ -95,7 +95,7 @@ def test_logical_to_spec():
     assert sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp")) == P("stage", "expert", "fsdp",
                                                                                       "tensor")
     assert sharding.logical_to_spec(("vocab", "embed")) == P("tensor", "fsdp")
-    assert sharding.logical_to_spec(("batch", None, "embed")) == P(("data", "fsdp"), None, "fsdp")
+    assert sharding.logical_to_spec(("batch", "length", "act_embed")) == P(("data", "fsdp", "expert"), None, None)
     assert sharding.logical_to_spec(("kv_lora", "heads", "kv_head_dim")) == P(None, "tensor", None)
     assert sharding.logical_to_spec(()) == P()
     with pytest.raises(KeyError, match="no_such_axis"):

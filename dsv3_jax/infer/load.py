@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -16,17 +17,17 @@ from dsv3_jax.train.checkpoint import Checkpointer
 
 
 def abstract_train_state(model_cfg: ModelConfig, tx):
-    """(graphdef, abstract state) of `loop.init_state` without allocating anything."""
-    from dsv3_jax.train.loop import init_state
+    """(graphdef, abstract state) shaped like train.py's state, {params, biases, opt_state, step, skipped},
+    built with `nnx.eval_shape` / `jax.eval_shape`: nothing is allocated."""
+    from dsv3_jax.model import DeepSeekV3
+    from dsv3_jax.train.step import split_model
 
-    box = {}
-
-    def build():
-        box["graphdef"], state = init_state(model_cfg, tx, 0, False)
-        return state
-
-    abstract = jax.eval_shape(build)
-    return box["graphdef"], abstract
+    model = nnx.eval_shape(lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, biases = split_model(model)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    abstract = {"params": params, "biases": biases, "opt_state": jax.eval_shape(tx.init, params),
+                "step": scalar, "skipped": scalar}
+    return graphdef, abstract
 
 
 def load_trained(workdir: str, step: int | None = None):
@@ -46,9 +47,29 @@ def load_trained(workdir: str, step: int | None = None):
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         model_cfg = ModelConfig.from_dict(config.model)
         graphdef, abstract = abstract_train_state(model_cfg, make_schedules(config)[0])
+        if meta.get("format") == "dsv3_jax.params":  # written by dsv3_jax.interop.convert: weights only
+            abstract = {"params": abstract["params"], "biases": abstract["biases"]}
         _, state, _ = ckpt.restore(abstract, step)
     finally:
         ckpt.close()
     model = nnx.merge(graphdef, state["params"], state["biases"])
     tokenizer = data_lib.load_tokenizer(config.data.tokenizer_path or os.path.join(workdir, "tokenizer.json"))
     return model, tokenizer, config, step
+
+
+def load_hf(directory: str):
+    """-> (model, tokenizer) from a released-format (Hugging Face safetensors) directory, computing in float32.
+
+    Uses `dsv3_jax.interop.hf.load` (imported here, so plain train.py workdirs never need it) and
+    DIR/tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    from dsv3_jax.interop import hf
+
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--hf {directory!r} is not a directory")
+    tok_path = os.path.join(directory, "tokenizer.json")
+    if not os.path.isfile(tok_path):
+        raise FileNotFoundError(f"{tok_path} does not exist: a released-format directory carries tokenizer.json")
+    _, model = hf.load(directory, dtype=jnp.float32)
+    return model, Tokenizer.from_file(tok_path)

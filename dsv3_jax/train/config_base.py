@@ -49,6 +49,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.keep = 3  # checkpoints kept
     c.checkpoint.async_save = True  # write checkpoints in the background
 
+    c.mesh = ml_collections.ConfigDict()  # device mesh; the product of the sizes = number of devices
+    c.mesh.data = -1  # data parallel (-1: all devices not used by the other axes)
+    c.mesh.stage = 1  # pipeline stages: shards the stacked layer axis (not yet pipelined)
+    c.mesh.fsdp = 1  # parameters and optimizer state sharded, batch split
+    c.mesh.expert = 1  # routed experts split, tokens moved with all_to_all, batch split
+    c.mesh.tensor = 1  # heads / ffn width split
+
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # text/markdown/JSONL file or directory; "" uses the embedded corpus
     c.data.tokenizer_path = ""  # an existing tokenizer.json; "" trains a byte-level BPE into the workdir

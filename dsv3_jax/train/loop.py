@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax import sharding
 from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.moe import RouterBias
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
 from dsv3_jax.train.metrics import MetricsWriter
@@ -67,13 +70,17 @@ def validate_train_config(config) -> ModelConfig:
         raise ValueError("config.checkpoint.every_steps and config.checkpoint.keep must be > 0.")
     if not 0.0 <= config.data.val_fraction < 1.0:
         raise ValueError(f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1).")
+    sizes = sharding.mesh_sizes(config.mesh.to_dict(), jax.device_count())
+    sharding.validate_mesh(sizes, model_cfg, t.batch_size)
+    if t.batch_size_start > 0:
+        sharding.validate_mesh(sizes, model_cfg, t.batch_size_start)
     if config.data.path and not os.path.exists(config.data.path):
         raise FileNotFoundError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                                 f"file or directory, or set it to '' for the embedded corpus.")
     return model_cfg
 
 
-def make_schedules(config):
+def make_schedules(config, mesh_sizes=None):
     t = config.train
     warmup = min(t.warmup_steps, t.steps)  # a short run keeps the schedule's shape
     after_warmup = t.steps - warmup
@@ -92,16 +99,32 @@ def make_schedules(config):
 
     def batch(step):
         start = t.batch_size_start if t.batch_size_start > 0 else t.batch_size
-        return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=max(1, jax.device_count()))
+        shards = 1 if mesh_sizes is None else mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["expert"]
+        return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=shards)
 
     return tx, schedule, lam, gamma, batch
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool):
-    model = DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), remat=remat)
-    graphdef, params, biases = split_model(model)
-    state = {"params": params, "biases": biases, "opt_state": tx.init(params),
-             "step": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32)}
+def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool, mesh=None):
+    """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
+    the rules table (no device ever holds the whole model); the optimizer state inherits the
+    parameters' shardings. Without a mesh, a one-device mesh is used."""
+    mesh = mesh if mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), remat=remat)  # noqa: E731
+    abstract = nnx.eval_shape(build)
+    graphdef, _, _ = split_model(abstract)
+    specs = [sharding.pure_specs(nnx.state(abstract, kind)) for kind in (nnx.Param, RouterBias)]
+    out = tuple(jax.tree.map(lambda p: NamedSharding(mesh, p), s) for s in specs)
+    params, biases = jax.jit(lambda: split_model(build())[1:], out_shardings=out)()
+    replicated = NamedSharding(mesh, P())
+
+    def on_mesh(x):  # scalars created from constants (e.g. Adam's count) land on one device: replicate
+        ok = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+        return x if ok else jax.device_put(x, replicated)
+
+    state = {"params": params, "biases": biases, "opt_state": jax.tree.map(on_mesh, jax.jit(tx.init)(params)),
+             "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+             "skipped": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
     return graphdef, state
 
 
@@ -115,8 +138,9 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                                model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed)
     val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
 
-    tx, schedule, lam, gamma, batch_size = make_schedules(config)
-    graphdef, state = init_state(model_cfg, tx, t.seed, t.remat)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
+    graphdef, state = init_state(model_cfg, tx, t.seed, t.remat, mesh)
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
     start = 0
@@ -128,12 +152,14 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             print(f"resumed from step {start} in {workdir}")
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet)
 
-    train_step = make_train_step(graphdef, tx, schedule)
-    eval_step = make_eval_step(graphdef)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings)
+    eval_step = make_eval_step(graphdef, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
     history, tokens_seen, t0, pending = [], 0, time.perf_counter(), None
     for step in range(start, t.steps):
-        window = jnp.asarray(data.train.next_batch(batch_size(step)))
+        window = sharding.put_global_batch(data.train.next_batch(batch_size(step)), batch_sharding)
         state, metrics = train_step(state, window, jnp.float32(lam(step)), alpha, jnp.float32(gamma(step)))
         tokens_seen += window.shape[0] * (window.shape[1] - 1)
         done = step + 1
@@ -147,7 +173,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             if not m["finite"]:
                 record["skipped_this_step"] = True
             if val and (done % t.eval_every == 0 or done == t.steps):
-                record["val_loss"] = float(np.mean([float(eval_step(state["params"], state["biases"], jnp.asarray(v)))
+                record["val_loss"] = float(np.mean([float(eval_step(state["params"], state["biases"],
+                                                                         sharding.put_global_batch(v, batch_sharding)))
                                                     for v in val]))
             writer.write(record)
             history.append(record)

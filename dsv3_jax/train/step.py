@@ -82,8 +82,13 @@ def update_biases(biases, counts: jax.Array, gamma):
     return jax.tree.unflatten(treedef, new)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable) -> Callable:
-    """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated."""
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, mesh=None,
+                    state_shardings=None) -> Callable:
+    """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated.
+
+    With a mesh, the step is traced and run under `jax.set_mesh(mesh)` (activation constraints and
+    expert parallelism read it) and returns the state with the shardings it was given.
+    """
 
     def step(state: dict[str, Any], window, lam, alpha, gamma):
         def objective(params):
@@ -112,13 +117,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
                        max_vio=max_violation(counts), skipped_steps=new_state["skipped"], finite=ok)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    out_shardings = None if state_shardings is None else (state_shardings, None)
+    return with_mesh(jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings), mesh)
 
 
-def make_eval_step(graphdef) -> Callable:
-    @jax.jit
+def make_eval_step(graphdef, mesh=None) -> Callable:
     def evaluate(params, biases, window):
         terms, _ = losses(graphdef, params, biases, window)
         return terms["loss"]
 
-    return evaluate
+    return with_mesh(jax.jit(evaluate), mesh)
+
+
+def with_mesh(fn: Callable, mesh) -> Callable:
+    """Run (and trace) `fn` with `mesh` as the current mesh; identity when mesh is None."""
+    if mesh is None:
+        return fn
+
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped

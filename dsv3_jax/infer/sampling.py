@@ -1,0 +1,106 @@
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling.
+
+Shape legend: B batch rows, V vocabulary. Logits come in as float32 [B, V]; all maths here is float32.
+
+    greedy (temperature == 0):  t = argmax_v logits_v
+    otherwise:                  l = logits / temperature
+        top-k (k > 0):          drop every l_v below the k-th largest (ties at the threshold are kept)
+        top-p (p < 1):          sort the surviving tokens by probability, keep the smallest prefix whose
+                                mass reaches p (the first token always survives), drop the rest
+        t ~ softmax(l over the kept tokens)
+
+Speculative sampling (`verify_draft`): a draft d drawn from the draft model's q is accepted with
+probability min(1, p(d) / q(d)); on rejection the token is drawn from norm(max(p - q, 0)). The emitted
+token is then distributed exactly as p (Leviathan et al. 2023), whatever q is; greedy decoding is the
+special case of one-hot p and q (accept iff d = argmax p).
+
+The parameters are traced scalars (not static), so one compiled decode step serves every setting;
+the greedy branch is selected with `jnp.where`, and top_k = 0 / top_p = 1 disable their filters.
+Random draws take an explicit key (`jax.random.fold_in(seed key, step)`), so a seed reproduces a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed for every random draw."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables top-p)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def arrays(self):
+        """(temperature f32, top_k int32, top_p f32) scalars for the compiled steps."""
+        return (jnp.asarray(self.temperature, jnp.float32), jnp.asarray(self.top_k, jnp.int32),
+                jnp.asarray(self.top_p, jnp.float32))
+
+
+def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """logits [B, V] -> temperature-scaled logits with filtered-out tokens at -inf (a temperature of 0 is
+    treated as 1 here; greedy selection happens in `sample`). The sort runs only if a filter is on."""
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    l = logits.astype(jnp.float32) / t
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), _top_k_top_p, lambda l, k, p: l, l, top_k, top_p)
+
+
+def _top_k_top_p(l, top_k, top_p):
+    V = l.shape[-1]
+    desc = -jnp.sort(-l, axis=-1)  # [B, V] largest first
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    kth = jnp.take(desc, k - 1, axis=-1)[:, None]  # [B, 1]
+    l = jnp.where(l >= kth, l, -jnp.inf)
+    desc = jnp.where(jnp.arange(V) < k, desc, -jnp.inf)
+    p_desc = jax.nn.softmax(desc, axis=-1)
+    before = jnp.cumsum(p_desc, axis=-1) - p_desc  # mass of the strictly more likely tokens
+    keep = (before < top_p) | (jnp.arange(V) == 0)
+    cut = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)  # smallest kept logit
+    return jnp.where(l >= cut, l, -jnp.inf)
+
+
+def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """The sampling distribution [B, V] after temperature, top-k and top-p."""
+    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def sample(key: jax.Array, logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """One token per row [B] int32: argmax when temperature == 0, else a draw from `probabilities`."""
+
+    def draw():
+        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, lambda: greedy(logits))
+
+
+def verify_draft(key: jax.Array, p: jax.Array, q: jax.Array, draft: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling: p, q [B, V] target and draft distributions, draft [B] drawn from q.
+    -> (accepted [B] bool, token [B] int32), token ~ p."""
+    k_accept, k_fix = jax.random.split(key)
+    rows = jnp.arange(p.shape[0])
+    accepted = jax.random.uniform(k_accept, draft.shape) * q[rows, draft] < p[rows, draft]
+    resid = jnp.maximum(p - q, 0.0)
+    mass = resid.sum(-1, keepdims=True)
+    resid = jnp.where(mass > 0, resid / jnp.where(mass > 0, mass, 1.0), p)  # p == q: never rejected anyway
+    fix = jax.random.categorical(k_fix, jnp.log(resid), axis=-1).astype(jnp.int32)
+    return accepted, jnp.where(accepted, draft, fix)

@@ -1,0 +1,14 @@
+"""Checkpoint interop: the released DeepSeek-V3 format (Hugging Face safetensors) <-> dsv3_jax.
+
+    from dsv3_jax.interop import hf
+    config, model = hf.load(DIR, dtype=jnp.float32)     # BF16/FP32 or FP8 (dequantised), with MTP
+    hf.save(model, config, OUT)                          # loadable by transformers' from_pretrained
+
+    python -m dsv3_jax.interop.convert --hf DIR --out WORKDIR [--mesh fsdp=8,expert=4]
+    from dsv3_jax.interop import convert
+    config, model = convert.restore(WORKDIR)             # the converted orbax checkpoint
+
+Modules: `safetensors_io` (streaming reads with pread, FP8 block scales, sharded writes), `layout`
+(which HF tensor fills which slice of which parameter), `hf` (config.json mapping, load, save,
+tokenizer), `convert` (streaming HF -> orbax/tensorstore converter and its restore).
+"""

@@ -1,0 +1,263 @@
+"""Streaming safetensors I/O and DeepSeek's 128x128 block-scaled FP8 weights, in plain numpy.
+
+The safetensors format is small enough to read by hand, and doing so lets us control memory:
+
+    [8 bytes: little-endian u64 n] [n bytes: JSON header] [raw tensor bytes ...]
+    header = {"name": {"dtype": "BF16", "shape": [out, in], "data_offsets": [begin, end]}, ...,
+              "__metadata__": {...}}          (offsets are relative to the end of the header)
+
+A released checkpoint is a directory of such files plus `model.safetensors.index.json`, whose
+"weight_map" says which file holds each tensor. `SafetensorsDir` parses every header once and then
+reads tensors with `os.pread`, so reading a tensor costs exactly its bytes of memory. (The
+`safetensors` package maps whole files into memory: every page touched stays in the process's RSS
+until the file is closed, so streaming a 4 GB shard would hold 4 GB. Its numpy backend also cannot
+return float8 tensors.) Reads may select a leading index and a row range, e.g. expert `e`'s gate half
+`[e, 0:F]` of a fused `gate_up_proj` [E, 2F, D], which is one contiguous byte range in row-major order.
+
+FP8 (REFERENCE.md section 5): a projection weight W [out, in] is stored as `F8_E4M3` values q plus
+`<name>_scale_inv` s of shape [ceil(out/128), ceil(in/128)] in float32, with
+
+    W[i, j] = float(q[i, j]) * s[i // 128, j // 128]          (edge blocks are partial)
+
+`dequantize_blocks` applies this (also to a row range of a larger tensor, offsetting the block
+index); `quantize_blocks` is the inverse used when writing FP8: per block s = max|W| / 448 (the
+largest finite E4M3 value), q = round_to_e4m3(W / s).
+
+`write_shards` writes tensors into files of at most `max_shard_bytes` each (plus the index when there
+is more than one), producing each tensor's bytes only when its turn comes: the caller passes shapes,
+dtypes and a function per tensor, so writing never holds more than one tensor.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Callable, Iterable, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+SCALE_SUFFIX = "_scale_inv"
+FP8_MAX = 448.0  # largest finite float8_e4m3fn value
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
+class TensorInfo(NamedTuple):
+    file: str  # absolute path of the safetensors file
+    dtype: str  # safetensors dtype name, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the tensor's data in `file`
+
+
+def read_header(path: str) -> dict[str, TensorInfo]:
+    """Tensor name -> TensorInfo for one safetensors file (reads only the header)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in DTYPES:
+            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        begin, _ = meta["data_offsets"]
+        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+    return out
+
+
+class SafetensorsDir:
+    """All tensors of a checkpoint directory (one file, or shards with an index), read on demand."""
+
+    def __init__(self, directory: str):
+        self.directory = os.path.abspath(directory)
+        index = os.path.join(self.directory, INDEX_FILE)
+        if os.path.isfile(index):
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))
+            weight_map = None
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {self.directory}")
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = os.path.join(self.directory, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{INDEX_FILE} names {name}, which is not in {self.directory}")
+            for key, info in read_header(path).items():
+                if key in self.tensors:
+                    raise ValueError(f"tensor {key!r} is stored twice: in {self.tensors[key].file} and {path}")
+                self.tensors[key] = info
+        if weight_map is not None:
+            unlisted = sorted(set(self.tensors) - set(weight_map))
+            absent = sorted(set(weight_map) - set(self.tensors))
+            if absent:
+                raise ValueError(f"{INDEX_FILE} lists tensors that no file holds: {absent[:5]}")
+            if unlisted:
+                raise ValueError(f"tensors missing from {INDEX_FILE}'s weight_map: {unlisted[:5]}")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key].shape
+
+    def order(self, key: str) -> tuple[str, int]:
+        """Sort key that visits tensors in on-disk order (file, offset): sequential reads."""
+        info = self.tensors[key]
+        return info.file, info.offset
+
+    def read_raw(self, key: str, select: tuple[int, ...] = (), rows: tuple[int, int] | None = None) -> np.ndarray:
+        """tensor[select][rows[0]:rows[1]] in its stored dtype; the selection must be contiguous on disk."""
+        info = self.tensors[key]
+        dt = DTYPES[info.dtype]
+        shape = info.shape
+        if len(select) + (rows is not None) > len(shape):
+            raise ValueError(f"{key}: cannot select {select} rows {rows} of a tensor of shape {shape}")
+        start = 0
+        for i, s in enumerate(select):
+            if not 0 <= s < shape[i]:
+                raise IndexError(f"{key}: index {select} out of range for shape {shape}")
+            start = start * shape[i] + s
+        rest = shape[len(select):]
+        if rows is not None:
+            r0, r1 = rows
+            if not 0 <= r0 <= r1 <= rest[0]:
+                raise IndexError(f"{key}: rows {rows} out of range for shape {shape}")
+            row_elems = math.prod(rest[1:])
+            start = start * math.prod(rest) + r0 * row_elems
+            out_shape = (r1 - r0,) + tuple(rest[1:])
+        else:
+            start *= math.prod(rest)
+            out_shape = tuple(rest)
+        nbytes = math.prod(out_shape) * dt.itemsize
+        buf = bytearray(nbytes)
+        view, done, where = memoryview(buf), 0, info.offset + start * dt.itemsize
+        with open(info.file, "rb", buffering=0) as f:
+            while done < nbytes:  # one pread may return less than asked for (large reads)
+                got = os.preadv(f.fileno(), [view[done:]], where + done)
+                if got == 0:
+                    raise ValueError(f"{info.file}: truncated data for tensor {key!r}")
+                done += got
+        return np.frombuffer(buf, dtype=dt).reshape(out_shape)
+
+    def read(self, key: str, select: tuple[int, ...] = (), rows: tuple[int, int] | None = None,
+             block: tuple[int, int] = (128, 128)) -> np.ndarray:
+        """Like `read_raw`, but FP8 tensors come back dequantised to float32 with their `_scale_inv`."""
+        x = self.read_raw(key, select, rows)
+        if self.tensors[key].dtype not in FP8_DTYPES:
+            return x
+        skey = key + SCALE_SUFFIX
+        if skey not in self.tensors:
+            raise KeyError(f"{key} is stored as {self.tensors[key].dtype} but {skey} is missing")
+        r0 = 0 if rows is None else rows[0]
+        r1 = self.tensors[key].shape[len(select)] if rows is None else rows[1]
+        scale_rows = (r0 // block[0], -(-r1 // block[0]))
+        scale = self.read_raw(skey, select, scale_rows).astype(np.float32)
+        return dequantize_blocks(x, scale, block, row_offset=r0)
+
+
+def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block=(128, 128), row_offset: int = 0) -> np.ndarray:
+    """W = q * scale_inv[i // bm, j // bn] for a [rows, cols] slice starting at row `row_offset` (float32).
+
+    `scale_inv` holds the scale rows covering the slice: its row 0 is block row `row_offset // bm`.
+    """
+    bm, bn = block
+    rows, cols = q.shape
+    if scale_inv.ndim != 2:
+        raise ValueError(f"FP8 scale_inv must be 2-D per tensor, got shape {scale_inv.shape}")
+    i = (np.arange(rows) + row_offset) // bm - row_offset // bm  # block row of each row, within scale_inv
+    j = np.arange(cols) // bn
+    if (rows and i[-1] >= scale_inv.shape[0]) or (cols and j[-1] >= scale_inv.shape[1]):
+        raise ValueError(f"FP8 scale_inv of shape {scale_inv.shape} does not cover a {q.shape} weight in "
+                         f"{bm}x{bn} blocks")
+    return q.astype(np.float32) * scale_inv[i][:, j]
+
+
+def quantize_blocks(w: np.ndarray, block=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    """w [rows, cols] -> (float8_e4m3fn values, float32 scale_inv [ceil(rows/bm), ceil(cols/bn)])."""
+    bm, bn = block
+    rows, cols = w.shape
+    nr, nc = -(-rows // bm), -(-cols // bn)
+    padded = np.zeros((nr * bm, nc * bn), np.float32)
+    padded[:rows, :cols] = w
+    blocks = np.abs(padded.reshape(nr, bm, nc, bn)).max(axis=(1, 3))
+    scale = np.where(blocks > 0, blocks / FP8_MAX, 1.0).astype(np.float32)
+    full = np.repeat(np.repeat(scale, bm, 0), bn, 1)[:rows, :cols]
+    q = (w.astype(np.float32) / full).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
+
+
+class PlannedTensor(NamedTuple):
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]  # called once, when the tensor's bytes are written
+
+
+def write_shards(directory: str, tensors: Iterable[PlannedTensor], max_shard_bytes: int,
+                 metadata: dict | None = None) -> list[str]:
+    """Write `tensors` (in order) into safetensors files of at most `max_shard_bytes`; returns file names.
+
+    One file is named model.safetensors; several are model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json. Each tensor is produced, checked against its planned shape and
+    dtype, written and dropped before the next one is produced.
+    """
+    tensors = list(tensors)
+    groups, size = [[]], 0
+    for t in tensors:
+        nbytes = math.prod(t.shape) * np.dtype(t.dtype).itemsize
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += nbytes
+    n = len(groups)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, group in zip(names, groups):
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for t in group:
+            nbytes = math.prod(t.shape) * np.dtype(t.dtype).itemsize
+            header[t.name] = {"dtype": DTYPE_NAMES[np.dtype(t.dtype)], "shape": list(t.shape),
+                              "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[t.name] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
+        path = os.path.join(directory, name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for t in group:
+                x = np.ascontiguousarray(t.produce())
+                if x.shape != tuple(t.shape) or x.dtype != np.dtype(t.dtype):
+                    raise AssertionError(f"{t.name}: produced {x.shape} {x.dtype}, planned {t.shape} {t.dtype}")
+                f.write(x.reshape(-1).view(np.uint8).data)  # no copy of the tensor's bytes
+        os.replace(path + ".tmp", path)
+    if n > 1:
+        total = sum(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in tensors)
+        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return names

@@ -1,0 +1,342 @@
+"""Inference: the absorbed-MLA latent cache, batched generation, sampling and MTP speculative decoding.
+
+Models are small random DeepSeek-V3s (tests/reference: 1 dense + 2 MoE layers, YaRN, 8 experts in 4
+groups) drawn with std 0.2, so logits are large and wrong variants change tokens. Tolerance for logits
+(float32 model, matmul precision 'highest', conftest.py): |got - want| <= 1e-4 * (|want| + max |want|).
+Token sequences must match exactly.
+
+One Generator is shared by the tests that generate, so each decode step compiles once per batch size.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import sharding
+from dsv3_jax.infer.generate import Generator, cache_bytes_per_token, mha_cache_bytes_per_token
+from dsv3_jax.infer.sampling import SamplingParams, filter_logits, verify_draft
+from dsv3_jax.mla import MLA, LatentCache
+from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.rope import rope_tables
+from reference import build, tiny_config, to_numpy
+from reference import numpy_ref as ref
+
+PROMPTS = [[3, 5, 7, 11, 2], [9, 2, 4, 4, 8, 10, 11, 30, 31, 17, 6], [20]]
+NEW = 20
+FULL_T = 20  # full-forward reference windows are [2, FULL_T]: one compilation shared by two tests
+full_forward = nnx.jit(lambda m, tokens: m(tokens))
+
+
+def close(got, want, rel=1e-4):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.abs(want).max())
+
+
+def draftable_model(seed=0, alpha=0.3):
+    """A random model whose MTP module is a usable (imperfect) draft model, so that speculative decoding
+    both accepts and rejects: attention and FFN outputs are scaled by `alpha`, which makes the main model
+    close to a bigram model logits(t_{i+1}) ~ head(norm(Emb(t_i))); the MTP module then passes Emb(t_{i+1})
+    straight through (eh_proj = [I; 0], unit enorm, the main model's final norm), predicting t_{i+2} by the
+    same bigram table. The residual attention/FFN terms make the two disagree now and then."""
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    m = build(lambda r: DeepSeekV3(cfg, rngs=r), seed=seed, std=0.2)
+    for blk in (m.dense_layers, m.moe_layers, m.mtp[0].block):
+        blk.attn.wo.kernel[...] *= alpha
+        ffn = blk.ffn
+        for w in ((ffn.w_down, ffn.shared.down.kernel) if blk.is_moe else (ffn.down.kernel,)):
+            w[...] *= alpha
+    mtp, D = m.mtp[0], cfg.hidden_size
+    mtp.eh_proj.kernel[...] = jnp.concatenate([jnp.eye(D), jnp.zeros((D, D))], axis=0)
+    mtp.enorm.scale[...] = jnp.ones((D,))
+    mtp.norm.scale[...] = m.norm.scale[...]
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return draftable_model()
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+    return Generator(model, capacity=48, cache_dtype=jnp.float32, prefill_bucket=16)
+
+
+@pytest.fixture(scope="module")
+def greedy_batched(gen):
+    return gen.generate(PROMPTS, NEW)
+
+
+# ----------------------------------------------------------------------------- cache vs full forward
+
+
+def test_cached_prefill_and_decode_match_full_forward():
+    """Right-padded prefill (rows of 6 and 3 tokens) + one-token absorbed decode steps, teacher-forced, give
+    the full forward's logits at every position, for the main model and for the MTP module; the pad slots
+    written by prefill are masked, then overwritten."""
+    cfg = tiny_config(num_nextn_predict_layers=1)
+    m = build(lambda r: DeepSeekV3(cfg, rngs=r), seed=5, std=0.2)
+    B, T, lens, S = 2, FULL_T, np.array([6, 3]), 32
+    toks = jax.random.randint(jax.random.key(1), (B, T), 2, cfg.vocab_size)
+    full = full_forward(m, toks)
+    nxt = jnp.concatenate([toks[:, 1:], jnp.zeros((B, 1), toks.dtype)], axis=1)  # t_{i+1}, 0 past the end
+    graphdef, state = nnx.split(m)
+
+    @jax.jit
+    def prefill(state, tokens, next_tokens):
+        mm = nnx.merge(graphdef, state)
+        cache = mm.init_cache(B, S, jnp.float32, mtp=True)
+        logits, h, cache = mm.prefill(tokens, cache)
+        mtp_logits, cache = mm.mtp_prefill(h, next_tokens, cache)
+        return logits, mtp_logits, cache
+
+    @jax.jit
+    def decode(state, cache, tokens, next_tokens, positions):
+        mm = nnx.merge(graphdef, state)
+        logits, h, cache = mm.decode(tokens, positions, cache, moe_impl="dense")
+        mtp_logits, cache = mm.mtp_decode(h, next_tokens, positions, cache, moe_impl="dense")
+        return logits, mtp_logits, cache
+
+    P0 = int(lens.max())
+    logits, mtp_logits, cache = prefill(state, toks[:, :P0], nxt[:, :P0])
+    got = {(b, p): (logits[b, p], mtp_logits[b, p]) for b in range(B) for p in range(lens[b])}
+    rows = np.arange(B)
+    for j in range(T - P0):
+        pos = lens + j  # row b decodes its own next position
+        logits, mtp_logits, cache = decode(state, cache, toks[rows, pos][:, None], nxt[rows, pos][:, None],
+                                           jnp.asarray(pos)[:, None])
+        for b in range(B):
+            got[(b, pos[b])] = (logits[b, 0], mtp_logits[b, 0])
+    for b in range(B):
+        n = max(p for bb, p in got if bb == b) + 1
+        assert n >= T - 3
+        close(np.stack([got[(b, p)][0] for p in range(n)]), full.logits[b, :n])
+        close(np.stack([got[(b, p)][1] for p in range(n)]), full.mtp_logits[0][b, :n])
+    assert float(jnp.abs(full.logits).mean()) > 0.5  # logits discriminate
+
+
+# ----------------------------------------------------------------------------- absorbed attention
+
+
+ABS_CFG = dict(num_attention_heads=3, qk_nope_head_dim=4, v_head_dim=6, kv_lora_rank=8, qk_rope_head_dim=8)
+
+
+def _kv_shaped(jaxpr, B, S, N, dims) -> list:
+    """Shapes in a jaxpr (recursively) that look like expanded keys/values: [B, S, N, d] for d in dims."""
+    found = []
+
+    def walk(jp):
+        for eqn in jp.eqns:
+            for v in eqn.outvars:
+                shape = tuple(getattr(v.aval, "shape", ()))
+                if len(shape) == 4 and shape[0] == B and set(shape[1:3]) == {S, N} and shape[3] in dims:
+                    found.append(shape)
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (list, tuple)) else (param,):
+                    if hasattr(sub, "eqns"):
+                        walk(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+                        walk(sub.jaxpr)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+def test_absorbed_attention_equals_expanded():
+    """MLA.decode (W_UK absorbed into the query, W_UV into the output, attention over the latent cache only)
+    equals the training path and the float64 numpy multi-head attention, for a 5-token then a 3-token chunk;
+    its jaxpr never forms a [B, S, N, dn] key or [B, S, N, dv] value, while the training path's does."""
+    cfg = tiny_config(**ABS_CFG)
+    mla = build(lambda r: MLA(cfg, rngs=r), seed=4)
+    B, T, S = 2, 8, 11
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(B, T, cfg.hidden_size)), jnp.float32)
+    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    expanded = nnx.jit(lambda m, x, c, s: m(x, c, s))(mla, x, cos, sin)
+    want = ref.mla(np.asarray(x), to_numpy(mla), cfg)
+
+    def chunk(m, cache, a, b):
+        pos = jnp.broadcast_to(jnp.arange(a, b), (B, b - a))
+        c, s = rope_tables(cfg, pos)
+        return m.decode(x[:, a:b], c, s, cache, pos)
+
+    cache = LatentCache.zeros(cfg, B, S, jnp.float32)
+    out1, cache = nnx.jit(chunk, static_argnums=(2, 3))(mla, cache, 0, 5)
+    out2, cache = nnx.jit(chunk, static_argnums=(2, 3))(mla, cache, 5, 8)
+    absorbed = jnp.concatenate([out1, out2], axis=1)
+    close(absorbed, expanded, 1e-5)
+    close(absorbed, want, 1e-5)
+    assert np.abs(want).mean() > 0.1
+    # the cache holds exactly the normalised latent and roped k_pe of each token (slots >= T untouched)
+    c_ref, k_ref = ref.mla_latent(np.asarray(x), to_numpy(mla), cfg)
+    close(cache.c_kv[:, :T], c_ref, 1e-5)
+    close(cache.k_pe[:, :T], k_ref, 1e-5)
+    assert not np.any(np.asarray(cache.c_kv[:, T:]))
+
+    N, dims = cfg.num_attention_heads, (cfg.qk_nope_head_dim, cfg.v_head_dim)
+    decode_jaxpr = jax.make_jaxpr(lambda c: chunk(mla, c, 5, 8))(LatentCache.zeros(cfg, B, S, jnp.float32))
+    assert _kv_shaped(decode_jaxpr, B, S, N, dims) == []
+    xs = jnp.zeros((B, S, cfg.hidden_size))
+    cs, ss = rope_tables(cfg, jnp.broadcast_to(jnp.arange(S), (B, S)))
+    train_jaxpr = jax.make_jaxpr(lambda x: mla(x, cs, ss))(xs)
+    assert _kv_shaped(train_jaxpr, B, S, N, dims)  # the check does see expanded K/V when they exist
+
+
+def test_cache_bytes_per_token(model):
+    """The cache holds only c_kv [R] and k_pe [dr] per token per layer: (R + dr) * layers * itemsize bytes for
+    the main model; the MTP layer's cache (speculative decoding) is counted separately, (R + dr) * itemsize."""
+    cfg = model.cfg
+    per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    for dtype in (jnp.float32, jnp.bfloat16):
+        cache = jax.eval_shape(lambda: model.init_cache(3, 40, dtype, mtp=True))
+        itemsize = jnp.dtype(dtype).itemsize
+        got = cache_bytes_per_token(cache)
+        assert got == {"main": per_layer * cfg.num_hidden_layers * itemsize, "mtp": per_layer * itemsize}
+        leaves = jax.tree_util.tree_leaves_with_path(cache)
+        assert sorted({jax.tree_util.keystr(p[-1:]) for p, _ in leaves}) == [".c_kv", ".k_pe"]
+        total = sum(np.prod(a.shape) * a.dtype.itemsize for _, a in leaves)
+        assert total == 3 * 40 * (got["main"] + got["mtp"])
+        assert mha_cache_bytes_per_token(cfg, itemsize) == (
+            cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * itemsize)
+    assert jax.eval_shape(lambda: model.init_cache(1, 8)).mtp is None  # no MTP cache unless speculating
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_batched_prompts_equal_each_alone(gen, greedy_batched):
+    """Right-padded prompts of 5, 11 and 1 tokens decoded together give each prompt's greedy tokens alone,
+    which equal the argmax of a fresh full forward over the growing sequence."""
+    for p, got in zip(PROMPTS, greedy_batched):
+        alone = gen.generate([p], NEW)[0]
+        assert got.tokens == alone.tokens and got.finish_reason == alone.finish_reason
+    model, seq = nnx.merge(gen.graphdef, gen.state), list(PROMPTS[1])
+    for _ in range(6):  # causal: the zero tail of a fixed buffer changes nothing before it
+        buf = jnp.zeros((2, FULL_T), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
+        seq.append(int(jnp.argmax(full_forward(model, buf).logits[0, len(seq) - 1])))
+    assert greedy_batched[1].tokens[:6] == seq[len(PROMPTS[1]):]
+
+
+def test_speculative_greedy_equals_plain_greedy(gen, greedy_batched):
+    """MTP-drafted, 2-token-verified greedy decoding reproduces plain greedy decoding token for token, and the
+    run exercised both accepted and rejected drafts."""
+    spec = gen.generate(PROMPTS, NEW, speculative=True)
+    for a, b in zip(greedy_batched, spec):
+        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+    accepted = sum(c.accepted for c in spec)
+    drafted = sum(c.drafted for c in spec)
+    assert 0 < accepted < drafted, (accepted, drafted)
+    assert all(c.acceptance_rate is not None for c in spec)
+    # fewer model steps than tokens: each accepted draft saved one
+    assert sum(len(c.tokens) for c in spec) > drafted
+
+
+def test_stop_token_and_max_new_tokens(gen, greedy_batched):
+    """Generation stops before a stop token (excluded from the output) and after max_new_tokens."""
+    i = next(i for i, c in enumerate(greedy_batched) if len(c.tokens) == NEW)
+    row = greedy_batched[i].tokens
+    stop = row[7]
+    out = gen.generate(PROMPTS, NEW, stop_tokens=(stop,))[i]
+    assert out.tokens == row[:row.index(stop)] and out.finish_reason == "stop"
+    short = gen.generate(PROMPTS, 4)
+    assert [c.tokens for c in short] == [c.tokens[:4] for c in greedy_batched]
+    assert [c.finish_reason for c in short] == ["length" if len(c.tokens) >= 4 else "stop" for c in greedy_batched]
+
+
+def test_sampling_seeded_and_top_k_1_is_greedy(gen, greedy_batched):
+    hot = SamplingParams(temperature=1.5, seed=0)
+    a = [c.tokens for c in gen.generate(PROMPTS, NEW, hot)]
+    b = [c.tokens for c in gen.generate(PROMPTS, NEW, hot)]
+    c = [c.tokens for c in gen.generate(PROMPTS, NEW, SamplingParams(temperature=1.5, seed=1))]
+    assert a == b and a != c
+    assert a != [g.tokens for g in greedy_batched]
+    spec = SamplingParams(temperature=1.5, top_p=0.9, seed=3)
+    s1 = [c.tokens for c in gen.generate(PROMPTS, NEW, spec, speculative=True)]
+    s2 = [c.tokens for c in gen.generate(PROMPTS, NEW, spec, speculative=True)]
+    assert s1 == s2
+    # top-k = 1 leaves one token: sampling is greedy, also through the speculative accept/resample rule
+    k1 = SamplingParams(temperature=1.0, top_k=1, seed=7)
+    for speculative in (False, True):
+        got = gen.generate(PROMPTS, NEW, k1, speculative=speculative)
+        assert [c.tokens for c in got] == [g.tokens for g in greedy_batched]
+
+
+def _filter_numpy(logits, temperature, top_k, top_p):
+    """Reference: temperature, then top-k, then top-p over the renormalised survivors."""
+    out = np.array(logits, np.float64) / temperature
+    for row in out:
+        order = np.argsort(-row, kind="stable")
+        if top_k > 0:
+            row[order[top_k:]] = -np.inf
+        p = np.exp(row - row.max())
+        p /= p.sum()
+        cum = np.cumsum(p[order])
+        n_keep = int(np.searchsorted(cum, top_p) + 1)  # smallest prefix with mass >= top_p
+        row[order[n_keep:]] = -np.inf
+    return out
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 0, 0.5), (1.3, 5, 0.8), (1.0, 3, 1.0),
+                                                     (1.0, 0, 1.0), (2.0, 0, 0.01)])
+def test_filter_logits_against_numpy(temperature, top_k, top_p):
+    logits = np.random.default_rng(top_k + int(100 * top_p)).normal(scale=2.0, size=(4, 40)).astype(np.float32)
+    got = np.asarray(jax.jit(filter_logits)(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k),
+                                            jnp.float32(top_p)))
+    want = _filter_numpy(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isinf(got), np.isinf(want))
+    kept = ~np.isinf(want)
+    close(got[kept], want[kept], 1e-6)
+    if top_p < 1.0 or top_k:
+        assert np.isinf(want).any()  # the case filters something
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    """verify_draft: drafts d ~ q accepted with prob min(1, p(d)/q(d)), else resampled from max(p - q, 0):
+    the emitted tokens are distributed as p, and the acceptance rate is sum_v min(p_v, q_v)."""
+    n, rng = 200_000, np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(6)).astype(np.float32)
+    q = rng.dirichlet(np.ones(6)).astype(np.float32)
+    k_draft, k_verify = jax.random.split(jax.random.key(0))
+    draft = jax.random.categorical(k_draft, jnp.log(jnp.asarray(q)), shape=(n,)).astype(jnp.int32)
+    P, Q = jnp.broadcast_to(jnp.asarray(p), (n, 6)), jnp.broadcast_to(jnp.asarray(q), (n, 6))
+    accepted, tokens = jax.jit(verify_draft)(k_verify, P, Q, draft)
+    freq = np.bincount(np.asarray(tokens), minlength=6) / n
+    sigma = np.sqrt(p * (1 - p) / n)
+    assert np.all(np.abs(freq - p) < 5 * sigma + 1e-4), (freq, p)
+    assert abs(float(accepted.mean()) - np.minimum(p, q).sum()) < 0.01
+    assert np.abs(freq - q).max() > 0.02  # q itself would fail the first check
+
+
+# ----------------------------------------------------------------------------- errors and sharding
+
+
+def test_prompt_too_long_fails_clearly_before_compiling(model):
+    g = Generator(model, capacity=16)
+    with pytest.raises(ValueError, match="17 tokens, more than the cache's capacity of 16"):
+        g.generate([[2] * 17], 1)
+    with pytest.raises(ValueError, match=r"\+ max_new_tokens \(8\) = 18 exceeds the cache's capacity of 16"):
+        g.generate([[2] * 3, [2] * 10], 8)
+    context = model.cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
+        Generator(model, capacity=context).generate([[2] * (context + 1)], 1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Generator(model, capacity=context + 1)
+    with pytest.raises(ValueError, match="empty"):
+        g.generate([[]], 1)
+    assert g.compile_seconds == 0.0
+
+
+def test_sharded_decode_equals_single_device(model, greedy_batched):
+    """Parameters placed by the logical-axis rules, the cache by its logical names, on a (data 2, expert 2,
+    tensor 2) mesh of 8 fake CPU devices: same greedy tokens as on one device."""
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2}, jax.devices()[:8])
+    g = Generator(model, capacity=48, cache_dtype=jnp.float32, prefill_bucket=16, mesh=mesh)
+    w = g.state["moe_layers"]["ffn"]["w_gate"][...]
+    assert w.sharding.spec == sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp"))
+    assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape[1] == w.shape[1] // 2
+    c_spec = g.cache_shardings(False).moe.c_kv.spec
+    assert c_spec == sharding.logical_to_spec(("layers", "batch", "cache_length", "kv_lora")) and c_spec[1] is not None
+    assert g.batch_multiple > 1 and g.batch_multiple % 2 == 0
+    got = g.generate(PROMPTS, NEW)
+    assert [c.tokens for c in got] == [c.tokens for c in greedy_batched]
