@@ -37,6 +37,8 @@ def get_config():
     m.param_dtype = "float32"  # master weights
     m.moe_impl = "auto"  # blocks on CPU, ragged_dot elsewhere
     m.moe_block_size = 128  # rows per expert block in the CPU layout
+    m.fp8 = False  # FP8 block-scaled GEMMs (True: DeepSeek-V3 recipe; on CPU the jnp formulation)
+    m.expert_capacity_factor = 0.0  # expert parallelism: 0 = dropless
 
     c.train.steps = 300
     c.train.batch_size = 16

@@ -81,6 +81,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # master weights
     moe_impl: str = "auto"  # auto | blocks | ragged | dense (see moe.py)
     moe_block_size: int = 64  # rows per block in the 'blocks' expert layout
+    fp8: bool = False  # FP8 block-scaled GEMMs (1x128 / 128x128) for projections and experts (dsv3_jax.fp8)
     expert_capacity_factor: float = 0.0  # expert parallelism: rows per rank pair = cf * M / ep; 0 = dropless
 
     # ------------------------------------------------------------------ validation

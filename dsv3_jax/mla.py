@@ -97,7 +97,8 @@ class MLA(nnx.Module):
         self.cfg = cfg
         D, N, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        kw = dict(std=cfg.initializer_range, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        kw = dict(std=cfg.initializer_range, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
+                  fp8=cfg.fp8)
         nkw = dict(param_dtype=cfg.weight_dtype, rngs=rngs)
         if cfg.q_lora_rank is None:
             self.wq = Einsum("BTD,DNH->BTNH", (D, N, dn + dr), ("embed", "heads", "qk_head_dim"), **kw)

@@ -66,7 +66,7 @@ class Block(nnx.Module):
             self.ffn = MoE(cfg, rngs=rngs)
         else:
             self.ffn = MLP(D, cfg.intermediate_size, std=cfg.initializer_range, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.weight_dtype, rngs=rngs)
+                           param_dtype=cfg.weight_dtype, rngs=rngs, fp8=cfg.fp8)
         self.num_experts = cfg.n_routed_experts
 
     def __call__(self, x, cos, sin, moe_impl=None):

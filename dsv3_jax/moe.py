@@ -132,7 +132,7 @@ def _permute_bwd(res, g):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
-def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int):
+def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: bool = False):
     """Rows sorted into per-expert padded blocks, one batched einsum per matrix. x [N, D] -> [N, D] (f32).
 
     Row moves use `permute_rows` (gathers both ways) and each block's expert weights are selected with
@@ -145,10 +145,16 @@ def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int):
     P = nb * block
     src = jnp.full((P,), M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32))  # slot -> row (M: empty)
     xb = permute_rows(jnp.repeat(x, K, axis=0), src, dest).reshape(nb, block, D)
-    pick = jax.nn.one_hot(block_expert, E, dtype=w_gate.dtype)  # [nb, E]
-    hi = jax.lax.Precision.HIGHEST  # a selection must not round the weights (e.g. TF32 on GPU)
-    wg, wu, wd = (jnp.einsum("nE,E...->n...", pick, wt, precision=hi) for wt in (w_gate, w_up, w_down))
-    y = _swiglu(xb, wg, wu, wd, "nbD,nDF->nbF", "nbF,nFD->nbD").reshape(P, D)
+    if fp8:  # grouped block-scaled FP8 GEMMs over the same block layout (weights: float32 masters)
+        from dsv3_jax.fp8.linear import fp8_expert_blocks
+
+        h = jax.nn.silu(fp8_expert_blocks(xb, w_gate, block_expert)) * fp8_expert_blocks(xb, w_up, block_expert)
+        y = fp8_expert_blocks(h, w_down, block_expert).reshape(P, D)
+    else:
+        pick = jax.nn.one_hot(block_expert, E, dtype=w_gate.dtype)  # [nb, E]
+        hi = jax.lax.Precision.HIGHEST  # a selection must not round the weights (e.g. TF32 on GPU)
+        wg, wu, wd = (jnp.einsum("nE,E...->n...", pick, wt, precision=hi) for wt in (w_gate, w_up, w_down))
+        y = _swiglu(xb, wg, wu, wd, "nbD,nDF->nbF", "nbF,nFD->nbD").reshape(P, D)
     y = permute_rows(y, dest, src).reshape(N, K, D)
     return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
 
@@ -173,7 +179,7 @@ class MoE(nnx.Module):
         self.w_down = param(rngs, normal(std), (E, F, D), ("experts", "expert_mlp", "embed"), pdt)
         if cfg.n_shared_experts > 0:
             self.shared = MLP(D, cfg.shared_intermediate_size, std=std, dtype=cfg.compute_dtype,
-                              param_dtype=pdt, rngs=rngs)
+                              param_dtype=pdt, rngs=rngs, fp8=cfg.fp8)
 
     def scores(self, x: jax.Array) -> jax.Array:
         """Sigmoid router scores in float32: [..., D] -> [..., E]."""
@@ -187,21 +193,23 @@ class MoE(nnx.Module):
         scores = self.scores(x)  # [B, T, E]
         w, idx = route(scores.reshape(B * T, E), self.bias[...], cfg)
         dt = cfg.compute_dtype
-        weights = [p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)]
+        weights = [p[...] if cfg.fp8 else p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)]
         xf = x.reshape(B * T, D).astype(dt)
         impl = resolve_impl(impl or cfg.moe_impl)
+        if cfg.fp8 and impl == "ragged":  # the FP8 grouped GEMM uses the block layout
+            impl = "blocks"
         if axis_size("expert") > 1:  # expert parallelism over the current mesh
             from dsv3_jax.parallel.expert import experts_expert_parallel
 
             y, _dropped = experts_expert_parallel(xf, idx, w, *weights, mesh=current_mesh(),
                                                   block=cfg.moe_block_size,
-                                                  capacity_factor=cfg.expert_capacity_factor)
+                                                  capacity_factor=cfg.expert_capacity_factor, fp8=cfg.fp8)
         elif impl == "dense":
             y = experts_dense(xf, idx, w, *weights)
         elif impl == "ragged":
             y = experts_ragged(xf, idx, w, *weights)
         elif impl == "blocks":
-            y = experts_blocks(xf, idx, w, *weights, block=cfg.moe_block_size)
+            y = experts_blocks(xf, idx, w, *weights, block=cfg.moe_block_size, fp8=cfg.fp8)
         else:
             raise ValueError(f"unknown MoE implementation {impl!r}")
         y = y.astype(x.dtype).reshape(B, T, D)

@@ -103,9 +103,9 @@ def mesh_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
                              f"{num_devices} devices; change the axis sizes.")
         sizes[fill[0]] = num_devices // known
     total = math.prod(sizes.values())
-    if total != num_devices:
-        raise ValueError(f"config.mesh {sizes} uses {total} devices but {num_devices} are available; make the "
-                         f"product of the axis sizes equal {num_devices} (or set one axis to -1).")
+    if total > num_devices:
+        raise ValueError(f"config.mesh {sizes} needs {total} devices but {num_devices} are available; make the "
+                         f"product of the axis sizes at most {num_devices} (or set one axis to -1).")
     return sizes
 
 
@@ -135,10 +135,11 @@ def validate_mesh(sizes: Mapping[str, int], model_cfg, batch_size: int | None = 
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
+    """A mesh over the first prod(sizes) devices (all of them when an axis is -1)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_sizes(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
 
 
 def current_mesh():

@@ -115,7 +115,7 @@ def test_layout_matches_one_device(layout, one_device_step):
 
 
 @pytest.mark.parametrize("mesh_cfg,needle", [
-    (dict(data=3), "uses 3 devices but 8"),
+    (dict(data=16), "needs 16 devices but 8"),
     (dict(data=-1, fsdp=-1), "only one axis may be -1"),
     (dict(data=-1, fsdp=3), "does not divide"),
     (dict(pipeline=2), "unknown axes"),

@@ -18,6 +18,7 @@ from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.plan import abstract_model
 from dsv3_jax.train.step import make_train_step
 
+pytestmark = pytest.mark.xdist_group("train")  # one worker builds the shared runs fixture once
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -41,6 +42,7 @@ def micro_config(steps=24, **train):
     c.train.warmup_steps, c.train.peak_lr, c.train.log_every, c.train.eval_every = 4, 3e-3, 4, 8
     c.train.eval_batches, c.train.sample_tokens = 2, 0
     c.checkpoint.every_steps, c.checkpoint.async_save = 8, True
+    c.mesh.data = 1  # one device (meshes are tested in test_parallel.py)
     for k, v in train.items():
         section, key = k.split("__")
         c[section][key] = v

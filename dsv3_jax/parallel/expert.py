@@ -42,7 +42,7 @@ def capacity(rows: int, ep: int, capacity_factor: float) -> int:
     return max(1, min(rows, math.ceil(capacity_factor * rows / ep)))
 
 
-def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes):
+def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=False):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
@@ -68,7 +68,7 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
     recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
 
     y = experts_blocks(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
-                       recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up, w_down, block)
+                       recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up, w_down, block, fp8)
     if sizes.get("tensor", 1) > 1:  # F was split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
     back = a2a(y.astype(x.dtype).reshape(ep, C, D)).reshape(ep * C, D)
@@ -78,7 +78,8 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
     return out, dropped
 
 
-def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float):
+def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float,
+                            fp8: bool = False):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
 
     Returns (y [N, D] float32, number of dropped token-expert rows in the global batch).
@@ -88,6 +89,6 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
     wspec = logical_to_spec(("experts", "embed", "expert_mlp"))
     dspec = logical_to_spec(("experts", "expert_mlp", "embed"))
     fn = partial(_local_experts, block=block, capacity_factor=capacity_factor, mesh_axes=tuple(mesh.axis_names),
-                 sizes=sizes)
+                 sizes=sizes, fp8=fp8)
     return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
                          out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
