@@ -109,15 +109,17 @@ def mesh_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def validate_mesh(sizes: Mapping[str, int], model_cfg, batch_size: int | None = None) -> None:
-    """Model/batch divisibility checks, with the field and the fix named."""
+def validate_mesh(sizes: Mapping[str, int], model_cfg, batch_size: int | None = None, *,
+                  allow_uneven_stages: bool = False) -> None:
+    """Model/batch divisibility checks, with the field and the fix named. `allow_uneven_stages` lets a
+    memory plan round stages up (as DeepSeek's 16 stages over 61 layers do)."""
     ep = sizes["expert"]
     if model_cfg.has_moe and model_cfg.n_routed_experts % ep:
         raise ValueError(f"config.mesh.expert={ep} must divide model.n_routed_experts="
                          f"{model_cfg.n_routed_experts}.")
     st = sizes["stage"]
     for name, n in (("dense", model_cfg.num_dense_layers), ("MoE", model_cfg.num_moe_layers)):
-        if n and n % st:
+        if n and n % st and not allow_uneven_stages:
             raise ValueError(f"config.mesh.stage={st} must divide the number of {name} layers ({n}); change "
                              f"the stage count or model.first_k_dense_replace / num_hidden_layers.")
     tp = sizes["tensor"]

@@ -110,6 +110,11 @@ def test_layout_matches_one_device(layout, one_device_step):
     L, E, D, F = wg.shape
     assert wg.addressable_shards[0].data.shape == (L // sizes["stage"], E // sizes["expert"], D // sizes["fsdp"],
                                                    F // sizes["tensor"])
+    # the dry-run memory plan counts exactly the bytes each device holds
+    from dsv3_jax.train.plan import memory_plan
+
+    held = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))
+    assert memory_plan(CFG, sizes, 8, 16, remat=False)["params"] == held
     emb = state["params"]["embed"]["embedding"]  # [V, D] ('vocab', 'embed')
     assert emb.addressable_shards[0].data.shape == (CFG.vocab_size // sizes["tensor"], CFG.hidden_size // sizes["fsdp"])
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax import sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, param_counts
 
@@ -65,3 +67,88 @@ def dry_run(cfg: ModelConfig) -> dict:
         print(f"{k:<28}{v:>20,}  ({v / 1e9:.1f}B)")
     print(json.dumps(counts))
     return counts
+
+
+# ----------------------------------------------------------------------------- memory plan
+
+
+def _shard_numel(shape, spec, sizes) -> int:
+    """Elements of one device's shard: each dim divided (rounded up, as XLA pads) by its mesh axes."""
+    n = 1
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        if axes is None:
+            div = 1
+        else:
+            div = 1
+            for a in (axes if isinstance(axes, tuple) else (axes,)):
+                div *= sizes[a]
+        n *= -(-int(dim) // div)
+    return n
+
+
+def memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *, remat: bool,
+                moment_bytes: int = 4) -> dict:
+    """Per-device bytes of parameters, gradients, AdamW moments and (estimated) activations.
+
+    Parameters and gradients are counted from the abstract module tree and the rules table (float32
+    master weights; shards rounded up where an axis does not divide). Activations are an estimate per
+    token and layer: with remat only each block's input [D] is kept plus one layer's working set,
+    without it every layer keeps its working set (~ 24*D + 2*N*T_attn + 3*K*F values).
+    """
+    model = abstract_model(cfg)
+    state = nnx.state(model, nnx.Param)
+    specs = sharding.pure_specs(state)
+    param_bytes = 0
+    for path, var in nnx.to_flat_state(state):
+        spec = specs
+        for k in path:
+            spec = spec[k]
+        itemsize = jnp.dtype(var.get_value().dtype).itemsize
+        param_bytes += _shard_numel(var.get_value().shape, spec, sizes) * itemsize
+    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    tokens = -(-batch_size // dp) * seq_len
+    layers = -(-cfg.num_dense_layers // sizes["stage"]) + -(-cfg.num_moe_layers // sizes["stage"])
+    act_item = jnp.dtype(cfg.compute_dtype).itemsize
+    working = (24 * cfg.hidden_size + 2 * cfg.num_attention_heads * seq_len
+               + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size) * act_item
+    per_layer_saved = cfg.hidden_size * act_item if remat else working
+    activations = tokens * (layers * per_layer_saved + (working if remat else 0))
+    return {"params": param_bytes, "grads": param_bytes, "adam_moments": param_bytes // 4 * moment_bytes * 2,
+            "activations_est": activations, "tokens_per_device": tokens, "layers_per_stage": layers}
+
+
+def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, remat: bool) -> dict:
+    plan = memory_plan(cfg, sizes, batch_size, seq_len, remat=remat)
+    gib = 1024 ** 3
+    mesh = " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "1 device"
+    print(f"\nper-device memory plan: mesh {mesh} ({_prod(sizes.values())} devices), global batch {batch_size} x "
+          f"{seq_len}, {plan['tokens_per_device']} tokens and {plan['layers_per_stage']} layers per device, "
+          f"remat={remat}")
+    total = 0
+    for k in ("params", "grads", "adam_moments", "activations_est"):
+        total += plan[k]
+        print(f"  {k:<20}{plan[k] / gib:>12.2f} GiB")
+    print(f"  {'total':<20}{total / gib:>12.2f} GiB")
+    per_seq = plan["activations_est"] / max(plan["tokens_per_device"] // seq_len, 1)
+    print(f"  (activations per sequence of {seq_len} tokens: {per_seq / gib:.2f} GiB; the loop runs the whole "
+          f"per-device batch at once: no micro-batching or gradient accumulation yet)")
+    return plan
+
+
+def _prod(xs) -> int:
+    n = 1
+    for x in xs:
+        n *= int(x)
+    return n
+
+
+def dry_run_mesh(config) -> dict:
+    """Mesh sizes for a dry run: explicit sizes need not match this machine's devices (a plan for 2,048
+    GPUs can be printed on a laptop); an axis of -1 is filled from the local device count."""
+    import jax
+
+    mesh_cfg = config.mesh.to_dict()
+    if any(v == -1 for v in mesh_cfg.values()):
+        return sharding.mesh_sizes(mesh_cfg, jax.device_count())
+    return sharding.mesh_sizes(mesh_cfg, _prod(mesh_cfg.values()))
