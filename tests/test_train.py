@@ -175,3 +175,21 @@ def test_load_trained_missing_workdir(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="train one first"):
         load_trained(str(tmp_path / "nothing"))
+
+
+def test_train_starts_from_converted_weights(runs, tmp_path):
+    """A weights-only checkpoint (the format of dsv3_jax.interop.convert) in the workdir initialises
+    training at step 0 with a fresh optimizer. With warmup the first update has lr = 0, so after one
+    step the parameters are exactly the converted ones."""
+    from dsv3_jax.train.checkpoint import Checkpointer
+
+    src = runs["full"]
+    ck = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    cfg = micro_config(steps=1)
+    ck.save(0, {"params": src.state["params"], "biases": src.state["biases"]},
+            {"format": "dsv3_jax.params", "config": cfg.to_json()}, force=True)
+    ck.close()
+    result = loop.train(cfg, str(tmp_path), quiet=True)
+    assert int(result.state["step"]) == 1
+    for a, b in zip(jax.tree.leaves(src.state["params"]), jax.tree.leaves(result.state["params"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

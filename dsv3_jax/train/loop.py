@@ -146,10 +146,18 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     start = 0
     if ckpt.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        start, state, meta = ckpt.restore(abstract)
-        data.train.restore(meta["loader"])
-        if not quiet:
-            print(f"resumed from step {start} in {workdir}")
+        if ckpt.restore_meta()[1].get("format") == "dsv3_jax.params":
+            # weights only (python -m dsv3_jax.interop.convert): start training from them at step 0 with a
+            # fresh optimizer; the first checkpoint of this run supersedes the converted one
+            _, weights, _ = ckpt.restore({"params": abstract["params"], "biases": abstract["biases"]})
+            state = dict(state, **weights)
+            if not quiet:
+                print(f"initialised from the converted weights in {workdir}")
+        else:
+            start, state, meta = ckpt.restore(abstract)
+            data.train.restore(meta["loader"])
+            if not quiet:
+                print(f"resumed from step {start} in {workdir}")
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
