@@ -19,27 +19,23 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    from dsv3_jax import sharding
+    from dsv3_jax.config import ModelConfig
     from dsv3_jax.train import plan
     from dsv3_jax.train.loop import train, validate_train_config
 
+    t = FLAGS.config.train
     try:
         if FLAGS.dry_run:  # abstract shapes only: the mesh may be larger than this machine
-            from dsv3_jax.config import ModelConfig
-
             model_cfg = ModelConfig.from_dict(FLAGS.config.model)
             sizes = plan.dry_run_mesh(FLAGS.config)
-            from dsv3_jax import sharding
-
-            sharding.validate_mesh(sizes, model_cfg, FLAGS.config.train.batch_size, allow_uneven_stages=True)
+            sharding.validate_mesh(sizes, model_cfg, t.batch_size, allow_uneven_stages=True)
         else:
             model_cfg = validate_train_config(FLAGS.config)
     except (ValueError, FileNotFoundError) as e:  # say what is wrong before anything is built
         raise SystemExit(f"config error: {e}") from None
     if FLAGS.dry_run:
-        plan.dry_run(model_cfg)
-        sizes = plan.dry_run_mesh(FLAGS.config)
-        plan.print_memory_plan(model_cfg, sizes, FLAGS.config.train.batch_size, FLAGS.config.train.seq_len,
-                               FLAGS.config.train.remat)
+        plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat)
         return
     train(FLAGS.config, FLAGS.workdir)
 

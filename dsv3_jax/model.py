@@ -33,6 +33,8 @@ MoE layers route each token with the same `MoE` module (and so the same router) 
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
@@ -317,7 +319,7 @@ def param_counts(model: DeepSeekV3) -> dict:
     cfg = model.cfg
     total = mtp = routed = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        n = _numel(var.get_value().shape)
+        n = math.prod(int(d) for d in var.get_value().shape)
         names = [str(p) for p in path]
         if names[0] == "mtp":
             mtp += n
@@ -327,10 +329,3 @@ def param_counts(model: DeepSeekV3) -> dict:
             routed += n
     active = total - routed + routed * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1)
     return {"params_total": total, "params_mtp": mtp, "params_active": active}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n

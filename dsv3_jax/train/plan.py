@@ -8,6 +8,7 @@ parameters, 11.6B MTP parameters of its own (embedding and head are shared with 
 from __future__ import annotations
 
 import json
+import math
 
 import jax.numpy as jnp
 from flax import nnx
@@ -29,9 +30,7 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
         names = [str(p) for p in path]
         if names[0] == "mtp":
             continue
-        n = 1
-        for s in var.get_value().shape:
-            n *= int(s)
+        n = math.prod(int(s) for s in var.get_value().shape)
         last = names[-1]
         if names[0] == "embed":
             key = "embedding"
@@ -53,7 +52,10 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
     return out
 
 
-def dry_run(cfg: ModelConfig) -> dict:
+def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 1, seq_len: int = 1,
+            remat: bool = False) -> dict:
+    """Print the parameter table, the per-device memory plan (with `mesh_sizes`) and, as the final
+    line, the counts as JSON."""
     model = abstract_model(cfg)
     counts = param_counts(model)
     parts = component_counts(model)
@@ -65,6 +67,8 @@ def dry_run(cfg: ModelConfig) -> dict:
             ("activated per token", counts["params_active"])]
     for k, v in rows:
         print(f"{k:<28}{v:>20,}  ({v / 1e9:.1f}B)")
+    if mesh_sizes is not None:
+        print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat)
     print(json.dumps(counts))
     return counts
 
@@ -137,10 +141,7 @@ def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: i
 
 
 def _prod(xs) -> int:
-    n = 1
-    for x in xs:
-        n *= int(x)
-    return n
+    return math.prod(int(x) for x in xs)
 
 
 def dry_run_mesh(config) -> dict:
