@@ -16,7 +16,6 @@ so the file always describes one uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -165,7 +164,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     eval_step = make_eval_step(graphdef, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
-    history, tokens_seen, t0, pending = [], 0, time.perf_counter(), None
+    history, tokens_seen, t0 = [], 0, time.perf_counter()
     for step in range(start, t.steps):
         window = sharding.put_global_batch(data.train.next_batch(batch_size(step)), batch_sharding)
         state, metrics = train_step(state, window, jnp.float32(lam(step)), alpha, jnp.float32(gamma(step)))
