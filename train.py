@@ -35,7 +35,9 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:  # say what is wrong before anything is built
         raise SystemExit(f"config error: {e}") from None
     if FLAGS.dry_run:
-        plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat)
+        from dsv3_jax.train.loop import microbatches
+
+        plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat, microbatches=microbatches(FLAGS.config))
         return
     train(FLAGS.config, FLAGS.workdir)
 

@@ -18,7 +18,7 @@ Embedding and head are shared with the main model. Positions with i + k >= T see
 and must be masked out of the MTP loss (see `mtp_valid_mask`).
 
 `DeepSeekV3(tokens)` returns `ModelOutput(logits [B, T, V] f32, mtp_logits (D x [B, T, V]),
-expert_counts [MoE layers (main stack, then MTP blocks), E], balance_loss)`.
+expert_counts [MoE layers (main stack, then MTP blocks), E], balance_loss, dropped_tokens)`.
 
 Inference (cache-aware forwards over a `ModelCache`, the absorbed-MLA latent cache of every layer; S is
 its fixed capacity, see `mla.py`):
@@ -43,7 +43,9 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, Einsum, Embed, RMSNorm, normal, param
 from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.moe import MoE
+from dsv3_jax.parallel.pipeline import default_microbatches, pipeline_blocks
 from dsv3_jax.rope import rope_tables
+from dsv3_jax.sharding import axis_size, constrain
 
 
 @struct.dataclass
@@ -52,6 +54,7 @@ class ModelOutput:
     mtp_logits: tuple  # D arrays [B, T, V]; depth k position i predicts token i + k + 1
     expert_counts: jax.Array  # [n_moe_layers, E] float32 tokens routed to each expert
     balance_loss: jax.Array  # scalar: mean over MoE layers of the sequence-wise balance loss (no alpha)
+    dropped_tokens: jax.Array  # scalar: token-expert rows dropped by expert capacity, summed over MoE layers
 
 
 class Block(nnx.Module):
@@ -72,29 +75,30 @@ class Block(nnx.Module):
         self.num_experts = cfg.n_routed_experts
 
     def __call__(self, x, cos, sin, moe_impl=None):
-        """x [B, T, D] -> (x, expert counts [E] (zeros for dense), balance loss)."""
+        """x [B, T, D] -> (x, expert counts [E] (zeros for dense), balance loss, dropped rows)."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
         return self.feed_forward(x, moe_impl)
 
     def feed_forward(self, x, moe_impl=None):
-        """x + FFN(RMSNorm(x)) -> (x, expert counts [E] (zeros for dense), balance loss)."""
+        """x + FFN(RMSNorm(x)) -> (x, expert counts [E] (zeros for dense), balance loss, dropped rows)."""
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, counts, bal = self.ffn(h, impl=moe_impl)
+            y, counts, bal, dropped = self.ffn(h, impl=moe_impl)
         else:
-            y, counts, bal = self.ffn(h), jnp.zeros((self.num_experts,), jnp.float32), jnp.zeros((), jnp.float32)
-        return x + y, counts, bal
+            zero = jnp.zeros((), jnp.float32)
+            y, counts, bal, dropped = self.ffn(h), jnp.zeros((self.num_experts,), jnp.float32), zero, zero
+        return x + y, counts, bal, dropped
 
     def prefill(self, x, cos, sin, moe_impl=None):
         """Training-path block that also returns its attention latent: x, c_kv [B, T, R], k_pe [B, T, dr]."""
         a, c_kv, k_pe = self.attn.prefill(self.attn_norm(x), cos, sin)
-        x, _, _ = self.feed_forward(x + a, moe_impl)
+        x = self.feed_forward(x + a, moe_impl)[0]
         return x, c_kv, k_pe
 
     def decode(self, x, cos, sin, cache: LatentCache, positions, moe_impl=None, layer=None):
         """Absorbed-attention block over the latent cache (layer `layer` of a stacked one): -> x, cache."""
         a, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions, layer)
-        x, _, _ = self.feed_forward(x + a, moe_impl)
+        x = self.feed_forward(x + a, moe_impl)[0]
         return x, cache
 
 
@@ -110,17 +114,18 @@ def stacked_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Block
 
 
 def scan_blocks(stack: Block, x, cos, sin, *, remat: bool, moe_impl=None):
-    """Apply a stacked Block layer by layer with lax.scan; returns x, counts [L, E], balance [L]."""
+    """Apply a stacked Block layer by layer with lax.scan; returns x, counts [L, E], balance [L],
+    dropped rows [L]. Each block's output is constrained to the batch sharding (the block boundary)."""
     graphdef, state = nnx.split(stack)
 
     def body(h, layer_state):
-        h, counts, bal = nnx.merge(graphdef, layer_state)(h, cos, sin, moe_impl)
-        return h, (counts, bal)
+        h, *stats = nnx.merge(graphdef, layer_state)(h, cos, sin, moe_impl)
+        return constrain(h, ("batch", "length", "act_embed")), tuple(stats)
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, (counts, bal) = jax.lax.scan(body, x, state)
-    return x, counts, bal
+    x, (counts, bal, dropped) = jax.lax.scan(body, x, state)
+    return x, counts, bal, dropped
 
 
 def scan_prefill(stack: Block, x, cos, sin, moe_impl=None):
@@ -192,9 +197,10 @@ class MTPModule(nnx.Module):
 
 
 class DeepSeekV3(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False, microbatches: int = 0):
         self.cfg = cfg
         self.remat = remat
+        self.microbatches = microbatches  # pipeline micro-batches when the mesh has stage > 1 (0: 2 x stages)
         D, std = cfg.hidden_size, cfg.initializer_range
         self.embed = Embed(cfg.vocab_size, D, std=std, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                            rngs=rngs)
@@ -216,30 +222,39 @@ class DeepSeekV3(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         cos, sin = rope_tables(cfg, positions)
         x = self.embed(tokens)
-        counts, bals = [], []
+        counts, bals, dropped = [], [], []
         for stack in (self.dense_layers, self.moe_layers):
             if stack is not None:
-                x, c, b = scan_blocks(stack, x, cos, sin, remat=self.remat, moe_impl=moe_impl)
+                x = constrain(x, ("batch", "length", "act_embed"))
+                if axis_size("stage") > 1:  # pipeline parallelism (parallel/pipeline.py)
+                    m = self.microbatches or default_microbatches(axis_size("stage"))
+                    x, c, b, d = pipeline_blocks(stack, x, cos, sin, microbatches=m, remat=self.remat,
+                                                 moe_impl=moe_impl)
+                else:
+                    x, c, b, d = scan_blocks(stack, x, cos, sin, remat=self.remat, moe_impl=moe_impl)
                 if stack.is_moe:
                     counts.append(c)
                     bals.append(b)
+                    dropped.append(d)
         h = self.norm(x)
         logits = self.head(h)
 
         mtp_logits = []
         for k, module in enumerate(self.mtp, start=1):
             shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
-            h, c, b = module(h, self.embed(shifted), cos, sin, moe_impl)
+            h, c, b, d = module(h, self.embed(shifted), cos, sin, moe_impl)
             if cfg.has_moe:
                 counts.append(c[None])
                 bals.append(b[None])
+                dropped.append(d[None])
             mtp_logits.append(self.head(module.norm(h)))
 
         E = cfg.n_routed_experts
         expert_counts = jnp.concatenate(counts, axis=0) if counts else jnp.zeros((0, E), jnp.float32)
         balance = jnp.concatenate(bals).mean() if bals else jnp.zeros((), jnp.float32)
+        drops = jnp.concatenate(dropped).sum() if dropped else jnp.zeros((), jnp.float32)
         return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), expert_counts=expert_counts,
-                           balance_loss=balance)
+                           balance_loss=balance, dropped_tokens=drops)
 
     # ------------------------------------------------------------------ inference (latent cache)
     def init_cache(self, batch: int, capacity: int, dtype=None, mtp: bool = False) -> ModelCache:

@@ -166,7 +166,8 @@ def resolve_impl(impl: str) -> str:
 
 
 class MoE(nnx.Module):
-    """Router + routed experts + shared experts. x [B, T, D] -> (y [B, T, D], counts [E], balance loss)."""
+    """Router + routed experts + shared experts. x [B, T, D] -> (y [B, T, D], counts [E], balance loss,
+    dropped token-expert rows (non-zero only on the capacity-limited expert-parallel path))."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -198,12 +199,13 @@ class MoE(nnx.Module):
         impl = resolve_impl(impl or cfg.moe_impl)
         if cfg.fp8 and impl == "ragged":  # the FP8 grouped GEMM uses the block layout
             impl = "blocks"
+        dropped = jnp.zeros((), jnp.float32)  # the single-device layouts are dropless
         if axis_size("expert") > 1:  # expert parallelism over the current mesh
             from dsv3_jax.parallel.expert import experts_expert_parallel
 
-            y, _dropped = experts_expert_parallel(xf, idx, w, *weights, mesh=current_mesh(),
-                                                  block=cfg.moe_block_size,
-                                                  capacity_factor=cfg.expert_capacity_factor, fp8=cfg.fp8)
+            y, dropped = experts_expert_parallel(xf, idx, w, *weights, mesh=current_mesh(),
+                                                 block=cfg.moe_block_size,
+                                                 capacity_factor=cfg.expert_capacity_factor, fp8=cfg.fp8)
         elif impl == "dense":
             y = experts_dense(xf, idx, w, *weights)
         elif impl == "ragged":
@@ -216,7 +218,8 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts > 0:
             y = y + self.shared(x)
         counts = jnp.bincount(idx.reshape(-1), length=E).astype(jnp.float32)
-        return y, jax.lax.stop_gradient(counts), balance_loss(scores, idx.reshape(B, T, K), E)
+        bal = balance_loss(scores, idx.reshape(B, T, K), E)
+        return y, jax.lax.stop_gradient(counts), bal, jax.lax.stop_gradient(dropped)
 
 
 def balance_loss(scores: jax.Array, idx: jax.Array, num_experts: int) -> jax.Array:

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
+MESH_OPTIONS = ("microbatches",)  # keys of config.mesh that are not axes
 
 # logical name -> mesh axis (None: replicated)
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -34,6 +35,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
+    ("stages", "stage"),  # pipeline slots (parallel/pipeline.py)
     # parameters
     ("layers", "stage"),
     ("vocab", "tensor"),
@@ -87,7 +89,7 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 def mesh_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Resolve axis sizes from the config (at most one -1 = "the rest") and check the device count."""
     sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
-    unknown = sorted(set(mesh_cfg) - set(MESH_AXES))
+    unknown = sorted(set(mesh_cfg) - set(MESH_AXES) - set(MESH_OPTIONS))
     if unknown:
         raise ValueError(f"config.mesh has unknown axes {unknown}; valid axes are {list(MESH_AXES)}.")
     fill = [a for a, s in sizes.items() if s == -1]

@@ -154,7 +154,7 @@ def test_scan_equals_layer_by_layer(setup, remat):
     def one_by_one(layers, x):
         cs, bs = [], []
         for blk in layers:
-            x, c, b = blk(x, cos, sin, "dense")
+            x, c, b, _ = blk(x, cos, sin, "dense")
             cs.append(c)
             bs.append(b)
         return x, jnp.stack(cs), jnp.stack(bs)

@@ -213,7 +213,8 @@ def test_moe_module_matches_numpy(impl, shared):
     p = to_numpy(moe)
     assert np.abs(p["bias"]).max() > 0.05  # a bias that matters
     assert ("shared" in p) == (shared > 0)
-    y, counts, bal = nnx.jit(lambda m, x: m(x, impl=impl))(moe, jnp.asarray(x))
+    y, counts, bal, dropped = nnx.jit(lambda m, x: m(x, impl=impl))(moe, jnp.asarray(x))
+    assert float(dropped) == 0.0
     want_y, want_counts, want_bal = ref.moe(x, p, cfg)
     assert y.shape == x.shape and counts.shape == (cfg.n_routed_experts,) and bal.shape == ()
     np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5 * np.abs(want_y).max())
@@ -230,9 +231,9 @@ def test_moe_bias_changes_routing_not_weights():
     """Zeroing the bias changes the module output (it selects), so it is really used in __call__."""
     cfg, moe, x = _moe_setup(seed=4)
     f = nnx.jit(lambda m, x: m(x, impl="dense"))
-    y1, c1, _ = f(moe, jnp.asarray(x))
+    y1, c1, _, _ = f(moe, jnp.asarray(x))
     moe.bias[...] = jnp.zeros_like(moe.bias[...])
-    y0, c0, _ = f(moe, jnp.asarray(x))
+    y0, c0, _, _ = f(moe, jnp.asarray(x))
     assert not np.array_equal(np.asarray(c0), np.asarray(c1))
     p = to_numpy(moe)
     np.testing.assert_allclose(np.asarray(y0), ref.moe(x, p, cfg)[0], rtol=1e-5, atol=1e-5)
@@ -278,7 +279,7 @@ def test_router_bias_is_not_a_param_and_optimizer_leaves_it():
     opt = nnx.Optimizer(moe, optax.sgd(1.0), wrt=nnx.Param)
 
     def loss(m):
-        y, _, bal = m(jnp.asarray(x), impl="dense")
+        y, _, bal, _ = m(jnp.asarray(x), impl="dense")
         return jnp.mean(y ** 2) + bal
 
     grads = nnx.jit(nnx.grad(loss))(moe)

@@ -51,7 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()  # device mesh; the product of the sizes = number of devices
     c.mesh.data = -1  # data parallel (-1: all devices not used by the other axes)
-    c.mesh.stage = 1  # pipeline stages: shards the stacked layer axis (not yet pipelined)
+    c.mesh.stage = 1  # pipeline stages (GPipe schedule over the stacked layers, parallel/pipeline.py)
+    c.mesh.microbatches = 0  # pipeline micro-batches per step when stage > 1 (0: 2 x stage)
     c.mesh.fsdp = 1  # parameters and optimizer state sharded, batch split
     c.mesh.expert = 1  # routed experts split, tokens moved with all_to_all, batch split
     c.mesh.tensor = 1  # heads / ffn width split

@@ -28,6 +28,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dsv3_jax.config import ModelConfig
 from dsv3_jax import sharding
 from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches, default_microbatches
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
@@ -73,10 +74,20 @@ def validate_train_config(config) -> ModelConfig:
     sharding.validate_mesh(sizes, model_cfg, t.batch_size)
     if t.batch_size_start > 0:
         sharding.validate_mesh(sizes, model_cfg, t.batch_size_start)
+    if sizes["stage"] > 1:
+        shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+        check_microbatches(t.batch_size, microbatches(config), shards)
+        if t.batch_size_start > 0:
+            check_microbatches(t.batch_size_start, microbatches(config), shards)
     if config.data.path and not os.path.exists(config.data.path):
         raise FileNotFoundError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                                 f"file or directory, or set it to '' for the embedded corpus.")
     return model_cfg
+
+
+def microbatches(config) -> int:
+    """Pipeline micro-batches per step (config.mesh.microbatches; 0: twice the number of stages)."""
+    return config.mesh.get("microbatches", 0) or default_microbatches(config.mesh.stage)
 
 
 def make_schedules(config, mesh_sizes=None):
@@ -99,17 +110,20 @@ def make_schedules(config, mesh_sizes=None):
     def batch(step):
         start = t.batch_size_start if t.batch_size_start > 0 else t.batch_size
         shards = 1 if mesh_sizes is None else mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["expert"]
+        if mesh_sizes is not None and mesh_sizes["stage"] > 1:  # whole micro-batches per data shard
+            shards *= microbatches(config)
         return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=shards)
 
     return tx, schedule, lam, gamma, batch
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool, mesh=None):
+def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool, mesh=None, microbatches: int = 0):
     """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
     the rules table (no device ever holds the whole model); the optimizer state inherits the
-    parameters' shardings. Without a mesh, a one-device mesh is used."""
+    parameters' shardings. Without a mesh, a one-device mesh is used. `microbatches`: pipeline
+    micro-batches when the mesh has stage > 1 (0: twice the number of stages)."""
     mesh = mesh if mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), remat=remat)  # noqa: E731
+    build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), remat=remat, microbatches=microbatches)  # noqa: E731
     abstract = nnx.eval_shape(build)
     graphdef, _, _ = split_model(abstract)
     specs = [sharding.pure_specs(nnx.state(abstract, kind)) for kind in (nnx.Param, RouterBias)]
@@ -139,7 +153,13 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
-    graphdef, state = init_state(model_cfg, tx, t.seed, t.remat, mesh)
+    stages = mesh.shape["stage"]
+    graphdef, state = init_state(model_cfg, tx, t.seed, t.remat, mesh,
+                                 microbatches=microbatches(config) if stages > 1 else 0)
+    if stages > 1 and not quiet:
+        m = microbatches(config)
+        print(f"pipeline: {stages} stages x {m} micro-batches (GPipe), bubble fraction "
+              f"{bubble_fraction(stages, m):.1%}")
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
     start = 0
@@ -175,7 +195,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             dt = time.perf_counter() - t0
             record = {"step": done, "loss": m["loss"], "mtp_loss": m["mtp_loss"], "balance_loss": m["balance_loss"],
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "max_vio": m["max_vio"],
-                      "skipped_steps": int(m["skipped_steps"]), "tokens_per_sec": tokens_seen / max(dt, 1e-9),
+                      "skipped_steps": int(m["skipped_steps"]), "dropped_tokens": int(m["dropped_tokens"]), "tokens_per_sec": tokens_seen / max(dt, 1e-9),
                       "batch_size": int(window.shape[0]), "lambda": lam(step), "gamma": gamma(step)}
             if not m["finite"]:
                 record["skipped_this_step"] = True

@@ -53,7 +53,7 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
 
 
 def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 1, seq_len: int = 1,
-            remat: bool = False) -> dict:
+            remat: bool = False, microbatches: int = 1) -> dict:
     """Print the parameter table, the per-device memory plan (with `mesh_sizes`) and, as the final
     line, the counts as JSON."""
     model = abstract_model(cfg)
@@ -68,7 +68,7 @@ def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 
     for k, v in rows:
         print(f"{k:<28}{v:>20,}  ({v / 1e9:.1f}B)")
     if mesh_sizes is not None:
-        print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat)
+        print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat, microbatches)
     print(json.dumps(counts))
     return counts
 
@@ -122,7 +122,8 @@ def memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *,
             "activations_est": activations, "tokens_per_device": tokens, "layers_per_stage": layers}
 
 
-def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, remat: bool) -> dict:
+def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, remat: bool,
+                      microbatches: int = 1) -> dict:
     plan = memory_plan(cfg, sizes, batch_size, seq_len, remat=remat)
     gib = 1024 ** 3
     mesh = " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "1 device"
@@ -135,8 +136,13 @@ def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: i
         print(f"  {k:<20}{plan[k] / gib:>12.2f} GiB")
     print(f"  {'total':<20}{total / gib:>12.2f} GiB")
     per_seq = plan["activations_est"] / max(plan["tokens_per_device"] // seq_len, 1)
-    print(f"  (activations per sequence of {seq_len} tokens: {per_seq / gib:.2f} GiB; the loop runs the whole "
-          f"per-device batch at once: no micro-batching or gradient accumulation yet)")
+    print(f"  (activations per sequence of {seq_len} tokens: {per_seq / gib:.2f} GiB; the whole per-device batch "
+          f"is live at once: GPipe keeps every micro-batch's activations until the backward)")
+    if sizes["stage"] > 1:
+        from dsv3_jax.parallel.pipeline import bubble_fraction
+
+        print(f"  pipeline: {sizes['stage']} stages x {microbatches} micro-batches (GPipe), bubble fraction "
+              f"{bubble_fraction(sizes['stage'], microbatches):.1%}")
     return plan
 
 
@@ -149,7 +155,7 @@ def dry_run_mesh(config) -> dict:
     GPUs can be printed on a laptop); an axis of -1 is filled from the local device count."""
     import jax
 
-    mesh_cfg = config.mesh.to_dict()
+    mesh_cfg = {k: v for k, v in config.mesh.to_dict().items() if k not in sharding.MESH_OPTIONS}
     if any(v == -1 for v in mesh_cfg.values()):
         return sharding.mesh_sizes(mesh_cfg, jax.device_count())
     return sharding.mesh_sizes(mesh_cfg, _prod(mesh_cfg.values()))

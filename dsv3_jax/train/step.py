@@ -55,7 +55,8 @@ def losses(graphdef, params, biases, window: jax.Array):
         tk = jnp.concatenate([window[:, k + 1:], jnp.zeros((window.shape[0], k), window.dtype)], axis=1)
         mtp_terms.append(cross_entropy(logits, tk, mtp_valid_mask(T, k)))
     mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
-    return {"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss}, out.expert_counts
+    return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
+            out.expert_counts)
 
 
 def max_violation(counts: jax.Array) -> jax.Array:
