@@ -26,6 +26,10 @@ def main(argv):
 
     t = FLAGS.config.train
     try:
+        if not FLAGS.dry_run:  # before anything touches a backend
+            from dsv3_jax import distributed
+
+            distributed.initialize(FLAGS.config.get("distributed"))
         if FLAGS.dry_run:  # abstract shapes only: the mesh may be larger than this machine
             model_cfg = ModelConfig.from_dict(FLAGS.config.model)
             sizes = plan.dry_run_mesh(FLAGS.config)

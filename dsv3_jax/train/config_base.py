@@ -57,6 +57,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.expert = 1  # routed experts split, tokens moved with all_to_all, batch split
     c.mesh.tensor = 1  # heads / ffn width split
 
+    c.distributed = ml_collections.ConfigDict()  # multi-host: one process per host, see dsv3_jax/distributed.py
+    c.distributed.coordinator_address = ""  # HOST:PORT of process 0 ("": JAX_COORDINATOR_ADDRESS)
+    c.distributed.num_processes = 0  # 0: JAX_NUM_PROCESSES, else one process
+    c.distributed.process_id = -1  # -1: JAX_PROCESS_ID
+    c.distributed.auto = False  # let JAX detect the cluster (SLURM, Open MPI, Cloud TPU, ...)
+
     c.data = ml_collections.ConfigDict()
     c.data.path = ""  # text/markdown/JSONL file or directory; "" uses the embedded corpus
     c.data.tokenizer_path = ""  # an existing tokenizer.json; "" trains a byte-level BPE into the workdir

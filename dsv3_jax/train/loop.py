@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax import sharding
+from dsv3_jax import distributed, sharding
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches, default_microbatches
 from dsv3_jax.moe import RouterBias
@@ -147,8 +147,17 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     model_cfg = validate_train_config(config)
     t = config.train
     os.makedirs(workdir, exist_ok=True)
-    data = data_lib.build_data(config.data.path or None, config.data.tokenizer_path or None, workdir,
-                               model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed)
+    main = distributed.is_main()
+    quiet = quiet or not main
+
+    def build():
+        return data_lib.build_data(config.data.path or None, config.data.tokenizer_path or None, workdir,
+                                   model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed)
+
+    # multi-host: process 0 trains and saves the tokenizer; the others then load it from the workdir
+    data = build() if main else None
+    distributed.barrier("dsv3_jax.data")
+    data = data or build()
     val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -177,7 +186,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             data.train.restore(meta["loader"])
             if not quiet:
                 print(f"resumed from step {start} in {workdir}")
-    writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet)
+    writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet, enabled=main)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings)
@@ -217,7 +226,9 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     writer.close()
 
     sample = ""
-    if t.sample_tokens > 0 and interrupt_at is None:
+    if t.sample_tokens > 0 and interrupt_at is None and jax.process_count() > 1 and not quiet:
+        print("no sample in a multi-process run: generate from the checkpoint with infer.py")
+    if t.sample_tokens > 0 and interrupt_at is None and jax.process_count() == 1:
         from dsv3_jax.infer.simple import greedy_text
 
         model = nnx.merge(graphdef, state["params"], state["biases"])

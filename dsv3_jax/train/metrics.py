@@ -24,11 +24,17 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, quiet: bool = False):
-        self.path = os.path.join(workdir, "metrics.jsonl")
+    def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, quiet: bool = False,
+                 enabled: bool = True):
+        """`enabled=False` (every process but the first of a multi-host run) writes nothing."""
+        self.path = os.path.join(workdir, "metrics.jsonl") if enabled else None
+        self.quiet = quiet or not enabled
+        self.bar = None if self.quiet else tqdm(total=total_steps, initial=start_step, unit="step",
+                                                 dynamic_ncols=True)
+        self.tb = None
+        if not enabled:
+            return
         _truncate_jsonl(self.path, start_step)
-        self.quiet = quiet
-        self.bar = None if quiet else tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         try:
             from tensorboardX import SummaryWriter
 
@@ -41,6 +47,8 @@ class MetricsWriter:
             self.bar.update(n)
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]

@@ -1,0 +1,34 @@
+"""One process of the multi-process training test (tests/test_distributed.py); not collected by pytest.
+
+    python tests/distributed_worker.py WORKDIR MESH_JSON [LOCAL_DEVICES]
+
+Reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID when set (multi-process run) and
+trains the micro config of tests/test_train.py on the given mesh.
+"""
+import importlib.util
+import json
+import os
+import sys
+
+workdir, mesh = sys.argv[1], json.loads(sys.argv[2])
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[3] if len(sys.argv) > 3 else 2}"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+from dsv3_jax import distributed  # noqa: E402
+
+distributed.initialize()  # from the environment; a no-op for one process
+from dsv3_jax.train import loop  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("test_train", os.path.join(here, "test_train.py"))
+test_train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(test_train)
+config = test_train.micro_config(steps=8, train__log_every=2, train__eval_every=4)
+for k, v in mesh.items():
+    config.mesh[k] = v
+result = loop.train(config, workdir, quiet=True)
+print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
+                  "losses": [r["loss"] for r in result.history]}))
