@@ -83,6 +83,7 @@ class ModelConfig:
     moe_block_size: int = 64  # rows per block in the 'blocks' expert layout
     fp8: bool = False  # FP8 block-scaled GEMMs (1x128 / 128x128) for projections and experts (dsv3_jax.fp8)
     expert_capacity_factor: float = 0.0  # expert parallelism: rows per rank pair = cf * M / ep; 0 = dropless
+    expert_dispatch: str = "auto"  # expert parallelism: auto | padded (all_to_all) | ragged (ragged_all_to_all)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -128,6 +129,12 @@ class ModelConfig:
             )
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"ModelConfig.moe_impl={self.moe_impl!r}: choose from {MOE_IMPLS}.")
+        if self.expert_dispatch not in ("auto", "padded", "ragged"):
+            raise ValueError(f"ModelConfig.expert_dispatch={self.expert_dispatch!r}: choose from "
+                             f"('auto', 'padded', 'ragged').")
+        if self.expert_dispatch == "ragged" and self.expert_capacity_factor > 0:
+            raise ValueError("ModelConfig.expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or "
+                             "use expert_dispatch='padded'.")
         if self.has_moe:
             self._validate_moe()
 

@@ -205,7 +205,8 @@ class MoE(nnx.Module):
 
             y, dropped = experts_expert_parallel(xf, idx, w, *weights, mesh=current_mesh(),
                                                  block=cfg.moe_block_size,
-                                                 capacity_factor=cfg.expert_capacity_factor, fp8=cfg.fp8)
+                                                 capacity_factor=cfg.expert_capacity_factor, fp8=cfg.fp8,
+                                                 dispatch=cfg.expert_dispatch)
         elif impl == "dense":
             y = experts_dense(xf, idx, w, *weights)
         elif impl == "ragged":

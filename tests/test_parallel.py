@@ -33,11 +33,15 @@ def _expert_inputs(N=64, K=2, E=8, D=16, F=8, seed=0):
     return x, idx, w, ws
 
 
+@pytest.mark.parametrize("dispatch", ["padded", "ragged"])
 @pytest.mark.parametrize("layout", [dict(expert=8), dict(expert=4, fsdp=2), dict(expert=2, data=2, tensor=2)])
-def test_expert_parallel_matches_dense(layout):
+def test_expert_parallel_matches_dense(layout, dispatch):
+    """Dropless dispatch, padded all_to_all or ragged (on CPU the ragged exchange is emulated with the
+    op's exact semantics), equals the dense single-device experts, values and gradients."""
     x, idx, w, ws = _expert_inputs()
     mesh = sharding.make_mesh(layout)
-    ep = lambda x, *ws: experts_expert_parallel(x, idx, w, *ws, mesh=mesh, block=4, capacity_factor=0.0)  # noqa
+    ep = lambda x, *ws: experts_expert_parallel(x, idx, w, *ws, mesh=mesh, block=4, capacity_factor=0.0,  # noqa
+                                                dispatch=dispatch)
     y, dropped = jax.jit(ep)(x, *ws)
     np.testing.assert_allclose(np.asarray(y), np.asarray(experts_dense(x, idx, w, *ws)), rtol=1e-5, atol=1e-5)
     assert float(dropped) == 0.0
@@ -228,3 +232,25 @@ def test_capacity_path_in_the_model(factor, one_device_step):
         assert 0 < float(m["dropped_tokens"]) < rows
         assert float(m["dropped_tokens"]) == int(float(m["dropped_tokens"]))
         assert abs(float(m["loss"]) - float(ref_m["loss"])) > 1e-6
+
+
+def test_ragged_dispatch_lowers_to_ragged_all_to_all_for_gpu():
+    """With the real op (emulate=False) the forward and backward lower for CUDA to ragged_all_to_all
+    collectives: 2 exchanges forward (dispatch, combine) and their 2 transposes."""
+    x, idx, w, ws = _expert_inputs()
+    mesh = sharding.make_mesh(dict(expert=8))
+    ep = lambda x, *ws: experts_expert_parallel(x, idx, w, *ws, mesh=mesh, block=4, capacity_factor=0.0,  # noqa
+                                                dispatch="ragged", emulate=False)
+    f = jax.value_and_grad(lambda x, *ws: (ep(x, *ws)[0] ** 2).sum(), argnums=(0, 1))
+    text = jax.jit(f).trace(x, *ws).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("ragged_all_to_all") == 4
+
+
+def test_ragged_dispatch_in_the_model_matches_one_device(one_device_step):
+    cfg = dataclasses.replace(CFG, expert_dispatch="ragged")
+    _, m, g = _one_step(dict(expert=4, data=2), cfg)
+    _, ref_m, ref_g = one_device_step
+    np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
+    assert float(m["dropped_tokens"]) == 0.0
+    for a, b in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)

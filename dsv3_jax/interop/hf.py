@@ -428,7 +428,8 @@ def save(model: DeepSeekV3, config: ModelConfig | None, path: str, *, dtype=None
     to write as tokenizer.json.
     """
     cfg = model.cfg if config is None else config
-    runtime = {"dtype", "param_dtype", "moe_impl", "moe_block_size", "expert_capacity_factor"}
+    runtime = {"dtype", "param_dtype", "moe_impl", "moe_block_size", "expert_capacity_factor",
+               "expert_dispatch"}
     differ = sorted(f.name for f in dataclasses.fields(cfg)
                     if f.name not in runtime and getattr(cfg, f.name) != getattr(model.cfg, f.name))
     if differ:

@@ -19,8 +19,16 @@ All row moves are gathers in both directions (`moe.permute_rows`), so the backwa
 plus the transposed all_to_alls. Expert weights sharded over 'fsdp' on D are all-gathered inside;
 sharded over 'tensor' on F, the partial down-projections are summed with psum.
 
-`jax.lax.ragged_all_to_all` would avoid the padding, but XLA:CPU cannot run it (REFERENCE.md
-section 9); this padded path runs on every backend and is what the tests check.
+Ragged dispatch (`dispatch='ragged'`, dropless only; 'auto' picks it on GPU/TPU when the capacity
+factor is 0): rows are sorted by expert, so each destination rank's rows are one contiguous slice;
+every rank learns all ranks' per-expert counts with one small all_gather ([ep, ep, E_loc] integers),
+from which the send/receive sizes and offsets follow, and `lax.ragged_all_to_all` moves only the real
+rows (no capacity padding on the wire). The receive buffer is static (ep * M rows, the worst case of
+every rank sending everything to one), the local experts run on it with invalid rows weighted 0, and a
+second ragged_all_to_all with the mirrored sizes/offsets returns the results. XLA:CPU has no
+ragged-all-to-all (REFERENCE.md section 9), so on CPU the same exchange is emulated with all_gather and
+gathers (`_emulated_ragged_all_to_all`, identical semantics, test-only cost): the bookkeeping is
+checked on CPU, and tests/test_parallel.py checks that the real op is what lowers for GPU.
 """
 from __future__ import annotations
 
@@ -79,8 +87,11 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
 
 
 def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float,
-                            fp8: bool = False):
+                            fp8: bool = False, dispatch: str = "padded", emulate: bool | None = None):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
+    dispatch: 'padded' (all_to_all, capacity factor), 'ragged' (ragged_all_to_all, dropless) or 'auto'.
+    emulate: ragged exchange through all_gather (default: on CPU only; False forces the real op, e.g. to
+    lower for a GPU from a CPU machine).
 
     Returns (y [N, D] float32, number of dropped token-expert rows in the global batch).
     """
@@ -88,7 +99,81 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
     batch = P(BATCH_AXES, None)
     wspec = logical_to_spec(("experts", "embed", "expert_mlp"))
     dspec = logical_to_spec(("experts", "expert_mlp", "embed"))
-    fn = partial(_local_experts, block=block, capacity_factor=capacity_factor, mesh_axes=tuple(mesh.axis_names),
-                 sizes=sizes, fp8=fp8)
+    if resolve_dispatch(dispatch, capacity_factor) == "ragged":
+        fn = partial(_local_experts_ragged, block=block, sizes=sizes, fp8=fp8,
+                     emulate=jax.default_backend() == "cpu" if emulate is None else emulate)
+    else:
+        fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
+                     mesh_axes=tuple(a for a in mesh.axis_names if a != "stage"), sizes=sizes, fp8=fp8)
     return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
                          out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
+
+
+# ----------------------------------------------------------------------------- ragged dispatch
+
+
+def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                axis_name):
+    """`lax.ragged_all_to_all` semantics (one slice per peer) from all_gather + gathers, for XLA:CPU."""
+    del send_sizes  # implied by recv_sizes on the other side
+    ops = jax.lax.all_gather(operand, axis_name)  # [ep, rows, ...]
+    in_off = jax.lax.all_gather(input_offsets, axis_name)  # [src, dst]
+    out_off = jax.lax.all_gather(output_offsets, axis_name)  # [src, dst]
+    me = jax.lax.axis_index(axis_name)
+    starts = out_off[:, me]  # where each source's slice lands in my output
+    j = jnp.arange(output.shape[0])
+    hit = (j[None] >= starts[:, None]) & (j[None] < (starts + recv_sizes)[:, None])  # [ep, R]
+    src = jnp.argmax(hit, axis=0)
+    row = jnp.clip(in_off[src, me] + j - starts[src], 0, operand.shape[0] - 1)
+    got = ops[src, row]
+    mask = hit.any(0).reshape((-1,) + (1,) * (output.ndim - 1))
+    return jnp.where(mask, got, output)
+
+
+def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emulate, fp8=False):
+    ep = sizes["expert"]
+    n, K = idx.shape
+    M, D = n * K, x.shape[1]
+    if sizes.get("fsdp", 1) > 1:
+        w_gate = jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True)
+        w_up = jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True)
+        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
+    e_loc = w_gate.shape[0]
+    a2a = partial(_emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all, axis_name="expert")
+
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # rows grouped by expert, hence by rank
+    inv = jnp.zeros(M, jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))
+    send = permute_rows(jnp.repeat(x, K, axis=0), order, inv)
+    mine = jnp.bincount(flat, length=ep * e_loc).reshape(ep, e_loc).astype(jnp.int32)  # [dst, e_loc]
+    counts = jax.lax.all_gather(mine, "expert")  # [src, dst, e_loc]: every rank's rows per expert
+    sizes_sd = counts.sum(-1)  # [src, dst]
+    me = jax.lax.axis_index("expert")
+    in_off = jnp.cumsum(sizes_sd, axis=1) - sizes_sd  # slice start in the sender's sorted rows
+    out_off = jnp.cumsum(sizes_sd, axis=0) - sizes_sd  # slice start in the receiver's buffer (sources in order)
+
+    R = ep * M  # static worst case: every rank sends all its rows here
+    recv = a2a(send, jnp.zeros((R, D), send.dtype), in_off[me], sizes_sd[me], out_off[me], sizes_sd[:, me])
+    ends = jnp.cumsum(counts[:, me, :].reshape(-1))  # buffer order: source-major, local expert minor
+    rows = jnp.arange(R)
+    seg = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), ep * e_loc - 1)
+    valid = (rows < ends[-1]).astype(jnp.float32)
+    y = experts_blocks(recv, (seg % e_loc)[:, None].astype(jnp.int32), valid[:, None], w_gate, w_up, w_down,
+                       block, fp8)
+    if sizes.get("tensor", 1) > 1:
+        y = jax.lax.psum(y, "tensor")
+    back = a2a(y.astype(x.dtype), jnp.zeros((M, D), x.dtype), out_off[:, me], sizes_sd[:, me], in_off[:, me],
+               sizes_sd[me])
+    out_rows = permute_rows(back, inv, order).reshape(n, K, D)
+    out = jnp.einsum("NK,NKD->ND", w, out_rows.astype(jnp.float32))
+    return out, jnp.zeros((), jnp.float32)
+
+
+def resolve_dispatch(dispatch: str, capacity_factor: float) -> str:
+    """'auto' -> 'ragged' where the backend has ragged_all_to_all and the path is dropless, else 'padded'."""
+    if dispatch == "auto":
+        return "ragged" if capacity_factor <= 0 and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "padded"
+    if dispatch == "ragged" and capacity_factor > 0:
+        raise ValueError(f"expert_dispatch='ragged' is dropless; it cannot honour expert_capacity_factor="
+                         f"{capacity_factor} (use 'padded' or set the factor to 0).")
+    return dispatch
