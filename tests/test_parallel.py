@@ -86,13 +86,14 @@ def one_device_step():
 LR = 0.5
 
 
-def _one_step(layout, cfg=CFG, microbatches=0):
+def _one_step(layout, cfg=CFG, microbatches=0, accum=1):
     """One train step with plain SGD, so (new - old) / -LR is exactly the gradient."""
     tx = optax.sgd(LR)
     mesh = None if layout is None else sharding.make_mesh(layout)
     graphdef, state = init_state(cfg, tx, 0, False, mesh, microbatches=microbatches)
     init_params = jax.tree.map(np.asarray, state["params"])
-    step = make_train_step(graphdef, tx, lambda s: LR, mesh, jax.tree.map(lambda x: x.sharding, state))
+    step = make_train_step(graphdef, tx, lambda s: LR, mesh, jax.tree.map(lambda x: x.sharding, state),
+                           grad_accum_steps=accum)
     window = np.asarray(jax.random.randint(jax.random.key(1), (8, 17), 0, cfg.vocab_size))
     batch = jnp.asarray(window) if mesh is None else sharding.put_global_batch(window, sharding.batch_sharding(mesh))
     new_state, metrics = step(state, batch, jnp.float32(0.3), jnp.float32(1e-4), jnp.float32(0.01))
@@ -254,3 +255,17 @@ def test_ragged_dispatch_in_the_model_matches_one_device(one_device_step):
     assert float(m["dropped_tokens"]) == 0.0
     for a, b in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout,accum", [(None, 4), (dict(data=2, expert=2), 2)], ids=["1dev-accum4", "data2xexpert2-accum2"])
+def test_grad_accumulation_matches_whole_batch(layout, accum, one_device_step):
+    """k sequential micro-batches: averaged loss terms and gradients, summed expert loads -> the same update
+    and router-bias step as the whole batch at once."""
+    ref_state, ref_m, ref_g = one_device_step
+    state, m, g = _one_step(layout, CFG, accum=accum)
+    for k in ("loss", "mtp_loss", "balance_loss", "grad_norm", "max_vio"):
+        np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    for a, b in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(ref_state["biases"]), jax.tree.leaves(state["biases"])):
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(a))

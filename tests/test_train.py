@@ -141,6 +141,8 @@ def test_config_override_reaches_model():
     (["--config.data.path=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--config.model.num_experts_per_tok=32"], "num_experts_per_tok"),
     (["--config.train.batch_size=0"], "train.batch_size"),
+    (["--config.train.grad_accum_steps=3"], "config.train.grad_accum_steps=3"),
+    (["--config.mesh.stage=2"], "config.mesh.stage=2"),  # tiny: 1 dense layer cannot split over 2 stages
 ])
 def test_bad_config_fails_fast(tmp_path, args, needle):
     r = _run_train("--workdir", str(tmp_path / "wd"), *args, timeout=60)

@@ -33,6 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_batches = 4  # validation batches per evaluation
     c.train.sample_tokens = 48  # tokens of greedy text printed at the end of training (0: none)
     c.train.remat = False  # rematerialise each block in the backward pass (saves activation memory)
+    c.train.grad_accum_steps = 1  # split each step's batch into this many sequential micro-batches
 
     c.moe = ml_collections.ConfigDict()
     c.moe.bias_update_rate = 0.001  # gamma: b_i += gamma * sign(mean load - load_i) after each step

@@ -74,11 +74,16 @@ def validate_train_config(config) -> ModelConfig:
     sharding.validate_mesh(sizes, model_cfg, t.batch_size)
     if t.batch_size_start > 0:
         sharding.validate_mesh(sizes, model_cfg, t.batch_size_start)
-    if sizes["stage"] > 1:
-        shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
-        check_microbatches(t.batch_size, microbatches(config), shards)
-        if t.batch_size_start > 0:
-            check_microbatches(t.batch_size_start, microbatches(config), shards)
+    accum = t.get("grad_accum_steps", 1)
+    shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    for b in (t.batch_size, t.batch_size_start):
+        if b <= 0:
+            continue
+        if accum < 1 or b % (accum * shards):
+            raise ValueError(f"config.train.grad_accum_steps={accum}: the batch of {b} sequences must split into "
+                             f"that many micro-batches, each divisible by data x fsdp x expert = {shards}.")
+        if sizes["stage"] > 1:
+            check_microbatches(b // accum, microbatches(config), shards)
     if config.data.path and not os.path.exists(config.data.path):
         raise FileNotFoundError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                                 f"file or directory, or set it to '' for the embedded corpus.")
@@ -112,6 +117,7 @@ def make_schedules(config, mesh_sizes=None):
         shards = 1 if mesh_sizes is None else mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["expert"]
         if mesh_sizes is not None and mesh_sizes["stage"] > 1:  # whole micro-batches per data shard
             shards *= microbatches(config)
+        shards *= t.get("grad_accum_steps", 1)
         return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=shards)
 
     return tx, schedule, lam, gamma, batch
@@ -189,7 +195,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet, enabled=main)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings)
+    train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings,
+                                 grad_accum_steps=t.get("grad_accum_steps", 1))
     eval_step = make_eval_step(graphdef, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)

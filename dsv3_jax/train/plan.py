@@ -53,7 +53,7 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
 
 
 def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 1, seq_len: int = 1,
-            remat: bool = False, microbatches: int = 1) -> dict:
+            remat: bool = False, microbatches: int = 1, grad_accum: int = 1) -> dict:
     """Print the parameter table, the per-device memory plan (with `mesh_sizes`) and, as the final
     line, the counts as JSON."""
     model = abstract_model(cfg)
@@ -68,7 +68,7 @@ def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 
     for k, v in rows:
         print(f"{k:<28}{v:>20,}  ({v / 1e9:.1f}B)")
     if mesh_sizes is not None:
-        print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat, microbatches)
+        print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat, microbatches, grad_accum)
     print(json.dumps(counts))
     return counts
 
@@ -92,13 +92,14 @@ def _shard_numel(shape, spec, sizes) -> int:
 
 
 def memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *, remat: bool,
-                moment_bytes: int = 4) -> dict:
+                moment_bytes: int = 4, grad_accum: int = 1) -> dict:
     """Per-device bytes of parameters, gradients, AdamW moments and (estimated) activations.
 
     Parameters and gradients are counted from the abstract module tree and the rules table (float32
     master weights; shards rounded up where an axis does not divide). Activations are an estimate per
     token and layer: with remat only each block's input [D] is kept plus one layer's working set,
-    without it every layer keeps its working set (~ 24*D + 2*N*T_attn + 3*K*F values).
+    without it every layer keeps its working set (~ 24*D + 2*N*T_attn + 3*K*F values). With gradient
+    accumulation only one of the `grad_accum` micro-batches is live at a time.
     """
     model = abstract_model(cfg)
     state = nnx.state(model, nnx.Param)
@@ -117,14 +118,16 @@ def memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *,
     working = (24 * cfg.hidden_size + 2 * cfg.num_attention_heads * seq_len
                + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size) * act_item
     per_layer_saved = cfg.hidden_size * act_item if remat else working
-    activations = tokens * (layers * per_layer_saved + (working if remat else 0))
+    live = -(-batch_size // (dp * grad_accum)) * seq_len
+    activations = live * (layers * per_layer_saved + (working if remat else 0))
     return {"params": param_bytes, "grads": param_bytes, "adam_moments": param_bytes // 4 * moment_bytes * 2,
-            "activations_est": activations, "tokens_per_device": tokens, "layers_per_stage": layers}
+            "activations_est": activations, "tokens_per_device": tokens, "layers_per_stage": layers,
+            "live_tokens_per_device": live}
 
 
 def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, remat: bool,
-                      microbatches: int = 1) -> dict:
-    plan = memory_plan(cfg, sizes, batch_size, seq_len, remat=remat)
+                      microbatches: int = 1, grad_accum: int = 1) -> dict:
+    plan = memory_plan(cfg, sizes, batch_size, seq_len, remat=remat, grad_accum=grad_accum)
     gib = 1024 ** 3
     mesh = " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "1 device"
     print(f"\nper-device memory plan: mesh {mesh} ({_prod(sizes.values())} devices), global batch {batch_size} x "
@@ -135,9 +138,11 @@ def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: i
         total += plan[k]
         print(f"  {k:<20}{plan[k] / gib:>12.2f} GiB")
     print(f"  {'total':<20}{total / gib:>12.2f} GiB")
-    per_seq = plan["activations_est"] / max(plan["tokens_per_device"] // seq_len, 1)
-    print(f"  (activations per sequence of {seq_len} tokens: {per_seq / gib:.2f} GiB; the whole per-device batch "
-          f"is live at once: GPipe keeps every micro-batch's activations until the backward)")
+    per_seq = plan["activations_est"] / max(plan["live_tokens_per_device"] // seq_len, 1)
+    print(f"  (activations per sequence of {seq_len} tokens: {per_seq / gib:.2f} GiB; "
+          f"{plan['live_tokens_per_device'] // seq_len} sequences live at once per device with "
+          f"train.grad_accum_steps={grad_accum}; within one, GPipe keeps every pipeline micro-batch's activations "
+          f"until the backward)")
     if sizes["stage"] > 1:
         from dsv3_jax.parallel.pipeline import bubble_fraction
 

@@ -27,6 +27,7 @@ from flax import nnx
 
 from dsv3_jax.model import DeepSeekV3, mtp_valid_mask
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.sharding import constrain
 
 
 def split_model(model: DeepSeekV3):
@@ -84,20 +85,43 @@ def update_biases(biases, counts: jax.Array, gamma):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, mesh=None,
-                    state_shardings=None) -> Callable:
+                    state_shardings=None, grad_accum_steps: int = 1) -> Callable:
     """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated.
 
     With a mesh, the step is traced and run under `jax.set_mesh(mesh)` (activation constraints and
     expert parallelism read it) and returns the state with the shardings it was given.
+
+    `grad_accum_steps` = k > 1 splits the window into k micro-batches (rows i, i+k, ..., so each data
+    shard keeps an equal slice) run one after another in a `lax.scan`: gradients and loss terms are
+    averaged and expert counts summed, so the update equals the whole-batch one while only one
+    micro-batch's activations are live.
     """
 
-    def step(state: dict[str, Any], window, lam, alpha, gamma):
-        def objective(params):
-            terms, counts = losses(graphdef, params, state["biases"], window)
+    def grads_and_terms(params, biases, window, lam, alpha):
+        def objective(params, w):
+            terms, counts = losses(graphdef, params, biases, w)
             total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
             return total, (terms, counts)
 
-        (total, (terms, counts)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        k = grad_accum_steps
+        if k == 1:
+            return grad_fn(params, window)
+        B = window.shape[0]
+        micro = window.reshape(B // k, k, -1).swapaxes(0, 1)  # [k, B/k, T+1]
+        micro = constrain(micro, (None, "batch", None))
+
+        def body(acc, w):
+            out = grad_fn(params, w)
+            return jax.tree.map(jnp.add, acc, out), None
+
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, micro[0]))
+        (total, (terms, counts)), grads = jax.lax.scan(body, zero, micro)[0]
+        mean = lambda t: jax.tree.map(lambda x: x / k, t)  # noqa: E731
+        return (total / k, (mean(terms) | {"dropped_tokens": terms["dropped_tokens"]}, counts)), mean(grads)
+
+    def step(state: dict[str, Any], window, lam, alpha, gamma):
+        (total, (terms, counts)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha)
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
