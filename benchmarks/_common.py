@@ -1,0 +1,182 @@
+"""Helpers shared by the benchmarks that compare dsv3_jax with transformers' DeepseekV3ForCausalLM.
+
+Import this before jax/torch: it puts the repository root on sys.path and keeps XLA from reserving
+most of the GPU's memory up front (torch runs in the same process and needs some of it).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv3_jax.config import ModelConfig  # noqa: E402
+from dsv3_jax.model import param_counts  # noqa: E402
+
+
+def load_config(path: str | None = None):
+    """The ConfigDict of a configs/*.py file (default: configs/tiny.py)."""
+    path = path or os.path.join(ROOT, "configs", "tiny.py")
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def torch_setup(threads: int | None = None):
+    """Import torch, set its intra-op threads (default: the cores this process may use) and return
+    (torch, device): cuda when available, else cpu."""
+    import torch
+
+    torch.set_num_threads(threads or cores())
+    return torch, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def strict_float32(torch=None):
+    """Full-precision float32 matmuls in both frameworks. On a GPU, XLA's default precision runs float32
+    dots in TF32 while torch's default does not; this makes both true float32 (a no-op on CPU)."""
+    if on_gpu():
+        jax.config.update("jax_default_matmul_precision", "highest")
+    if torch is not None and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def torch_dtype(torch, name: str):
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def hf_config(cfg: ModelConfig, **kwargs):
+    """transformers.DeepseekV3Config from our ModelConfig, through the config.json converter of
+    dsv3_jax.interop.hf (so the benchmark builds exactly the model `hf.save` would write).
+    `kwargs` go to the config as well (attn_implementation, experts_implementation, ...)."""
+    import transformers
+
+    from dsv3_jax.interop.hf import config_to_hf
+
+    d = config_to_hf(cfg)
+    for k in ("architectures", "torch_dtype"):
+        d.pop(k, None)
+    return transformers.DeepseekV3Config(**d, **kwargs)
+
+
+def matmul_params_per_token(model) -> dict:
+    """Parameters each token multiplies against in the forward pass, from `dsv3_jax.model.param_counts`.
+
+    main: `params_active` of the main model (routed experts counted K/E, embedding and head included)
+          less the embedding table (a gather, no FLOPs) and the RMSNorm gains (elementwise);
+    mtp:  per MTP depth: that module's own parameters counted the same way (its block, eh_proj), plus
+          the head it shares with the main model (applied once more per token: D x V).
+    Works on an abstract model (`nnx.eval_shape`).
+    """
+    cfg = model.cfg
+    K, E = cfg.num_experts_per_tok, max(cfg.n_routed_experts, 1)
+    embed = norms = 0
+    mtp = [0] * len(model.mtp)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = math.prod(int(d) for d in var.get_value().shape)
+        names = [str(p) for p in path]
+        if names[0] == "mtp":
+            if names[-1] == "scale":
+                continue
+            mtp[int(names[1])] += n * K // E if names[-1] in ("w_gate", "w_up", "w_down") else n
+        elif names[0] == "embed":
+            embed += n
+        elif names[-1] == "scale":
+            norms += n
+    head = cfg.hidden_size * cfg.vocab_size
+    return {"main": param_counts(model)["params_active"] - embed - norms, "mtp": [m + head for m in mtp]}
+
+
+def train_flops_per_token(model, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward + backward = 3 x forward), see train_throughput.py:
+
+        6 * (N_main + sum_k N_mtp_k) + 6 * (L + D_mtp) * H * (dqk + dv) * T / 2
+    """
+    cfg = model.cfg
+    p = matmul_params_per_token(model)
+    layers = cfg.num_hidden_layers + len(p["mtp"])
+    attn = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    return 6 * (p["main"] + sum(p["mtp"])) + attn
+
+
+def abstract_model(cfg: ModelConfig):
+    from dsv3_jax.model import DeepSeekV3
+
+    return nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+
+
+# ------------------------------------------------------------------ matmul roofline
+
+def matmul_peak_jax(n: int, dtype, reps: int = 5) -> float:
+    """FLOP/s of a jitted n x n x n matmul in jax (median of `reps`, after one warm-up)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / median(times)
+
+
+def matmul_peak_torch(torch, device, n: int, dtype, reps: int = 5) -> float:
+    """FLOP/s of an n x n x n torch.matmul on `device` (median of `reps`, after one warm-up)."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    sync()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / median(times)
+
+
+def fmt_flops(x: float) -> str:
+    for unit, scale in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x / 1e6:.1f} MFLOP/s"
+
+
+def versions(torch=None) -> str:
+    import flax
+    import transformers
+
+    parts = [f"jax {jax.__version__}", f"flax {flax.__version__}", f"transformers {transformers.__version__}"]
+    if torch is not None:
+        parts.append(f"torch {torch.__version__}")
+    return ", ".join(parts)
