@@ -159,6 +159,8 @@ class MLA(nnx.Module):
         """
         cfg = self.cfg
         dt, f32 = cfg.compute_dtype, jnp.float32
+        if jax.default_backend() == "cpu":  # XLA:CPU cannot run some bf16 x bf16 -> f32 dots (DotThunk): keep
+            dt = jnp.promote_types(dt, f32)  # this core in f32 there (bf16 inputs, so only less rounding)
         w_uk, w_uv = jnp.split(self.wkv_b.kernel[...].astype(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
         c_kv, k_pe = c_kv.astype(dt), k_pe.astype(dt)
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope.astype(dt), w_uk, preferred_element_type=f32).astype(dt)

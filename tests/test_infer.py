@@ -340,3 +340,33 @@ def test_sharded_decode_equals_single_device(model, greedy_batched):
     assert g.batch_multiple > 1 and g.batch_multiple % 2 == 0
     got = g.generate(PROMPTS, NEW)
     assert [c.tokens for c in got] == [c.tokens for c in greedy_batched]
+
+
+def test_bfloat16_generation_runs_on_cpu_and_tracks_the_full_forward():
+    """A bf16 model decodes on XLA:CPU (whose DotThunk cannot run some bf16 x bf16 -> f32 dots, e.g. the
+    absorbed attention at these shapes) and its cached logits follow the bf16 full forward to bf16
+    accuracy; speculative greedy still equals plain greedy."""
+    from dsv3_jax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                      num_hidden_layers=2, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+                      qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2,
+                      topk_group=1, first_k_dense_replace=1, dtype="bfloat16", num_nextn_predict_layers=1)
+    m = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    prompts = [[3, 7, 11, 5], [9, 2]]
+    gen = Generator(m, capacity=64)
+    plain = [c.tokens for c in gen.generate(prompts, 8, stop_tokens=())]
+    spec = [c.tokens for c in gen.generate(prompts, 8, speculative=True, stop_tokens=())]
+    assert plain == spec and all(len(t) == 8 for t in plain)
+    prompt, out = prompts[0], plain[0]
+    full = nnx.jit(lambda m, t: m(t).logits)(m, jnp.asarray([prompt + out[:-1]]))[0, len(prompt) - 1:]
+    cache = m.init_cache(1, 64)
+    logits, _, cache = nnx.jit(lambda m, t, c: m.prefill(t, c))(m, jnp.asarray([prompt]), cache)
+    steps = [logits[0, -1]]
+    for i, t in enumerate(out[:-1]):
+        pos = jnp.asarray([[len(prompt) + i]])
+        lg, _, cache = nnx.jit(lambda m, t, p, c: m.decode(t, p, c))(m, jnp.asarray([[t]]), pos, cache)
+        steps.append(lg[0, 0])
+    got, want = np.asarray(jnp.stack(steps), np.float32), np.asarray(full, np.float32)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    assert (got.argmax(-1) == np.asarray(out)).all()
