@@ -188,9 +188,6 @@ def main():
     p.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
     a = p.parse_args()
     dtype = a.dtype or ("bfloat16" if C.on_gpu() else "float32")
-    if dtype == "bfloat16" and jax.default_backend() == "cpu":
-        p.error("--dtype bfloat16 needs a GPU: XLA:CPU cannot run some of the decode path's bf16 dots "
-                "('Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32'); use float32 on CPU")
     if dtype == "float32":
         C.strict_float32()  # on a GPU: no TF32 in XLA's float32 dots (torch's default has none either)
 
