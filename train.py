@@ -41,7 +41,8 @@ def main(argv):
     if FLAGS.dry_run:
         from dsv3_jax.train.loop import microbatches
 
-        plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat, microbatches=microbatches(FLAGS.config),
+        plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat,
+                     microbatches=microbatches(FLAGS.config, sizes["stage"]),
                      grad_accum=t.get("grad_accum_steps", 1))
         return
     train(FLAGS.config, FLAGS.workdir)

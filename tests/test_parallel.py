@@ -51,19 +51,24 @@ def test_expert_parallel_matches_dense(layout, dispatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-def test_expert_parallel_capacity_drops_match_numpy():
-    """With a capacity factor, each rank keeps the first C rows (in token order) per destination rank;
-    dropped rows contribute nothing. Reference: numpy bookkeeping + the dense path on kept rows."""
-    N, K, E, ep, cf = 64, 2, 8, 8, 1.0
+@pytest.mark.parametrize("layout", [dict(expert=8), dict(expert=2, tensor=2, data=2)],
+                         ids=["expert8", "expert2xtensor2xdata2"])
+def test_expert_parallel_capacity_drops_match_numpy(layout):
+    """With a capacity factor, each token shard keeps the first C rows (in token order) per destination
+    expert rank; dropped rows contribute nothing and are counted once (not once per tensor rank).
+    Reference: numpy bookkeeping + the dense path on kept rows."""
+    N, K, E, cf = 64, 2, 8, 1.0
+    ep = layout["expert"]
+    shards = layout["expert"] * layout.get("data", 1)  # the batch is split over data x fsdp x expert
     x, idx, w, ws = _expert_inputs(N=N, K=K, E=E)
-    mesh = sharding.make_mesh(dict(expert=ep))
+    mesh = sharding.make_mesh(layout)
     y, dropped = jax.jit(lambda x, *ws: experts_expert_parallel(x, idx, w, *ws, mesh=mesh, block=4,
                                                                  capacity_factor=cf))(x, *ws)
-    n_local, e_loc = N // ep, E // ep
+    n_local, e_loc = N // shards, E // ep
     C = capacity(n_local * K, ep, cf)
     keep = np.zeros((N, K), bool)
     idx_np = np.asarray(idx)
-    for r in range(ep):  # tokens [r*n_local, (r+1)*n_local) live on rank r
+    for r in range(shards):  # tokens [r*n_local, (r+1)*n_local) live on shard r
         seen = np.zeros(ep, int)
         for t in range(r * n_local, (r + 1) * n_local):
             for k in range(K):

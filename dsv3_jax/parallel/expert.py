@@ -104,7 +104,7 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
                      emulate=jax.default_backend() == "cpu" if emulate is None else emulate)
     else:
         fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
-                     mesh_axes=tuple(a for a in mesh.axis_names if a != "stage"), sizes=sizes, fp8=fp8)
+                     mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8)
     return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
                          out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
 

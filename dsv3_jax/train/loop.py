@@ -83,16 +83,17 @@ def validate_train_config(config) -> ModelConfig:
             raise ValueError(f"config.train.grad_accum_steps={accum}: the batch of {b} sequences must split into "
                              f"that many micro-batches, each divisible by data x fsdp x expert = {shards}.")
         if sizes["stage"] > 1:
-            check_microbatches(b // accum, microbatches(config), shards)
+            check_microbatches(b // accum, microbatches(config, sizes["stage"]), shards)
     if config.data.path and not os.path.exists(config.data.path):
         raise FileNotFoundError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                                 f"file or directory, or set it to '' for the embedded corpus.")
     return model_cfg
 
 
-def microbatches(config) -> int:
-    """Pipeline micro-batches per step (config.mesh.microbatches; 0: twice the number of stages)."""
-    return config.mesh.get("microbatches", 0) or default_microbatches(config.mesh.stage)
+def microbatches(config, stages: int | None = None) -> int:
+    """Pipeline micro-batches per step (config.mesh.microbatches; 0: twice the number of stages, as resolved
+    from the mesh when `stages` is given, since config.mesh.stage may be -1)."""
+    return config.mesh.get("microbatches", 0) or default_microbatches(config.mesh.stage if stages is None else stages)
 
 
 def make_schedules(config, mesh_sizes=None):
@@ -116,7 +117,7 @@ def make_schedules(config, mesh_sizes=None):
         start = t.batch_size_start if t.batch_size_start > 0 else t.batch_size
         shards = 1 if mesh_sizes is None else mesh_sizes["data"] * mesh_sizes["fsdp"] * mesh_sizes["expert"]
         if mesh_sizes is not None and mesh_sizes["stage"] > 1:  # whole micro-batches per data shard
-            shards *= microbatches(config)
+            shards *= microbatches(config, mesh_sizes["stage"])
         shards *= t.get("grad_accum_steps", 1)
         return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=shards)
 
@@ -170,9 +171,9 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
     stages = mesh.shape["stage"]
     graphdef, state = init_state(model_cfg, tx, t.seed, t.remat, mesh,
-                                 microbatches=microbatches(config) if stages > 1 else 0)
+                                 microbatches=microbatches(config, stages) if stages > 1 else 0)
     if stages > 1 and not quiet:
-        m = microbatches(config)
+        m = microbatches(config, stages)
         print(f"pipeline: {stages} stages x {m} micro-batches (GPipe), bubble fraction "
               f"{bubble_fraction(stages, m):.1%}")
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,

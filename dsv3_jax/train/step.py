@@ -93,8 +93,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
     `grad_accum_steps` = k > 1 splits the window into k micro-batches (rows i, i+k, ..., so each data
     shard keeps an equal slice) run one after another in a `lax.scan`: gradients and loss terms are
-    averaged and expert counts summed, so the update equals the whole-batch one while only one
-    micro-batch's activations are live.
+    averaged and expert counts summed, so with dropless routing the update equals the whole-batch one
+    while only one micro-batch's activations are live (with an expert capacity factor, capacity is per
+    micro-batch, so which rows drop can differ).
     """
 
     def grads_and_terms(params, biases, window, lam, alpha):
