@@ -2,18 +2,28 @@
 
 Every config field is overridable, e.g. `--config.train.steps=200 --config.model.n_group=2`.
 `--dry_run` builds the model abstractly and prints parameter counts without allocating anything.
+A bad flag, config value, corpus or checkpoint ends as one line on stderr (exit status 2);
+`--verbose` (or DSV3_VERBOSE=1) adds the traceback.
 """
 import os
+import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from dsv3_jax import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"), "Training config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", os.path.join(_HERE, "workdir", "demo"), "Checkpoints, metrics, tokenizer.")
-flags.DEFINE_bool("dry_run", False, "Print parameter counts from abstract shapes and exit.")
+DEFAULT_CONFIG = os.path.join(_HERE, "configs", "tiny.py")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
+    flags.DEFINE_string("workdir", os.path.join(_HERE, "workdir", "demo"), "Checkpoints, metrics, tokenizer.")
+    flags.DEFINE_bool("dry_run", False, "Print parameter counts from abstract shapes and exit.")
+    flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or set DSV3_VERBOSE=1).")
 
 
 def main(argv):
@@ -25,19 +35,20 @@ def main(argv):
     from dsv3_jax.train.loop import train, validate_train_config
 
     t = FLAGS.config.train
-    try:
-        if not FLAGS.dry_run:  # before anything touches a backend
-            from dsv3_jax import distributed
-
-            distributed.initialize(FLAGS.config.get("distributed"))
+    try:  # say what is wrong before anything is built
         if FLAGS.dry_run:  # abstract shapes only: the mesh may be larger than this machine
             model_cfg = ModelConfig.from_dict(FLAGS.config.model)
             sizes = plan.dry_run_mesh(FLAGS.config)
             sharding.validate_mesh(sizes, model_cfg, t.batch_size, allow_uneven_stages=True)
         else:
+            from dsv3_jax import distributed
+
+            distributed.initialize(FLAGS.config.get("distributed"))  # before anything touches a backend
             model_cfg = validate_train_config(FLAGS.config)
-    except (ValueError, FileNotFoundError) as e:  # say what is wrong before anything is built
-        raise SystemExit(f"config error: {e}") from None
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, cli.UserError):
+            raise
+        raise cli.ConfigError(str(e)) from e
     if FLAGS.dry_run:
         from dsv3_jax.train.loop import microbatches
 
@@ -48,5 +59,11 @@ def main(argv):
     train(FLAGS.config, FLAGS.workdir)
 
 
+def run():
+    cli.check_config_args(sys.argv, DEFAULT_CONFIG)  # a missing file or unknown key: one line, not a traceback
+    define_flags()
+    app.run(main, flags_parser=cli.parse_absl_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(run, "train.py")
