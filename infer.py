@@ -12,9 +12,12 @@ parameters and cache on a device mesh by the logical-axis rules (on CPU, fake de
 XLA_FLAGS=--xla_force_host_platform_device_count=8).
 """
 import json
+import math
 import sys
 
 from absl import app, flags, logging
+
+from dsv3_jax import cli
 
 flags.DEFINE_string("checkpoint", "workdir/demo", "A train.py workdir (holds checkpoints/ and tokenizer.json).")
 flags.DEFINE_string("hf", None, "A released-format directory (config.json, *.safetensors, tokenizer.json); "
@@ -33,15 +36,19 @@ flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data=2,tensor=4' (axes: da
 flags.DEFINE_integer("batch_size", 1, "Prompts decoded together (output streams only when this is 1).")
 flags.DEFINE_integer("cache_len", 0, "Cache slots per prompt; 0: longest prompt + max_new_tokens, rounded up.")
 flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
+flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or set DSV3_VERBOSE=1).")
 FLAGS = flags.FLAGS
 
 
 def parse_mesh(text: str) -> dict:
+    from dsv3_jax.sharding import MESH_AXES
+
     sizes = {}
     for part in text.split(","):
         name, eq, size = part.partition("=")
-        if not eq or not size.strip().lstrip("-").isdigit():
-            raise ValueError(f"--mesh {text!r}: write axis=size pairs separated by commas, e.g. data=2,tensor=4")
+        if not eq or not size.strip().lstrip("-").isdigit() or name.strip() not in MESH_AXES:
+            raise cli.UserError(f"--mesh {text!r}: write axis=size pairs separated by commas with axes from "
+                                f"{', '.join(MESH_AXES)}, e.g. data=2,tensor=4")
         sizes[name.strip()] = int(size)
     return sizes
 
@@ -94,38 +101,45 @@ def main(argv):
     from dsv3_jax.infer.generate import Generator, round_up
     from dsv3_jax.infer.sampling import SamplingParams
 
-    def fail(e):
-        raise SystemExit(f"error: {e}")
-
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
-        fail("no prompt: pass --prompt or pipe prompts on stdin")
+        raise cli.UserError("no prompt: pass --prompt or pipe prompts on stdin")
+    for name in ("temperature", "top_p"):
+        if not math.isfinite(getattr(FLAGS, name)):
+            raise cli.UserError(f"--{name}={getattr(FLAGS, name)} is not a finite number")
     try:
         sampling = SamplingParams(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
-        if FLAGS.batch_size < 1:
-            raise ValueError(f"--batch_size={FLAGS.batch_size} must be >= 1")
-        if FLAGS.hf:
-            from dsv3_jax.infer.load import load_hf
+    except ValueError as e:
+        raise cli.UserError(f"--{e}") from None
+    if FLAGS.batch_size < 1:
+        raise cli.UserError(f"--batch_size={FLAGS.batch_size} must be >= 1")
+    if FLAGS.max_new_tokens < 1:
+        raise cli.UserError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 1")
+    cache_dtype = cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype") if FLAGS.cache_dtype else None
+    if FLAGS.mesh:
+        parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
+    if FLAGS.hf:
+        from dsv3_jax.infer.load import load_hf
 
-            model, tokenizer = load_hf(FLAGS.hf)
-            source = FLAGS.hf
-        else:
-            from dsv3_jax.infer.load import load_trained
+        model, tokenizer = load_hf(FLAGS.hf)
+        source = FLAGS.hf
+    else:
+        from dsv3_jax.infer.load import load_trained
 
-            model, tokenizer, _, step = load_trained(FLAGS.checkpoint)
-            source = f"{FLAGS.checkpoint} step {step}"
-        cfg = model.cfg
-        mesh = make_mesh(FLAGS.mesh, cfg) if FLAGS.mesh else None
-        ids = [tokenizer.encode(p).ids for p in prompts]
-        capacity = FLAGS.cache_len or min(cfg.max_position_embeddings,
-                                          round_up(max(map(len, ids)) + FLAGS.max_new_tokens, 64))
-        gen = Generator(model, capacity=capacity, mesh=mesh,
-                        cache_dtype=jnp.dtype(FLAGS.cache_dtype) if FLAGS.cache_dtype else None)
+        model, tokenizer, _, step = load_trained(FLAGS.checkpoint)
+        source = f"{FLAGS.checkpoint} step {step}"
+    cfg = model.cfg
+    mesh = make_mesh(FLAGS.mesh, cfg) if FLAGS.mesh else None
+    ids = [tokenizer.encode(p).ids for p in prompts]
+    capacity = FLAGS.cache_len or min(cfg.max_position_embeddings,
+                                      round_up(max(map(len, ids)) + FLAGS.max_new_tokens, 64))
+    gen = Generator(model, capacity=capacity, mesh=mesh, cache_dtype=jnp.dtype(cache_dtype) if cache_dtype else None)
+    try:
         gen.check_prompts(ids, FLAGS.max_new_tokens)
-        if FLAGS.speculative and not gen.has_mtp:
-            raise ValueError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        fail(e)
+    except ValueError as e:
+        raise cli.UserError(f"prompt: {e}") from None
+    if FLAGS.speculative and not gen.has_mtp:
+        raise cli.UserError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
 
     results = []
     for start in range(0, len(prompts), FLAGS.batch_size):
@@ -153,4 +167,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(lambda: app.run(main, flags_parser=cli.parse_absl_flags), "infer.py")

@@ -20,6 +20,7 @@ flag-parsing errors (a value of the wrong type) into a ConfigError.
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib.util
 import os
@@ -71,22 +72,32 @@ def message(e: BaseException) -> str:
     return f"error: {one_line(e)}"
 
 
-def run(main: Callable[[], Any], prog: str | None = None) -> None:
-    """Call `main()` and exit: 0 (or its return value), 2 with one line for a user error, 130 on Ctrl-C."""
-    prog = prog or os.path.basename(sys.argv[0])
+def call(main: Callable[[], Any], prog: str, argv: Sequence[str] | None = None) -> int:
+    """Call `main()`; return its exit status: its own (None -> 0), 2 after one line for a user error,
+    130 on Ctrl-C. Other exceptions (bugs) propagate with their traceback."""
     try:
         rc = main()
-    except SystemExit:
-        raise
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        sys.exit(130)
+        return 130
     except _USER_ERRORS as e:
-        if verbose():
+        if verbose(argv):
             traceback.print_exc()
         print(f"{prog}: {message(e)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    sys.exit(rc or 0)
+        return EXIT_USER_ERROR
+    return rc or 0
+
+
+def run(main: Callable[[], Any], prog: str | None = None) -> None:
+    """`call(main)` and exit with its status (SystemExit from absl passes through)."""
+    sys.exit(call(main, prog or os.path.basename(sys.argv[0])))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line usage error (argparse's own prints the usage block first)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see {self.prog} --help")
 
 
 # ---------------------------------------------------------------------------- ml-collections configs

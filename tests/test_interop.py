@@ -348,7 +348,7 @@ def test_convert_restore_and_generate(ref, base, tmp_path):
     # 2 KB bands: the embedding [96, 32] f32 streams 16 rows at a time, lm_head 16 columns at a time
     convert.convert(base.dir, out, mesh=convert.parse_mesh("fsdp=2,expert=2"), max_chunk_bytes=2048,
                     log=lambda msg: None)
-    assert convert.main(["--hf", base.dir, "--out", out]) == 1  # exists; --overwrite replaces it
+    assert convert.main(["--hf", base.dir, "--out", out]) == 2  # exists; --overwrite replaces it
     assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
     def chunks(name):

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.checkpoint import Checkpointer
@@ -39,21 +41,36 @@ def load_trained(workdir: str, step: int | None = None):
         raise FileNotFoundError(f"no checkpoints in {workdir!r}: train one first with "
                                 f"`python train.py --workdir {workdir}`")
     ckpt = Checkpointer(ckdir, async_save=False)
-    try:
-        step, meta = ckpt.restore_meta(step)
+    found = {}
+
+    def target(meta):  # the restore target from a step's meta: train.py state, or weights only
         if "config" not in meta:
-            raise ValueError(f"checkpoint {ckdir}/{step} has no config in its metadata; it was not written by "
-                             f"train.py")
+            raise UserError(f"a checkpoint in {ckdir} has no config in its metadata; it was not written by "
+                            f"train.py or the converter")
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         model_cfg = ModelConfig.from_dict(config.model)
+        tokenizer = data_lib.load_tokenizer(config.data.tokenizer_path or os.path.join(workdir, "tokenizer.json"),
+                                            what=f"--checkpoint {workdir}")  # before any array is read
         graphdef, abstract = abstract_train_state(model_cfg, make_schedules(config)[0])
         if meta.get("format") == "dsv3_jax.params":  # written by dsv3_jax.interop.convert: weights only
             abstract = {"params": abstract["params"], "biases": abstract["biases"]}
-        _, state, _ = ckpt.restore(abstract, step)
+        found.update(config=config, graphdef=graphdef, tokenizer=tokenizer)
+        return abstract
+
+    try:
+        if step is None:  # the newest step that restores; a corrupt newer one is reported, not moved
+            got = ckpt.restore_latest_good(target, log=lambda m: print(m, file=sys.stderr), move_aside=False)
+            if got is None:
+                raise FileNotFoundError(f"no finalized checkpoint in {ckdir}: train one first with "
+                                        f"`python train.py --workdir {workdir}`")
+            step, state, _ = got
+        else:
+            _, meta = ckpt.restore_meta(step)
+            _, state, _ = ckpt.restore(target(meta), step)
     finally:
         ckpt.close()
+    config, graphdef, tokenizer = found["config"], found["graphdef"], found["tokenizer"]
     model = nnx.merge(graphdef, state["params"], state["biases"])
-    tokenizer = data_lib.load_tokenizer(config.data.tokenizer_path or os.path.join(workdir, "tokenizer.json"))
     return model, tokenizer, config, step
 
 
@@ -62,8 +79,6 @@ def load_hf(directory: str):
 
     Uses `dsv3_jax.interop.hf.load` (imported here, so plain train.py workdirs never need it) and
     DIR/tokenizer.json."""
-    from tokenizers import Tokenizer
-
     from dsv3_jax.interop import hf
 
     if not os.path.isdir(directory):
@@ -71,5 +86,6 @@ def load_hf(directory: str):
     tok_path = os.path.join(directory, "tokenizer.json")
     if not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{tok_path} does not exist: a released-format directory carries tokenizer.json")
+    tokenizer = data_lib.load_tokenizer(tok_path, what="--hf")  # a bad tokenizer fails before the weights load
     _, model = hf.load(directory, dtype=jnp.float32)
-    return model, Tokenizer.from_file(tok_path)
+    return model, tokenizer

@@ -38,7 +38,6 @@ write covers whole chunks and every device of that mesh reads only its own chunk
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import json
@@ -54,6 +53,8 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
+from dsv3_jax import cli
+from dsv3_jax.cli import UserError, parse_dtype
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.interop import hf
 from dsv3_jax.interop import layout as L
@@ -142,20 +143,19 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     """Convert `hf_dir` into `out_dir` (see the module docstring); returns a summary dict."""
     t0 = time.perf_counter()
     mesh = dict(mesh or {})
+    out_dir = os.path.abspath(out_dir)
+    check_output_dir(out_dir, overwrite)  # before reading anything: refuse what would destroy a user's work
     if dtype == "auto":
         raw = hf.read_config(hf_dir)
         dtype = "float32" if (raw.get("torch_dtype") or raw.get("dtype")) == "float32" else "bfloat16"
-    if dtype not in _ZARR_DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: choose from {sorted(_ZARR_DTYPES)} or 'auto'")
+    parse_dtype(dtype, "--dtype", tuple(_ZARR_DTYPES))
     ck = hf.open_checkpoint(hf_dir, mtp=mtp, dtype=dtype, param_dtype=dtype)  # every check happens here
     cfg = ck.config
-    out_dir = os.path.abspath(out_dir)
     ckpt_root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(ckpt_root, "0")
+    tokenizer_plan = _tokenizer_plan(ck.path, out_dir)
     if os.path.exists(final):
-        if not overwrite:
-            raise FileExistsError(f"{final} exists; pass --overwrite to replace it")
-        shutil.rmtree(final)
+        shutil.rmtree(final)  # only reached with --overwrite on a converter's own output (check_output_dir)
     tmp = os.path.join(ckpt_root, f"0.orbax-checkpoint-tmp-{time.time_ns()}")
     os.makedirs(os.path.join(tmp, "state"))
     os.makedirs(os.path.join(tmp, "meta"))
@@ -204,6 +204,7 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
         json.dump({"tree_metadata": tree_md, "use_ocdbt": False, "use_zarr3": False,
                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}, f)
     meta = {"format": FORMAT, "config": _train_config_json(cfg), "dtype": dtype, "mesh": mesh,
+            "tokenizer_files": tokenizer_plan,
             "source": {"hf": ck.path, "fp8": ck.hf.fp8_block is not None, "fused_experts": ck.fmt.fused_experts,
                        "rope_interleave": ck.fmt.rope_interleave, "mtp_layers": ck.fmt.mtp_layers}}
     with open(os.path.join(tmp, "meta", "metadata"), "w") as f:
@@ -213,12 +214,76 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
         json.dump({"item_handlers": _HANDLERS, "metrics": {}, "performance_metrics": {},
                    "init_timestamp_nsecs": now, "commit_timestamp_nsecs": now, "custom_metadata": {}}, f)
     os.replace(tmp, final)  # atomic on one file system: the checkpoint appears complete or not at all
-    copied = hf.copy_tokenizer_files(ck.path, out_dir)
+    copied = _copy_tokenizer_files(ck.path, out_dir, tokenizer_plan)
     summary = {"tensors": n_read, "arrays": len(arrays), "bytes": bytes_in, "seconds": time.perf_counter() - t0,
                "checkpoint": final, "tokenizer": copied, "mtp_layers": ck.fmt.mtp_layers}
     log(f"converted {ck.path} -> {final}: {n_read} tensors into {len(arrays)} arrays, {bytes_in / 2**30:.2f} GiB "
         f"({dtype}) in {summary['seconds']:.1f}s" + ("" if copied else "; no tokenizer.json to copy"))
     return summary
+
+
+def _is_converted(out_dir: str) -> bool:
+    """True when `out_dir` holds only what this converter writes (checkpoints/0 with our meta format)."""
+    meta = os.path.join(out_dir, "checkpoints", "0", "meta", "metadata")
+    try:
+        with open(meta) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse a train.py workdir always, and any other non-empty directory unless --overwrite was given
+    and the directory is a previous output of this converter."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out {out_dir} is a file; pass a new or empty directory")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if not entries:
+        return
+    ours = _is_converted(out_dir)
+    trained = (os.path.exists(os.path.join(out_dir, "metrics.jsonl")) or
+               (os.path.isdir(os.path.join(out_dir, "checkpoints")) and not ours))
+    if trained:
+        raise UserError(f"--out {out_dir} is a train.py workdir (it holds a training run's checkpoints or "
+                        f"metrics); converting into it would replace them. Pass a new or empty directory")
+    if not overwrite:
+        what = "a previous conversion" if ours else f"{len(entries)} entries ({', '.join(entries[:4])}...)"
+        raise UserError(f"--out {out_dir} is not empty (it holds {what}); pass a new or empty directory, or "
+                        f"--overwrite to replace a previous conversion")
+    if not ours:
+        raise UserError(f"--out {out_dir} is not empty and was not written by this converter "
+                        f"({', '.join(entries[:4])}); --overwrite replaces only a previous conversion. "
+                        f"Pass a new or empty directory")
+
+
+def _tokenizer_plan(src: str, out_dir: str) -> list[str]:
+    """Tokenizer files to copy from `src`; an existing different file in `out_dir` that the converter did not
+    write (no record in the previous conversion's meta) is an error, never replaced."""
+    names = [n for n in (hf.TOKENIZER_FILE, "tokenizer_config.json") if os.path.isfile(os.path.join(src, n))]
+    for name in names:
+        dst = os.path.join(out_dir, name)
+        if not os.path.exists(dst):
+            continue
+        with open(os.path.join(src, name), "rb") as a, open(dst, "rb") as b:
+            if a.read() == b.read():
+                continue
+        if not (_is_converted(out_dir) and name in _converted_files(out_dir)):
+            raise UserError(f"{dst} exists, differs from {os.path.join(src, name)} and was not written by the "
+                            f"converter; move it away first (it is never replaced)")
+    return names
+
+
+def _converted_files(out_dir: str) -> list[str]:
+    with open(os.path.join(out_dir, "checkpoints", "0", "meta", "metadata")) as f:
+        return list(json.load(f).get("tokenizer_files", []))
+
+
+def _copy_tokenizer_files(src: str, dst: str, names: list[str]) -> list[str]:
+    for name in names:
+        tmp = os.path.join(dst, name + ".tmp")
+        shutil.copyfile(os.path.join(src, name), tmp)
+        os.replace(tmp, os.path.join(dst, name))
+    return names
 
 
 def _piece_parts(ck: hf.Checkpoint, piece: L.Piece, band, dtype):
@@ -306,7 +371,7 @@ def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, **o
 # ---------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dsv3_jax.interop.convert", description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(prog="python -m dsv3_jax.interop.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("--hf", required=True, help="released-format directory (config.json, *.safetensors)")
     p.add_argument("--out", required=True, help="output workdir (checkpoints/0 and tokenizer.json go here)")
     p.add_argument("--mesh", default="", help="target mesh for chunking, e.g. fsdp=8,expert=4 (default: none)")
@@ -316,16 +381,17 @@ def main(argv=None) -> int:
     p.add_argument("--inflight", type=int, default=2, help="tensor writes pending at once (memory vs overlap)")
     p.add_argument("--max_chunk_mib", type=int, default=64,
                    help="tensors larger than this are streamed in bands of rows (and chunked to match)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing WORKDIR/checkpoints/0")
-    args = p.parse_args(argv)
-    mtp = {"auto": "auto", "yes": True, "no": False}[args.mtp]
-    try:
+    p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in WORKDIR (never a "
+                                                            "train.py workdir or files the converter did not write)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a user error too")
+
+    def run():
+        args = p.parse_args(argv)
+        mtp = {"auto": "auto", "yes": True, "no": False}[args.mtp]
         convert(args.hf, args.out, mesh=parse_mesh(args.mesh), dtype=args.dtype, mtp=mtp, overwrite=args.overwrite,
                 inflight=args.inflight, max_chunk_bytes=args.max_chunk_mib * 2**20)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+
+    return cli.call(run, "convert", argv)
 
 
 if __name__ == "__main__":

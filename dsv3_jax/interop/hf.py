@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from dsv3_jax.interop import layout as L
 from dsv3_jax.interop import safetensors_io as st
@@ -72,6 +73,12 @@ _SAME = (
     "routed_scaling_factor", "scoring_func", "norm_topk_prob", "first_k_dense_replace", "num_nextn_predict_layers",
     "rms_norm_eps", "max_position_embeddings", "initializer_range",
 )
+# Fields that shape the network (tensor shapes, routing): config.json must state them; a default
+# (ours or transformers') would load a different network without a word.
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_REQUIRED_MOE = ("n_routed_experts", "moe_intermediate_size", "n_shared_experts", "num_experts_per_tok",
+                 "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob")
 # transformers' DeepseekV3Config defaults where a field is absent from config.json (only those that
 # differ from ModelConfig's).
 _HF_DEFAULTS = {"max_position_embeddings": 4096, "initializer_range": 0.02}
@@ -121,6 +128,12 @@ def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
                          f"(model_type deepseek_v3). Remove them or extend dsv3_jax.interop.hf if they matter.")
     if d.get("model_type", "deepseek_v3") != "deepseek_v3":
         raise ValueError(f"config.json: model_type={d['model_type']!r} is not 'deepseek_v3'")
+    absent = [k for k in _REQUIRED if k not in d]
+    if d.get("n_routed_experts"):
+        absent += [k for k in _REQUIRED_MOE if k not in d]
+    if absent:
+        raise UserError(f"config.json: missing {', '.join(absent)}: these fields shape the network and have no safe "
+                        f"default; copy them from the model's original config.json")
     fields = {k: d.get(k, _HF_DEFAULTS.get(k)) for k in _SAME if k in d or k in _HF_DEFAULTS}
     for k in ("n_group", "topk_group"):  # transformers allows None for "no groups"
         if k in fields and fields[k] is None:
@@ -254,11 +267,19 @@ def config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "float32", fp8_block=No
 
 
 def read_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise UserError(f"{path} is not a directory; pass a released-format (Hugging Face) checkpoint directory")
     f = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(f):
-        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a Hugging Face checkpoint directory")
-    with open(f) as fh:
-        return json.load(fh)
+        raise UserError(f"{path} has no {CONFIG_FILE}: not a Hugging Face checkpoint directory")
+    try:
+        with open(f, encoding="utf-8") as fh:
+            d = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{f}: not valid JSON ({e}); restore the file from the checkpoint's source") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{f}: expected a JSON object of config fields, got {type(d).__name__}")
+    return d
 
 
 # ---------------------------------------------------------------------- opening a checkpoint
@@ -345,6 +366,11 @@ def check_tensors(path: str, plan: L.Plan, tensors: st.SafetensorsDir, cfg: Mode
     depth = len(plan.aliases) // 2
     missing += [k + st.SCALE_SUFFIX for k in plan.expected if k in tensors
                 and tensors.tensors[k].dtype in st.FP8_DTYPES and k + st.SCALE_SUFFIX not in tensors]
+    floats = ("F64", "F32", "F16", "BF16") + st.FP8_DTYPES
+    kinds = [f"{k}: stored as {tensors.tensors[k].dtype}, the parameter needs floating point"
+             for k in plan.expected if k in tensors and tensors.tensors[k].dtype not in floats]
+    kinds += [f"{k}: stored as {tensors.tensors[k].dtype}, a scale must be F32/BF16/F16"
+              for k in tensors.keys() if k.endswith(st.SCALE_SUFFIX) and tensors.tensors[k].dtype not in floats[:4]]
     extra, scales = [], []
     for k in tensors.keys():
         if k in plan.expected or _is_ignorable(k, cfg, depth):
@@ -359,12 +385,13 @@ def check_tensors(path: str, plan: L.Plan, tensors: st.SafetensorsDir, cfg: Mode
             continue
         extra.append(k)
     parts = []
-    for title, items in (("missing", missing), ("wrong shape", shapes + scales), ("unexpected", extra)):
+    for title, items in (("missing", missing), ("wrong shape", shapes + scales), ("wrong dtype", kinds),
+                         ("unexpected", extra)):
         if items:
             shown = "; ".join(items[:8]) + (f"; ... ({len(items)} in all)" if len(items) > 8 else "")
             parts.append(f"{title}: {shown}")
     if parts:
-        raise ValueError(f"checkpoint {path} does not match its config.json (num_hidden_layers="
+        raise UserError(f"checkpoint {path} does not match its config.json (num_hidden_layers="
                          f"{cfg.num_hidden_layers}, q_lora_rank={cfg.q_lora_rank}, MTP layers={depth}): "
                          + " | ".join(parts))
 
@@ -499,13 +526,11 @@ def _fp8_tensors(piece, shape, block, slice_of):
 
 def load_tokenizer(path: str):
     """`tokenizers.Tokenizer` from DIR/tokenizer.json (or a tokenizer.json path)."""
-    from tokenizers import Tokenizer
+
+    from dsv3_jax.train.data import load_tokenizer as load
 
     f = path if path.endswith(".json") else os.path.join(path, TOKENIZER_FILE)
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{f} does not exist: a released-format directory carries its tokenizer as "
-                                f"{TOKENIZER_FILE}")
-    return Tokenizer.from_file(f)
+    return load(f, what=f"the checkpoint's {TOKENIZER_FILE}")
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

@@ -38,6 +38,8 @@ from typing import Callable, Iterable, NamedTuple
 import ml_dtypes
 import numpy as np
 
+from dsv3_jax.cli import UserError
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
@@ -60,25 +62,70 @@ class TensorInfo(NamedTuple):
     offset: int  # absolute byte offset of the tensor's data in `file`
 
 
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit on the JSON header
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
 def read_header(path: str) -> dict[str, TensorInfo]:
-    """Tensor name -> TensorInfo for one safetensors file (reads only the header)."""
+    """Tensor name -> TensorInfo for one safetensors file (reads only the header), validated.
+
+    Refused with a UserError naming the file: a git-lfs pointer in place of the weights, a header
+    length beyond the file or the format's 100 MB limit, a header that is not a JSON object of
+    tensors, a tensor whose `data_offsets` span differs from shape x itemsize, lies outside the file
+    or overlaps another tensor, an unknown dtype. Nothing that passes can be read wrong silently.
+    """
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
+        if head.startswith(LFS_POINTER[:8]) and (head + f.read(len(LFS_POINTER) - 8)).startswith(LFS_POINTER):
+            raise UserError(f"{path} is a git-lfs pointer file ({size} bytes), not the weights; run `git lfs pull` "
+                            f"in {os.path.dirname(path)} (or download the file itself)")
         if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            raise UserError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise UserError(f"{path}: the header length field says {n} bytes but the file has {size}"
+                            f"{' (the format allows at most 100 MB)' if n > MAX_HEADER_BYTES else ''}; the file is "
+                            f"truncated or not safetensors: download it again")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
-    out = {}
+            raise UserError(f"{path}: unreadable safetensors header ({e}); the file is damaged: download it again") \
+                from None
+    if not isinstance(header, dict):
+        raise UserError(f"{path}: the safetensors header is not a JSON object; the file is damaged")
+    out, spans = {}, []
+    data_bytes = size - 8 - n
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        if meta["dtype"] not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {meta['dtype']}")
-        begin, _ = meta["data_offsets"]
-        out[name] = TensorInfo(path, meta["dtype"], tuple(meta["shape"]), 8 + n + begin)
+        where = f"{path}: tensor {name!r}"
+        if not (isinstance(meta, dict) and {"dtype", "shape", "data_offsets"} <= set(meta)):
+            raise UserError(f"{where}: header entry needs dtype, shape and data_offsets; the file is damaged")
+        dtype, shape, offsets = meta["dtype"], meta["shape"], meta["data_offsets"]
+        if dtype not in DTYPES:
+            raise UserError(f"{where} has unsupported dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise UserError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise UserError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+        begin, end = offsets
+        want = math.prod(shape) * DTYPES[dtype].itemsize
+        if end - begin != want:
+            raise UserError(f"{where}: data_offsets span {end - begin} bytes but shape {tuple(shape)} x {dtype} "
+                            f"needs {want}; the header is inconsistent: the file is damaged")
+        if end > data_bytes:
+            raise UserError(f"{where}: data ends at byte {8 + n + end} but the file has {size} bytes; the file is "
+                            f"truncated: download it again")
+        spans.append((begin, end, name))
+        out[name] = TensorInfo(path, dtype, tuple(shape), 8 + n + begin)
+    spans.sort()
+    for (b0, e0, a), (b1, e1, b) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise UserError(f"{path}: tensors {a!r} and {b!r} overlap (bytes {b0}-{e0} and {b1}-{e1}); the header is "
+                            f"damaged")
     return out
 
 
@@ -89,14 +136,24 @@ class SafetensorsDir:
         self.directory = os.path.abspath(directory)
         index = os.path.join(self.directory, INDEX_FILE)
         if os.path.isfile(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a valid index ({type(e).__name__}: {e}); it needs a "
+                                f'"weight_map" object from tensor name to file name') from None
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(n for n in os.listdir(self.directory) if n.endswith(".safetensors"))
             weight_map = None
         if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {self.directory}")
+            pickles = sorted(n for n in os.listdir(self.directory) if n.endswith(PICKLE_SUFFIXES))
+            if pickles:
+                raise UserError(f"{self.directory} holds {', '.join(pickles[:3])} (PyTorch pickles) and no *.safetensors; "
+                                f"dsv3_jax never opens pickles: convert them to safetensors first")
+            raise UserError(f"no *.safetensors files in {self.directory}")
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:
             path = os.path.join(self.directory, name)
@@ -170,7 +227,7 @@ class SafetensorsDir:
             return x
         skey = key + SCALE_SUFFIX
         if skey not in self.tensors:
-            raise KeyError(f"{key} is stored as {self.tensors[key].dtype} but {skey} is missing")
+            raise UserError(f"{key} is stored as {self.tensors[key].dtype} but {skey} is missing")
         r0 = 0 if rows is None else rows[0]
         r1 = self.tensors[key].shape[len(select)] if rows is None else rows[1]
         scale_rows = (r0 // block[0], -(-r1 // block[0]))

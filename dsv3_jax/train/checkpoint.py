@@ -58,13 +58,24 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-__all__ = ["Checkpointer"]
+from dsv3_jax.cli import UserError
+
+__all__ = ["Checkpointer", "CheckpointMismatch", "NoUsableCheckpoint"]
+
+
+class CheckpointMismatch(UserError):
+    """The checkpoint holds a different model/optimizer tree (another config): not corruption."""
+
+
+class NoUsableCheckpoint(UserError):
+    """Every checkpoint in the directory failed to restore."""
 
 PyTree = Any
 
@@ -205,10 +216,10 @@ class Checkpointer:
             parts.append("not in checkpoint: " + listing([_fmt_key(k) for k in missing]))
         if extra:
             parts.append("only in checkpoint: " + listing([_fmt_key(k) for k in extra]))
-        raise ValueError(
+        raise CheckpointMismatch(
             f"checkpoint in {self.directory} (step {step}) was written with a different config "
             f"(model/optimizer tree or shapes differ from the restore target); "
-            + "; ".join(parts)
+            + "; ".join(parts) + "; restore with the config it was written with, or use another --workdir"
         )
 
     def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree, dict]:
@@ -249,6 +260,54 @@ class Checkpointer:
                                     f"{self.directory}")
         out = self._mngr.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))
         return step, dict(out[_META] or {})
+
+    def restore_latest_good(
+        self, target: Callable[[dict], PyTree], log: Callable[[str], None] = print, move_aside: bool = True
+    ) -> tuple[int, PyTree, dict] | None:
+        """Restore the newest checkpoint that restores cleanly; None if the directory has none at all.
+
+        ``target(meta) -> abstract_state`` picks the restore target from a step's JSON meta. A step
+        whose meta or arrays fail to read (truncated or corrupted data file, missing or truncated
+        metadata) is reported through ``log`` with the reason, and once an older step has restored,
+        every newer bad step is moved aside into ``<directory>.corrupt/<step>-<time>`` (never deleted:
+        the run goes on from the good step and would otherwise collide with them). A config mismatch
+        (CheckpointMismatch) is not corruption and is raised at once. ``move_aside=False`` (readers such
+        as infer.py) leaves the directory as it is. If no step restores, nothing is
+        moved and NoUsableCheckpoint names every step and its error.
+        """
+        self._mngr.wait_until_finished()
+        self._mngr.reload()
+        failed: list[tuple[int, str]] = []
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            try:
+                _, meta = self.restore_meta(step)
+                got = self.restore(target(meta), step)
+            except UserError:  # a config/tokenizer mismatch is the caller's to fix, not corruption
+                raise
+            except Exception as e:  # noqa: BLE001 -- orbax/tensorstore/json report corruption in many types
+                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                log(f"checkpoint step {step} in {self.directory} failed to restore ({reason})")
+                failed.append((step, reason))
+                continue
+            for bad, _ in failed if move_aside else ():
+                moved = self.move_aside(bad)
+                log(f"moved the unreadable checkpoint of step {bad} to {moved}; continuing from step {step}")
+            return got
+        if failed:
+            listed = "; ".join(f"step {s}: {r}" for s, r in failed)
+            raise NoUsableCheckpoint(f"no checkpoint in {self.directory} restores ({listed}); move the directory "
+                                     f"away to start over, or restore a backup")
+        return None
+
+    def move_aside(self, step: int) -> str:
+        """Rename step ``step``'s directory to ``<directory>.corrupt/<step>-<unix time>``; returns the new path."""
+        src = os.path.join(os.fspath(self.directory), str(step))
+        dst_dir = os.fspath(self.directory) + ".corrupt"
+        os.makedirs(dst_dir, exist_ok=True)
+        dst = os.path.join(dst_dir, f"{step}-{int(time.time())}")
+        os.replace(src, dst)
+        self._mngr.reload()
+        return dst
 
     # ------------------------------------------------------------- lifecycle
 

@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.1  # AdamW decoupled weight decay (not on norms and biases)
     c.train.b1 = 0.9  # AdamW beta1
     c.train.b2 = 0.95  # AdamW beta2
+    c.train.eps = 1e-8  # AdamW epsilon (added to sqrt of the second moment)
     c.train.clip_norm = 1.0  # global gradient-norm clipping
     c.train.log_every = 10  # steps between metrics lines
     c.train.eval_every = 100  # steps between validation losses

@@ -45,11 +45,14 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dsv3_jax.cli import UserError, one_line
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -118,31 +121,44 @@ def default_corpus() -> list[str]:
     return docs
 
 
+def _utf8_error(path: str, data: bytes, e: UnicodeDecodeError, first_line: int = 1) -> UserError:
+    """'FILE:LINE: not UTF-8' for a decode error at byte e.start of `data` (which starts at `first_line`)."""
+    line = first_line + data.count(b"\n", 0, e.start)
+    column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return UserError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                     f"re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or remove it from the corpus")
+
+
 def _read_text_file(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
+        return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 text ({e})") from e
+        raise _utf8_error(path, data, e) from None
 
 
 def _read_jsonl_file(path: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _utf8_error(path, raw, e, lineno) from None
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+                raise UserError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); each line of a .jsonl "
+                                f'file must be one JSON object like {{"text": "..."}}') from None
             if not isinstance(record, dict) or "text" not in record:
-                raise ValueError(f'{path}:{lineno}: expected a JSON object with a "text" field')
+                raise UserError(f'{path}:{lineno}: expected a JSON object with a "text" field, got '
+                                f"{type(record).__name__}{' without text' if isinstance(record, dict) else ''}")
             text = record["text"]
             if not isinstance(text, str):
-                raise ValueError(
-                    f'{path}:{lineno}: the "text" field must be a string, got {type(text).__name__}'
-                )
+                raise UserError(f'{path}:{lineno}: the "text" field must be a string, got {type(text).__name__}')
             docs.append(text)
     return docs
 
@@ -189,21 +205,82 @@ def load_corpus(path: str | None) -> list[str]:
     if os.path.isdir(resolved):
         files = _corpus_files_under(resolved)
         if not files:
-            raise ValueError(
-                f"data directory {path!r} contains no {'/'.join(CORPUS_SUFFIXES)} files"
+            raise UserError(
+                f"data directory {path!r} contains no {'/'.join(CORPUS_SUFFIXES)} files (searched recursively); "
+                "put text in such files or point --config.data.path at one"
             )
         docs = [doc for file in files for doc in _read_corpus_file(file)]
     else:
         docs = _read_corpus_file(resolved)
     docs = [doc for doc in docs if doc]
     if not docs:
-        raise ValueError(f"corpus at {path!r} is empty (no non-empty documents)")
+        raise UserError(f"corpus at {path!r} is empty (no non-empty documents); add text or point "
+                        "--config.data.path elsewhere")
     return docs
 
 
 # ---------------------------------------------------------------------------
 # 2. Tokenizer
 # ---------------------------------------------------------------------------
+
+
+PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of at most this many characters
+ENCODE_BATCH_CHARS = 1 << 21  # characters encoded per batch (bounds the tokenizer's per-token objects)
+TOKENIZER_TRAIN_CHARS = 1 << 22  # characters of the corpus the BPE merges are learned from (~4.2M)
+MAX_TRAIN_WORD = 256  # runs of non-whitespace longer than this are cut for BPE training only
+_LONG_RUN = re.compile(r"\S{%d,}" % MAX_TRAIN_WORD)
+
+
+def split_document(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_chars`` that tokenise exactly like the whole.
+
+    A cut goes just before a whitespace character that follows a non-whitespace one: the byte-level
+    pre-tokenizer (GPT-2's regex) always ends a word there, so the pieces' tokens concatenate to the
+    whole text's tokens. Only a run of ``max_chars / 2`` characters with no such place (one huge
+    "word", e.g. a base64 blob or a run of one character) is cut hard, which may tokenise the two
+    characters at the cut differently than an uncut run would.
+    """
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start, n = [], 0, len(text)
+    while n - start > max_chars:
+        end = start + max_chars
+        cut = end
+        lo = start + max_chars // 2
+        while cut > lo and not (text[cut].isspace() and not text[cut - 1].isspace()):
+            cut -= 1
+        if cut == lo:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def training_pieces(texts: Iterable[str], max_chars: int = TOKENIZER_TRAIN_CHARS) -> Iterator[str]:
+    """What BPE training reads: the first ``max_chars`` characters of the corpus, in pieces, with runs
+    of non-whitespace longer than MAX_TRAIN_WORD cut into such runs (a 50 MB line without a space
+    would otherwise be one "word" whose every merge rescans it). Memory and time stay bounded by
+    ``max_chars`` whatever the corpus; the merges learned still apply to the whole corpus."""
+    budget = max_chars
+    for text in texts:
+        for piece in split_document(text):
+            if budget <= 0:
+                return
+            piece = piece[:budget]
+            budget -= len(piece)
+            if _LONG_RUN.search(piece) is None:
+                yield piece
+                continue
+            last = 0
+            for m in _LONG_RUN.finditer(piece):
+                if m.start() > last:
+                    yield piece[last:m.start()]
+                for i in range(m.start(), m.end(), MAX_TRAIN_WORD):
+                    yield piece[i:min(i + MAX_TRAIN_WORD, m.end())]
+                last = m.end()
+            if last < len(piece):
+                yield piece[last:]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -230,7 +307,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(training_pieces(texts), trainer=trainer)
     for token, expected in zip(SPECIAL_TOKENS, (BOS_ID, EOS_ID)):
         got = tokenizer.token_to_id(token)
         if got != expected:  # pragma: no cover - guards against a library behaviour change
@@ -238,15 +315,32 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """Load a ``tokenizer.json`` written by :func:`train_tokenizer` (or any HF tokenizer file)."""
+def load_tokenizer(path: str, what: str = "--config.data.tokenizer_path") -> Tokenizer:
+    """Load a ``tokenizer.json`` written by :func:`train_tokenizer` (or any HF ``tokenizers`` file).
+
+    The one tokenizer loader of the package (training, inference, the converter, HF directories). A
+    missing file, a pickle, a SentencePiece model or any JSON the ``tokenizers`` library rejects is a
+    UserError naming the file; nothing but JSON is ever parsed (a pickle is recognised by its first
+    byte and never opened as one).
+    """
     resolved = os.path.expanduser(path)
     if not os.path.isfile(resolved):
-        raise FileNotFoundError(
-            f"tokenizer file {path!r} does not exist; set --config.data.tokenizer_path to an "
-            "existing tokenizer.json (or leave it empty to train one on the corpus)"
-        )
-    return Tokenizer.from_file(resolved)
+        raise FileNotFoundError(f"{what}: tokenizer file {path!r} does not exist; point it at a tokenizer.json "
+                                "saved by the tokenizers library")
+    with open(resolved, "rb") as f:
+        head = f.read(64)
+    if head[:1] == b"\x80" or resolved.endswith((".pkl", ".pickle", ".bin", ".pt")):
+        raise UserError(f"{path}: looks like a pickle; dsv3_jax never opens pickles. Pass a tokenizer.json "
+                        "(tokenizers' JSON format) instead")
+    if not head.lstrip()[:1] == b"{":
+        kind = "a SentencePiece model" if resolved.endswith(".model") else "not JSON"
+        raise UserError(f"{path}: {kind}, not a tokenizer.json; pass the JSON file written by "
+                        "tokenizers' Tokenizer.save (for a SentencePiece model, convert it with transformers first)")
+    try:
+        return Tokenizer.from_file(resolved)
+    except Exception as e:  # noqa: BLE001 -- tokenizers raises plain Exception with serde's message
+        raise UserError(f"{path}: not a valid tokenizer.json ({one_line(str(e))[:200]}); pass a file written by "
+                        "tokenizers' Tokenizer.save") from None
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
@@ -256,6 +350,13 @@ def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     tokenizer.save(tmp)
     os.replace(tmp, path)
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> str:
+    """sha256 of the tokenizer's JSON: recorded with checkpoints so a resume cannot change token ids."""
+    import hashlib
+
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
 
 
 def get_tokenizer(
@@ -272,7 +373,7 @@ def get_tokenizer(
         tokenizer = load_tokenizer(tokenizer_path)
         source = tokenizer_path
     elif os.path.isfile(saved):
-        tokenizer = load_tokenizer(saved)
+        tokenizer = load_tokenizer(saved, what="the run's tokenizer")
         source = saved
     else:
         tokenizer = train_tokenizer(texts, vocab_size)
@@ -298,26 +399,40 @@ def encode_corpus(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
     Special-token strings that happen to occur inside a document (e.g. the
     literal text ``<|end_of_text|>``) are encoded as ordinary text, so data can
     never inject control tokens; only the separators we add are real eos.
+
+    Memory stays bounded: documents are cut into pieces (:func:`split_document`, same tokens) and
+    encoded ENCODE_BATCH_CHARS characters at a time, so the tokenizer's per-token objects (~100 bytes
+    a token) exist for one batch only; what is kept is 4 bytes per token.
     """
-    texts = list(texts)
-    if not texts:
-        return np.zeros((0,), np.int32)
+    out: list[np.ndarray] = []
+    eos = np.asarray([EOS_ID], np.int32)
+    batch: list[str] = []
+    ends: list[bool] = []  # whether each piece of the batch ends its document
     previous = tokenizer.encode_special_tokens
     tokenizer.encode_special_tokens = True
     try:
-        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        def flush():
+            for enc, end in zip(tokenizer.encode_batch(batch, add_special_tokens=False), ends):
+                out.append(np.asarray(enc.ids, np.int32))
+                if end:
+                    out.append(eos)
+            batch.clear()
+            ends.clear()
+
+        chars = 0
+        for text in texts:
+            pieces = split_document(text)
+            for i, piece in enumerate(pieces):
+                batch.append(piece)
+                ends.append(i == len(pieces) - 1)
+                chars += len(piece)
+                if chars >= ENCODE_BATCH_CHARS:
+                    flush()
+                    chars = 0
+        flush()
     finally:
         tokenizer.encode_special_tokens = previous
-    total = sum(len(e.ids) + 1 for e in encodings)
-    out = np.empty((total,), np.int32)
-    pos = 0
-    for enc in encodings:
-        ids = enc.ids
-        out[pos : pos + len(ids)] = ids
-        pos += len(ids)
-        out[pos] = EOS_ID
-        pos += 1
-    return out
+    return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
 def split_tokens(

@@ -16,7 +16,10 @@ so the file always describes one uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sys
+import tempfile
 import time
 
 import jax
@@ -25,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax import distributed, sharding
 from dsv3_jax.model import DeepSeekV3
@@ -46,47 +50,83 @@ class TrainResult:
     sample: str
 
 
+def _check_hyperparameters(config) -> None:
+    """Every number of the training sections finite, every hyperparameter in its range (ConfigError)."""
+    import math
+
+    for section in ("train", "moe", "mtp", "checkpoint", "data", "mesh"):
+        for key, value in config[section].items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config.{section}.{key}={value} is not a finite number; set a finite value.")
+    t = config.train
+
+    def need(ok: bool, key: str, value, rule: str):
+        if not ok:
+            raise ConfigError(f"config.{key}={value} {rule}.")
+
+    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
+        need(t[key] > 0, f"train.{key}", t[key], "must be > 0")
+    for key in ("warmup_steps", "eval_batches", "sample_tokens", "batch_size_start", "batch_ramp_steps"):
+        need(t[key] >= 0, f"train.{key}", t[key], "must be >= 0")
+    need(0.0 < t.peak_lr <= 1.0, "train.peak_lr", t.peak_lr,
+         "must be in (0, 1] (AdamW learning rates are ~1e-4..1e-2; DeepSeek-V3: 2.2e-4)")
+    need(0.0 <= t.final_lr_ratio <= 1.0, "train.final_lr_ratio", t.final_lr_ratio, "must be in [0, 1]")
+    need(0.0 <= t.constant_fraction <= 1.0, "train.constant_fraction", t.constant_fraction, "must be in [0, 1]")
+    for key in ("b1", "b2"):
+        need(0.0 <= t[key] < 1.0, f"train.{key}", t[key], "must be in [0, 1) (DeepSeek-V3: b1 0.9, b2 0.95)")
+    eps = t.get("eps", 1e-8)
+    need(0.0 < eps < 1.0, "train.eps", eps, "must be in (0, 1) (AdamW epsilon; default 1e-8)")
+    need(0.0 <= t.weight_decay < 1.0 / t.peak_lr, "train.weight_decay", t.weight_decay,
+         f"must be >= 0 and below 1/peak_lr = {1.0 / t.peak_lr:g} (decoupled decay multiplies weights by 1 - lr*wd)")
+    need(t.clip_norm >= 0.0, "train.clip_norm", t.clip_norm, "must be >= 0 (0 disables clipping)")
+    m, mtp = config.moe, config.mtp
+    need(0.0 <= m.bias_update_rate < 1.0, "moe.bias_update_rate", m.bias_update_rate,
+         "must be in [0, 1) (gamma; DeepSeek-V3: 0.001)")
+    need(m.seq_balance_alpha >= 0.0, "moe.seq_balance_alpha", m.seq_balance_alpha, "must be >= 0")
+    need(mtp.loss_weight >= 0.0, "mtp.loss_weight", mtp.loss_weight, "must be >= 0")
+    need(mtp.loss_weight_after >= 0.0, "mtp.loss_weight_after", mtp.loss_weight_after, "must be >= 0")
+    need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "must be > 0")
+    need(config.checkpoint.keep > 0, "checkpoint.keep", config.checkpoint.keep, "must be > 0")
+    need(0.0 <= config.data.val_fraction < 1.0, "data.val_fraction", config.data.val_fraction, "must be in [0, 1)")
+
+
 def validate_train_config(config) -> ModelConfig:
-    """Check every section before any work; raise ValueError naming the key and the fix."""
+    """Check every section before any work; raise ConfigError naming the key and the fix."""
     try:
         model_cfg = ModelConfig.from_dict(config.model)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.model: {e}") from None
+        raise ConfigError(f"config.model: {e}") from None
+    _check_hyperparameters(config)
     t = config.train
-    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every"):
-        if t[key] <= 0:
-            raise ValueError(f"config.train.{key}={t[key]} must be > 0.")
-    if t.warmup_steps < 0:
-        raise ValueError(f"config.train.warmup_steps={t.warmup_steps} must be >= 0.")
-    if not 0.0 <= t.constant_fraction <= 1.0:
-        raise ValueError(f"config.train.constant_fraction={t.constant_fraction} must be in [0, 1].")
     if t.seq_len > model_cfg.max_position_embeddings:
-        raise ValueError(f"config.train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
-                         f"{model_cfg.max_position_embeddings}; shorten the sequences or raise the limit.")
-    if config.moe.bias_update_rate < 0 or config.moe.seq_balance_alpha < 0 or config.mtp.loss_weight < 0:
-        raise ValueError("config.moe.bias_update_rate, config.moe.seq_balance_alpha and config.mtp.loss_weight "
-                         "must be >= 0.")
-    if config.checkpoint.every_steps <= 0 or config.checkpoint.keep <= 0:
-        raise ValueError("config.checkpoint.every_steps and config.checkpoint.keep must be > 0.")
-    if not 0.0 <= config.data.val_fraction < 1.0:
-        raise ValueError(f"config.data.val_fraction={config.data.val_fraction} must be in [0, 1).")
-    sizes = sharding.mesh_sizes(config.mesh.to_dict(), jax.device_count())
-    sharding.validate_mesh(sizes, model_cfg, t.batch_size)
-    if t.batch_size_start > 0:
-        sharding.validate_mesh(sizes, model_cfg, t.batch_size_start)
+        raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
+                          f"{model_cfg.max_position_embeddings}; shorten the sequences or raise the limit.")
+    try:
+        sizes = sharding.mesh_sizes(config.mesh.to_dict(), jax.device_count())
+        sharding.validate_mesh(sizes, model_cfg, t.batch_size)
+        if t.batch_size_start > 0:
+            sharding.validate_mesh(sizes, model_cfg, t.batch_size_start)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     accum = t.get("grad_accum_steps", 1)
     shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     for b in (t.batch_size, t.batch_size_start):
         if b <= 0:
             continue
         if accum < 1 or b % (accum * shards):
-            raise ValueError(f"config.train.grad_accum_steps={accum}: the batch of {b} sequences must split into "
-                             f"that many micro-batches, each divisible by data x fsdp x expert = {shards}.")
+            raise ConfigError(f"config.train.grad_accum_steps={accum}: the batch of {b} sequences must split into "
+                              f"that many micro-batches, each divisible by data x fsdp x expert = {shards}.")
         if sizes["stage"] > 1:
-            check_microbatches(b // accum, microbatches(config, sizes["stage"]), shards)
+            try:
+                check_microbatches(b // accum, microbatches(config, sizes["stage"]), shards)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     if config.data.path and not os.path.exists(config.data.path):
-        raise FileNotFoundError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
-                                f"file or directory, or set it to '' for the embedded corpus.")
+        raise ConfigError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
+                          f"file or directory, or set it to '' for the embedded corpus.")
+    if config.data.tokenizer_path and not os.path.isfile(config.data.tokenizer_path):
+        raise ConfigError(f"config.data.tokenizer_path={config.data.tokenizer_path!r} is not a file; point it at a "
+                          f"tokenizer.json, or set it to '' to train one on the corpus.")
     return model_cfg
 
 
@@ -103,7 +143,7 @@ def make_schedules(config, mesh_sizes=None):
     constant = int(after_warmup * t.constant_fraction)
     tx, schedule = make_optimizer(peak_lr=t.peak_lr, warmup_steps=warmup, constant_steps=constant,
                                   decay_steps=max(after_warmup - constant, 1), final_ratio=t.final_lr_ratio,
-                                  b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+                                  b1=t.b1, b2=t.b2, eps=t.get("eps", 1e-8), weight_decay=t.weight_decay, clip_norm=t.clip_norm)
 
     def lam(step):
         m = config.mtp
@@ -122,6 +162,36 @@ def make_schedules(config, mesh_sizes=None):
         return batch_size_at(step, start, t.batch_size, t.batch_ramp_steps, multiple_of=shards)
 
     return tx, schedule, lam, gamma, batch
+
+
+def check_writable(workdir: str) -> None:
+    """Create `workdir` and check a file can be written there (UserError naming it if not)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UserError(f"--workdir {workdir}: cannot write there ({e.strerror or e}); choose a writable "
+                        f"directory") from None
+
+
+def schedule_change(saved_config_json: str | None, config, step: int) -> str | None:
+    """A line saying how the learning rate at `step` changed when the resumed run's schedule keys differ
+    from the saved run's (e.g. train.steps raised on a finished run stretches the cosine), else None."""
+    if not saved_config_json:
+        return None
+    import ml_collections
+
+    saved = ml_collections.ConfigDict(json.loads(saved_config_json))
+    keys = ("steps", "peak_lr", "warmup_steps", "constant_fraction", "final_lr_ratio")
+    changed = [f"train.{k} {saved.train[k]} -> {config.train[k]}" for k in keys
+               if k in saved.train and saved.train[k] != config.train[k]]
+    if not changed:
+        return None
+    before = float(make_schedules(saved)[1](step))
+    after = float(make_schedules(config)[1](step))
+    return (f"note: the schedule changed on resume ({', '.join(changed)}): learning rate at step {step} "
+            f"was {before:.4g}, is now {after:.4g}")
 
 
 def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool, mesh=None, microbatches: int = 0):
@@ -153,9 +223,10 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     no final checkpoint and no sample, so tests can check that resuming reproduces the run exactly."""
     model_cfg = validate_train_config(config)
     t = config.train
-    os.makedirs(workdir, exist_ok=True)
     main = distributed.is_main()
     quiet = quiet or not main
+    if main:
+        check_writable(workdir)
 
     def build():
         return data_lib.build_data(config.data.path or None, config.data.tokenizer_path or None, workdir,
@@ -166,6 +237,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     distributed.barrier("dsv3_jax.data")
     data = data or build()
     val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
+    tokenizer_hash = data_lib.tokenizer_hash(data.tokenizer)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
@@ -179,20 +251,44 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
     start = 0
-    if ckpt.latest_step() is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        if ckpt.restore_meta()[1].get("format") == "dsv3_jax.params":
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    weights_only = lambda meta: meta.get("format") == "dsv3_jax.params"  # noqa: E731 (the converter's output)
+
+    def target(meta):
+        if weights_only(meta):
+            return {"params": abstract["params"], "biases": abstract["biases"]}
+        saved = meta.get("tokenizer_sha256")
+        if saved is not None and saved != tokenizer_hash:
+            raise UserError(f"the tokenizer of this run differs from the one {workdir} was trained with (token "
+                            f"ids would change under the checkpoint); resume with the run's own tokenizer.json "
+                            f"(leave --config.data.tokenizer_path empty) or use another --workdir")
+        return abstract
+
+    try:
+        restored = ckpt.restore_latest_good(target, log=lambda msg: print(msg, file=sys.stderr))
+    except UserError:
+        ckpt.close()
+        raise
+    if restored is not None:
+        step0, got, meta = restored
+        if weights_only(meta):
             # weights only (python -m dsv3_jax.interop.convert): start training from them at step 0 with a
             # fresh optimizer; the first checkpoint of this run supersedes the converted one
-            _, weights, _ = ckpt.restore({"params": abstract["params"], "biases": abstract["biases"]})
-            state = dict(state, **weights)
+            state = dict(state, **got)
             if not quiet:
                 print(f"initialised from the converted weights in {workdir}")
         else:
-            start, state, meta = ckpt.restore(abstract)
-            data.train.restore(meta["loader"])
+            start, state = step0, got
+            try:
+                data.train.restore(meta["loader"])
+            except ValueError as e:
+                raise UserError(f"{workdir} step {start}: the data loader position does not fit this corpus ({e}); "
+                                f"resume with the corpus and seq_len the run was trained on") from None
             if not quiet:
                 print(f"resumed from step {start} in {workdir}")
+                note = schedule_change(meta.get("config"), config, start)
+                if note:
+                    print(note)
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet, enabled=main)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -228,7 +324,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         if interrupt_at is not None and done >= interrupt_at:
             break
         if done % config.checkpoint.every_steps == 0 or done == t.steps:
-            ckpt.save(done, state, {"loader": data.train.state(), "config": config.to_json()}, force=True)
+            ckpt.save(done, state, {"loader": data.train.state(), "config": config.to_json(),
+                                    "tokenizer_sha256": tokenizer_hash}, force=True)
     ckpt.wait()
     ckpt.close()
     writer.close()

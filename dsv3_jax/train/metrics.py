@@ -1,5 +1,6 @@
 """Metrics sinks: a tqdm progress bar on the console, TensorBoard event files (tensorboardX) and
-WORKDIR/metrics.jsonl with one JSON object per logged step.
+WORKDIR/metrics.jsonl with one JSON object per logged step (strict JSON: a non-finite value, e.g. the
+loss of a skipped step, is written as null).
 
 On resume, records in metrics.jsonl with a step beyond the restored step are dropped first (they came
 from steps that will be re-run), so the file always describes one uninterrupted run.
@@ -7,16 +8,29 @@ from steps that will be re-run), so the file always describes one uninterrupted 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from tqdm import tqdm
+
+
+def strict(record: dict) -> dict:
+    """The record with every non-finite float replaced by None (strict JSON has no NaN or Infinity)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+        return None
 
 
 def _truncate_jsonl(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        keep = [line for line in f if line.strip() and (_step_of(line) or last_step + 1) <= last_step]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(keep)
@@ -50,11 +64,11 @@ class MetricsWriter:
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(strict(record), allow_nan=False) + "\n")
         step = record["step"]
         if self.tb is not None:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
         if self.bar is not None:
             self.advance()

@@ -9,8 +9,9 @@ Aux-loss-free balancing: after the optimizer update, outside the gradient,
 global batch (under jit on a mesh the count is a global reduction, so every replica sees the same c).
     MaxVio = (max_i c_i - mean c) / mean c,   averaged over MoE layers.
 
-Non-finite guard: when the loss or the gradient norm is not finite, parameters, optimizer state and
-router biases are kept as they were (a select, no host round trip) and `skipped` is incremented.
+Non-finite guard: when the loss, the gradient norm, or any value of the updated parameters, optimizer
+state or router biases is not finite, all three are kept as they were (a select, no host round trip)
+and `skipped` is incremented; so a checkpoint never holds a non-finite parameter.
 
 The train state is a dict of plain pytrees (`params`, `biases`, `opt_state`, `step`, `skipped`), split
 from the NNX model with `nnx.split(model, nnx.Param, RouterBias)` and converted to pure dicts so it
@@ -124,10 +125,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     def step(state: dict[str, Any], window, lam, alpha, gamma):
         (total, (terms, counts)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         biases = update_biases(state["biases"], counts, gamma)
+        # the guard covers the update itself: a finite gradient can still overflow the moments or the
+        # parameters (a huge learning rate), and no non-finite value may reach the state or a checkpoint
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & all_finite((params, opt_state, biases))
 
         def keep(new, old):
             return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -145,6 +148,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
     out_shardings = None if state_shardings is None else (state_shardings, None)
     return with_mesh(jax.jit(step, donate_argnums=(0,), out_shardings=out_shardings), mesh)
+
+
+def all_finite(tree) -> jax.Array:
+    """True when every floating-point value in `tree` is finite (integer leaves, e.g. counts, are skipped)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
 def make_eval_step(graphdef, mesh=None) -> Callable:
