@@ -200,3 +200,68 @@ def test_process_killed_mid_save_keeps_previous(tmp_path):
         step, st, meta = ck.restore(abstract)
         assert step == 1 and meta == {"s": 1}
         np.testing.assert_array_equal(np.asarray(st["w"]), np.full((256,), 1.0, np.float32))
+
+
+def _three_steps(directory):
+    with Checkpointer(directory, async_save=False, keep=None) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _state(float(s)), {"step": s}, force=True)
+
+
+def _largest_file(step_dir):
+    files = [os.path.join(r, n) for r, _, ns in os.walk(os.path.join(step_dir, "state")) for n in ns]
+    return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncated_data", "missing_meta", "truncated_meta", "truncated_state_metadata"])
+def test_restore_latest_good_falls_back(tmp_path, damage):
+    """The newest step that restores is used; the damaged newer one is named, then moved aside (kept)."""
+    d = tmp_path / "ckpt"
+    _three_steps(d)
+    step3 = d / "3"
+    if damage == "truncated_data":
+        big = _largest_file(step3)
+        os.truncate(big, os.path.getsize(big) // 2)
+    elif damage == "missing_meta":
+        os.remove(step3 / "meta" / "metadata")
+    elif damage == "truncated_meta":
+        os.truncate(step3 / "meta" / "metadata", 5)
+    else:
+        os.truncate(step3 / "state" / "_METADATA", 10)
+    said = []
+    with Checkpointer(d, async_save=False) as ck:
+        step, state, meta = ck.restore_latest_good(lambda m: _abstract(_state()), log=said.append)
+        assert ck.all_steps() == [1, 2]
+    assert step == 2 and meta == {"step": 2}
+    _assert_tree_equal(state, _state(2.0))
+    assert "checkpoint step 3" in said[0] and "failed to restore" in said[0]
+    moved = os.listdir(str(d) + ".corrupt")
+    assert len(moved) == 1 and moved[0].startswith("3-") and "moved" in said[-1]
+
+
+def test_restore_latest_good_none_restores(tmp_path):
+    from dsv3_jax.train.checkpoint import NoUsableCheckpoint
+
+    d = tmp_path / "ckpt"
+    _three_steps(d)
+    for s in (1, 2, 3):
+        os.remove(d / str(s) / "meta" / "metadata")
+    with Checkpointer(d, async_save=False) as ck:
+        with pytest.raises(NoUsableCheckpoint, match="step 3: .*step 2: .*step 1: "):
+            ck.restore_latest_good(lambda m: _abstract(_state()), log=lambda m: None)
+        assert ck.all_steps() == [1, 2, 3]  # nothing moved
+    assert not os.path.exists(str(d) + ".corrupt")
+
+
+def test_restore_latest_good_mismatch_is_not_corruption(tmp_path):
+    """A different config raises at once: the good checkpoints are not moved aside."""
+    from dsv3_jax.train.checkpoint import CheckpointMismatch
+
+    d = tmp_path / "ckpt"
+    _three_steps(d)
+    wrong = _state()
+    wrong["params"]["w"] = jnp.zeros((4, 4))
+    with Checkpointer(d, async_save=False) as ck:
+        with pytest.raises(CheckpointMismatch, match="shape mismatch"):
+            ck.restore_latest_good(lambda m: _abstract(wrong), log=lambda m: None)
+        assert ck.all_steps() == [1, 2, 3]

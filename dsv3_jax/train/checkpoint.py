@@ -56,7 +56,9 @@ read (e.g. restore float32 master weights as bfloat16 for evaluation).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 from typing import Any, Callable
@@ -99,6 +101,17 @@ def _to_abstract(x):
 
 def _fmt_key(key: tuple) -> str:
     return "/".join(str(k) for k in key)
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class Checkpointer:
@@ -280,8 +293,9 @@ class Checkpointer:
         failed: list[tuple[int, str]] = []
         for step in sorted(self._mngr.all_steps(), reverse=True):
             try:
-                _, meta = self.restore_meta(step)
-                got = self.restore(target(meta), step)
+                with _quiet_orbax():  # orbax logs a traceback for the failure we report in one line
+                    _, meta = self.restore_meta(step)
+                    got = self.restore(target(meta), step)
             except UserError:  # a config/tokenizer mismatch is the caller's to fix, not corruption
                 raise
             except Exception as e:  # noqa: BLE001 -- orbax/tensorstore/json report corruption in many types
