@@ -408,3 +408,16 @@ def test_schedule_change_is_said(trained, tmp_path):
     records = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
     assert [x["step"] for x in records] == [1, 2, 3, 4]
     assert all(np.isfinite(x["loss"]) for x in records)
+
+
+def test_controls_succeed(trained, hf_dir, tmp_path):
+    """The same commands with good input work, so each case above fails for the reason it names."""
+    r = run("infer.py", f"--checkpoint={trained}", "--prompt=The", "--max_new_tokens=3")
+    assert r.returncode == 0 and r.stdout.startswith("The"), r.stderr[-2000:]
+    r = run("infer.py", f"--hf={hf_dir['fp8']}", "--prompt=The", "--max_new_tokens=2")
+    assert r.returncode == 0 and r.stdout.startswith("The"), r.stderr[-2000:]
+    out = str(tmp_path / "converted")
+    for extra in ([], ["--overwrite"]):  # --overwrite replaces the converter's own earlier output
+        r = run("dsv3_jax.interop.convert", "--hf", hf_dir["bf16"], "--out", out, *extra)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["checkpoints", "tokenizer.json"]

@@ -385,3 +385,30 @@ def test_build_data_default_corpus_4k_vocab(tmp_path):
     # ~465 KB of English text at a 4k vocab: roughly 3-6 bytes per token.
     n_bytes = sum(len(t.encode("utf-8")) for t in topics.values())
     assert n_bytes / 6 < n < n_bytes / 3
+
+
+def test_split_document_tokenises_like_the_whole():
+    """Cuts go before whitespace that follows a word, so the pieces' tokens are the whole text's tokens."""
+    texts = D.default_corpus()[:40]
+    tok = D.train_tokenizer(texts, 600)
+    big = "\n\n".join(texts) + "  trailing  spaces\t\tand tabs"
+    pieces = D.split_document(big, 700)
+    assert "".join(pieces) == big and len(pieces) > 10 and max(map(len, pieces)) <= 700
+    assert [i for p in pieces for i in tok.encode(p).ids] == tok.encode(big).ids
+    np.testing.assert_array_equal(D.encode_corpus(tok, [big, "x"]),
+                                  np.array(tok.encode(big).ids + [D.EOS_ID] + tok.encode("x").ids + [D.EOS_ID]))
+
+
+def test_split_document_hard_cut_without_whitespace():
+    run = "ab" * 1000
+    pieces = D.split_document(run, 300)
+    assert "".join(pieces) == run and all(len(p) == 300 for p in pieces[:-1])
+
+
+def test_training_pieces_are_bounded():
+    """BPE training reads at most max_chars characters, with non-whitespace runs cut to MAX_TRAIN_WORD."""
+    long_word = "q" * 5000
+    pieces = list(D.training_pieces(["hello world " + long_word + " end", "more text " * 100], max_chars=3000))
+    assert sum(map(len, pieces)) == 3000
+    assert "".join(pieces) == ("hello world " + long_word)[:3000]
+    assert max(len(w) for p in pieces for w in p.split()) <= D.MAX_TRAIN_WORD

@@ -287,10 +287,19 @@ def test_fp8_checkpoint_matches_dequantised_reference(ref, tmp_path):
     write_dir(tmp_path / "fp8", fp8, dict(config, quantization_config=qcfg))
     reference = ref.DeepseekV3ForCausalLM.from_pretrained(tmp_path / "deq", attn_implementation="eager").eval()
     tokens = tokens_for(FP8["vocab_size"], seed=2)
-    _, ours = hf.load(str(tmp_path / "fp8"))
+    cfg, ours = hf.load(str(tmp_path / "fp8"))
     expected = torch_logits(reference, tokens)
-    assert max_diff(our_logits(ours, tokens)[0], expected) <= TOL
+    got = our_logits(ours, tokens)[0]
+    assert max_diff(got, expected) <= TOL
     assert max_diff(expected, torch_logits(model, tokens)) > 10 * TOL  # quantisation did change the weights
+    # Against float64 (numpy port, same dequantised weights), ours is as accurate as transformers' float32:
+    # both are float32 rounding amplified by the residual stream; the max over logits is a noisy statistic
+    # (its ratio between the two ranges 0.3-2.0 over seeds), the RMS error is stable (median ratio 0.87).
+    from reference import numpy_ref, to_numpy
+
+    exact = numpy_ref.forward(np.asarray(tokens), to_numpy(ours), cfg)["logits"]
+    rms = lambda a: float(np.sqrt(np.mean((np.asarray(a, np.float64) - exact) ** 2)))  # noqa: E731
+    assert rms(got) <= 1.5 * rms(expected), (rms(got), rms(expected))
 
 
 # ---------------------------------------------------------------------- save, convert, generate

@@ -121,6 +121,44 @@ def test_nonfinite_guard_skips_poisoned_batch():
     assert any(changed)
 
 
+def test_nonfinite_guard_covers_the_update():
+    """Finite loss and gradients, but an update that overflows: the state must not change."""
+    import optax
+
+    cfg = loop.validate_train_config(micro_config())
+    overflow = optax.chain(optax.scale(3e38), optax.scale(3e38))  # any non-zero gradient -> inf update
+    schedule = lambda step: jnp.float32(1.0)  # noqa: E731
+    graphdef, state = loop.init_state(cfg, overflow, seed=0, remat=False)
+    step = make_train_step(graphdef, overflow, schedule)
+    batch = jax.random.randint(jax.random.key(1), (4, 17), 0, cfg.vocab_size)
+    before = jax.tree.map(np.asarray, state)
+    state, m = step(state, batch, jnp.float32(0.3), jnp.float32(1e-4), jnp.float32(0.01))
+    assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    assert not bool(m["finite"]) and int(m["skipped_steps"]) == 1
+    for a, b in zip(jax.tree.leaves(before["params"]), jax.tree.leaves(state["params"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """A non-finite value is written as null; a line cut short by a kill is dropped on resume."""
+    from dsv3_jax.train.metrics import MetricsWriter
+
+    def reject(name):
+        raise ValueError(f"non-strict JSON constant {name}")
+
+    w = MetricsWriter(str(tmp_path), total_steps=3, quiet=True)
+    w.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": 1e-3})
+    w.write({"step": 2, "loss": 2.5, "grad_norm": 1.0, "lr": 1e-3})
+    w.close()
+    path = tmp_path / "metrics.jsonl"
+    records = [json.loads(line, parse_constant=reject) for line in path.read_text().splitlines()]
+    assert records[0] == {"step": 1, "loss": None, "grad_norm": None, "lr": 1e-3}
+    with open(path, "a") as f:
+        f.write('{"step": 3, "loss": 2.')  # killed mid-write
+    MetricsWriter(str(tmp_path), total_steps=3, start_step=2, quiet=True).close()
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+
+
 def _run_train(*args, timeout=120):
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)

@@ -271,7 +271,7 @@ def read_config(path: str) -> dict:
         raise UserError(f"{path} is not a directory; pass a released-format (Hugging Face) checkpoint directory")
     f = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(f):
-        raise UserError(f"{path} has no {CONFIG_FILE}: not a Hugging Face checkpoint directory")
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE}: not a Hugging Face checkpoint directory")
     try:
         with open(f, encoding="utf-8") as fh:
             d = json.load(fh)

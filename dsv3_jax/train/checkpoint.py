@@ -57,6 +57,7 @@ read (e.g. restore float32 master weights as bfloat16 for evaluation).
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -105,13 +106,19 @@ def _fmt_key(key: tuple) -> str:
 
 @contextlib.contextmanager
 def _quiet_orbax():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """Mute the tracebacks orbax (absl logging) and its read tasks (asyncio: "Task exception was never
+    retrieved", printed when the failed sibling tasks are garbage-collected) log for a failure that the
+    caller reports in one line. The collection is forced before the loggers are restored."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        gc.collect()
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 class Checkpointer:
@@ -292,14 +299,17 @@ class Checkpointer:
         self._mngr.reload()
         failed: list[tuple[int, str]] = []
         for step in sorted(self._mngr.all_steps(), reverse=True):
-            try:
-                with _quiet_orbax():  # orbax logs a traceback for the failure we report in one line
+            reason = None
+            with _quiet_orbax():  # orbax logs a traceback for the failure we report in one line
+                try:
                     _, meta = self.restore_meta(step)
                     got = self.restore(target(meta), step)
-            except UserError:  # a config/tokenizer mismatch is the caller's to fix, not corruption
-                raise
-            except Exception as e:  # noqa: BLE001 -- orbax/tensorstore/json report corruption in many types
-                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                except UserError:  # a config/tokenizer mismatch is the caller's to fix, not corruption
+                    raise
+                except Exception as e:  # noqa: BLE001 -- orbax/tensorstore/json report corruption in many types
+                    reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                # leaving the except clause drops the traceback, so the failed read tasks die muted
+            if reason is not None:
                 log(f"checkpoint step {step} in {self.directory} failed to restore ({reason})")
                 failed.append((step, reason))
                 continue
