@@ -369,18 +369,28 @@ def corrupt_data(step_dir):
 
 
 def test_corrupt_latest_checkpoint_falls_back(trained, tmp_path):
+    """The newest checkpoint is damaged: the run names it, resumes from step 1, keeps the bad one aside.
+    The same run raises train.steps (2 -> 4) and the warmup, which changes the schedule: said with both rates."""
+    from dsv3_jax.train.optim import lr_schedule
+
     wd = clone(trained, tmp_path / "run")
     corrupt_data(os.path.join(wd, "checkpoints", "2"))
-    r = run("train.py", "--workdir", wd, *BASE, "--config.train.steps=3")
+    r = run("train.py", "--workdir", wd, *BASE, "--config.train.steps=4", "--config.train.warmup_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "checkpoint step 2" in r.stderr and "failed to restore" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "resumed from step 1" in r.stdout
     moved = os.listdir(os.path.join(wd, "checkpoints.corrupt"))
     assert len(moved) == 1 and moved[0].startswith("2-")  # kept, not deleted
-    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["1", "2", "3"]
-    steps = [json.loads(line)["step"] for line in open(os.path.join(wd, "metrics.jsonl"))]
-    assert steps == [1, 2, 3]
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3", "4"]  # keep=3
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("note: the schedule changed"))
+    assert "train.steps 2 -> 4" in line and "train.warmup_steps 1 -> 2" in line
+    old, new = lr_schedule(3e-3, 1, 0, 1, 0.1), lr_schedule(3e-3, 2, 1, 1, 0.1)  # tiny: constant_fraction 0.6
+    assert float(old(1)) != float(new(1))
+    assert f"at step 1 was {float(old(1)):.4g}, is now {float(new(1)):.4g}" in line
+    records = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [x["step"] for x in records] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["loss"]) for x in records)
 
 
 def test_no_checkpoint_restores(trained, tmp_path):
@@ -392,22 +402,6 @@ def test_no_checkpoint_restores(trained, tmp_path):
     check(r, "no checkpoint in", "train.py")
     assert "step 2" in r.stderr and "step 1" in r.stderr
     assert digest(wd) == before  # nothing moved or deleted
-
-
-def test_schedule_change_is_said(trained, tmp_path):
-    """Raising train.steps on a finished run stretches the schedule: said at start-up with both rates."""
-    wd = clone(trained, tmp_path / "run")
-    r = run("train.py", "--workdir", wd, *BASE, "--config.train.steps=4")
-    assert r.returncode == 0, r.stderr[-3000:]
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("note: the schedule changed"))
-    assert "train.steps 2 -> 4" in line
-    from dsv3_jax.train.optim import lr_schedule
-
-    old, new = lr_schedule(3e-3, 1, 0, 1, 0.1), lr_schedule(3e-3, 1, 1, 2, 0.1)
-    assert f"was {float(old(2)):.4g}, is now {float(new(2)):.4g}" in line
-    records = [json.loads(x) for x in open(os.path.join(wd, "metrics.jsonl"))]
-    assert [x["step"] for x in records] == [1, 2, 3, 4]
-    assert all(np.isfinite(x["loss"]) for x in records)
 
 
 def test_controls_succeed(trained, hf_dir, tmp_path):
