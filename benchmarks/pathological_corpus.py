@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import random
-import resource
 import string
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from dsv3_jax.train import data
 t0 = time.perf_counter()
 with tempfile.TemporaryDirectory() as tmp:
     d = data.build_data(sys.argv[1], None, tmp, int(sys.argv[2]), 128, 0.05, 0)
-print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mib": peak,
                   "tokens": d.n_train_tokens + d.n_val_tokens, "vocab": d.tokenizer.get_vocab_size()}))
 """
 
@@ -92,5 +92,4 @@ def main():
 
 
 if __name__ == "__main__":
-    del resource
     main()

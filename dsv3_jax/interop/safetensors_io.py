@@ -151,8 +151,8 @@ class SafetensorsDir:
         if not files:
             pickles = sorted(n for n in os.listdir(self.directory) if n.endswith(PICKLE_SUFFIXES))
             if pickles:
-                raise UserError(f"{self.directory} holds {', '.join(pickles[:3])} (PyTorch pickles) and no *.safetensors; "
-                                f"dsv3_jax never opens pickles: convert them to safetensors first")
+                raise UserError(f"{self.directory} holds {', '.join(pickles[:3])} (PyTorch pickles) and no "
+                                f"*.safetensors; dsv3_jax never opens pickles: convert them to safetensors first")
             raise UserError(f"no *.safetensors files in {self.directory}")
         self.tensors: dict[str, TensorInfo] = {}
         for name in files:

@@ -143,7 +143,8 @@ def make_schedules(config, mesh_sizes=None):
     constant = int(after_warmup * t.constant_fraction)
     tx, schedule = make_optimizer(peak_lr=t.peak_lr, warmup_steps=warmup, constant_steps=constant,
                                   decay_steps=max(after_warmup - constant, 1), final_ratio=t.final_lr_ratio,
-                                  b1=t.b1, b2=t.b2, eps=t.get("eps", 1e-8), weight_decay=t.weight_decay, clip_norm=t.clip_norm)
+                                  b1=t.b1, b2=t.b2, eps=t.get("eps", 1e-8), weight_decay=t.weight_decay,
+                                  clip_norm=t.clip_norm)
 
     def lam(step):
         m = config.mtp
