@@ -17,6 +17,8 @@ import os
 
 import numpy as np
 
+from dsv3_jax.cli import UserError
+
 
 def repo_root() -> str:
     """The source checkout that holds this package (the directory with `configs/` and `notebooks/`)."""
@@ -58,11 +60,11 @@ def limited_accumulator_matmul(a, b, *, bits: int = 14, chunk: int = 32, promote
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     (M, K), (N, K2) = a.shape, b.shape
     if K != K2:
-        raise ValueError(f"inner dimensions differ: a has K={K}, b has K={K2}")
+        raise UserError(f"inner dimensions differ: a has K={K}, b has K={K2}")
     if K % chunk:
-        raise ValueError(f"K={K} must be a multiple of chunk={chunk}")
+        raise UserError(f"K={K} must be a multiple of chunk={chunk}")
     if promote_every is not None and (promote_every % chunk or K % promote_every):
-        raise ValueError(f"promote_every={promote_every} must be a multiple of chunk={chunk} and divide K={K}")
+        raise UserError(f"promote_every={promote_every} must be a multiple of chunk={chunk} and divide K={K}")
     parts = np.einsum("mkc,nkc->kmn", a.reshape(M, K // chunk, chunk), b.reshape(N, K // chunk, chunk))
     if promote_every is None:
         acc = np.zeros((M, N))
@@ -85,4 +87,4 @@ def relative_error(x, ref, kind: str = "fro") -> float:
         return float(np.linalg.norm((x - ref).ravel()) / np.linalg.norm(ref.ravel()))
     if kind == "max":
         return float(np.abs(x - ref).max() / np.abs(ref).max())
-    raise ValueError(f"kind={kind!r}: use 'fro' or 'max'")
+    raise UserError(f"kind={kind!r}: use 'fro' or 'max'")

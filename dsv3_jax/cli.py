@@ -5,13 +5,13 @@ should be, a directory that cannot be written) ends as ONE line on stderr, namin
 wrong and the fix, and the process exits with status 2. No traceback: `--verbose` on the command line
 or DSV3_VERBOSE=1 in the environment prints it too.
 
-Where the error is raised does not matter. Library code raises `UserError` (or `ConfigError`, which
-says "config error") with the whole message, or a plain ValueError / OSError with a message that names
-the file; third-party errors (tokenizers, json, orbax, tensorstore) are caught where the file is known
-and re-raised as `UserError` in our words (see `dsv3_jax.train.data.load_tokenizer`,
-`dsv3_jax.interop.safetensors_io.read_header`, `dsv3_jax.train.checkpoint`). `run` turns all of them
-into the line. Anything else (TypeError, AssertionError, XLA runtime errors) is a bug or a machine
-failure, not a user error, and keeps its traceback.
+Where the error is raised does not matter. Every check of the package raises `UserError` (a
+ValueError; `ConfigError` says "config error") with the whole message; a missing or unwritable file is
+an OSError naming it; third-party errors (tokenizers, json, orbax, tensorstore) are caught where the
+file is known and re-raised as `UserError` in our words (see `dsv3_jax.train.data.load_tokenizer`,
+`dsv3_jax.interop.safetensors_io.read_header`, `dsv3_jax.train.checkpoint`). `run` turns those into
+the line. Anything else, a ValueError from JAX or numpy included, is a bug or a machine failure, not a
+user error, and keeps its traceback.
 
 `check_config_args` checks `--config=FILE` and every `--config.a.b=v` override against the config
 file before ml-collections sees them (ml-collections applies overrides while the flag is being
@@ -45,8 +45,8 @@ class ConfigError(UserError):
 
 
 # Exceptions that carry a user-facing message when they reach the top of a command. OSError covers
-# missing files, unwritable directories and a full disk; ValueError covers our own validation.
-_USER_ERRORS = (ValueError, OSError)
+# missing files, unwritable directories and a full disk; UserError every check of the package.
+_USER_ERRORS = (UserError, OSError)
 
 
 def verbose(argv: Sequence[str] | None = None) -> bool:

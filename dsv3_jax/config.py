@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from dsv3_jax.cli import UserError
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
 
@@ -35,13 +37,13 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.type != "yarn":
-            raise ValueError(f"rope_scaling.type={self.type!r} is not supported; use 'yarn' or set rope_scaling=None.")
+            raise UserError(f"rope_scaling.type={self.type!r} is not supported; use 'yarn' or set rope_scaling=None.")
         if self.factor < 1.0:
-            raise ValueError(f"rope_scaling.factor={self.factor} must be >= 1 (target context / original context).")
+            raise UserError(f"rope_scaling.factor={self.factor} must be >= 1 (target context / original context).")
         if self.original_max_position_embeddings <= 0:
-            raise ValueError("rope_scaling.original_max_position_embeddings must be > 0.")
+            raise UserError("rope_scaling.original_max_position_embeddings must be > 0.")
         if not self.beta_fast > self.beta_slow > 0:
-            raise ValueError(
+            raise UserError(
                 f"rope_scaling needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
                 f"beta_slow={self.beta_slow} (DeepSeek-V3 uses 32 and 1)."
             )
@@ -94,7 +96,7 @@ class ModelConfig:
             known = {f.name for f in dataclasses.fields(RopeScaling)}
             unknown = sorted(set(rs) - known)
             if unknown:
-                raise ValueError(
+                raise UserError(
                     f"ModelConfig.rope_scaling has unknown field(s) {unknown}; valid fields are {sorted(known)}."
                 )
             object.__setattr__(self, "rope_scaling", RopeScaling(**rs))
@@ -105,75 +107,75 @@ class ModelConfig:
         ]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} must be > 0.")
+                raise UserError(f"ModelConfig.{name}={getattr(self, name)} must be > 0.")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.q_lora_rank={self.q_lora_rank} must be > 0, or None to project queries directly."
             )
         if self.qk_rope_head_dim % 2:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.qk_rope_head_dim={self.qk_rope_head_dim} must be even: RoPE rotates pairs of channels."
             )
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.first_k_dense_replace={self.first_k_dense_replace} must be between 0 and "
                 f"num_hidden_layers={self.num_hidden_layers}."
             )
         if self.num_nextn_predict_layers < 0:
-            raise ValueError("ModelConfig.num_nextn_predict_layers (MTP depth) must be >= 0.")
+            raise UserError("ModelConfig.num_nextn_predict_layers (MTP depth) must be >= 0.")
         if self.scoring_func != "sigmoid":
-            raise ValueError(f"ModelConfig.scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported.")
+            raise UserError(f"ModelConfig.scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported.")
         if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.dtype={self.dtype!r} / param_dtype={self.param_dtype!r}: choose from {sorted(_DTYPES)}."
             )
         if self.moe_impl not in MOE_IMPLS:
-            raise ValueError(f"ModelConfig.moe_impl={self.moe_impl!r}: choose from {MOE_IMPLS}.")
+            raise UserError(f"ModelConfig.moe_impl={self.moe_impl!r}: choose from {MOE_IMPLS}.")
         if self.expert_dispatch not in ("auto", "padded", "ragged"):
-            raise ValueError(f"ModelConfig.expert_dispatch={self.expert_dispatch!r}: choose from "
-                             f"('auto', 'padded', 'ragged').")
+            raise UserError(f"ModelConfig.expert_dispatch={self.expert_dispatch!r}: choose from "
+                            f"('auto', 'padded', 'ragged').")
         if self.expert_dispatch == "ragged" and self.expert_capacity_factor > 0:
-            raise ValueError("ModelConfig.expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or "
-                             "use expert_dispatch='padded'.")
+            raise UserError("ModelConfig.expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or "
+                            "use expert_dispatch='padded'.")
         if self.has_moe:
             self._validate_moe()
 
     def _validate_moe(self):
         E, K = self.n_routed_experts, self.num_experts_per_tok
         if E <= 0 or K <= 0:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.n_routed_experts={E} and num_experts_per_tok={K} must be > 0 when there are MoE "
                 f"layers (first_k_dense_replace={self.first_k_dense_replace} < num_hidden_layers="
                 f"{self.num_hidden_layers}); set first_k_dense_replace=num_hidden_layers for a dense model."
             )
         if K > E:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.num_experts_per_tok={K} exceeds n_routed_experts={E}: lower top-k or add experts."
             )
         if self.n_shared_experts < 0:
-            raise ValueError("ModelConfig.n_shared_experts must be >= 0.")
+            raise UserError("ModelConfig.n_shared_experts must be >= 0.")
         if self.n_group <= 0 or E % self.n_group:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.n_group={self.n_group} must be > 0 and divide n_routed_experts={E}; "
                 f"use a divisor of {E} (n_group=1 disables group-limited routing)."
             )
         if not 0 < self.topk_group <= self.n_group:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.topk_group={self.topk_group} must be between 1 and n_group={self.n_group}."
             )
         per_group = E // self.n_group
         if self.n_group > 1 and per_group < 2 and self.topk_group < self.n_group:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig.n_group={self.n_group} leaves {per_group} expert per group; group scores sum the top-2 "
                 f"experts of a group, so use n_group <= {E // 2}."
             )
         if self.topk_group * per_group < K:
-            raise ValueError(
+            raise UserError(
                 f"ModelConfig: topk_group={self.topk_group} groups of {per_group} experts hold fewer than "
                 f"num_experts_per_tok={K} experts; raise topk_group or lower top-k."
             )
         if self.routed_scaling_factor <= 0:
-            raise ValueError("ModelConfig.routed_scaling_factor must be > 0.")
+            raise UserError("ModelConfig.routed_scaling_factor must be > 0.")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -226,7 +228,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"Unknown ModelConfig field(s) {unknown}; valid fields are: {sorted(known)}."
             )
         rs = d.get("rope_scaling")

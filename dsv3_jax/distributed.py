@@ -20,6 +20,8 @@ import os
 
 import jax
 
+from dsv3_jax.cli import UserError
+
 
 def settings(dist_cfg=None) -> dict | None:
     """Resolved (coordinator_address, num_processes, process_id, auto), or None for a single process.
@@ -37,13 +39,13 @@ def settings(dist_cfg=None) -> dict | None:
     if num <= 1:
         return None
     if not address:
-        raise ValueError(f"{num} processes need a coordinator: set config.distributed.coordinator_address (or "
-                         f"JAX_COORDINATOR_ADDRESS) to HOST:PORT of process 0.")
+        raise UserError(f"{num} processes need a coordinator: set config.distributed.coordinator_address (or "
+                        f"JAX_COORDINATOR_ADDRESS) to HOST:PORT of process 0.")
     if not 0 <= pid < num:
-        raise ValueError(f"config.distributed.process_id (or JAX_PROCESS_ID) must be in [0, {num}) for "
-                         f"{num} processes, got {pid}.")
+        raise UserError(f"config.distributed.process_id (or JAX_PROCESS_ID) must be in [0, {num}) for "
+                        f"{num} processes, got {pid}.")
     if ":" not in address:
-        raise ValueError(f"coordinator address {address!r} needs a port: HOST:PORT.")
+        raise UserError(f"coordinator address {address!r} needs a port: HOST:PORT.")
     return {"coordinator_address": address, "num_processes": num, "process_id": pid, "auto": False}
 
 

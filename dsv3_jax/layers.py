@@ -20,11 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax.cli import UserError
+
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
     """A Param initialised by `init(key, shape, dtype)` and tagged with logical axis names."""
     if len(axes) != len(shape):
-        raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
+        raise UserError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 

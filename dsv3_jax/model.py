@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, Einsum, Embed, RMSNorm, normal, param
 from dsv3_jax.mla import MLA, LatentCache
@@ -262,8 +263,8 @@ class DeepSeekV3(nnx.Module):
         cfg = self.cfg
         dtype = cfg.compute_dtype if dtype is None else dtype
         if mtp and not len(self.mtp):
-            raise ValueError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens "
-                             "for speculative decoding")
+            raise UserError("this model has no MTP module (num_nextn_predict_layers=0): it cannot draft tokens "
+                            "for speculative decoding")
         stack = lambda n: LatentCache.zeros(cfg, batch, capacity, dtype, layers=n) if n else None  # noqa: E731
         return ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                           mtp=LatentCache.zeros(cfg, batch, capacity, dtype) if mtp else None)
@@ -315,8 +316,8 @@ class DeepSeekV3(nnx.Module):
 
     def _check_fits(self, T: int, cache: ModelCache):
         if T > cache.capacity or T > self.cfg.max_position_embeddings:
-            raise ValueError(f"prefill of {T} tokens does not fit the cache ({cache.capacity} slots) or the model's "
-                             f"context (max_position_embeddings={self.cfg.max_position_embeddings})")
+            raise UserError(f"prefill of {T} tokens does not fit the cache ({cache.capacity} slots) or the model's "
+                            f"context (max_position_embeddings={self.cfg.max_position_embeddings})")
 
 
 def mtp_valid_mask(T: int, depth: int) -> jax.Array:

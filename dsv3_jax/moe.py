@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import MLP, normal, param
 from dsv3_jax.sharding import axis_size, current_mesh
@@ -214,7 +215,7 @@ class MoE(nnx.Module):
         elif impl == "blocks":
             y = experts_blocks(xf, idx, w, *weights, block=cfg.moe_block_size, fp8=cfg.fp8)
         else:
-            raise ValueError(f"unknown MoE implementation {impl!r}")
+            raise UserError(f"unknown MoE implementation {impl!r}")
         y = y.astype(x.dtype).reshape(B, T, D)
         if cfg.n_shared_experts > 0:
             y = y + self.shared(x)

@@ -23,7 +23,10 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax.cli import UserError
 
 MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -91,23 +94,23 @@ def mesh_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
     sizes = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
     unknown = sorted(set(mesh_cfg) - set(MESH_AXES) - set(MESH_OPTIONS))
     if unknown:
-        raise ValueError(f"config.mesh has unknown axes {unknown}; valid axes are {list(MESH_AXES)}.")
+        raise UserError(f"config.mesh has unknown axes {unknown}; valid axes are {list(MESH_AXES)}.")
     fill = [a for a, s in sizes.items() if s == -1]
     if len(fill) > 1:
-        raise ValueError(f"config.mesh: only one axis may be -1 (fill with the remaining devices), got {fill}.")
+        raise UserError(f"config.mesh: only one axis may be -1 (fill with the remaining devices), got {fill}.")
     for a, s in sizes.items():
         if s == 0 or s < -1:
-            raise ValueError(f"config.mesh.{a}={s} must be >= 1 (or -1 for the remaining devices).")
+            raise UserError(f"config.mesh.{a}={s} must be >= 1 (or -1 for the remaining devices).")
     known = math.prod(s for s in sizes.values() if s != -1)
     if fill:
         if num_devices % known:
-            raise ValueError(f"config.mesh: the fixed axes multiply to {known}, which does not divide the "
-                             f"{num_devices} devices; change the axis sizes.")
+            raise UserError(f"config.mesh: the fixed axes multiply to {known}, which does not divide the "
+                            f"{num_devices} devices; change the axis sizes.")
         sizes[fill[0]] = num_devices // known
     total = math.prod(sizes.values())
     if total > num_devices:
-        raise ValueError(f"config.mesh {sizes} needs {total} devices but {num_devices} are available; make the "
-                         f"product of the axis sizes at most {num_devices} (or set one axis to -1).")
+        raise UserError(f"config.mesh {sizes} needs {total} devices but {num_devices} are available; make the "
+                        f"product of the axis sizes at most {num_devices} (or set one axis to -1).")
     return sizes
 
 
@@ -117,25 +120,25 @@ def validate_mesh(sizes: Mapping[str, int], model_cfg, batch_size: int | None = 
     memory plan round stages up (as DeepSeek's 16 stages over 61 layers do)."""
     ep = sizes["expert"]
     if model_cfg.has_moe and model_cfg.n_routed_experts % ep:
-        raise ValueError(f"config.mesh.expert={ep} must divide model.n_routed_experts="
-                         f"{model_cfg.n_routed_experts}.")
+        raise UserError(f"config.mesh.expert={ep} must divide model.n_routed_experts="
+                        f"{model_cfg.n_routed_experts}.")
     st = sizes["stage"]
     for name, n in (("dense", model_cfg.num_dense_layers), ("MoE", model_cfg.num_moe_layers)):
         if n and n % st and not allow_uneven_stages:
-            raise ValueError(f"config.mesh.stage={st} must divide the number of {name} layers ({n}); change "
-                             f"the stage count or model.first_k_dense_replace / num_hidden_layers.")
+            raise UserError(f"config.mesh.stage={st} must divide the number of {name} layers ({n}); change "
+                            f"the stage count or model.first_k_dense_replace / num_hidden_layers.")
     tp = sizes["tensor"]
     for field in ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "vocab_size"):
         if getattr(model_cfg, field) % tp:
-            raise ValueError(f"config.mesh.tensor={tp} must divide model.{field}={getattr(model_cfg, field)}.")
+            raise UserError(f"config.mesh.tensor={tp} must divide model.{field}={getattr(model_cfg, field)}.")
     fs = sizes["fsdp"]
     if model_cfg.hidden_size % fs:
-        raise ValueError(f"config.mesh.fsdp={fs} must divide model.hidden_size={model_cfg.hidden_size}.")
+        raise UserError(f"config.mesh.fsdp={fs} must divide model.hidden_size={model_cfg.hidden_size}.")
     if batch_size is not None:
         shards = sizes["data"] * sizes["fsdp"] * sizes["expert"]
         if batch_size % shards:
-            raise ValueError(f"config.train.batch_size={batch_size} must be divisible by data x fsdp x expert = "
-                             f"{shards}.")
+            raise UserError(f"config.train.batch_size={batch_size} must be divisible by data x fsdp x expert = "
+                            f"{shards}.")
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:

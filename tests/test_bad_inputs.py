@@ -415,3 +415,22 @@ def test_controls_succeed(trained, hf_dir, tmp_path):
         r = run("dsv3_jax.interop.convert", "--hf", hf_dir["bf16"], "--out", out, *extra)
         assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(os.listdir(out)) == ["checkpoints", "tokenizer.json"]
+
+
+def test_convert_overwrite_keeps_a_replaced_tokenizer_and_retries_an_interrupted_run(hf_dir, tmp_path):
+    out = tmp_path / "converted"
+    assert run("dsv3_jax.interop.convert", "--hf", hf_dir["bf16"], "--out", str(out)).returncode == 0
+    (out / "tokenizer.json").write_text('{"the user": "put this here"}')  # replaced after converting
+    before = digest(out)
+    check(run("dsv3_jax.interop.convert", "--hf", hf_dir["bf16"], "--out", str(out), "--overwrite"),
+          "was not written by the converter", "convert")
+    assert digest(out) == before
+    # a conversion killed before its rename leaves only a temporary directory: retried with --overwrite
+    os.remove(out / "tokenizer.json")
+    shutil.rmtree(out / "checkpoints" / "0")
+    (out / "checkpoints" / "0.orbax-checkpoint-tmp-123" / "state").mkdir(parents=True)
+    check(run("dsv3_jax.interop.convert", "--hf", hf_dir["bf16"], "--out", str(out)),
+          "interrupted conversion", "convert")
+    r = run("dsv3_jax.interop.convert", "--hf", hf_dir["bf16"], "--out", str(out), "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(out / "checkpoints")) == ["0"]

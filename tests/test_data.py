@@ -387,16 +387,46 @@ def test_build_data_default_corpus_4k_vocab(tmp_path):
     assert n_bytes / 6 < n < n_bytes / 3
 
 
-def test_split_document_tokenises_like_the_whole():
-    """Cuts go before whitespace that follows a word, so the pieces' tokens are the whole text's tokens."""
+def _llama3_style_tokenizer(texts):
+    """A byte-level BPE behind the Llama-3 / DeepSeek-V3 style regex (punctuation joins following newlines)."""
+    from tokenizers import Regex, Tokenizer, models, trainers
+
+    pattern = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=list(D.SPECIAL_TOKENS),
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                       show_progress=False))
+    return tok
+
+
+@pytest.mark.parametrize("kind", ["ours", "llama3_regex"])
+def test_split_document_tokenises_like_the_whole(kind):
+    """Cuts go where the tokenizer ends a word anyway (checked with it), so the pieces' tokens are the
+    whole text's tokens: prose, grammar blocks full of spaces, control characters, punctuation + newline."""
     texts = D.default_corpus()[:40]
-    tok = D.train_tokenizer(texts, 600)
-    big = "\n\n".join(texts) + "  trailing  spaces\t\tand tabs"
-    pieces = D.split_document(big, 700)
+    tok = D.train_tokenizer(texts, 600) if kind == "ours" else _llama3_style_tokenizer(texts)
+    big = "\n\n".join(texts) + "  trailing  spaces\t\tand tabs" + "ab!\x1cy" * 200 + "End.\n\nNext"
+    pieces = D.split_document(big, 700, tokenizer=tok)
     assert "".join(pieces) == big and len(pieces) > 10 and max(map(len, pieces)) <= 700
     assert [i for p in pieces for i in tok.encode(p).ids] == tok.encode(big).ids
     np.testing.assert_array_equal(D.encode_corpus(tok, [big, "x"]),
                                   np.array(tok.encode(big).ids + [D.EOS_ID] + tok.encode("x").ids + [D.EOS_ID]))
+
+
+def test_tokenizer_hash_is_the_mapping_not_the_json():
+    """Same vocabulary and merges written in either JSON spelling of merges -> same hash; other merges differ."""
+    tok = D.train_tokenizer(D.default_corpus()[:20], 400)
+    d = json.loads(tok.to_str())
+    merges = d["model"]["merges"]
+    d["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]  # the pre-0.20 spelling
+    from tokenizers import Tokenizer
+
+    assert D.tokenizer_hash(Tokenizer.from_str(json.dumps(d))) == D.tokenizer_hash(tok)
+    other = D.train_tokenizer(D.default_corpus()[20:40], 400)
+    assert D.tokenizer_hash(other) != D.tokenizer_hash(tok)
 
 
 def test_split_document_hard_cut_without_whitespace():

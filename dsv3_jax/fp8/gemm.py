@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.fp8.quant import FP8, TILE, ceil_div, pad_axis
 
 IMPLS = ("auto", "dequant", "blocked", "pallas")
@@ -48,7 +49,7 @@ _HI = jax.lax.Precision.HIGHEST
 def resolve_impl(impl: str) -> str:
     """'auto' -> 'blocked' on CPU (XLA:CPU has no FP8 units; interpret-mode Pallas is slow), else 'pallas'."""
     if impl not in IMPLS:
-        raise ValueError(f"fp8 gemm impl={impl!r}: choose from {IMPLS}.")
+        raise UserError(f"fp8 gemm impl={impl!r}: choose from {IMPLS}.")
     if impl == "auto":
         return "blocked" if jax.default_backend() == "cpu" else "pallas"
     return impl
@@ -56,7 +57,7 @@ def resolve_impl(impl: str) -> str:
 
 def resolve_backend(backend: str) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"fp8 pallas backend={backend!r}: choose from {BACKENDS}.")
+        raise UserError(f"fp8 pallas backend={backend!r}: choose from {BACKENDS}.")
     if backend == "auto":
         return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
     return backend
@@ -80,27 +81,27 @@ def _prep(a_q, a_s, b_q, b_s):
     E, N, Kbq = b_q.shape
     Kb = ceil_div(max(K, Kbq), TILE)
     if ceil_div(K, TILE) != ceil_div(Kbq, TILE) or a_s.shape != (P, Kb) or b_s.shape[-1] != Kb:
-        raise ValueError(f"fp8 gemm: A {a_q.shape} / scales {a_s.shape} and B {b_q.shape} / scales {b_s.shape} "
-                         f"disagree on K (expected {Kb} K blocks of {TILE}).")
+        raise UserError(f"fp8 gemm: A {a_q.shape} / scales {a_s.shape} and B {b_q.shape} / scales {b_s.shape} "
+                        f"disagree on K (expected {Kb} K blocks of {TILE}).")
     if b_s.shape[1] == N:
         b_rs = b_s
     elif b_s.shape[1] == ceil_div(N, TILE):
         b_rs = jnp.repeat(b_s, TILE, axis=1)[:, :N]
     else:
-        raise ValueError(f"fp8 gemm: B scales {b_s.shape} are neither per row ({N}) nor per 128-row block "
-                         f"({ceil_div(N, TILE)}) of B {b_q.shape}.")
+        raise UserError(f"fp8 gemm: B scales {b_s.shape} are neither per row ({N}) nor per 128-row block "
+                        f"({ceil_div(N, TILE)}) of B {b_q.shape}.")
     return pad_axis(a_q, 1, TILE), a_s.astype(jnp.float32), pad_axis(b_q, 2, TILE), b_rs.astype(jnp.float32)
 
 
 def _check_groups(P, E, groups, group_rows):
     if groups is None:
         if E != 1:
-            raise ValueError(f"fp8 gemm: B holds {E} matrices; pass `groups` (the matrix of each row block).")
+            raise UserError(f"fp8 gemm: B holds {E} matrices; pass `groups` (the matrix of each row block).")
         return None
     if group_rows is None or P % group_rows:
-        raise ValueError(f"fp8 gemm: {P} rows are not whole blocks of group_rows={group_rows}.")
+        raise UserError(f"fp8 gemm: {P} rows are not whole blocks of group_rows={group_rows}.")
     if groups.shape != (P // group_rows,):
-        raise ValueError(f"fp8 gemm: groups has shape {groups.shape}, expected ({P // group_rows},).")
+        raise UserError(f"fp8 gemm: groups has shape {groups.shape}, expected ({P // group_rows},).")
     return groups.astype(jnp.int32)
 
 
@@ -360,8 +361,8 @@ def gemm_segmented(a_q, a_s, b_q, b_s, tile_groups, num_groups, *, out_dtype=jnp
     N = b_q.shape[0]
     T = tile_groups.shape[0]
     if Kp % T or b_q.shape[1] != Kp or a_s.shape != (M, T) or b_s.shape != (N, T):
-        raise ValueError(f"fp8 gemm_segmented: A {a_q.shape}/{a_s.shape}, B {b_q.shape}/{b_s.shape} do not "
-                         f"split into {T} K tiles.")
+        raise UserError(f"fp8 gemm_segmented: A {a_q.shape}/{a_s.shape}, B {b_q.shape}/{b_s.shape} do not "
+                        f"split into {T} K tiles.")
     tk = Kp // T
     tile_groups = tile_groups.astype(jnp.int32)
     a_s, b_s = a_s.astype(jnp.float32), b_s.astype(jnp.float32)

@@ -43,6 +43,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.fp8.gemm import gemm, gemm_segmented, resolve_backend, resolve_impl
 from dsv3_jax.fp8.quant import dequantize_tiles, quantize_blocks, quantize_tiles
 
@@ -115,12 +116,12 @@ def fp8_matmul(x: jax.Array, w: jax.Array, *, w_layout: str = "KN", options: Fp8
     """y = x @ W in FP8 (all three GEMMs). x [M, K]; w [K, N] (w_layout='KN', the model's layout) or
     [N, K] ('NK', HF's [out, in]). Returns [M, N] in x.dtype; dW comes back in w.dtype (keep w float32)."""
     if w_layout not in ("KN", "NK"):
-        raise ValueError(f"fp8_matmul: w_layout={w_layout!r} must be 'KN' ([in, out]) or 'NK' ([out, in]).")
+        raise UserError(f"fp8_matmul: w_layout={w_layout!r} must be 'KN' ([in, out]) or 'NK' ([out, in]).")
     if x.ndim != 2 or w.ndim != 2:
-        raise ValueError(f"fp8_matmul wants x [M, K] and a 2-D w, got {x.shape} and {w.shape}.")
+        raise UserError(f"fp8_matmul wants x [M, K] and a 2-D w, got {x.shape} and {w.shape}.")
     K, N = w.shape if w_layout == "KN" else w.shape[::-1]
     if x.shape[1] != K:
-        raise ValueError(f"fp8_matmul: x {x.shape} does not contract with w {w.shape} (w_layout={w_layout}).")
+        raise UserError(f"fp8_matmul: x {x.shape} does not contract with w {w.shape} (w_layout={w_layout}).")
     return _matmul(x, w, (K, N, w_layout, x.dtype, w.dtype), _options(options, kw))
 
 
@@ -132,17 +133,17 @@ def _split_einsum(eq: str, x_ndim: int, w_ndim: int) -> int:
         lhs, out = eq.split("->")
         xs, ws = lhs.split(",")
     except ValueError:
-        raise ValueError(f"fp8_einsum: cannot parse {eq!r}; expected 'x,w->out'.") from None
+        raise UserError(f"fp8_einsum: cannot parse {eq!r}; expected 'x,w->out'.") from None
     if "." in ws:
-        raise ValueError(f"fp8_einsum: {eq!r}: the weight may not have an ellipsis.")
+        raise UserError(f"fp8_einsum: {eq!r}: the weight may not have an ellipsis.")
     contracted = [c for c in ws if c not in out]
     nc = len(contracted)
     ok = (nc > 0 and ws[:nc] == "".join(contracted) and xs.endswith("".join(contracted))
           and out == xs[: len(xs) - nc] + ws[nc:] and len(ws) == w_ndim
           and (("..." in xs) or len(xs) == x_ndim))
     if not ok:
-        raise ValueError(f"fp8_einsum: {eq!r} is not of the form 'A..C,C..N->A..N' (x's trailing axes contract "
-                         f"with w's leading axes, in order); use jnp.einsum for it or reorder the weight axes.")
+        raise UserError(f"fp8_einsum: {eq!r} is not of the form 'A..C,C..N->A..N' (x's trailing axes contract "
+                        f"with w's leading axes, in order); use jnp.einsum for it or reorder the weight axes.")
     return nc
 
 
@@ -154,7 +155,7 @@ def fp8_einsum(eq: str, x: jax.Array, w: jax.Array, *, options: Fp8Options | Non
     nc = _split_einsum(eq, x.ndim, w.ndim)
     batch, kshape, nshape = x.shape[: x.ndim - nc], w.shape[:nc], w.shape[nc:]
     if x.shape[x.ndim - nc:] != kshape:
-        raise ValueError(f"fp8_einsum {eq!r}: contracted axes of x {x.shape} and w {w.shape} differ.")
+        raise UserError(f"fp8_einsum {eq!r}: contracted axes of x {x.shape} and w {w.shape} differ.")
     K, N = math.prod(kshape), math.prod(nshape)
     y = fp8_matmul(x.reshape(-1, K), w.reshape(K, N), options=options, **kw)
     return y.reshape(*batch, *nshape)
@@ -209,17 +210,17 @@ def fp8_expert_blocks(xb: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     the kernel's row tile: use a power of two >= 16 on GPU and a multiple of 32 on TPU (64 or 128).
     """
     if xb.ndim != 3 or w.ndim != 3 or block_expert.shape != (xb.shape[0],) or xb.shape[2] != w.shape[1]:
-        raise ValueError(f"fp8_expert_blocks wants xb [nb, b, K], w [E, K, N], block_expert [nb]; got "
-                         f"{xb.shape}, {w.shape}, {block_expert.shape}.")
+        raise UserError(f"fp8_expert_blocks wants xb [nb, b, K], w [E, K, N], block_expert [nb]; got "
+                        f"{xb.shape}, {w.shape}, {block_expert.shape}.")
     E, K, N = w.shape
     o = _options(options, kw)
     b = xb.shape[1]
     interpret = o.interpret if o.interpret is not None else jax.default_backend() == "cpu"
     if resolve_impl(o.impl) == "pallas" and not interpret:
         if resolve_backend(o.backend) == "mosaic_tpu" and b % 128:
-            raise ValueError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a multiple "
-                             f"of 128 for the TPU kernels (Wgrad tiles the block rows along lanes).")
+            raise UserError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a multiple "
+                            f"of 128 for the TPU kernels (Wgrad tiles the block rows along lanes).")
         if resolve_backend(o.backend) == "triton" and (b < 16 or b & (b - 1)):
-            raise ValueError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a power of "
-                             f"two >= 16 for the Triton kernels (64 or 128).")
+            raise UserError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a power of "
+                            f"two >= 16 for the Triton kernels (64 or 128).")
     return _experts(xb, w, block_expert.astype(jnp.int32), (K, N, E, xb.dtype, w.dtype), o)

@@ -50,7 +50,14 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from dsv3_jax import sharding
-from dsv3_jax.infer.sampling import SamplingParams, greedy, probabilities, sample, verify_draft
+from dsv3_jax.cli import UserError
+from dsv3_jax.infer.sampling import (
+    SamplingParams,
+    greedy,
+    probabilities,
+    sample,
+    verify_draft,
+)
 from dsv3_jax.model import DeepSeekV3, ModelCache
 
 EOS_ID = 1  # DeepSeek-V3 <|end_of_text|> (and the demo tokenizer's)
@@ -115,7 +122,7 @@ class Generator:
         context = cfg.max_position_embeddings
         self.capacity = min(context, 4096) if capacity is None else int(capacity)
         if not 0 < self.capacity <= context:
-            raise ValueError(f"cache capacity {self.capacity} must be in [1, max_position_embeddings={context}]")
+            raise UserError(f"cache capacity {self.capacity} must be in [1, max_position_embeddings={context}]")
         self.cache_dtype = jnp.dtype(cfg.compute_dtype if cache_dtype is None else cache_dtype)
         self.mesh = mesh
         self.prefill_bucket = prefill_bucket
@@ -236,28 +243,28 @@ class Generator:
         """Raise ValueError for anything that cannot run: empty or too long prompts, cache overflow."""
         cfg = self.cfg
         if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+            raise UserError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if not prompts:
-            raise ValueError("no prompts given")
+            raise UserError("no prompts given")
         for i, p in enumerate(prompts):
             n = len(p)
             if n == 0:
-                raise ValueError(f"prompt {i} is empty: it needs at least one token")
+                raise UserError(f"prompt {i} is empty: it needs at least one token")
             if n > cfg.max_position_embeddings:
-                raise ValueError(f"prompt {i} has {n} tokens, more than the model's context of "
-                                 f"{cfg.max_position_embeddings} (max_position_embeddings); shorten it")
+                raise UserError(f"prompt {i} has {n} tokens, more than the model's context of "
+                                f"{cfg.max_position_embeddings} (max_position_embeddings); shorten it")
             if n > self.capacity:
-                raise ValueError(f"prompt {i} has {n} tokens, more than the cache's capacity of {self.capacity} "
-                                 f"tokens; shorten it or raise the cache length")
+                raise UserError(f"prompt {i} has {n} tokens, more than the cache's capacity of {self.capacity} "
+                                f"tokens; shorten it or raise the cache length")
             if n + max_new_tokens > self.capacity:
                 fix = ("shorten the prompt or lower max_new_tokens: the cache already spans the model's context"
                        if self.capacity == cfg.max_position_embeddings else
                        f"lower max_new_tokens or raise the cache capacity (infer.py --cache_len, at most "
                        f"max_position_embeddings={cfg.max_position_embeddings})")
-                raise ValueError(f"prompt {i} ({n} tokens) + max_new_tokens ({max_new_tokens}) = "
-                                 f"{n + max_new_tokens} exceeds the cache's capacity of {self.capacity} tokens; {fix}")
+                raise UserError(f"prompt {i} ({n} tokens) + max_new_tokens ({max_new_tokens}) = "
+                                f"{n + max_new_tokens} exceeds the cache's capacity of {self.capacity} tokens; {fix}")
             if max(p) >= cfg.vocab_size or min(p) < 0:
-                raise ValueError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
+                raise UserError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), *, speculative: bool = False, stop_tokens: Sequence[int] = (EOS_ID,),
@@ -269,7 +276,7 @@ class Generator:
         """
         self.check_prompts(prompts, max_new_tokens)
         if speculative and not self.has_mtp:
-            raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
+            raise UserError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         n = len(prompts)
         B = round_up(n, self.batch_multiple)
         lens = [len(p) for p in prompts] + [1] * (B - n)  # padding rows: one token, never active

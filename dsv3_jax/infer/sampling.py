@@ -25,6 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dsv3_jax.cli import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -37,11 +39,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+            raise UserError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
+            raise UserError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1 disables top-p)")
+            raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables top-p)")
 
     @property
     def greedy(self) -> bool:

@@ -10,14 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.model import DeepSeekV3
 
 
 def greedy_tokens(model: DeepSeekV3, prompt: list[int], max_new_tokens: int) -> list[int]:
     total = len(prompt) + max_new_tokens
     if total > model.cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"context of {model.cfg.max_position_embeddings} tokens")
+        raise UserError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                        f"context of {model.cfg.max_position_embeddings} tokens")
     buf = jnp.zeros((1, total), jnp.int32).at[0, :len(prompt)].set(jnp.asarray(prompt, jnp.int32))
 
     @jax.jit

@@ -76,8 +76,8 @@ def parse_mesh(text: str | None) -> dict[str, int]:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {list(MESH_AXES)} "
-                             f"and SIZE >= 1")
+            raise UserError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {list(MESH_AXES)} "
+                            f"and SIZE >= 1")
         sizes[name] = int(value)
     return sizes
 
@@ -156,6 +156,8 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     tokenizer_plan = _tokenizer_plan(ck.path, out_dir)
     if os.path.exists(final):
         shutil.rmtree(final)  # only reached with --overwrite on a converter's own output (check_output_dir)
+    for name in _leftovers(out_dir) or []:  # an interrupted conversion's temporary directories
+        shutil.rmtree(os.path.join(ckpt_root, name))
     tmp = os.path.join(ckpt_root, f"0.orbax-checkpoint-tmp-{time.time_ns()}")
     os.makedirs(os.path.join(tmp, "state"))
     os.makedirs(os.path.join(tmp, "meta"))
@@ -222,68 +224,84 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     return summary
 
 
-def _is_converted(out_dir: str) -> bool:
-    """True when `out_dir` holds only what this converter writes (checkpoints/0 with our meta format)."""
-    meta = os.path.join(out_dir, "checkpoints", "0", "meta", "metadata")
+def _converted_meta(out_dir: str) -> dict | None:
+    """The meta of a finished conversion in `out_dir` (checkpoints/0 with our format), else None."""
     try:
-        with open(meta) as f:
-            return json.load(f).get("format") == FORMAT
+        with open(os.path.join(out_dir, "checkpoints", "0", "meta", "metadata")) as f:
+            meta = json.load(f)
     except (OSError, ValueError):
-        return False
+        return None
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else None
+
+
+def _leftovers(out_dir: str) -> list[str] | None:
+    """The temporary directories of an interrupted conversion when checkpoints/ holds nothing else."""
+    root = os.path.join(out_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    tmp = [n for n in names if n.startswith("0.orbax-checkpoint-tmp-")]
+    return tmp if names and len(tmp) == len(names) else None
 
 
 def check_output_dir(out_dir: str, overwrite: bool) -> None:
     """Refuse a train.py workdir always, and any other non-empty directory unless --overwrite was given
-    and the directory is a previous output of this converter."""
+    and the directory holds a previous (finished or interrupted) output of this converter."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out {out_dir} is a file; pass a new or empty directory")
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     if not entries:
         return
-    ours = _is_converted(out_dir)
+    ours = _converted_meta(out_dir) is not None
+    interrupted = not ours and _leftovers(out_dir) is not None
     trained = (os.path.exists(os.path.join(out_dir, "metrics.jsonl")) or
-               (os.path.isdir(os.path.join(out_dir, "checkpoints")) and not ours))
+               (os.path.isdir(os.path.join(out_dir, "checkpoints")) and not ours and not interrupted))
     if trained:
         raise UserError(f"--out {out_dir} is a train.py workdir (it holds a training run's checkpoints or "
                         f"metrics); converting into it would replace them. Pass a new or empty directory")
     if not overwrite:
-        what = "a previous conversion" if ours else f"{len(entries)} entries ({', '.join(entries[:4])}...)"
+        what = ("a previous conversion" if ours else "an interrupted conversion" if interrupted
+                else f"{len(entries)} entries ({', '.join(entries[:4])}...)")
         raise UserError(f"--out {out_dir} is not empty (it holds {what}); pass a new or empty directory, or "
                         f"--overwrite to replace a previous conversion")
-    if not ours:
+    if not (ours or interrupted):
         raise UserError(f"--out {out_dir} is not empty and was not written by this converter "
                         f"({', '.join(entries[:4])}); --overwrite replaces only a previous conversion. "
                         f"Pass a new or empty directory")
 
 
-def _tokenizer_plan(src: str, out_dir: str) -> list[str]:
-    """Tokenizer files to copy from `src`; an existing different file in `out_dir` that the converter did not
-    write (no record in the previous conversion's meta) is an error, never replaced."""
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tokenizer_plan(src: str, out_dir: str) -> dict[str, str]:
+    """Tokenizer files to copy from `src` -> their sha256. A file already in `out_dir` that differs is
+    replaced only if this converter wrote it (its sha256 is the one the previous conversion recorded; a
+    conversion from before the record existed counts as having written it); otherwise an error."""
     names = [n for n in (hf.TOKENIZER_FILE, "tokenizer_config.json") if os.path.isfile(os.path.join(src, n))]
+    meta = _converted_meta(out_dir)
+    recorded = meta.get("tokenizer_files") if meta is not None else None
+    plan = {}
     for name in names:
+        plan[name] = _sha256(os.path.join(src, name))
         dst = os.path.join(out_dir, name)
-        if not os.path.exists(dst):
+        if not os.path.exists(dst) or _sha256(dst) == plan[name]:
             continue
-        with open(os.path.join(src, name), "rb") as a, open(dst, "rb") as b:
-            if a.read() == b.read():
-                continue
-        if not (_is_converted(out_dir) and name in _converted_files(out_dir)):
+        ours = meta is not None and (not isinstance(recorded, dict) or recorded.get(name) == _sha256(dst))
+        if not ours:
             raise UserError(f"{dst} exists, differs from {os.path.join(src, name)} and was not written by the "
                             f"converter; move it away first (it is never replaced)")
-    return names
+    return plan
 
 
-def _converted_files(out_dir: str) -> list[str]:
-    with open(os.path.join(out_dir, "checkpoints", "0", "meta", "metadata")) as f:
-        return list(json.load(f).get("tokenizer_files", []))
-
-
-def _copy_tokenizer_files(src: str, dst: str, names: list[str]) -> list[str]:
-    for name in names:
+def _copy_tokenizer_files(src: str, dst: str, plan: dict[str, str]) -> list[str]:
+    for name in plan:
         tmp = os.path.join(dst, name + ".tmp")
         shutil.copyfile(os.path.join(src, name), tmp)
         os.replace(tmp, os.path.join(dst, name))
-    return names
+    return list(plan)
 
 
 def _piece_parts(ck: hf.Checkpoint, piece: L.Piece, band, dtype):
@@ -348,8 +366,8 @@ def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, **o
     with Checkpointer(ckdir, async_save=False) as ckpt:
         step, meta = ckpt.restore_meta(step)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{ckdir}/{step} is not a converted checkpoint (meta format "
-                             f"{meta.get('format')!r}); use dsv3_jax.infer.load.load_trained for train.py runs")
+            raise UserError(f"{ckdir}/{step} is not a converted checkpoint (meta format "
+                            f"{meta.get('format')!r}); use dsv3_jax.infer.load.load_trained for train.py runs")
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         cfg = ModelConfig.from_dict(config.model)
         if dtype is not None:

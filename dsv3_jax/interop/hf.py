@@ -120,14 +120,14 @@ def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
     if "num_mtp_layers" in d:  # transformers 5 alias
         mtp = d.pop("num_mtp_layers")
         if d.setdefault("num_nextn_predict_layers", mtp) != mtp:
-            raise ValueError(f"config.json: num_mtp_layers={mtp} but num_nextn_predict_layers="
-                             f"{d['num_nextn_predict_layers']}; they name the same thing")
+            raise UserError(f"config.json: num_mtp_layers={mtp} but num_nextn_predict_layers="
+                            f"{d['num_nextn_predict_layers']}; they name the same thing")
     unknown = sorted(set(d) - set(_SAME) - _IGNORED - _CHECKED)
     if unknown:
-        raise ValueError(f"config.json: unknown field(s) {unknown}; dsv3_jax reads DeepSeek-V3 configs "
-                         f"(model_type deepseek_v3). Remove them or extend dsv3_jax.interop.hf if they matter.")
+        raise UserError(f"config.json: unknown field(s) {unknown}; dsv3_jax reads DeepSeek-V3 configs "
+                        f"(model_type deepseek_v3). Remove them or extend dsv3_jax.interop.hf if they matter.")
     if d.get("model_type", "deepseek_v3") != "deepseek_v3":
-        raise ValueError(f"config.json: model_type={d['model_type']!r} is not 'deepseek_v3'")
+        raise UserError(f"config.json: model_type={d['model_type']!r} is not 'deepseek_v3'")
     absent = [k for k in _REQUIRED if k not in d]
     if d.get("n_routed_experts"):
         absent += [k for k in _REQUIRED_MOE if k not in d]
@@ -139,13 +139,13 @@ def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
         if k in fields and fields[k] is None:
             fields[k] = 1
     if fields.get("scoring_func", "sigmoid") != "sigmoid":
-        raise ValueError(f"config.json: scoring_func={fields['scoring_func']!r}; DeepSeek-V3 routing needs 'sigmoid'")
+        raise UserError(f"config.json: scoring_func={fields['scoring_func']!r}; DeepSeek-V3 routing needs 'sigmoid'")
     theta, scaling = _parse_rope(d, fields.get("max_position_embeddings", ModelConfig.max_position_embeddings))
     fields.update(rope_theta=theta, rope_scaling=scaling, **overrides)
     try:
         cfg = ModelConfig(**fields)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.json: {e}") from None
+        raise UserError(f"config.json: {e}") from None
     _check_hf_only(d, cfg)
     return HFConfig(cfg, rope_interleave=bool(d.get("rope_interleave", True)), fp8_block=_fp8_block(d),
                     bos_token_id=d.get("bos_token_id", 0), eos_token_id=d.get("eos_token_id", 1))
@@ -159,29 +159,29 @@ def _parse_rope(d: dict, max_pos: int) -> tuple[float, RopeScaling | None]:
         a = {k: v for k, v in params.items() if k not in ("rope_theta", "rope_type", "type")}
         b = {k: v for k, v in scaling.items() if k not in ("rope_theta", "rope_type", "type")}
         if a != b:
-            raise ValueError(f"config.json: rope_parameters {params} and rope_scaling {scaling} disagree; keep one")
+            raise UserError(f"config.json: rope_parameters {params} and rope_scaling {scaling} disagree; keep one")
     rp = dict(params if params is not None else (scaling or {}))
     theta = rp.pop("rope_theta", None)
     if theta is not None and top_theta is not None and float(theta) != float(top_theta):
-        raise ValueError(f"config.json: rope_theta={top_theta} but rope_parameters.rope_theta={theta}")
+        raise UserError(f"config.json: rope_theta={top_theta} but rope_parameters.rope_theta={theta}")
     theta = float(theta if theta is not None else (top_theta if top_theta is not None else 10000.0))
     kind = rp.pop("rope_type", None) or rp.pop("type", None) or "default"
     rp.pop("type", None)
     if kind == "default":
         if rp.get("factor", 1.0) not in (None, 1.0):
-            raise ValueError(f"config.json: rope type 'default' with factor={rp['factor']}")
+            raise UserError(f"config.json: rope type 'default' with factor={rp['factor']}")
         return theta, None
     if kind != "yarn":
-        raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported; DeepSeek-V3 uses 'yarn'")
+        raise UserError(f"config.json: rope_scaling type {kind!r} is not supported; DeepSeek-V3 uses 'yarn'")
     known = {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
              "attention_factor", "truncate", "partial_rotary_factor"}
     unknown = sorted(set(rp) - known)
     if unknown:
-        raise ValueError(f"config.json: unknown rope_scaling field(s) {unknown}")
+        raise UserError(f"config.json: unknown rope_scaling field(s) {unknown}")
     if rp.get("truncate", True) is not True:
-        raise ValueError("config.json: rope_scaling.truncate=false is not supported (YaRN bounds are floored/ceiled)")
+        raise UserError("config.json: rope_scaling.truncate=false is not supported (YaRN bounds are floored/ceiled)")
     if rp.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("config.json: rope_scaling.partial_rotary_factor != 1 is not supported")
+        raise UserError("config.json: rope_scaling.partial_rotary_factor != 1 is not supported")
     L0 = int(rp.get("original_max_position_embeddings") or max_pos)
     factor = float(rp["factor"]) if rp.get("factor") is not None else max_pos / L0
     ms, ma = rp.get("mscale"), rp.get("mscale_all_dim")
@@ -190,25 +190,25 @@ def _parse_rope(d: dict, max_pos: int) -> tuple[float, RopeScaling | None]:
     elif not ma:  # transformers: cos/sin x mscale(factor), softmax unscaled
         mscale, mscale_all_dim = 1.0, 0.0
     else:
-        raise ValueError(f"config.json: rope_scaling has mscale_all_dim={ma} without mscale; set both (DeepSeek-V3: "
-                         f"1.0 and 1.0)")
+        raise UserError(f"config.json: rope_scaling has mscale_all_dim={ma} without mscale; set both (DeepSeek-V3: "
+                        f"1.0 and 1.0)")
     try:
         rs = RopeScaling(factor=factor, original_max_position_embeddings=L0,
                          beta_fast=float(rp.get("beta_fast") or 32), beta_slow=float(rp.get("beta_slow") or 1),
                          mscale=mscale, mscale_all_dim=mscale_all_dim)
     except ValueError as e:
-        raise ValueError(f"config.json: {e}") from None
+        raise UserError(f"config.json: {e}") from None
     if rp.get("attention_factor") is not None:
         ours = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
         if not math.isclose(float(rp["attention_factor"]), ours, rel_tol=1e-6):
-            raise ValueError(f"config.json: rope_scaling.attention_factor={rp['attention_factor']} differs from the "
-                             f"value {ours:.6g} implied by factor/mscale/mscale_all_dim; not supported")
+            raise UserError(f"config.json: rope_scaling.attention_factor={rp['attention_factor']} differs from the "
+                            f"value {ours:.6g} implied by factor/mscale/mscale_all_dim; not supported")
     return theta, rs
 
 
 def _check_hf_only(d: dict, cfg: ModelConfig):
     def bad(field, want):
-        raise ValueError(f"config.json: {field}={d[field]!r} is inconsistent with this model: {want}")
+        raise UserError(f"config.json: {field}={d[field]!r} is inconsistent with this model: {want}")
 
     if d.get("head_dim") is not None and d["head_dim"] != cfg.qk_rope_head_dim:
         bad("head_dim", f"transformers sets it to qk_rope_head_dim={cfg.qk_rope_head_dim}")
@@ -234,13 +234,13 @@ def _fp8_block(d: dict) -> tuple[int, int] | None:
     if not q:
         return None
     if q.get("quant_method") != "fp8":
-        raise ValueError(f"config.json: quantization_config.quant_method={q.get('quant_method')!r}; only 'fp8' "
-                         f"(block-scaled E4M3) is supported")
+        raise UserError(f"config.json: quantization_config.quant_method={q.get('quant_method')!r}; only 'fp8' "
+                        f"(block-scaled E4M3) is supported")
     if q.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(f"config.json: quantization_config.fmt={q['fmt']!r}; only 'e4m3' is supported")
+        raise UserError(f"config.json: quantization_config.fmt={q['fmt']!r}; only 'e4m3' is supported")
     block = q.get("weight_block_size", [128, 128])
     if not (isinstance(block, (list, tuple)) and len(block) == 2):
-        raise ValueError(f"config.json: quantization_config.weight_block_size={block!r} must be [rows, cols]")
+        raise UserError(f"config.json: quantization_config.weight_block_size={block!r} must be [rows, cols]")
     return int(block[0]), int(block[1])
 
 
@@ -392,8 +392,8 @@ def check_tensors(path: str, plan: L.Plan, tensors: st.SafetensorsDir, cfg: Mode
             parts.append(f"{title}: {shown}")
     if parts:
         raise UserError(f"checkpoint {path} does not match its config.json (num_hidden_layers="
-                         f"{cfg.num_hidden_layers}, q_lora_rank={cfg.q_lora_rank}, MTP layers={depth}): "
-                         + " | ".join(parts))
+                        f"{cfg.num_hidden_layers}, q_lora_rank={cfg.q_lora_rank}, MTP layers={depth}): "
+                        + " | ".join(parts))
 
 
 # ---------------------------------------------------------------------- load
@@ -460,8 +460,8 @@ def save(model: DeepSeekV3, config: ModelConfig | None, path: str, *, dtype=None
     differ = sorted(f.name for f in dataclasses.fields(cfg)
                     if f.name not in runtime and getattr(cfg, f.name) != getattr(model.cfg, f.name))
     if differ:
-        raise ValueError(f"hf.save: config differs from the model's own config in {differ}; pass config=None "
-                         f"(or model.cfg) to save the model as it is")
+        raise UserError(f"hf.save: config differs from the model's own config in {differ}; pass config=None "
+                        f"(or model.cfg) to save the model as it is")
     depth = len(model.mtp) if mtp else 0
     cfg_out = cfg.replace(num_nextn_predict_layers=depth) if depth != cfg.num_nextn_predict_layers else cfg
     params = L.flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)), ("params",))

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.moe import RouterBias
@@ -141,7 +142,7 @@ def hf_shape(kind: str, block: tuple) -> tuple:
         return (block[1] * block[2], block[0])
     if kind == "o":
         return (block[2], block[0] * block[1])
-    raise ValueError(f"unknown transform {kind!r}")
+    raise UserError(f"unknown transform {kind!r}")
 
 
 def to_ours(x: np.ndarray, kind: str, block: tuple, cfg: ModelConfig, fmt: Format) -> np.ndarray:
@@ -164,7 +165,7 @@ def to_ours(x: np.ndarray, kind: str, block: tuple, cfg: ModelConfig, fmt: Forma
     if kind == "o":
         N, dv, D = block
         return x.reshape(D, N, dv).transpose(1, 2, 0)
-    raise ValueError(f"unknown transform {kind!r}")
+    raise UserError(f"unknown transform {kind!r}")
 
 
 def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
@@ -179,7 +180,7 @@ def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "o":
         N, dv, D = x.shape
         return x.transpose(2, 0, 1).reshape(D, N * dv)
-    raise ValueError(f"unknown transform {kind!r}")
+    raise UserError(f"unknown transform {kind!r}")
 
 
 # ---------------------------------------------------------------------- the plan

@@ -161,15 +161,15 @@ class SafetensorsDir:
                 raise FileNotFoundError(f"{INDEX_FILE} names {name}, which is not in {self.directory}")
             for key, info in read_header(path).items():
                 if key in self.tensors:
-                    raise ValueError(f"tensor {key!r} is stored twice: in {self.tensors[key].file} and {path}")
+                    raise UserError(f"tensor {key!r} is stored twice: in {self.tensors[key].file} and {path}")
                 self.tensors[key] = info
         if weight_map is not None:
             unlisted = sorted(set(self.tensors) - set(weight_map))
             absent = sorted(set(weight_map) - set(self.tensors))
             if absent:
-                raise ValueError(f"{INDEX_FILE} lists tensors that no file holds: {absent[:5]}")
+                raise UserError(f"{INDEX_FILE} lists tensors that no file holds: {absent[:5]}")
             if unlisted:
-                raise ValueError(f"tensors missing from {INDEX_FILE}'s weight_map: {unlisted[:5]}")
+                raise UserError(f"tensors missing from {INDEX_FILE}'s weight_map: {unlisted[:5]}")
 
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
@@ -191,7 +191,7 @@ class SafetensorsDir:
         dt = DTYPES[info.dtype]
         shape = info.shape
         if len(select) + (rows is not None) > len(shape):
-            raise ValueError(f"{key}: cannot select {select} rows {rows} of a tensor of shape {shape}")
+            raise UserError(f"{key}: cannot select {select} rows {rows} of a tensor of shape {shape}")
         start = 0
         for i, s in enumerate(select):
             if not 0 <= s < shape[i]:
@@ -215,7 +215,7 @@ class SafetensorsDir:
             while done < nbytes:  # one pread may return less than asked for (large reads)
                 got = os.preadv(f.fileno(), [view[done:]], where + done)
                 if got == 0:
-                    raise ValueError(f"{info.file}: truncated data for tensor {key!r}")
+                    raise UserError(f"{info.file}: truncated data for tensor {key!r}")
                 done += got
         return np.frombuffer(buf, dtype=dt).reshape(out_shape)
 
@@ -243,12 +243,12 @@ def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block=(128, 128), ro
     bm, bn = block
     rows, cols = q.shape
     if scale_inv.ndim != 2:
-        raise ValueError(f"FP8 scale_inv must be 2-D per tensor, got shape {scale_inv.shape}")
+        raise UserError(f"FP8 scale_inv must be 2-D per tensor, got shape {scale_inv.shape}")
     i = (np.arange(rows) + row_offset) // bm - row_offset // bm  # block row of each row, within scale_inv
     j = np.arange(cols) // bn
     if (rows and i[-1] >= scale_inv.shape[0]) or (cols and j[-1] >= scale_inv.shape[1]):
-        raise ValueError(f"FP8 scale_inv of shape {scale_inv.shape} does not cover a {q.shape} weight in "
-                         f"{bm}x{bn} blocks")
+        raise UserError(f"FP8 scale_inv of shape {scale_inv.shape} does not cover a {q.shape} weight in "
+                        f"{bm}x{bn} blocks")
     return q.astype(np.float32) * scale_inv[i][:, j]
 
 

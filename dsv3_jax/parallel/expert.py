@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.moe import experts_blocks, permute_rows
 from dsv3_jax.sharding import BATCH_AXES, logical_to_spec
 
@@ -174,6 +175,6 @@ def resolve_dispatch(dispatch: str, capacity_factor: float) -> str:
     if dispatch == "auto":
         return "ragged" if capacity_factor <= 0 and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "padded"
     if dispatch == "ragged" and capacity_factor > 0:
-        raise ValueError(f"expert_dispatch='ragged' is dropless; it cannot honour expert_capacity_factor="
-                         f"{capacity_factor} (use 'padded' or set the factor to 0).")
+        raise UserError(f"expert_dispatch='ragged' is dropless; it cannot honour expert_capacity_factor="
+                        f"{capacity_factor} (use 'padded' or set the factor to 0).")
     return dispatch

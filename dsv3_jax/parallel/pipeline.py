@@ -42,6 +42,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import sharding
+from dsv3_jax.cli import UserError
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
@@ -56,9 +57,9 @@ def default_microbatches(stages: int) -> int:
 def check_microbatches(batch: int, microbatches: int, data_shards: int) -> None:
     """Every micro-batch must split evenly over the data shards (data x fsdp x expert)."""
     if microbatches < 1 or batch % microbatches or (batch // microbatches) % data_shards:
-        raise ValueError(f"config.mesh.microbatches={microbatches}: the batch of {batch} sequences must split into "
-                         f"that many micro-batches, each divisible by data x fsdp x expert = {data_shards}; choose "
-                         f"microbatches so that batch_size is a multiple of microbatches x {data_shards}.")
+        raise UserError(f"config.mesh.microbatches={microbatches}: the batch of {batch} sequences must split into "
+                        f"that many micro-batches, each divisible by data x fsdp x expert = {data_shards}; choose "
+                        f"microbatches so that batch_size is a multiple of microbatches x {data_shards}.")
 
 
 def _shift(buf, mesh, stages: int):
@@ -78,7 +79,7 @@ def pipeline_blocks(stack, x, cos, sin, *, microbatches: int, remat: bool, moe_i
     graphdef, state = nnx.split(stack)
     L = jax.tree.leaves(state)[0].shape[0]
     if L % S:
-        raise ValueError(f"{L} stacked layers do not split into {S} pipeline stages")
+        raise UserError(f"{L} stacked layers do not split into {S} pipeline stages")
     B, T, D = x.shape
     check_microbatches(B, M, sharding.axis_size("data") * sharding.axis_size("fsdp") * sharding.axis_size("expert"))
     b = B // M

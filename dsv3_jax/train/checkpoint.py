@@ -104,6 +104,19 @@ def _fmt_key(key: tuple) -> str:
     return "/".join(str(k) for k in key)
 
 
+def _damage(e: BaseException) -> str:
+    """The one-line reason when `e` says the checkpoint's files are damaged; re-raise anything else.
+
+    Damage: a missing, truncated or undecodable file (OSError, ValueError incl. JSON and tensorstore
+    errors, EOFError) or the bare Exception orbax wraps a failed array read in. Not damage, raised as it
+    is: running out of memory, XLA runtime errors, TypeError/KeyError/AttributeError (bugs), Ctrl-C.
+    """
+    damaged = isinstance(e, (OSError, ValueError, EOFError)) or type(e) is Exception
+    if not damaged or isinstance(e, MemoryError):
+        raise e
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """Mute the tracebacks orbax (absl logging) and its read tasks (asyncio: "Task exception was never
@@ -141,9 +154,9 @@ class Checkpointer:
         async_save: bool = True,
     ):
         if keep is not None and keep < 1:
-            raise ValueError(f"keep must be >= 1 or None, got {keep}")
+            raise UserError(f"keep must be >= 1 or None, got {keep}")
         if save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+            raise UserError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         path = os.fspath(directory)
         if "://" not in path:  # orbax wants absolute local paths
             path = os.path.abspath(path)
@@ -291,9 +304,11 @@ class Checkpointer:
         metadata) is reported through ``log`` with the reason, and once an older step has restored,
         every newer bad step is moved aside into ``<directory>.corrupt/<step>-<time>`` (never deleted:
         the run goes on from the good step and would otherwise collide with them). A config mismatch
-        (CheckpointMismatch) is not corruption and is raised at once. ``move_aside=False`` (readers such
-        as infer.py) leaves the directory as it is. If no step restores, nothing is
-        moved and NoUsableCheckpoint names every step and its error.
+        (CheckpointMismatch) is not corruption and is raised at once, and so is any error that does not
+        say the files are damaged (out of memory, XLA errors, bugs: see `_damage`). ``move_aside=False``
+        (readers such as infer.py, and every process but the first of a multi-host run) leaves the
+        directory as it is. If no step restores, nothing is moved and NoUsableCheckpoint names every
+        step and its error.
         """
         self._mngr.wait_until_finished()
         self._mngr.reload()
@@ -303,12 +318,17 @@ class Checkpointer:
             with _quiet_orbax():  # orbax logs a traceback for the failure we report in one line
                 try:
                     _, meta = self.restore_meta(step)
-                    got = self.restore(target(meta), step)
-                except UserError:  # a config/tokenizer mismatch is the caller's to fix, not corruption
-                    raise
-                except Exception as e:  # noqa: BLE001 -- orbax/tensorstore/json report corruption in many types
-                    reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-                # leaving the except clause drops the traceback, so the failed read tasks die muted
+                except Exception as e:  # noqa: BLE001 -- sorted by _damage
+                    reason = _damage(e)
+                if reason is None:
+                    abstract = target(meta)  # the caller's errors (mismatch, missing tokenizer) propagate
+                    try:
+                        got = self.restore(abstract, step)
+                    except UserError:  # a config mismatch is the caller's to fix, not corruption
+                        raise
+                    except Exception as e:  # noqa: BLE001
+                        reason = _damage(e)
+                # leaving the except clauses drops the tracebacks, so the failed read tasks die muted
             if reason is not None:
                 log(f"checkpoint step {step} in {self.directory} failed to restore ({reason})")
                 failed.append((step, reason))
@@ -322,6 +342,10 @@ class Checkpointer:
             raise NoUsableCheckpoint(f"no checkpoint in {self.directory} restores ({listed}); move the directory "
                                      f"away to start over, or restore a backup")
         return None
+
+    def reload(self) -> None:
+        """Re-read the step list from disk (after another process moved a step aside)."""
+        self._mngr.reload()
 
     def move_aside(self, step: int) -> str:
         """Rename step ``step``'s directory to ``<directory>.corrupt/<step>-<unix time>``; returns the new path."""

@@ -114,7 +114,7 @@ def default_corpus() -> list[str]:
     if not docs:
         docs = _stdlib_source_corpus()
     if not docs:
-        raise ValueError(
+        raise UserError(
             "no embedded corpus available (neither pydoc_data.topics nor stdlib sources); "
             "set --config.data.path to a .txt/.md/.jsonl file or a directory of them"
         )
@@ -169,7 +169,7 @@ def _read_corpus_file(path: str) -> list[str]:
         return _read_jsonl_file(path)
     if lower.endswith(TEXT_SUFFIXES):
         return [_read_text_file(path)]
-    raise ValueError(
+    raise UserError(
         f"{path}: unsupported corpus file type; use one of {', '.join(CORPUS_SUFFIXES)} "
         "or a directory of such files"
     )
@@ -231,26 +231,44 @@ MAX_TRAIN_WORD = 256  # runs of non-whitespace longer than this are cut for BPE 
 _LONG_RUN = re.compile(r"\S{%d,}" % MAX_TRAIN_WORD)
 
 
-def split_document(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
-    """Cut ``text`` into pieces of at most ``max_chars`` that tokenise exactly like the whole.
+def _safe_cut(text: str, i: int, tokenizer: Tokenizer | None, strict: bool, window: int = 32) -> bool:
+    """Whether cutting ``text`` before position ``i`` should leave its tokens unchanged.
 
-    A cut goes just before a whitespace character that follows a non-whitespace one: the byte-level
-    pre-tokenizer (GPT-2's regex) always ends a word there, so the pieces' tokens concatenate to the
-    whole text's tokens. Only a run of ``max_chars / 2`` characters with no such place (one huge
-    "word", e.g. a base64 blob or a run of one character) is cut hard, which may tokenise the two
-    characters at the cut differently than an uncut run would.
+    ``strict``: i is a U+0020 space between two letters, a word boundary for GPT-2-, Llama-3- and
+    DeepSeek-style pre-tokenizer regexes alike. Otherwise any change between whitespace and
+    non-whitespace. Given a tokenizer, the text around the cut must also encode whole as the two sides
+    apart (which rejects, e.g., a whitespace run that the regex splits differently, or a normalizer
+    that prepends to every piece)."""
+    a, b = text[i - 1], text[i]
+    if strict and not (b == " " and a.isalpha() and text[i + 1:i + 2].isalpha()):
+        return False
+    if not strict and (a.isspace() == b.isspace() or (tokenizer is None and not b.isspace())):
+        return False
+    if tokenizer is None:
+        return True
+    left, right = text[max(0, i - window):i], text[i:i + window]
+    enc = lambda t: tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
+    return enc(left + right) == enc(left) + enc(right)
+
+
+def split_document(text: str, max_chars: int = PIECE_CHARS, tokenizer: Tokenizer | None = None) -> list[str]:
+    """Cut ``text`` into pieces of at most ``max_chars`` that tokenise like the whole.
+
+    Each cut is searched backwards from ``max_chars`` to ``max_chars / 2``: first a space between two
+    letters, then any whitespace boundary, each checked with the tokenizer when one is given
+    (:func:`_safe_cut`). Only where neither exists (a run of ``max_chars / 2`` characters such as a
+    base64 blob or one long "word") is the text cut hard, which may tokenise the characters at that cut
+    differently than the whole would.
     """
     if len(text) <= max_chars:
         return [text]
     pieces, start, n = [], 0, len(text)
     while n - start > max_chars:
         end = start + max_chars
-        cut = end
-        lo = start + max_chars // 2
-        while cut > lo and not (text[cut].isspace() and not text[cut - 1].isspace()):
-            cut -= 1
-        if cut == lo:
-            cut = end
+        span = range(end, start + max(1, max_chars // 2) - 1, -1)
+        cut = next((i for i in span if _safe_cut(text, i, tokenizer, strict=True)), None)
+        if cut is None:
+            cut = next((i for i in span if _safe_cut(text, i, tokenizer, strict=False)), end)
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
@@ -291,7 +309,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     least twice, so a small corpus may yield fewer than ``vocab_size`` tokens.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
+        raise UserError(
             f"vocab_size={vocab_size} is too small for a byte-level tokenizer: it needs at least "
             f"{MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + {N_BYTE_TOKENS} bytes)"
         )
@@ -353,10 +371,16 @@ def save_tokenizer(tokenizer: Tokenizer, path: str) -> None:
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    """sha256 of the tokenizer's JSON: recorded with checkpoints so a resume cannot change token ids."""
+    """sha256 of what maps text to ids (vocabulary with added tokens, BPE merges): recorded with
+    checkpoints so a resume cannot change token ids. Computed from the data, not the JSON text, which
+    differs between tokenizers releases (merges as "a b" strings or as pairs)."""
     import hashlib
 
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    model = json.loads(tokenizer.to_str()).get("model", {})
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
+    vocab = sorted(tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda kv: (kv[1], kv[0]))
+    payload = json.dumps({"type": model.get("type"), "vocab": vocab, "merges": merges}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def get_tokenizer(
@@ -381,7 +405,7 @@ def get_tokenizer(
         source = "the newly trained tokenizer"
     n = tokenizer.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{source} has {n} tokens but the model's vocab_size is {vocab_size}; "
             f"raise --config.model.vocab_size to at least {n}"
         )
@@ -400,7 +424,8 @@ def encode_corpus(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
     literal text ``<|end_of_text|>``) are encoded as ordinary text, so data can
     never inject control tokens; only the separators we add are real eos.
 
-    Memory stays bounded: documents are cut into pieces (:func:`split_document`, same tokens) and
+    Memory stays bounded: documents are cut into pieces (:func:`split_document`, checked with this
+    tokenizer to give the same tokens) and
     encoded ENCODE_BATCH_CHARS characters at a time, so the tokenizer's per-token objects (~100 bytes
     a token) exist for one batch only; what is kept is 4 bytes per token.
     """
@@ -421,7 +446,7 @@ def encode_corpus(tokenizer: Tokenizer, texts: Sequence[str]) -> np.ndarray:
 
         chars = 0
         for text in texts:
-            pieces = split_document(text)
+            pieces = split_document(text, tokenizer=tokenizer)
             for i, piece in enumerate(pieces):
                 batch.append(piece)
                 ends.append(i == len(pieces) - 1)
@@ -446,7 +471,7 @@ def split_tokens(
     too small. ``val_fraction == 0`` gives an empty validation split.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tokens = np.asarray(tokens)
     window = 1 if seq_len is None else seq_len + 1
 
@@ -460,7 +485,7 @@ def split_tokens(
         while needed - n_val_for(needed) < window:  # ceil() can cost a token or two
             needed += 1
         what = f"seq_len={seq_len}" if seq_len is not None else "a train/val split"
-        raise ValueError(
+        raise UserError(
             f"corpus too small for {what}: it has {n} tokens but needs at least {needed} "
             f"(a training window of {window} tokens"
             + (f" plus a validation split of at least {n_val_for(needed)} tokens" if n_val else "")
@@ -485,16 +510,16 @@ class TokenLoader:
 
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+            raise UserError(f"seq_len must be >= 1, got {seq_len}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
+            raise UserError(f"seed must be >= 0, got {seed}")
         self.window = seq_len + 1
         self.seq_len = seq_len
         self.seed = int(seed)
         tokens = np.asarray(tokens, dtype=np.int32)
         self.n_windows = len(tokens) // self.window
         if self.n_windows == 0:
-            raise ValueError(
+            raise UserError(
                 f"{len(tokens)} tokens do not fill a single window of seq_len+1={self.window} tokens"
             )
         self.windows = tokens[: self.n_windows * self.window].reshape(self.n_windows, self.window)
@@ -516,7 +541,7 @@ class TokenLoader:
     def next_batch(self, batch_size: int) -> np.ndarray:
         """The next ``[batch_size, seq_len + 1]`` int32 windows (inputs ``[:, :-1]``, targets ``[:, 1:]``)."""
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {batch_size}")
         picked = []
         need = batch_size
         while need:
@@ -537,7 +562,7 @@ class TokenLoader:
         """Continue from a :meth:`state` (taken from a loader with the same tokens, seq_len and seed)."""
         epoch, index = int(state["epoch"]), int(state["index"])
         if epoch < 0 or not 0 <= index < self.n_windows:
-            raise ValueError(
+            raise UserError(
                 f"invalid loader state {state!r}: need epoch >= 0 and 0 <= index < {self.n_windows}"
             )
         self._epoch, self._index = epoch, index

@@ -265,11 +265,13 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                             f"(leave --config.data.tokenizer_path empty) or use another --workdir")
         return abstract
 
-    try:
-        restored = ckpt.restore_latest_good(target, log=lambda msg: print(msg, file=sys.stderr))
+    try:  # multi-host: every process restores, only the first moves a damaged step aside
+        restored = ckpt.restore_latest_good(target, log=lambda msg: print(msg, file=sys.stderr), move_aside=main)
     except UserError:
         ckpt.close()
         raise
+    distributed.barrier("dsv3_jax.restore")
+    ckpt.reload()
     if restored is not None:
         step0, got, meta = restored
         if weights_only(meta):

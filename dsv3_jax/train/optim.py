@@ -70,6 +70,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsv3_jax.cli import UserError
+
 __all__ = [
     "lr_schedule",
     "step_schedule",
@@ -97,12 +99,12 @@ def lr_schedule(
     Zero-length phases are allowed (e.g. ``warmup_steps=0`` starts at ``peak_lr``).
     """
     if warmup_steps < 0 or constant_steps < 0 or decay_steps < 0:
-        raise ValueError(
+        raise UserError(
             f"phase lengths must be >= 0, got warmup={warmup_steps}, "
             f"constant={constant_steps}, decay={decay_steps}"
         )
     if not 0.0 <= final_ratio <= 1.0:
-        raise ValueError(f"final_ratio must be in [0, 1], got {final_ratio}")
+        raise UserError(f"final_ratio must be in [0, 1], got {final_ratio}")
     peak = float(peak_lr)
     final = peak * float(final_ratio)
     w, c, d = int(warmup_steps), int(constant_steps), int(decay_steps)
@@ -130,12 +132,12 @@ def step_schedule(values: Sequence[float], boundaries: Sequence[int]) -> Callabl
     values = [float(v) for v in values]
     boundaries = [int(b) for b in boundaries]
     if len(values) != len(boundaries) + 1:
-        raise ValueError(
+        raise UserError(
             f"step_schedule needs len(values) == len(boundaries) + 1, "
             f"got {len(values)} values and {len(boundaries)} boundaries"
         )
     if any(b1 >= b2 for b1, b2 in zip(boundaries, boundaries[1:])):
-        raise ValueError(f"boundaries must be strictly increasing, got {boundaries}")
+        raise UserError(f"boundaries must be strictly increasing, got {boundaries}")
     vals = jnp.asarray(values, jnp.float32)
     bnds = jnp.asarray(boundaries, jnp.int32).reshape(-1)
 
@@ -155,7 +157,7 @@ def batch_size_at(step: int, start: int, end: int, ramp_steps: int, *, multiple_
     """
     multiple_of = int(multiple_of)
     if multiple_of < 1:
-        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+        raise UserError(f"multiple_of must be >= 1, got {multiple_of}")
     step = max(int(step), 0)
     if ramp_steps <= 0 or step >= ramp_steps:
         b = float(end)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.model import DeepSeekV3, mtp_valid_mask
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.sharding import constrain
@@ -81,7 +82,7 @@ def update_biases(biases, counts: jax.Array, gamma):
         new.append(b + d.astype(b.dtype))
         row += n
     if row != counts.shape[0]:
-        raise ValueError(f"router biases cover {row} MoE layers but the model reported {counts.shape[0]}")
+        raise UserError(f"router biases cover {row} MoE layers but the model reported {counts.shape[0]}")
     return jax.tree.unflatten(treedef, new)
 
 
