@@ -231,21 +231,17 @@ MAX_TRAIN_WORD = 256  # runs of non-whitespace longer than this are cut for BPE 
 _LONG_RUN = re.compile(r"\S{%d,}" % MAX_TRAIN_WORD)
 
 
-def _safe_cut(text: str, i: int, tokenizer: Tokenizer | None, strict: bool, window: int = 32) -> bool:
-    """Whether cutting ``text`` before position ``i`` should leave its tokens unchanged.
+# Candidate cut positions, best first: a U+0020 space between two letters is a word boundary for
+# GPT-2-, Llama-3- and DeepSeek-style pre-tokenizer regexes alike; then any whitespace boundary (only
+# "before whitespace" without a tokenizer to check it).
+_WORD_GAP = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")
+_ANY_GAP = re.compile(r"(?<=\S)(?=\s)|(?<=\s)(?=\S)")
+_BEFORE_SPACE = re.compile(r"(?<=\S)(?=\s)")
 
-    ``strict``: i is a U+0020 space between two letters, a word boundary for GPT-2-, Llama-3- and
-    DeepSeek-style pre-tokenizer regexes alike. Otherwise any change between whitespace and
-    non-whitespace. Given a tokenizer, the text around the cut must also encode whole as the two sides
-    apart (which rejects, e.g., a whitespace run that the regex splits differently, or a normalizer
-    that prepends to every piece)."""
-    a, b = text[i - 1], text[i]
-    if strict and not (b == " " and a.isalpha() and text[i + 1:i + 2].isalpha()):
-        return False
-    if not strict and (a.isspace() == b.isspace() or (tokenizer is None and not b.isspace())):
-        return False
-    if tokenizer is None:
-        return True
+
+def _same_tokens(text: str, i: int, tokenizer: Tokenizer, window: int = 32) -> bool:
+    """Encoding the text around position i whole equals encoding the two sides apart (which rejects,
+    e.g., a whitespace run the regex splits differently, or a normalizer that prepends to every piece)."""
     left, right = text[max(0, i - window):i], text[i:i + window]
     enc = lambda t: tokenizer.encode(t, add_special_tokens=False).ids  # noqa: E731
     return enc(left + right) == enc(left) + enc(right)
@@ -256,7 +252,7 @@ def split_document(text: str, max_chars: int = PIECE_CHARS, tokenizer: Tokenizer
 
     Each cut is searched backwards from ``max_chars`` to ``max_chars / 2``: first a space between two
     letters, then any whitespace boundary, each checked with the tokenizer when one is given
-    (:func:`_safe_cut`). Only where neither exists (a run of ``max_chars / 2`` characters such as a
+    (:func:`_same_tokens`). Only where neither exists (a run of ``max_chars / 2`` characters such as a
     base64 blob or one long "word") is the text cut hard, which may tokenise the characters at that cut
     differently than the whole would.
     """
@@ -265,10 +261,14 @@ def split_document(text: str, max_chars: int = PIECE_CHARS, tokenizer: Tokenizer
     pieces, start, n = [], 0, len(text)
     while n - start > max_chars:
         end = start + max_chars
-        span = range(end, start + max(1, max_chars // 2) - 1, -1)
-        cut = next((i for i in span if _safe_cut(text, i, tokenizer, strict=True)), None)
-        if cut is None:
-            cut = next((i for i in span if _safe_cut(text, i, tokenizer, strict=False)), end)
+        lo = start + max(1, max_chars // 2)
+        cut = end
+        for pattern in (_WORD_GAP, _ANY_GAP if tokenizer is not None else _BEFORE_SPACE):
+            found = [m.start() for m in pattern.finditer(text, lo, min(n, end + 2)) if m.start() <= end]
+            ok = next((i for i in reversed(found) if tokenizer is None or _same_tokens(text, i, tokenizer)), None)
+            if ok is not None:
+                cut = ok
+                break
         pieces.append(text[start:cut])
         start = cut
     pieces.append(text[start:])
