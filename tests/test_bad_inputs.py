@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.xdist_group("bad_inputs")  # one worker trains the shared workdir once
+pytestmark = pytest.mark.xdist_group("bad_inputs")  # one worker trains the shared workdir (session fixture) once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A tiny config (tiny.py shrunk) that trains 2 steps in seconds; every train.py case starts from it.
@@ -48,7 +48,7 @@ def digest(path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory):
     wd = str(tmp_path_factory.mktemp("trained") / "run")
     r = run("train.py", "--workdir", wd, *BASE)
@@ -57,7 +57,7 @@ def trained(tmp_path_factory):
     return wd
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_dir(trained, tmp_path_factory):
     """A released-format directory of a tiny model (BF16 and an FP8 twin), with the run's tokenizer."""
     import jax.numpy as jnp

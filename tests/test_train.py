@@ -49,7 +49,7 @@ def micro_config(steps=24, **train):
     return c
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """One base run, one with gamma = 0, and the base run split in two halves with a resume."""
     base = tmp_path_factory.mktemp("base")
