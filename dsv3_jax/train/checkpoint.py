@@ -61,7 +61,9 @@ import gc
 import json
 import logging
 import os
+import sys
 import time
+import traceback
 from typing import Any, Callable
 
 import jax
@@ -117,11 +119,45 @@ def _damage(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
+def _is_failed_read_echo(exc_type, exc, tb) -> bool:
+    """The late echo of a failed orbax restore: tensorstore completing a read for an event loop that the
+    failed restore already closed (RuntimeError 'Event loop is closed' in call_soon_threadsafe)."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    frames = traceback.extract_tb(tb)
+    return any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
+
+
+def _mute_failed_reads() -> None:
+    """From the first restore attempt on, drop what Python prints for the abandoned reads of a failed
+    orbax restore, which arrive late and possibly from tensorstore's threads: "Exception ignored in:
+    <coroutine _read_array_index_and_device_put>" (sys.unraisablehook) and 'Event loop is closed' from
+    read callbacks (sys.excepthook). Only those are dropped; everything else reaches the previous hooks."""
+    if getattr(sys.unraisablehook, "_dsv3_mutes_failed_reads", False):
+        return
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(unraisable):
+        if getattr(unraisable.object, "__qualname__", "").endswith("_read_array_index_and_device_put"):
+            return
+        if _is_failed_read_echo(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+            return
+        previous_unraisable(unraisable)
+
+    def except_hook(exc_type, exc, tb):
+        if not _is_failed_read_echo(exc_type, exc, tb):
+            previous_except(exc_type, exc, tb)
+
+    unraisable_hook._dsv3_mutes_failed_reads = True
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
 @contextlib.contextmanager
 def _quiet_orbax():
     """Mute the tracebacks orbax (absl logging) and its read tasks (asyncio: "Task exception was never
     retrieved", printed when the failed sibling tasks are garbage-collected) log for a failure that the
     caller reports in one line. The collection is forced before the loggers are restored."""
+    _mute_failed_reads()
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
