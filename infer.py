@@ -40,30 +40,17 @@ flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or
 FLAGS = flags.FLAGS
 
 
-def parse_mesh(text: str) -> dict:
-    from dsv3_jax.sharding import MESH_AXES
-
-    sizes = {}
-    for part in text.split(","):
-        name, eq, size = part.partition("=")
-        if not eq or not size.strip().lstrip("-").isdigit() or name.strip() not in MESH_AXES:
-            raise cli.UserError(f"--mesh {text!r}: write axis=size pairs separated by commas with axes from "
-                                f"{', '.join(MESH_AXES)}, e.g. data=2,tensor=4")
-        sizes[name.strip()] = int(size)
-    return sizes
-
-
 def make_mesh(text: str, model_cfg):
     import jax
 
-    from dsv3_jax import sharding
+    from dsv3_jax import runtime, sharding
 
-    sizes = parse_mesh(text)
+    sizes = sharding.parse_mesh(text)
     try:
         resolved = sharding.mesh_sizes(sizes, jax.device_count())
     except ValueError as e:
         hint = ("; on CPU, fake devices with XLA_FLAGS=--xla_force_host_platform_device_count=N"
-                if jax.default_backend() == "cpu" else "")
+                if runtime.platform() == "cpu" else "")
         raise ValueError(f"--mesh {text!r}: {e}{hint}") from None
     sharding.validate_mesh(resolved, model_cfg)
     return sharding.make_mesh(resolved)
@@ -98,6 +85,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     import jax.numpy as jnp
 
+    from dsv3_jax import sharding
     from dsv3_jax.infer.generate import Generator, round_up
     from dsv3_jax.infer.sampling import SamplingParams
 
@@ -117,7 +105,7 @@ def main(argv):
         raise cli.UserError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 1")
     cache_dtype = cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype") if FLAGS.cache_dtype else None
     if FLAGS.mesh:
-        parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
+        sharding.parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
     if FLAGS.hf:
         from dsv3_jax.infer.load import load_hf
 
@@ -138,6 +126,7 @@ def main(argv):
         gen.check_prompts(ids, FLAGS.max_new_tokens)
     except ValueError as e:
         raise cli.UserError(f"prompt: {e}") from None
+    print(f"[{gen.runtime.describe()}]", file=sys.stderr)
     if FLAGS.speculative and not gen.has_mtp:
         raise cli.UserError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
 

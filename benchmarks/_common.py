@@ -22,7 +22,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.model import param_counts  # noqa: E402
+from dsv3_jax import param_kinds  # noqa: E402
+from dsv3_jax.model import abstract_model, param_counts  # noqa: E402,F401 (abstract_model: used by the benchmarks)
 
 
 def load_config(path: str | None = None):
@@ -101,14 +102,14 @@ def matmul_params_per_token(model) -> dict:
     mtp = [0] * len(model.mtp)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         n = math.prod(int(d) for d in var.get_value().shape)
-        names = [str(p) for p in path]
-        if names[0] == "mtp":
-            if names[-1] == "scale":
+        kind = param_kinds.param_kind(path)
+        if param_kinds.in_mtp(path):
+            if kind == "norms":
                 continue
-            mtp[int(names[1])] += n * K // E if names[-1] in ("w_gate", "w_up", "w_down") else n
-        elif names[0] == "embed":
+            mtp[int(param_kinds.path_names(path)[1])] += n * K // E if kind == "routed_experts" else n
+        elif kind == "embedding":
             embed += n
-        elif names[-1] == "scale":
+        elif kind == "norms":
             norms += n
     head = cfg.hidden_size * cfg.vocab_size
     return {"main": param_counts(model)["params_active"] - embed - norms, "mtp": [m + head for m in mtp]}
@@ -124,12 +125,6 @@ def train_flops_per_token(model, seq_len: int) -> float:
     layers = cfg.num_hidden_layers + len(p["mtp"])
     attn = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
     return 6 * (p["main"] + sum(p["mtp"])) + attn
-
-
-def abstract_model(cfg: ModelConfig):
-    from dsv3_jax.model import DeepSeekV3
-
-    return nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
 
 
 # ------------------------------------------------------------------ matmul roofline

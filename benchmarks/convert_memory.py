@@ -22,6 +22,7 @@ import time
 import numpy as np
 
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8 import quant as fp8_quant
 from dsv3_jax.interop import hf
 from dsv3_jax.interop import layout as L
 from dsv3_jax.interop import safetensors_io as st
@@ -37,7 +38,7 @@ def bench_config(layers: int) -> ModelConfig:
 
 def write_synthetic(cfg: ModelConfig, directory: str, fp8: bool) -> tuple[int, int]:
     """Random released-format checkpoint; returns (bytes on disk, largest tensor bytes)."""
-    _, params, biases = L.abstract_model(cfg)
+    _, params, biases = L.abstract_states(cfg)
     plan = L.plan(cfg, L.Format(mtp_layers=cfg.num_nextn_predict_layers), L.model_leaves(params, biases))
     bf16 = np.dtype(st.DTYPES["BF16"])
     planned = []
@@ -55,9 +56,9 @@ def write_synthetic(cfg: ModelConfig, directory: str, fp8: bool) -> tuple[int, i
         elif fp8 and key in plan.quantizable:
             sshape = (-(-shape[0] // 128), -(-shape[1] // 128))
             planned.append(st.PlannedTensor(key, shape, np.dtype(st.DTYPES["F8_E4M3"]),
-                                            lambda s=shape, n=seed: st.quantize_blocks(rand(s, n))[0]))
+                                            lambda s=shape, n=seed: np.asarray(fp8_quant.quantize_blocks(rand(s, n))[0])[:s[0], :s[1]]))
             planned.append(st.PlannedTensor(key + st.SCALE_SUFFIX, sshape, np.dtype(np.float32),
-                                            lambda s=shape, n=seed: st.quantize_blocks(rand(s, n))[1]))
+                                            lambda s=shape, n=seed: np.asarray(fp8_quant.quantize_blocks(rand(s, n))[1])))
         else:
             planned.append(st.PlannedTensor(key, shape, bf16, lambda s=shape, n=seed: rand(s, n).astype(bf16)))
     os.makedirs(directory, exist_ok=True)

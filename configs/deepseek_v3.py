@@ -1,6 +1,6 @@
 """DeepSeek-V3 (671B main model + 11.6B MTP) exactly as released (REFERENCE.md section 1), with the
 training recipe of the technical report (section 4.2). Needs an accelerator mesh; `--dry_run` works anywhere."""
-from dsv3_jax.train.config_base import base_config
+from dsv3_jax.config_base import base_config
 
 
 def get_config():

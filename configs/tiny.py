@@ -1,6 +1,6 @@
 """Tiny DeepSeek-V3 (~7M parameters) that trains on 2 CPU cores in minutes yet uses every feature:
 low-rank queries, group-limited routing, a shared expert, dense + MoE layers, YaRN and MTP."""
-from dsv3_jax.train.config_base import base_config
+from dsv3_jax.config_base import base_config
 
 
 def get_config():

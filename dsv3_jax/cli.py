@@ -8,8 +8,8 @@ or DSV3_VERBOSE=1 in the environment prints it too.
 Where the error is raised does not matter. Every check of the package raises `UserError` (a
 ValueError; `ConfigError` says "config error") with the whole message; a missing or unwritable file is
 an OSError naming it; third-party errors (tokenizers, json, orbax, tensorstore) are caught where the
-file is known and re-raised as `UserError` in our words (see `dsv3_jax.train.data.load_tokenizer`,
-`dsv3_jax.interop.safetensors_io.read_header`, `dsv3_jax.train.checkpoint`). `run` turns those into
+file is known and re-raised as `UserError` in our words (see `dsv3_jax.io.tokenizer.load_tokenizer`,
+`dsv3_jax.interop.safetensors_io.read_header`, `dsv3_jax.io.checkpoint`). `run` turns those into
 the line. Anything else, a ValueError from JAX or numpy included, is a bug or a machine failure, not a
 user error, and keeps its traceback.
 

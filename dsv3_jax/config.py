@@ -8,6 +8,11 @@ allocated or any function is compiled.
 Derived sizes (head dims, number of MoE layers, ...) are properties, never stored twice.
 ml-collections stays at the edge: `ModelConfig.from_dict(config.model)` turns the `model` section of a
 `configs/*.py` ConfigDict into this class and rejects unknown keys.
+
+What is NOT here: how the network runs (expert layout and block size, expert dispatch and capacity, FP8
+GEMMs, remat, the pipeline). That is the `Runtime` (dsv3_jax/runtime.py); a config's `model` section
+still carries the run keys users type (`model.moe_impl`, `model.fp8`, ...), and
+`runtime.split_model_section` takes them out before `from_dict` sees the rest.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import jax.numpy as jnp
 from dsv3_jax.cli import UserError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MOE_IMPLS = ("auto", "blocks", "ragged", "dense")
+# fields that moved to the Runtime (a ModelConfig given one names where it went)
+RUN_FIELDS = {"moe_impl": "moe_impl", "moe_block_size": "moe_block_size", "fp8": "fp8",
+              "expert_capacity_factor": "expert_capacity_factor", "expert_dispatch": "expert_dispatch"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +88,6 @@ class ModelConfig:
     initializer_range: float = 0.006
     dtype: str = "bfloat16"  # activations / matmul inputs
     param_dtype: str = "float32"  # master weights
-    moe_impl: str = "auto"  # auto | blocks | ragged | dense (see moe.py)
-    moe_block_size: int = 64  # rows per block in the 'blocks' expert layout
-    fp8: bool = False  # FP8 block-scaled GEMMs (1x128 / 128x128) for projections and experts (dsv3_jax.fp8)
-    expert_capacity_factor: float = 0.0  # expert parallelism: rows per rank pair = cf * M / ep; 0 = dropless
-    expert_dispatch: str = "auto"  # expert parallelism: auto | padded (all_to_all) | ragged (ragged_all_to_all)
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -103,7 +105,7 @@ class ModelConfig:
         positive = [
             "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
             "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
-            "max_position_embeddings", "moe_block_size",
+            "max_position_embeddings",
         ]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -129,14 +131,6 @@ class ModelConfig:
             raise UserError(
                 f"ModelConfig.dtype={self.dtype!r} / param_dtype={self.param_dtype!r}: choose from {sorted(_DTYPES)}."
             )
-        if self.moe_impl not in MOE_IMPLS:
-            raise UserError(f"ModelConfig.moe_impl={self.moe_impl!r}: choose from {MOE_IMPLS}.")
-        if self.expert_dispatch not in ("auto", "padded", "ragged"):
-            raise UserError(f"ModelConfig.expert_dispatch={self.expert_dispatch!r}: choose from "
-                            f"('auto', 'padded', 'ragged').")
-        if self.expert_dispatch == "ragged" and self.expert_capacity_factor > 0:
-            raise UserError("ModelConfig.expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or "
-                            "use expert_dispatch='padded'.")
         if self.has_moe:
             self._validate_moe()
 
@@ -226,6 +220,13 @@ class ModelConfig:
         """Build from a mapping (e.g. `config.model` of an ml-collections ConfigDict); unknown keys are errors."""
         d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
         known = {f.name for f in dataclasses.fields(cls)}
+        moved = sorted(set(d) & set(RUN_FIELDS))
+        if moved:
+            raise UserError(
+                f"{moved} describe how the model runs, not the network: they are Runtime options "
+                f"(dsv3_jax.runtime.resolve({', '.join(f'{RUN_FIELDS[k]}=...' for k in moved)}); in a config "
+                f"file they stay under config.model and the runtime resolver reads them)."
+            )
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(

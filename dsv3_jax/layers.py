@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.fp8.linear import fp8_einsum
+from dsv3_jax.runtime import Fp8Options
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
@@ -50,17 +52,16 @@ class RMSNorm(nnx.Module):
 class Einsum(nnx.Module):
     """A projection written as an einsum, e.g. 'BTD,DNH->BTNH', weight of `shape` with logical `axes`."""
 
-    def __init__(self, eq: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs, fp8: bool = False):
+    def __init__(self, eq: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Options | None = None):
         self.eq = eq
         self.dtype = dtype
-        self.fp8 = fp8  # block-scaled FP8 GEMMs in forward and backward (dsv3_jax.fp8)
+        self.fp8 = fp8  # block-scaled FP8 GEMMs in forward and backward (dsv3_jax.fp8), with these options
         self.kernel = param(rngs, normal(std), shape, axes, param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.fp8:  # quantises the float32 master weight itself, per 128x128 block
-            from dsv3_jax.fp8.linear import fp8_einsum
-
-            return fp8_einsum(self.eq, x.astype(self.dtype), self.kernel[...])
+        if self.fp8 is not None:  # quantises the float32 master weight itself, per 128x128 block
+            return fp8_einsum(self.eq, x.astype(self.dtype), self.kernel[...], options=self.fp8)
         return jnp.einsum(self.eq, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
@@ -78,7 +79,8 @@ class Embed(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
 
-    def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs, fp8: bool = False):
+    def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
+                 fp8: Fp8Options | None = None):
         kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
         self.gate = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
         self.up = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)

@@ -39,9 +39,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layers import Einsum, RMSNorm
 from dsv3_jax.rope import apply_rope
+from dsv3_jax.runtime import Runtime
 
 # Logical axis names of the cache arrays, mapped to mesh axes by dsv3_jax.sharding.RULES (batch -> the
 # data-parallel axes; cache_length and the latent are replicated). k_pe's rope axis has no rule of its
@@ -93,12 +95,13 @@ class LatentCache:
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime | None = None):
         self.cfg = cfg
+        self.runtime = runtime or runtime_lib.default()
         D, N, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(std=cfg.initializer_range, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
-                  fp8=cfg.fp8)
+                  fp8=self.runtime.fp8_gemms)
         nkw = dict(param_dtype=cfg.weight_dtype, rngs=rngs)
         if cfg.q_lora_rank is None:
             self.wq = Einsum("BTD,DNH->BTNH", (D, N, dn + dr), ("embed", "heads", "qk_head_dim"), **kw)
@@ -147,9 +150,10 @@ class MLA(nnx.Module):
 
     def prefill(self, x, cos, sin):
         """The training path, also returning the latent it used: out [B, T, D], c_kv [B, T, R], k_pe [B, T, dr]."""
-        q_nope, q_pe = self.queries(x, cos, sin)
-        c_kv, k_pe = self.latent(x, cos, sin)
-        return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
+        with jax.named_scope("attention"):
+            q_nope, q_pe = self.queries(x, cos, sin)
+            c_kv, k_pe = self.latent(x, cos, sin)
+            return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
 
     # ------------------------------------------------------------------ absorbed decode path
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, dtype) -> jax.Array:
@@ -159,8 +163,8 @@ class MLA(nnx.Module):
         """
         cfg = self.cfg
         dt, f32 = cfg.compute_dtype, jnp.float32
-        if jax.default_backend() == "cpu":  # XLA:CPU cannot run some bf16 x bf16 -> f32 dots (DotThunk): keep
-            dt = jnp.promote_types(dt, f32)  # this core in f32 there (bf16 inputs, so only less rounding)
+        if self.runtime.attention_f32_core:  # XLA:CPU cannot run some bf16 x bf16 -> f32 dots (DotThunk): the
+            dt = jnp.promote_types(dt, f32)  # resolver keeps this core in f32 there (bf16 inputs: less rounding)
         w_uk, w_uv = jnp.split(self.wkv_b.kernel[...].astype(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
         c_kv, k_pe = c_kv.astype(dt), k_pe.astype(dt)
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope.astype(dt), w_uk, preferred_element_type=f32).astype(dt)
@@ -176,9 +180,10 @@ class MLA(nnx.Module):
     def decode(self, x, cos, sin, cache: LatentCache, positions: jax.Array, layer=None):
         """x [B, T, D] at positions [B, T] (consecutive per row): write their latents into the cache at those
         slots, attend over slots s <= position. Returns (out [B, T, D], cache)."""
-        q_nope, q_pe = self.queries(x, cos, sin)
-        c_new, k_new = self.latent(x, cos, sin)
-        cache = cache.write(positions, c_new, k_new, layer)
-        c_kv, k_pe = cache.layer(layer)
-        mask = jnp.arange(cache.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        return self.absorbed(q_nope, q_pe, c_kv, k_pe, mask, x.dtype), cache
+        with jax.named_scope("attention"):
+            q_nope, q_pe = self.queries(x, cos, sin)
+            c_new, k_new = self.latent(x, cos, sin)
+            cache = cache.write(positions, c_new, k_new, layer)
+            c_kv, k_pe = cache.layer(layer)
+            mask = jnp.arange(cache.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+            return self.absorbed(q_nope, q_pe, c_kv, k_pe, mask, x.dtype), cache

@@ -17,8 +17,15 @@ Multi-token prediction (REFERENCE.md section 4), depth k = 1..D, h^0 = final-nor
 Embedding and head are shared with the main model. Positions with i + k >= T see a padding token
 and must be masked out of the MTP loss (see `mtp_valid_mask`).
 
-`DeepSeekV3(tokens)` returns `ModelOutput(logits [B, T, V] f32, mtp_logits (D x [B, T, V]),
-expert_counts [MoE layers (main stack, then MTP blocks), E], balance_loss, dropped_tokens)`.
+`DeepSeekV3(tokens)` returns `ModelOutput(logits [B, T, V] f32, mtp_logits (D x [B, T, V]), moe_stats)`;
+`moe_stats` maps each MoE module's path ("moe_layers/ffn", "mtp/0/block/ffn", ...) to its `LayerStats`
+(`layer_stats.py`), and `expert_counts` [MoE layers (main stack, then MTP blocks), E], `balance_loss` and
+`dropped_tokens` are read from it.
+
+How the model runs is its `Runtime` (`runtime.py`), passed at construction (default: this backend, one
+device): each stack runs with the Runtime's stack strategy (a `lax.scan`, or the pipeline over 'stage')
+and each MoE layer with its expert strategy (a single-device layout, or expert parallelism);
+`with_runtime(model, rt)` gives the same parameters under another Runtime (e.g. the decode layout).
 
 Inference (cache-aware forwards over a `ModelCache`, the absorbed-MLA latent cache of every layer; S is
 its fixed capacity, see `mla.py`):
@@ -29,7 +36,7 @@ its fixed capacity, see `mla.py`):
     mtp_prefill / mtp_decode(h, next_tokens, ...)    the first MTP module on its own cache: position i reads
                                                      (h_i, Emb(t_{i+1})) and predicts t_{i+2} (the speculative draft)
 MoE layers route each token with the same `MoE` module (and so the same router) as the training path;
-`moe_impl` picks only the expert layout ('dense' is cheapest at decode sizes on CPU).
+the Runtime picks only the expert layout (`Runtime.for_decode()`: 'dense' is cheapest at decode sizes on CPU).
 """
 from __future__ import annotations
 
@@ -39,109 +46,113 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from dsv3_jax import layer_stats, param_kinds
+from dsv3_jax import runtime as runtime_lib
+from dsv3_jax import strategies
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.layer_stats import LayerStats
 from dsv3_jax.layers import MLP, Einsum, Embed, RMSNorm, normal, param
 from dsv3_jax.mla import MLA, LatentCache
-from dsv3_jax.moe import MoE
-from dsv3_jax.parallel.pipeline import default_microbatches, pipeline_blocks
+from dsv3_jax.moe import MoE, RouterBias
 from dsv3_jax.rope import rope_tables
-from dsv3_jax.sharding import axis_size, constrain
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.sharding import constrain
 
 
 @struct.dataclass
 class ModelOutput:
     logits: jax.Array  # [B, T, V] float32
     mtp_logits: tuple  # D arrays [B, T, V]; depth k position i predicts token i + k + 1
-    expert_counts: jax.Array  # [n_moe_layers, E] float32 tokens routed to each expert
-    balance_loss: jax.Array  # scalar: mean over MoE layers of the sequence-wise balance loss (no alpha)
-    dropped_tokens: jax.Array  # scalar: token-expert rows dropped by expert capacity, summed over MoE layers
+    moe_stats: dict  # MoE module path -> LayerStats ([L, ...] for the stacked main layers)
+    num_experts: int = struct.field(pytree_node=False, default=0)
+
+    @property
+    def expert_counts(self) -> jax.Array:
+        """[n_moe_layers, E] float32 tokens routed to each expert: main stack rows, then the MTP blocks."""
+        return layer_stats.stacked_counts(self.moe_stats, self.num_experts)
+
+    @property
+    def balance_loss(self) -> jax.Array:
+        """Scalar: mean over MoE layers of the sequence-wise balance loss (no alpha)."""
+        return layer_stats.mean_balance(self.moe_stats)
+
+    @property
+    def dropped_tokens(self) -> jax.Array:
+        """Scalar: token-expert rows dropped by expert capacity, summed over MoE layers."""
+        return layer_stats.total_dropped(self.moe_stats)
 
 
 class Block(nnx.Module):
     """One pre-norm transformer block: MLA then a dense SwiGLU or a DeepSeekMoE FFN."""
 
-    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs, runtime: Runtime | None = None):
+        runtime = runtime or runtime_lib.default()
         D = cfg.hidden_size
         nkw = dict(axis_name="embed", param_dtype=cfg.weight_dtype, rngs=rngs)
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
-        self.attn = MLA(cfg, rngs=rngs)
+        self.attn = MLA(cfg, rngs=rngs, runtime=runtime)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
         self.is_moe = moe
         if moe:
-            self.ffn = MoE(cfg, rngs=rngs)
+            self.ffn = MoE(cfg, rngs=rngs, runtime=runtime)
         else:
             self.ffn = MLP(D, cfg.intermediate_size, std=cfg.initializer_range, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.weight_dtype, rngs=rngs, fp8=cfg.fp8)
+                           param_dtype=cfg.weight_dtype, rngs=rngs, fp8=runtime.fp8_gemms)
         self.num_experts = cfg.n_routed_experts
 
-    def __call__(self, x, cos, sin, moe_impl=None):
-        """x [B, T, D] -> (x, expert counts [E] (zeros for dense), balance loss, dropped rows)."""
+    def __call__(self, x, cos, sin):
+        """x [B, T, D] -> (x, LayerStats (zeros for a dense FFN))."""
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return self.feed_forward(x, moe_impl)
+        return self.feed_forward(x)
 
-    def feed_forward(self, x, moe_impl=None):
-        """x + FFN(RMSNorm(x)) -> (x, expert counts [E] (zeros for dense), balance loss, dropped rows)."""
+    def feed_forward(self, x):
+        """x + FFN(RMSNorm(x)) -> (x, LayerStats (zeros for a dense FFN))."""
         h = self.ffn_norm(x)
         if self.is_moe:
-            y, counts, bal, dropped = self.ffn(h, impl=moe_impl)
+            y, stats = self.ffn(h)
         else:
-            zero = jnp.zeros((), jnp.float32)
-            y, counts, bal, dropped = self.ffn(h), jnp.zeros((self.num_experts,), jnp.float32), zero, zero
-        return x + y, counts, bal, dropped
+            with jax.named_scope("dense_ffn"):
+                y, stats = self.ffn(h), LayerStats.zeros(self.num_experts)
+        return x + y, stats
 
-    def prefill(self, x, cos, sin, moe_impl=None):
+    def prefill(self, x, cos, sin):
         """Training-path block that also returns its attention latent: x, c_kv [B, T, R], k_pe [B, T, dr]."""
         a, c_kv, k_pe = self.attn.prefill(self.attn_norm(x), cos, sin)
-        x = self.feed_forward(x + a, moe_impl)[0]
+        x = self.feed_forward(x + a)[0]
         return x, c_kv, k_pe
 
-    def decode(self, x, cos, sin, cache: LatentCache, positions, moe_impl=None, layer=None):
+    def decode(self, x, cos, sin, cache: LatentCache, positions, layer=None):
         """Absorbed-attention block over the latent cache (layer `layer` of a stacked one): -> x, cache."""
         a, cache = self.attn.decode(self.attn_norm(x), cos, sin, cache, positions, layer)
-        x = self.feed_forward(x + a, moe_impl)[0]
+        x = self.feed_forward(x + a)[0]
         return x, cache
 
 
-def stacked_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs) -> Block:
+def stacked_blocks(cfg: ModelConfig, n: int, moe: bool, rngs: nnx.Rngs, runtime: Runtime | None = None) -> Block:
     """n Blocks with parameters stacked on a leading 'layers' axis."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
-        return Block(cfg, moe=moe, rngs=r)
+        return Block(cfg, moe=moe, rngs=r, runtime=runtime)
 
     return make(rngs)
 
 
-def scan_blocks(stack: Block, x, cos, sin, *, remat: bool, moe_impl=None):
-    """Apply a stacked Block layer by layer with lax.scan; returns x, counts [L, E], balance [L],
-    dropped rows [L]. Each block's output is constrained to the batch sharding (the block boundary)."""
-    graphdef, state = nnx.split(stack)
-
-    def body(h, layer_state):
-        h, *stats = nnx.merge(graphdef, layer_state)(h, cos, sin, moe_impl)
-        return constrain(h, ("batch", "length", "act_embed")), tuple(stats)
-
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    x, (counts, bal, dropped) = jax.lax.scan(body, x, state)
-    return x, counts, bal, dropped
-
-
-def scan_prefill(stack: Block, x, cos, sin, moe_impl=None):
+def scan_prefill(stack: Block, x, cos, sin):
     """Prefill a stacked Block: x [B, T, D] -> x, c_kv [L, B, T, R], k_pe [L, B, T, dr]."""
     graphdef, state = nnx.split(stack)
 
     def body(h, layer_state):
-        h, c_kv, k_pe = nnx.merge(graphdef, layer_state).prefill(h, cos, sin, moe_impl)
+        h, c_kv, k_pe = nnx.merge(graphdef, layer_state).prefill(h, cos, sin)
         return h, (c_kv, k_pe)
 
     x, (c_kv, k_pe) = jax.lax.scan(body, x, state)
     return x, c_kv, k_pe
 
 
-def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions, moe_impl=None):
+def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions):
     """Decode through a stacked Block with its stacked cache [L, B, S, *] in the loop carry, so each layer
     writes only its new slots in place. -> x [B, T, D], cache."""
     graphdef, state = nnx.split(stack)
@@ -149,7 +160,7 @@ def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions, moe_im
     def body(carry, xs):
         h, cache = carry
         layer_state, i = xs
-        h, cache = nnx.merge(graphdef, layer_state).decode(h, cos, sin, cache, positions, moe_impl, layer=i)
+        h, cache = nnx.merge(graphdef, layer_state).decode(h, cos, sin, cache, positions, layer=i)
         return (h, cache), None
 
     (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cache.c_kv.shape[0])))
@@ -179,18 +190,18 @@ class ModelCache:
 class MTPModule(nnx.Module):
     """One multi-token-prediction depth: combine shifted embedding and previous hidden, one block."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime | None = None):
         D = cfg.hidden_size
         nkw = dict(axis_name="embed", param_dtype=cfg.weight_dtype, rngs=rngs)
         self.enorm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
         self.hnorm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
         self.eh_proj = Einsum("BTC,CD->BTD", (2 * D, D), ("mtp_concat", "embed"), std=cfg.initializer_range,
                               dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-        self.block = Block(cfg, moe=cfg.has_moe, rngs=rngs)
+        self.block = Block(cfg, moe=cfg.has_moe, rngs=rngs, runtime=runtime)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
 
-    def __call__(self, h_prev, emb_next, cos, sin, moe_impl=None):
-        return self.block(self.combine(h_prev, emb_next), cos, sin, moe_impl)
+    def __call__(self, h_prev, emb_next, cos, sin):
+        return self.block(self.combine(h_prev, emb_next), cos, sin)
 
     def combine(self, h_prev, emb_next):
         """eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]): [B, T, D] x 2 -> [B, T, D]."""
@@ -198,18 +209,18 @@ class MTPModule(nnx.Module):
 
 
 class DeepSeekV3(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: bool = False, microbatches: int = 0):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime | None = None):
         self.cfg = cfg
-        self.remat = remat
-        self.microbatches = microbatches  # pipeline micro-batches when the mesh has stage > 1 (0: 2 x stages)
+        self.runtime = rt = runtime or runtime_lib.default()
         D, std = cfg.hidden_size, cfg.initializer_range
         self.embed = Embed(cfg.vocab_size, D, std=std, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                            rngs=rngs)
-        self.dense_layers = stacked_blocks(cfg, cfg.num_dense_layers, False, rngs) if cfg.num_dense_layers else None
-        self.moe_layers = stacked_blocks(cfg, cfg.num_moe_layers, True, rngs) if cfg.num_moe_layers else None
+        self.dense_layers = (stacked_blocks(cfg, cfg.num_dense_layers, False, rngs, rt)
+                             if cfg.num_dense_layers else None)
+        self.moe_layers = stacked_blocks(cfg, cfg.num_moe_layers, True, rngs, rt) if cfg.num_moe_layers else None
         self.norm = RMSNorm(D, cfg.rms_norm_eps, axis_name="embed", param_dtype=cfg.weight_dtype, rngs=rngs)
         self.lm_head = param(rngs, normal(std), (D, cfg.vocab_size), ("embed", "vocab"), cfg.weight_dtype)
-        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs) for _ in range(cfg.num_nextn_predict_layers)])
+        self.mtp = nnx.List([MTPModule(cfg, rngs=rngs, runtime=rt) for _ in range(cfg.num_nextn_predict_layers)])
 
     def head(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
@@ -217,45 +228,34 @@ class DeepSeekV3(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", h.astype(dt), self.lm_head[...].astype(dt),
                           preferred_element_type=jnp.float32)
 
-    def __call__(self, tokens: jax.Array, *, moe_impl: str | None = None) -> ModelOutput:
+    def __call__(self, tokens: jax.Array) -> ModelOutput:
         cfg = self.cfg
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T), (B, T))
         cos, sin = rope_tables(cfg, positions)
         x = self.embed(tokens)
-        counts, bals, dropped = [], [], []
-        for stack in (self.dense_layers, self.moe_layers):
+        run_stack = strategies.stack(self.runtime)
+        moe_stats = {}
+        for name, stack in (("dense_layers", self.dense_layers), ("moe_layers", self.moe_layers)):
             if stack is not None:
                 x = constrain(x, ("batch", "length", "act_embed"))
-                if axis_size("stage") > 1:  # pipeline parallelism (parallel/pipeline.py)
-                    m = self.microbatches or default_microbatches(axis_size("stage"))
-                    x, c, b, d = pipeline_blocks(stack, x, cos, sin, microbatches=m, remat=self.remat,
-                                                 moe_impl=moe_impl)
-                else:
-                    x, c, b, d = scan_blocks(stack, x, cos, sin, remat=self.remat, moe_impl=moe_impl)
+                with jax.named_scope(name):
+                    x, stats = run_stack(stack, x, cos, sin)
                 if stack.is_moe:
-                    counts.append(c)
-                    bals.append(b)
-                    dropped.append(d)
+                    moe_stats[f"{name}/ffn"] = stats
         h = self.norm(x)
         logits = self.head(h)
 
         mtp_logits = []
         for k, module in enumerate(self.mtp, start=1):
             shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
-            h, c, b, d = module(h, self.embed(shifted), cos, sin, moe_impl)
+            with jax.named_scope(f"mtp_{k}"):
+                h, stats = module(h, self.embed(shifted), cos, sin)
             if cfg.has_moe:
-                counts.append(c[None])
-                bals.append(b[None])
-                dropped.append(d[None])
+                moe_stats[f"mtp/{k - 1}/block/ffn"] = stats
             mtp_logits.append(self.head(module.norm(h)))
-
-        E = cfg.n_routed_experts
-        expert_counts = jnp.concatenate(counts, axis=0) if counts else jnp.zeros((0, E), jnp.float32)
-        balance = jnp.concatenate(bals).mean() if bals else jnp.zeros((), jnp.float32)
-        drops = jnp.concatenate(dropped).sum() if dropped else jnp.zeros((), jnp.float32)
-        return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), expert_counts=expert_counts,
-                           balance_loss=balance, dropped_tokens=drops)
+        return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), moe_stats=moe_stats,
+                           num_experts=cfg.n_routed_experts)
 
     # ------------------------------------------------------------------ inference (latent cache)
     def init_cache(self, batch: int, capacity: int, dtype=None, mtp: bool = False) -> ModelCache:
@@ -269,7 +269,7 @@ class DeepSeekV3(nnx.Module):
         return ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                           mtp=LatentCache.zeros(cfg, batch, capacity, dtype) if mtp else None)
 
-    def prefill(self, tokens: jax.Array, cache: ModelCache, *, moe_impl: str | None = None):
+    def prefill(self, tokens: jax.Array, cache: ModelCache):
         """Training-path forward of tokens [B, T] at positions 0..T-1, writing every layer's latent into
         cache slots [0, T). -> (logits [B, T, V] f32, final-normed hidden h [B, T, D], cache)."""
         B, T = tokens.shape
@@ -279,12 +279,12 @@ class DeepSeekV3(nnx.Module):
         new = {}
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is not None:
-                x, c_kv, k_pe = scan_prefill(stack, x, cos, sin, moe_impl)
+                x, c_kv, k_pe = scan_prefill(stack, x, cos, sin)
                 new[name] = getattr(cache, name).fill(c_kv, k_pe)
         h = self.norm(x)
         return self.head(h), h, cache.replace(**new)
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache, *, moe_impl: str | None = None):
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache):
         """Absorbed-attention forward of tokens [B, T] at positions [B, T] (consecutive per row; slots
         before them must hold that row's earlier tokens). -> (logits [B, T, V] f32, h [B, T, D], cache)."""
         cos, sin = rope_tables(self.cfg, positions)
@@ -292,32 +292,57 @@ class DeepSeekV3(nnx.Module):
         new = {}
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is not None:
-                x, new[name] = scan_decode(stack, x, cos, sin, getattr(cache, name), positions, moe_impl)
+                x, new[name] = scan_decode(stack, x, cos, sin, getattr(cache, name), positions)
         h = self.norm(x)
         return self.head(h), h, cache.replace(**new)
 
-    def mtp_prefill(self, h: jax.Array, next_tokens: jax.Array, cache: ModelCache, *, moe_impl: str | None = None):
+    def mtp_prefill(self, h: jax.Array, next_tokens: jax.Array, cache: ModelCache):
         """First MTP module over positions 0..T-1: h [B, T, D] main hidden, next_tokens [B, T] = t_{i+1}.
         -> (logits [B, T, V] predicting t_{i+2}, cache with the MTP layer's slots [0, T) filled)."""
         B, T = next_tokens.shape
         self._check_fits(T, cache)
         module = self.mtp[0]
         cos, sin = rope_tables(self.cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
-        x, c_kv, k_pe = module.block.prefill(module.combine(h, self.embed(next_tokens)), cos, sin, moe_impl)
+        x, c_kv, k_pe = module.block.prefill(module.combine(h, self.embed(next_tokens)), cos, sin)
         return self.head(module.norm(x)), cache.replace(mtp=cache.mtp.fill(c_kv, k_pe))
 
-    def mtp_decode(self, h, next_tokens, positions, cache: ModelCache, *, moe_impl: str | None = None):
+    def mtp_decode(self, h, next_tokens, positions, cache: ModelCache):
         """First MTP module at positions [B, T] over its cache. -> (logits [B, T, V] predicting t_{i+2}, cache)."""
         module = self.mtp[0]
         cos, sin = rope_tables(self.cfg, positions)
         x, mtp_cache = module.block.decode(module.combine(h, self.embed(next_tokens)), cos, sin, cache.mtp,
-                                           positions, moe_impl)
+                                           positions)
         return self.head(module.norm(x)), cache.replace(mtp=mtp_cache)
 
     def _check_fits(self, T: int, cache: ModelCache):
         if T > cache.capacity or T > self.cfg.max_position_embeddings:
             raise UserError(f"prefill of {T} tokens does not fit the cache ({cache.capacity} slots) or the model's "
                             f"context (max_position_embeddings={self.cfg.max_position_embeddings})")
+
+
+def abstract_model(cfg: ModelConfig, runtime: Runtime | None = None) -> DeepSeekV3:
+    """The model built abstractly (`nnx.eval_shape`): shapes, dtypes and logical axes, nothing allocated."""
+    return nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=runtime))
+
+
+def split_model(model: DeepSeekV3):
+    """graphdef, params (pure dict), router biases (pure dict): the arrays train states and checkpoints hold."""
+    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
+
+
+def with_runtime(model: DeepSeekV3, runtime: Runtime) -> DeepSeekV3:
+    """The same parameters under another Runtime: a new module tree whose Variables hold the same arrays
+    (nothing is copied) and whose modules run with `runtime`. The FP8 switch is fixed when the projections
+    are built: a runtime that changes it needs a model built with it."""
+    if runtime.fp8_gemms != model.runtime.fp8_gemms:
+        raise UserError("with_runtime cannot switch the FP8 GEMMs of a built model; build DeepSeekV3(cfg, "
+                        "runtime=...) with the new Runtime and merge the parameters into it")
+    new = nnx.merge(*nnx.split(model))
+    for _, module in new.iter_modules():
+        if hasattr(module, "runtime"):
+            module.runtime = runtime
+    return new
 
 
 def mtp_valid_mask(T: int, depth: int) -> jax.Array:
@@ -336,12 +361,11 @@ def param_counts(model: DeepSeekV3) -> dict:
     total = mtp = routed = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         n = math.prod(int(d) for d in var.get_value().shape)
-        names = [str(p) for p in path]
-        if names[0] == "mtp":
+        if param_kinds.in_mtp(path):
             mtp += n
             continue
         total += n
-        if names[-1] in ("w_gate", "w_up", "w_down"):
+        if param_kinds.param_kind(path) == "routed_experts":
             routed += n
     active = total - routed + routed * cfg.num_experts_per_tok // max(cfg.n_routed_experts, 1)
     return {"params_total": total, "params_mtp": mtp, "params_active": active}

@@ -13,7 +13,7 @@ from flax import nnx
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, mtp_valid_mask, param_counts, scan_blocks
 from dsv3_jax.rope import rope_tables
-from dsv3_jax.train.plan import abstract_model
+from dsv3_jax.model import abstract_model
 from reference import build, tiny_config, to_numpy
 from reference import numpy_ref as ref
 

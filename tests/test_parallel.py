@@ -193,7 +193,8 @@ def test_pipeline_moves_microbatches_with_ppermute():
     """The stage axis really pipelines: the traced step sends slots between stages with ppermute, in
     M + S - 1 scan iterations, rather than gathering every layer's weights onto every device."""
     from dsv3_jax.model import DeepSeekV3
-    from dsv3_jax.train.step import losses, split_model
+    from dsv3_jax.model import split_model
+    from dsv3_jax.train.step import losses
 
     mesh = sharding.make_mesh(dict(stage=2, data=4))
     model = nnx.eval_shape(lambda: DeepSeekV3(CFG4, rngs=nnx.Rngs(0), microbatches=2))

@@ -15,7 +15,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import param_counts
 from dsv3_jax.train import loop
 from dsv3_jax.train.optim import make_optimizer
-from dsv3_jax.train.plan import abstract_model
+from dsv3_jax.model import abstract_model
 from dsv3_jax.train.step import make_train_step
 
 pytestmark = pytest.mark.xdist_group("train")  # one worker builds the shared runs fixture once

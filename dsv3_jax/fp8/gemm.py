@@ -38,36 +38,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dsv3_jax import runtime
 from dsv3_jax.cli import UserError
 from dsv3_jax.fp8.quant import FP8, TILE, ceil_div, pad_axis
 
-IMPLS = ("auto", "dequant", "blocked", "pallas")
-BACKENDS = ("auto", "triton", "mosaic_tpu")
 _HI = jax.lax.Precision.HIGHEST
-
-
-def resolve_impl(impl: str) -> str:
-    """'auto' -> 'blocked' on CPU (XLA:CPU has no FP8 units; interpret-mode Pallas is slow), else 'pallas'."""
-    if impl not in IMPLS:
-        raise UserError(f"fp8 gemm impl={impl!r}: choose from {IMPLS}.")
-    if impl == "auto":
-        return "blocked" if jax.default_backend() == "cpu" else "pallas"
-    return impl
-
-
-def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise UserError(f"fp8 pallas backend={backend!r}: choose from {BACKENDS}.")
-    if backend == "auto":
-        return "mosaic_tpu" if jax.default_backend() == "tpu" else "triton"
-    return backend
-
-
-def _tpu_has_fp8_mxu() -> bool:
-    """Only TPU v7 multiplies fp8 natively (REFERENCE.md section 9); older chips get bf16 blocks."""
-    if jax.default_backend() != "tpu":
-        return False
-    return "7" in jax.devices()[0].device_kind
 
 
 # ---------------------------------------------------------------------------------------------- operand prep
@@ -308,12 +283,7 @@ def _call_segmented(a_q, a_s, b_q, bs_k, tile_groups, num_groups, *, bm, bn, bk,
 
 
 def _kernel_opts(backend, interpret, tpu_fp8):
-    backend = resolve_backend(backend)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    if tpu_fp8 is None:
-        tpu_fp8 = _tpu_has_fp8_mxu()
-    return backend, interpret, tpu_fp8
+    return runtime.fp8_backend(backend), runtime.fp8_interpret(interpret), runtime.fp8_tpu_mxu(tpu_fp8)
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -330,7 +300,7 @@ def gemm(a_q, a_s, b_q, b_s, *, groups=None, group_rows=None, out_dtype=jnp.bflo
     a_q, a_s, b_q, b_rs = _prep(a_q, a_s, b_q, b_s)
     P, N = a_q.shape[0], b_q.shape[1]
     groups = _check_groups(P, b_q.shape[0], groups, group_rows)
-    impl = resolve_impl(impl)
+    impl = runtime.fp8_impl(impl)  # 'auto': 'blocked' on CPU, 'pallas' elsewhere
     if impl == "dequant":
         return _gemm_dequant(a_q, a_s, b_q, b_rs, groups, group_rows, out_dtype)
     if impl == "blocked":
@@ -366,7 +336,7 @@ def gemm_segmented(a_q, a_s, b_q, b_s, tile_groups, num_groups, *, out_dtype=jnp
     tk = Kp // T
     tile_groups = tile_groups.astype(jnp.int32)
     a_s, b_s = a_s.astype(jnp.float32), b_s.astype(jnp.float32)
-    impl = resolve_impl(impl)
+    impl = runtime.fp8_impl(impl)  # 'auto': 'blocked' on CPU, 'pallas' elsewhere
     if impl in ("dequant", "blocked"):
         a, b = a_q.reshape(M, T, tk), b_q.reshape(N, T, tk)
         if impl == "dequant":

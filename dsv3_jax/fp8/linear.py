@@ -27,8 +27,8 @@ Entry points
         gcd(b, 128) rows, so no tile straddles two experts.
 All three take `options` (an Fp8Options) or its fields as keywords.
 
-Wiring into the model (what `ModelConfig.fp8` switches): `layers.Einsum.__call__` returns
-`fp8_einsum(self.eq, x.astype(self.dtype), self.kernel[...])` (the f32 master kernel, not a bf16 copy),
+Wiring into the model (what `Runtime.fp8` switches, options from `Runtime.fp8_options`): `layers.Einsum.__call__` returns
+`fp8_einsum(self.eq, x.astype(self.dtype), self.kernel[...], options=...)` (the f32 master kernel, not a bf16 copy),
 and the routed experts run in the 'blocks' layout with
 `h = silu(fp8_expert_blocks(xb, w_gate, be)) * fp8_expert_blocks(xb, w_up, be)`,
 `y = fp8_expert_blocks(h, w_down, be)` in place of the one-hot weight pick and the three einsums.
@@ -44,28 +44,11 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.cli import UserError
-from dsv3_jax.fp8.gemm import gemm, gemm_segmented, resolve_backend, resolve_impl
+from dsv3_jax.fp8.gemm import gemm, gemm_segmented
 from dsv3_jax.fp8.quant import dequantize_tiles, quantize_blocks, quantize_tiles
+from dsv3_jax.runtime import Fp8Options, fp8_backend, fp8_impl, fp8_interpret
 
-
-@dataclasses.dataclass(frozen=True)
-class Fp8Options:
-    """How the FP8 GEMMs run. Hashable: it is a static (non-differentiable) argument of the VJPs."""
-
-    impl: str = "auto"  # 'auto' (CPU: 'blocked', accelerators: 'pallas') | 'blocked' | 'dequant' | 'pallas'
-    pow2_scales: bool = False  # round every scale up to a power of two
-    cache_fp8_inputs: bool = True  # keep x as fp8 tiles for Wgrad (DeepSeek) instead of x itself
-    backend: str = "auto"  # Pallas: 'triton' | 'mosaic_tpu' | 'auto'
-    interpret: bool | None = None  # Pallas interpret mode (default: on CPU)
-    block_m: int = 128  # Pallas output tile rows (dense GEMMs; grouped GEMMs use the MoE block size)
-    block_n: int = 128  # Pallas output tile columns
-    num_warps: int = 8  # Triton
-    num_stages: int = 3  # Triton
-    tpu_fp8: bool | None = None  # feed fp8 to the TPU MXU (default: TPU v7 only)
-
-    def gemm_kw(self) -> dict:
-        return dict(impl=self.impl, backend=self.backend, interpret=self.interpret, block_n=self.block_n,
-                    num_warps=self.num_warps, num_stages=self.num_stages, tpu_fp8=self.tpu_fp8)
+__all__ = ["Fp8Options", "fp8_matmul", "fp8_einsum", "fp8_expert_blocks"]
 
 
 def _options(options: Fp8Options | None, kw: dict) -> Fp8Options:
@@ -215,12 +198,11 @@ def fp8_expert_blocks(xb: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     E, K, N = w.shape
     o = _options(options, kw)
     b = xb.shape[1]
-    interpret = o.interpret if o.interpret is not None else jax.default_backend() == "cpu"
-    if resolve_impl(o.impl) == "pallas" and not interpret:
-        if resolve_backend(o.backend) == "mosaic_tpu" and b % 128:
+    if fp8_impl(o.impl) == "pallas" and not fp8_interpret(o.interpret):
+        if fp8_backend(o.backend) == "mosaic_tpu" and b % 128:
             raise UserError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a multiple "
                             f"of 128 for the TPU kernels (Wgrad tiles the block rows along lanes).")
-        if resolve_backend(o.backend) == "triton" and (b < 16 or b & (b - 1)):
+        if fp8_backend(o.backend) == "triton" and (b < 16 or b & (b - 1)):
             raise UserError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a power of "
                             f"two >= 16 for the Triton kernels (64 or 128).")
     return _experts(xb, w, block_expert.astype(jnp.int32), (K, N, E, xb.dtype, w.dtype), o)

@@ -78,14 +78,18 @@ def dequantize_tiles(q: jax.Array, s: jax.Array, k: int | None = None, dtype=jnp
     return x[..., : (q.shape[-1] if k is None else k)].astype(dtype)
 
 
-def quantize_blocks(w: jax.Array, *, block: int = TILE, pow2: bool = False) -> tuple[jax.Array, jax.Array]:
-    """`block` x `block` scaling over the last two axes.
+def quantize_blocks(w: jax.Array, *, block: int | tuple[int, int] = TILE,
+                    pow2: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`block` x `block` scaling over the last two axes (or (rows, cols) blocks, as a checkpoint's
+    `weight_block_size` may say). The one block quantiser of the package: training GEMMs and the FP8
+    checkpoint writer (`interop.hf.save(fp8=True)`) both use it.
 
-    w [..., R, C] -> (q [..., Rp, Cp] e4m3, s [..., Rp/block, Cp/block] f32).
+    w [..., R, C] -> (q [..., Rp, Cp] e4m3, s [..., Rp/br, Cp/bc] f32).
     """
-    w = pad_axis(pad_axis(w, -1, block), -2, block)
+    br, bc = (block, block) if isinstance(block, int) else block
+    w = pad_axis(pad_axis(w, -1, bc), -2, br)
     *lead, R, C = w.shape
-    b = w.reshape(*lead, R // block, block, C // block, block).astype(jnp.float32)
+    b = w.reshape(*lead, R // br, br, C // bc, bc).astype(jnp.float32)
     s = scale_from_amax(jnp.max(jnp.abs(b), axis=(-3, -1)), pow2)  # [..., Rb, Cb]
     return to_fp8(b, s[..., :, None, :, None]).reshape(w.shape), s
 

@@ -58,7 +58,7 @@ from dsv3_jax.infer.sampling import (
     sample,
     verify_draft,
 )
-from dsv3_jax.model import DeepSeekV3, ModelCache
+from dsv3_jax.model import DeepSeekV3, ModelCache, with_runtime
 
 EOS_ID = 1  # DeepSeek-V3 <|end_of_text|> (and the demo tokenizer's)
 
@@ -109,10 +109,11 @@ class Generator:
 
     model: a DeepSeekV3; capacity: cache slots per row (prompt + new tokens must fit; at most the model's
     context); cache_dtype: dtype of the cached latent (default: the compute dtype); mesh: a Mesh with
-    axes from `sharding.MESH_AXES`; decode_moe_impl: expert layout in decode steps (default 'dense' on
-    CPU, where computing every expert for a handful of tokens beats sorting them into blocks; the
-    config's layout elsewhere); prefill_bucket: prompts are padded to a multiple of this many tokens so
-    that few prefill shapes compile.
+    axes from `sharding.MESH_AXES` on which parameters and cache are placed (XLA partitions the steps;
+    the model's own Runtime runs without a mesh here); decode_moe_impl: expert layout in decode steps
+    (default: the Runtime's `decode_expert_impl`, 'dense' on CPU, where computing every expert for a
+    handful of tokens beats sorting them into blocks); prefill_bucket: prompts are padded to a multiple
+    of this many tokens so that few prefill shapes compile.
     """
 
     def __init__(self, model: DeepSeekV3, *, capacity: int | None = None, cache_dtype=None, mesh: Mesh | None = None,
@@ -126,11 +127,15 @@ class Generator:
         self.cache_dtype = jnp.dtype(cfg.compute_dtype if cache_dtype is None else cache_dtype)
         self.mesh = mesh
         self.prefill_bucket = prefill_bucket
-        if decode_moe_impl is None:
-            decode_moe_impl = "dense" if jax.default_backend() == "cpu" else cfg.moe_impl
-        self.decode_moe_impl = decode_moe_impl
+        self.runtime = model.runtime.replace(mesh=None)  # prefill; arrays are placed on `mesh` below
+        decode = self.runtime.for_decode()
+        if decode_moe_impl is not None:
+            decode = decode.replace(expert_impl=decode_moe_impl)
+        self.decode_runtime = decode
+        self.decode_moe_impl = decode.expert_impl
         self.has_mtp = len(model.mtp) > 0
-        graphdef, state = nnx.split(model)
+        graphdef, state = nnx.split(with_runtime(model, self.runtime))
+        self.decode_graphdef = nnx.split(with_runtime(model, decode))[0]
         self.batch_multiple = 1
         if mesh is not None:
             state = jax.device_put(state, sharding.state_shardings(state, mesh))
@@ -154,8 +159,8 @@ class Generator:
         self._replicated = rep
 
     # ------------------------------------------------------------------ compiled functions
-    def _model(self, state) -> DeepSeekV3:
-        return nnx.merge(self.graphdef, state)
+    def _model(self, state, decode: bool = False) -> DeepSeekV3:
+        return nnx.merge(self.decode_graphdef if decode else self.graphdef, state)
 
     def cache_shardings(self, spec: bool):
         """NamedShardings of the cache from its logical axis names and the rules table (None: no mesh)."""
@@ -191,19 +196,18 @@ class Generator:
         return prefill
 
     def _step_fn(self, state, cache, pending, lengths, active, key, step, temperature, top_k, top_p):
-        model = self._model(state)
+        model = self._model(state, decode=True)
         key = jax.random.fold_in(key, step)
-        logits, _, cache = model.decode(pending[:, None], lengths[:, None], cache, moe_impl=self.decode_moe_impl)
+        logits, _, cache = model.decode(pending[:, None], lengths[:, None], cache)
         nxt = sample(key, logits[:, 0], temperature, top_k, top_p)
         return nxt, lengths + active.astype(lengths.dtype), cache
 
     def _spec_step_fn(self, state, cache, pending, draft, q, lengths, active, key, step, temperature, top_k, top_p):
-        model = self._model(state)
+        model = self._model(state, decode=True)
         B = pending.shape[0]
         rows = jnp.arange(B)
         positions = lengths[:, None] + jnp.arange(2)  # [B, 2]
-        logits, h, cache = model.decode(jnp.stack([pending, draft], 1), positions, cache,
-                                        moe_impl=self.decode_moe_impl)
+        logits, h, cache = model.decode(jnp.stack([pending, draft], 1), positions, cache)
         k_verify, k_next, k_draft = jax.random.split(jax.random.fold_in(key, step), 3)
 
         def greedy_verify():  # accept iff the draft is the argmax; a2 = the argmax after it
@@ -217,8 +221,7 @@ class Generator:
 
         accept, a1, a2 = jax.lax.cond(temperature > 0, sampled_verify, greedy_verify)
         # the next draft: MTP at positions len (input a1) and len+1 (input a2), read where the row now ends
-        mtp_logits, cache = model.mtp_decode(h, jnp.stack([a1, a2], 1), positions, cache,
-                                             moe_impl=self.decode_moe_impl)
+        mtp_logits, cache = model.mtp_decode(h, jnp.stack([a1, a2], 1), positions, cache)
         new_draft, new_q = _draft(k_draft, mtp_logits[rows, accept.astype(jnp.int32)], temperature, top_k, top_p)
         n_new = 1 + accept.astype(lengths.dtype)
         emitted = jnp.stack([a1, a2], 1)

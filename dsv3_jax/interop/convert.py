@@ -18,7 +18,7 @@ Output format (WORKDIR looks like a train.py workdir at step 0):
     WORKDIR/tokenizer.json                  copied from the HF directory (when it has one)
     WORKDIR/checkpoints/0/_CHECKPOINT_METADATA
     WORKDIR/checkpoints/0/meta/metadata     JSON: {"format": "dsv3_jax.params", "config": <train config
-                                            JSON (train.config_base + model section)>, "source": ..., "mesh": ...}
+                                            JSON (config_base + model section)>, "source": ..., "mesh": ...}
     WORKDIR/checkpoints/0/state/_METADATA   orbax PyTree metadata (use_ocdbt=false, zarr v2)
     WORKDIR/checkpoints/0/state/params.moe_layers.ffn.w_gate/   one zarr v2 array per leaf ('.'-joined path)
     WORKDIR/checkpoints/0/state/biases.moe_layers.ffn.bias/
@@ -49,13 +49,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from dsv3_jax import cli
+from dsv3_jax import cli, sharding
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError, parse_dtype
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.config_base import base_config
+from dsv3_jax.io.checkpoint import Checkpointer, weights_target
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.interop import hf
 from dsv3_jax.interop import layout as L
 
@@ -68,17 +73,13 @@ _HANDLERS = {
 
 
 def parse_mesh(text: str | None) -> dict[str, int]:
-    """'fsdp=8,expert=4' -> {'fsdp': 8, 'expert': 4}; names must be dsv3_jax.sharding mesh axes."""
-    from dsv3_jax.sharding import MESH_AXES
-
-    sizes = {}
-    for part in filter(None, (text or "").split(",")):
-        name, _, value = part.partition("=")
-        name = name.strip()
-        if name not in MESH_AXES or not value.strip().isdigit() or int(value) < 1:
-            raise UserError(f"--mesh {text!r}: expected comma-separated AXIS=SIZE with AXIS in {list(MESH_AXES)} "
-                            f"and SIZE >= 1")
-        sizes[name] = int(value)
+    """'fsdp=8,expert=4' -> {'fsdp': 8, 'expert': 4} (`sharding.parse_mesh`); the target mesh of a conversion
+    is explicit (no -1: the converter does not know the devices it will be read on)."""
+    sizes = sharding.parse_mesh(text or "")
+    fill = [a for a, v in sizes.items() if v == -1]
+    if fill:
+        raise UserError(f"--mesh {text!r}: give every axis its size (the converter chunks for a mesh it does not "
+                        f"run on, so {fill[0]}=-1 has no meaning here)")
     return sizes
 
 
@@ -125,10 +126,6 @@ def _leaf_name(path) -> str:
 
 def _train_config_json(cfg: ModelConfig) -> str:
     """The train.py config that infer/train code reads from checkpoint meta: defaults + this model."""
-    import ml_collections
-
-    from dsv3_jax.train.config_base import base_config
-
     c = base_config()
     model = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
     rs = cfg.rope_scaling
@@ -342,48 +339,36 @@ def _check_aliases_streaming(ck: hf.Checkpoint, max_bytes: int, log):
 
 # ---------------------------------------------------------------------- restore
 
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
-def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, **overrides):
+def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, runtime: Runtime | None = None,
+            **overrides):
     """(ModelConfig, DeepSeekV3) from a converted WORKDIR; `mesh` (a jax Mesh) places each parameter
-    with its dsv3_jax.sharding sharding, read straight into that sharding."""
-    import ml_collections
-
-    from dsv3_jax.train.checkpoint import Checkpointer
-
+    with its dsv3_jax.sharding sharding, read straight into that sharding. `runtime`: how the model runs
+    (default: this backend, no mesh)."""
     ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckdir):
         raise FileNotFoundError(f"{workdir} has no checkpoints/: convert one with "
                                 f"`python -m dsv3_jax.interop.convert --hf DIR --out {workdir}`")
-    with Checkpointer(ckdir, async_save=False) as ckpt:
-        step, meta = ckpt.restore_meta(step)
+    found = {}
+
+    def target(meta):
         if meta.get("format") != FORMAT:
-            raise UserError(f"{ckdir}/{step} is not a converted checkpoint (meta format "
-                            f"{meta.get('format')!r}); use dsv3_jax.infer.load.load_trained for train.py runs")
+            raise UserError(f"{ckdir} is not a converted checkpoint (meta format {meta.get('format')!r}); use "
+                            f"dsv3_jax.infer.load.load_trained for train.py runs")
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
-        cfg = ModelConfig.from_dict(config.model)
+        cfg = ModelConfig.from_dict(runtime_lib.split_model_section(config.model)[0])
         if dtype is not None:
             overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
         cfg = cfg.replace(**overrides) if overrides else cfg
-        graphdef, params_state, biases_state = L.abstract_model(cfg)
-        leaves = L.model_leaves(params_state, biases_state)
-        specs = L.leaf_specs(params_state, biases_state) if mesh is not None else None
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=(
-            jax.sharding.NamedSharding(mesh, specs[p]) if specs else dev)) for p, s in leaves.items()}
-        _, state, _ = ckpt.restore(_nest(target), step)
-    flat = L.flatten(state)
-    params = L.unflatten_into(nnx.to_pure_dict(params_state), {p[1:]: v for p, v in flat.items() if p[0] == "params"})
-    biases = L.unflatten_into(nnx.to_pure_dict(biases_state), {p[1:]: v for p, v in flat.items() if p[0] == "biases"})
-    return cfg, nnx.merge(graphdef, params, biases)
+        graphdef, abstract = weights_target(cfg, runtime, mesh)
+        found.update(cfg=cfg, graphdef=graphdef)
+        return abstract
+
+    with Checkpointer(ckdir, async_save=False) as ckpt:
+        got = ckpt.load(target, step)
+    if got is None:
+        raise FileNotFoundError(f"no finalized checkpoint in {ckdir}")
+    _, state, _ = got
+    return found["cfg"], nnx.merge(found["graphdef"], state["params"], state["biases"])
 
 
 # ---------------------------------------------------------------------- CLI

@@ -55,8 +55,11 @@ from flax import nnx
 
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig, RopeScaling, yarn_mscale
+from dsv3_jax.fp8.quant import quantize_blocks
 from dsv3_jax.interop import layout as L
 from dsv3_jax.interop import safetensors_io as st
+from dsv3_jax.io import tokenizer as tokenizer_io
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.moe import RouterBias
 
@@ -111,7 +114,7 @@ class HFConfig:
 # ---------------------------------------------------------------------- config.json
 
 def config_from_hf(d: Mapping[str, Any], **overrides) -> ModelConfig:
-    """config.json (as a dict) -> ModelConfig; `overrides` set our own fields (dtype, moe_impl, ...)."""
+    """config.json (as a dict) -> ModelConfig; `overrides` set our own fields (dtype, param_dtype, ...)."""
     return parse_config(d, **overrides).model
 
 
@@ -317,8 +320,10 @@ class Checkpoint:
                             "ignores the copy", a.key, a.source)
 
 
-def open_checkpoint(path: str, *, mtp: str | bool = "auto", **overrides) -> Checkpoint:
-    """Parse config.json and every safetensors header, detect the layout, and check the tensors."""
+def open_checkpoint(path: str, *, mtp: str | bool = "auto", runtime: Runtime | None = None,
+                    **overrides) -> Checkpoint:
+    """Parse config.json and every safetensors header, detect the layout, and check the tensors.
+    `runtime`: how the model built from it will run (default: this backend, no mesh)."""
     path = os.path.abspath(os.fspath(path))
     hfc = parse_config(read_config(path), **overrides)
     tensors = st.SafetensorsDir(path)
@@ -330,7 +335,7 @@ def open_checkpoint(path: str, *, mtp: str | bool = "auto", **overrides) -> Chec
     first_moe = f"model.layers.{cfg.first_k_dense_replace}.mlp.experts."
     fused = cfg.has_moe and (first_moe + "gate_up_proj") in tensors
     fmt = L.Format(fused_experts=fused, rope_interleave=hfc.rope_interleave, mtp_layers=depth)
-    graphdef, params_state, biases_state = L.abstract_model(cfg)
+    graphdef, params_state, biases_state = L.abstract_states(cfg, runtime)
     plan = L.plan(cfg, fmt, L.model_leaves(params_state, biases_state))
     check_tensors(path, plan, tensors, cfg, hfc.fp8_block or (128, 128))
     return Checkpoint(path, hfc, tensors, fmt, plan, graphdef, params_state, biases_state)
@@ -403,17 +408,17 @@ def _dtype_name(dtype) -> str:
 
 
 def load(path: str, dtype=jnp.float32, *, param_dtype=None, mtp: str | bool = "auto", mesh=None,
-         **overrides) -> tuple[ModelConfig, DeepSeekV3]:
+         runtime: Runtime | None = None, **overrides) -> tuple[ModelConfig, DeepSeekV3]:
     """Read a released-format directory into a ready DeepSeekV3 (with its MTP modules when present).
 
     dtype: compute dtype, and the parameter dtype unless `param_dtype` is given. mtp: "auto" (load the
     MTP layers when the checkpoint has them), True (require them), False (skip them). mesh: place each
-    parameter with its sharding from dsv3_jax.sharding on this jax Mesh. `overrides` set other
-    ModelConfig fields that config.json does not have (moe_impl, moe_block_size).
+    parameter with its sharding from dsv3_jax.sharding on this jax Mesh. runtime: how the model runs
+    (default: this backend, no mesh; see dsv3_jax.runtime). `overrides` set other ModelConfig fields.
     """
     name = _dtype_name(dtype)
     overrides.update(dtype=name, param_dtype=_dtype_name(param_dtype or dtype))
-    ck = open_checkpoint(path, mtp=mtp, **overrides)
+    ck = open_checkpoint(path, mtp=mtp, runtime=runtime, **overrides)
     cfg = ck.config
     flat = {}
     for leaf, sds in ck.plan.leaves.items():
@@ -455,10 +460,9 @@ def save(model: DeepSeekV3, config: ModelConfig | None, path: str, *, dtype=None
     to write as tokenizer.json.
     """
     cfg = model.cfg if config is None else config
-    runtime = {"dtype", "param_dtype", "moe_impl", "moe_block_size", "expert_capacity_factor",
-               "expert_dispatch"}
+    dtypes = {"dtype", "param_dtype"}  # the checkpoint records neither (the caller picks them on load)
     differ = sorted(f.name for f in dataclasses.fields(cfg)
-                    if f.name not in runtime and getattr(cfg, f.name) != getattr(model.cfg, f.name))
+                    if f.name not in dtypes and getattr(cfg, f.name) != getattr(model.cfg, f.name))
     if differ:
         raise UserError(f"hf.save: config differs from the model's own config in {differ}; pass config=None "
                         f"(or model.cfg) to save the model as it is")
@@ -508,7 +512,8 @@ def _fp8_tensors(piece, shape, block, slice_of):
     def quantized():
         if "q" not in cache:
             w = L.to_hf(slice_of(piece), piece.kind).astype(np.float32)
-            cache["q"], cache["s"] = st.quantize_blocks(w, block)
+            q, scale = quantize_blocks(jnp.asarray(w), block=tuple(block))
+            cache["q"], cache["s"] = np.asarray(q[: w.shape[0], : w.shape[1]]), np.asarray(scale)
         return cache["q"]
 
     def scale():
@@ -527,10 +532,8 @@ def _fp8_tensors(piece, shape, block, slice_of):
 def load_tokenizer(path: str):
     """`tokenizers.Tokenizer` from DIR/tokenizer.json (or a tokenizer.json path)."""
 
-    from dsv3_jax.train.data import load_tokenizer as load
-
     f = path if path.endswith(".json") else os.path.join(path, TOKENIZER_FILE)
-    return load(f, what=f"the checkpoint's {TOKENIZER_FILE}")
+    return tokenizer_io.load_tokenizer(f, what=f"the checkpoint's {TOKENIZER_FILE}")
 
 
 def copy_tokenizer_files(src: str, dst: str) -> list[str]:

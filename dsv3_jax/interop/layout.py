@@ -42,8 +42,9 @@ from flax import nnx
 
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.model import abstract_model
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.runtime import Runtime
 
 Path = tuple  # ("params" | "biases", key, ...): a leaf of the pure-dict state
 
@@ -82,11 +83,9 @@ class Plan:
 
 # ---------------------------------------------------------------------- our side of the mapping
 
-def abstract_model(cfg: ModelConfig):
+def abstract_states(cfg: ModelConfig, runtime: Runtime | None = None):
     """(graphdef, abstract params state, abstract biases state) without allocating any weight."""
-    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
-    return graphdef, params, biases
+    return nnx.split(abstract_model(cfg, runtime), nnx.Param, RouterBias)
 
 
 def flatten(tree, prefix: Path = ()) -> dict[Path, object]:

@@ -20,8 +20,8 @@ FP8 (REFERENCE.md section 5): a projection weight W [out, in] is stored as `F8_E
     W[i, j] = float(q[i, j]) * s[i // 128, j // 128]          (edge blocks are partial)
 
 `dequantize_blocks` applies this (also to a row range of a larger tensor, offsetting the block
-index); `quantize_blocks` is the inverse used when writing FP8: per block s = max|W| / 448 (the
-largest finite E4M3 value), q = round_to_e4m3(W / s).
+index). Writing FP8 uses the package's one block quantiser, `dsv3_jax.fp8.quant.quantize_blocks`:
+per block s = max(max|W|, 1e-4) / 448 (448: the largest finite E4M3 value), q = round_to_e4m3(W / s).
 
 `write_shards` writes tensors into files of at most `max_shard_bytes` each (plus the index when there
 is more than one), producing each tensor's bytes only when its turn comes: the caller passes shapes,
@@ -43,7 +43,6 @@ from dsv3_jax.cli import UserError
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
-FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -250,20 +249,6 @@ def dequantize_blocks(q: np.ndarray, scale_inv: np.ndarray, block=(128, 128), ro
         raise UserError(f"FP8 scale_inv of shape {scale_inv.shape} does not cover a {q.shape} weight in "
                         f"{bm}x{bn} blocks")
     return q.astype(np.float32) * scale_inv[i][:, j]
-
-
-def quantize_blocks(w: np.ndarray, block=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
-    """w [rows, cols] -> (float8_e4m3fn values, float32 scale_inv [ceil(rows/bm), ceil(cols/bn)])."""
-    bm, bn = block
-    rows, cols = w.shape
-    nr, nc = -(-rows // bm), -(-cols // bn)
-    padded = np.zeros((nr * bm, nc * bn), np.float32)
-    padded[:rows, :cols] = w
-    blocks = np.abs(padded.reshape(nr, bm, nc, bn)).max(axis=(1, 3))
-    scale = np.where(blocks > 0, blocks / FP8_MAX, 1.0).astype(np.float32)
-    full = np.repeat(np.repeat(scale, bm, 0), bn, 1)[:rows, :cols]
-    q = (w.astype(np.float32) / full).astype(ml_dtypes.float8_e4m3fn)
-    return q, scale
 
 
 class PlannedTensor(NamedTuple):

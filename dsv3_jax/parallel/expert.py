@@ -13,14 +13,14 @@ device holds its own tokens (the batch is split over data x fsdp x expert) and E
   3. send buffer [ep, C, D] -> `lax.all_to_all` -> the rows each rank must compute, with their local
      expert ids and a validity mask (padding rows get weight 0);
   4. local experts run with the same per-expert block layout as the single-device path
-     (`moe.experts_blocks`), then `all_to_all` sends results back and they are combined with the
+     (`experts.experts_blocks`), then `all_to_all` sends results back and they are combined with the
      router weights.
-All row moves are gathers in both directions (`moe.permute_rows`), so the backward pass is gathers
+All row moves are gathers in both directions (`experts.permute_rows`), so the backward pass is gathers
 plus the transposed all_to_alls. Expert weights sharded over 'fsdp' on D are all-gathered inside;
 sharded over 'tensor' on F, the partial down-projections are summed with psum.
 
-Ragged dispatch (`dispatch='ragged'`, dropless only; 'auto' picks it on GPU/TPU when the capacity
-factor is 0): rows are sorted by expert, so each destination rank's rows are one contiguous slice;
+Ragged dispatch (`dispatch='ragged'`, dropless only; the runtime resolver picks it on GPU/TPU when the
+capacity factor is 0): rows are sorted by expert, so each destination rank's rows are one contiguous slice;
 every rank learns all ranks' per-expert counts with one small all_gather ([ep, ep, E_loc] integers),
 from which the send/receive sizes and offsets follow, and `lax.ragged_all_to_all` moves only the real
 rows (no capacity padding on the wire). The receive buffer is static (ep * M rows, the worst case of
@@ -32,6 +32,7 @@ checked on CPU, and tests/test_parallel.py checks that the real op is what lower
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import partial
 
@@ -39,8 +40,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import runtime
 from dsv3_jax.cli import UserError
-from dsv3_jax.moe import experts_blocks, permute_rows
+from dsv3_jax.experts import experts_blocks, permute_rows
+from dsv3_jax.runtime import Fp8Options
 from dsv3_jax.sharding import BATCH_AXES, logical_to_spec
 
 
@@ -51,14 +54,19 @@ def capacity(rows: int, ep: int, capacity_factor: float) -> int:
     return max(1, min(rows, math.ceil(capacity_factor * rows / ep)))
 
 
-def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=False):
+def _gather_fsdp(w_gate, w_up, w_down, sizes):
+    """Expert weights arrive sharded over 'fsdp' on D: gather them (a reduce-scatter in the backward)."""
+    if sizes.get("fsdp", 1) == 1:
+        return w_gate, w_up, w_down
+    return (jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True), jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True),
+            jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True))
+
+
+def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=None):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
-    if sizes.get("fsdp", 1) > 1:  # weights arrive sharded on D: gather them (reduce-scatter in backward)
-        w_gate = jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True)
-        w_up = jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True)
-        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
+    w_gate, w_up, w_down = _gather_fsdp(w_gate, w_up, w_down, sizes)
     e_loc = w_gate.shape[0]
     C = capacity(M, ep, capacity_factor)
 
@@ -74,13 +82,15 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
     send = permute_rows(jnp.repeat(x, K, axis=0), src, slot).reshape(ep, C, D)
     send_eid = jnp.where(valid, eid[jnp.minimum(src, M - 1)], 0).reshape(ep, C)
     a2a = partial(jax.lax.all_to_all, axis_name="expert", split_axis=0, concat_axis=0)
-    recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
+    with jax.named_scope("dispatch"):
+        recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
 
     y = experts_blocks(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
                        recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up, w_down, block, fp8)
     if sizes.get("tensor", 1) > 1:  # F was split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
-    back = a2a(y.astype(x.dtype).reshape(ep, C, D)).reshape(ep * C, D)
+    with jax.named_scope("combine"):
+        back = a2a(y.astype(x.dtype).reshape(ep, C, D)).reshape(ep * C, D)
     rows = permute_rows(back, slot, src).reshape(n, K, D)
     out = jnp.einsum("NK,NKD->ND", w, rows.astype(jnp.float32))
     dropped = jax.lax.psum(jnp.sum(~keep).astype(jnp.float32), mesh_axes)
@@ -88,26 +98,51 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
 
 
 def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float,
-                            fp8: bool = False, dispatch: str = "padded", emulate: bool | None = None):
+                            fp8: Fp8Options | None = None, dispatch: str = "padded", emulate: bool | None = None):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
-    dispatch: 'padded' (all_to_all, capacity factor), 'ragged' (ragged_all_to_all, dropless) or 'auto'.
+    dispatch: 'padded' (all_to_all, capacity factor) or 'ragged' (ragged_all_to_all, dropless).
     emulate: ragged exchange through all_gather (default: on CPU only; False forces the real op, e.g. to
-    lower for a GPU from a CPU machine).
+    lower for a GPU from a CPU machine). fp8: FP8 grouped GEMMs for the local experts with these options.
 
     Returns (y [N, D] float32, number of dropped token-expert rows in the global batch).
     """
+    if dispatch not in ("padded", "ragged"):
+        raise UserError(f"expert dispatch={dispatch!r}: choose 'padded' or 'ragged' (dsv3_jax.runtime.resolve "
+                        f"turns 'auto' into one of them).")
+    if dispatch == "ragged" and capacity_factor > 0:
+        raise UserError(f"expert_dispatch='ragged' is dropless; it cannot honour expert_capacity_factor="
+                        f"{capacity_factor} (use 'padded' or set the factor to 0).")
     sizes = dict(mesh.shape)
     batch = P(BATCH_AXES, None)
     wspec = logical_to_spec(("experts", "embed", "expert_mlp"))
     dspec = logical_to_spec(("experts", "expert_mlp", "embed"))
-    if resolve_dispatch(dispatch, capacity_factor) == "ragged":
+    if dispatch == "ragged":
         fn = partial(_local_experts_ragged, block=block, sizes=sizes, fp8=fp8,
-                     emulate=jax.default_backend() == "cpu" if emulate is None else emulate)
+                     emulate=runtime.platform() == "cpu" if emulate is None else emulate)
     else:
         fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
-                         out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
+    with jax.named_scope("expert_parallel"):
+        return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
+                             out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+    """Expert strategy: routed experts split over the mesh axis 'expert', rows exchanged with (ragged)
+    all_to_all; the local experts run in the 'blocks' layout."""
+
+    mesh: jax.sharding.Mesh
+    block: int
+    capacity_factor: float = 0.0
+    dispatch: str = "padded"
+    emulate: bool = False
+    fp8: Fp8Options | None = None
+
+    def __call__(self, x, idx, w, w_gate, w_up, w_down):
+        return experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, mesh=self.mesh, block=self.block,
+                                       capacity_factor=self.capacity_factor, fp8=self.fp8, dispatch=self.dispatch,
+                                       emulate=self.emulate)
 
 
 # ----------------------------------------------------------------------------- ragged dispatch
@@ -131,14 +166,11 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return jnp.where(mask, got, output)
 
 
-def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emulate, fp8=False):
+def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emulate, fp8=None):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
-    if sizes.get("fsdp", 1) > 1:
-        w_gate = jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True)
-        w_up = jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True)
-        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
+    w_gate, w_up, w_down = _gather_fsdp(w_gate, w_up, w_down, sizes)
     e_loc = w_gate.shape[0]
     a2a = partial(_emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all, axis_name="expert")
 
@@ -154,7 +186,8 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emul
     out_off = jnp.cumsum(sizes_sd, axis=0) - sizes_sd  # slice start in the receiver's buffer (sources in order)
 
     R = ep * M  # static worst case: every rank sends all its rows here
-    recv = a2a(send, jnp.zeros((R, D), send.dtype), in_off[me], sizes_sd[me], out_off[me], sizes_sd[:, me])
+    with jax.named_scope("dispatch"):
+        recv = a2a(send, jnp.zeros((R, D), send.dtype), in_off[me], sizes_sd[me], out_off[me], sizes_sd[:, me])
     ends = jnp.cumsum(counts[:, me, :].reshape(-1))  # buffer order: source-major, local expert minor
     rows = jnp.arange(R)
     seg = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), ep * e_loc - 1)
@@ -163,18 +196,9 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emul
                        block, fp8)
     if sizes.get("tensor", 1) > 1:
         y = jax.lax.psum(y, "tensor")
-    back = a2a(y.astype(x.dtype), jnp.zeros((M, D), x.dtype), out_off[:, me], sizes_sd[:, me], in_off[:, me],
-               sizes_sd[me])
+    with jax.named_scope("combine"):
+        back = a2a(y.astype(x.dtype), jnp.zeros((M, D), x.dtype), out_off[:, me], sizes_sd[:, me], in_off[:, me],
+                   sizes_sd[me])
     out_rows = permute_rows(back, inv, order).reshape(n, K, D)
     out = jnp.einsum("NK,NKD->ND", w, out_rows.astype(jnp.float32))
     return out, jnp.zeros((), jnp.float32)
-
-
-def resolve_dispatch(dispatch: str, capacity_factor: float) -> str:
-    """'auto' -> 'ragged' where the backend has ragged_all_to_all and the path is dropless, else 'padded'."""
-    if dispatch == "auto":
-        return "ragged" if capacity_factor <= 0 and jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "padded"
-    if dispatch == "ragged" and capacity_factor > 0:
-        raise UserError(f"expert_dispatch='ragged' is dropless; it cannot honour expert_capacity_factor="
-                        f"{capacity_factor} (use 'padded' or set the factor to 0).")
-    return dispatch

@@ -36,6 +36,9 @@ data shard); the dense and MoE stacks are pipelined one after the other.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,15 +46,12 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
+from dsv3_jax.layer_stats import LayerStats
 
 
 def bubble_fraction(stages: int, microbatches: int) -> float:
     """Idle fraction of each stage in the GPipe schedule: (S - 1) / (M + S - 1)."""
     return (stages - 1) / (microbatches + stages - 1)
-
-
-def default_microbatches(stages: int) -> int:
-    return 2 * stages if stages > 1 else 1
 
 
 def check_microbatches(batch: int, microbatches: int, data_shards: int) -> None:
@@ -69,19 +69,18 @@ def _shift(buf, mesh, stages: int):
                          out_specs=P("stage"), axis_names={"stage"}, check_vma=False)(buf)
 
 
-def pipeline_blocks(stack, x, cos, sin, *, microbatches: int, remat: bool, moe_impl=None):
-    """Apply a stacked Block (L layers, sharded over 'stage') to x [B, T, D] as an S-stage pipeline.
+def pipeline_blocks(stack, x, cos, sin, *, mesh, microbatches: int, remat: bool):
+    """Apply a stacked Block (L layers, sharded over 'stage' of `mesh`) to x [B, T, D] as an S-stage pipeline.
 
-    Returns x [B, T, D], counts [L, E], balance [L], dropped rows [L] -- the same as `model.scan_blocks`.
+    Returns x [B, T, D] and the layers' LayerStats [L, ...] -- the same as `stack.scan_blocks`.
     """
-    mesh = sharding.current_mesh()
-    S, M = sharding.axis_size("stage"), microbatches
+    S, M = int(mesh.shape["stage"]), microbatches
     graphdef, state = nnx.split(stack)
     L = jax.tree.leaves(state)[0].shape[0]
     if L % S:
         raise UserError(f"{L} stacked layers do not split into {S} pipeline stages")
     B, T, D = x.shape
-    check_microbatches(B, M, sharding.axis_size("data") * sharding.axis_size("fsdp") * sharding.axis_size("expert"))
+    check_microbatches(B, M, math.prod(int(mesh.shape.get(a, 1)) for a in sharding.BATCH_AXES))
     b = B // M
 
     # [L, ...] -> [S, Ls, ...] with the stage dim on 'stage' and the rest as the rules table says
@@ -102,41 +101,51 @@ def pipeline_blocks(stack, x, cos, sin, *, microbatches: int, remat: bool, moe_i
 
     def stage_fn(stage_state, h, c, s):
         def body(h, layer_state):
-            h, *stats = nnx.merge(graphdef, layer_state)(h, c, s, moe_impl)
-            return sharding.constrain(h, ("batch", None, None)), tuple(stats)
+            h, stats = nnx.merge(graphdef, layer_state)(h, c, s)
+            return sharding.constrain(h, ("batch", None, None)), stats
 
         if remat:
             body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-        h, (counts, bal, dropped) = jax.lax.scan(body, h, stage_state)
-        return h, counts, bal, dropped
+        return jax.lax.scan(body, h, stage_state)
 
     run_stages = jax.vmap(stage_fn, spmd_axis_name="stage")
     stage_ids = jnp.arange(S)
     slot_spec = ("stages", "batch", None, None)
 
     def iteration(carry, t):
-        buf, outs, counts_acc, bal_acc, drop_acc = carry
+        buf, outs, acc = carry
         micro = t - stage_ids  # the micro-batch each stage works on in this iteration
         valid = (micro >= 0) & (micro < M)
         micro = jnp.clip(micro, 0, M - 1)
         first = (stage_ids == 0)[:, None, None, None]
         buf = jnp.where(first, xs[jnp.minimum(t, M - 1)][None], buf)
         buf = sharding.constrain(buf, slot_spec)
-        buf, counts, bal, dropped = run_stages(state, buf, cos_m[micro], sin_m[micro])
-        counts_acc = counts_acc + jnp.where(valid[:, None, None], counts, 0.0)
-        bal_acc = bal_acc + jnp.where(valid[:, None], bal, 0.0)
-        drop_acc = drop_acc + jnp.where(valid[:, None], dropped, 0.0)
+        buf, stats = run_stages(state, buf, cos_m[micro], sin_m[micro])  # stats [S, Ls, ...]
+        acc = jax.tree.map(lambda a, s: a + jnp.where(valid.reshape((S,) + (1,) * (s.ndim - 1)), s, 0.0),
+                           acc, stats)
         done = t - (S - 1)
         finished = jax.lax.dynamic_update_index_in_dim(outs, buf[S - 1], jnp.maximum(done, 0), 0)
         outs = jnp.where(done >= 0, finished, outs)
         buf = _shift(buf, mesh, S)
-        return (buf, outs, counts_acc, bal_acc, drop_acc), None
+        return (buf, outs, acc), None
 
-    E = stack.num_experts
     init = (sharding.constrain(jnp.zeros((S, b, T, D), x.dtype), slot_spec), jnp.zeros_like(xs),
-            jnp.zeros((S, L // S, E), jnp.float32), jnp.zeros((S, L // S), jnp.float32),
-            jnp.zeros((S, L // S), jnp.float32))
-    (_, outs, counts, bal, dropped), _ = jax.lax.scan(iteration, init, jnp.arange(M + S - 1))
+            LayerStats.zeros(stack.num_experts, (S, L // S)))
+    with jax.named_scope("pipeline"):
+        (_, outs, stats), _ = jax.lax.scan(iteration, init, jnp.arange(M + S - 1))
     out = outs.swapaxes(0, 1).reshape(B, T, D)
-    return (sharding.constrain(out, ("batch", None, None)), counts.reshape(L, E), bal.reshape(L) / M,
-            dropped.reshape(L))
+    stats = jax.tree.map(lambda a: a.reshape((L,) + a.shape[2:]), stats).per_microbatch(M)
+    return sharding.constrain(out, ("batch", None, None)), stats
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStack:
+    """Stack strategy: the layers split over the mesh axis 'stage', `microbatches` per step, GPipe."""
+
+    mesh: jax.sharding.Mesh
+    microbatches: int
+    remat: bool = False
+    schedule: str = "gpipe"
+
+    def __call__(self, stack, x, cos, sin):
+        return pipeline_blocks(stack, x, cos, sin, mesh=self.mesh, microbatches=self.microbatches, remat=self.remat)

@@ -30,15 +30,17 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
-from dsv3_jax import distributed, sharding
-from dsv3_jax.model import DeepSeekV3
-from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches, default_microbatches
+from dsv3_jax import distributed, runtime, sharding
+from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
+from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.runtime import Runtime
 from dsv3_jax.train import data as data_lib
-from dsv3_jax.train.checkpoint import Checkpointer
+from dsv3_jax.io import tokenizer as tokenizer_io
+from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import batch_size_at, make_optimizer
-from dsv3_jax.train.step import make_eval_step, make_train_step, split_model
+from dsv3_jax.train.step import make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -93,9 +95,10 @@ def _check_hyperparameters(config) -> None:
 def validate_train_config(config) -> ModelConfig:
     """Check every section before any work; raise ConfigError naming the key and the fix."""
     try:
-        model_cfg = ModelConfig.from_dict(config.model)
+        model_cfg = ModelConfig.from_dict(runtime.split_model_section(config.model)[0])
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
+    runtime.from_config(config)  # the run keys (model.moe_impl, mesh.microbatches, fp8.*, ...), before any work
     _check_hyperparameters(config)
     t = config.train
     if t.seq_len > model_cfg.max_position_embeddings:
@@ -133,7 +136,8 @@ def validate_train_config(config) -> ModelConfig:
 def microbatches(config, stages: int | None = None) -> int:
     """Pipeline micro-batches per step (config.mesh.microbatches; 0: twice the number of stages, as resolved
     from the mesh when `stages` is given, since config.mesh.stage may be -1)."""
-    return config.mesh.get("microbatches", 0) or default_microbatches(config.mesh.stage if stages is None else stages)
+    return config.mesh.get("microbatches", 0) or runtime.default_microbatches(
+        config.mesh.stage if stages is None else stages)
 
 
 def make_schedules(config, mesh_sizes=None):
@@ -195,13 +199,14 @@ def schedule_change(saved_config_json: str | None, config, step: int) -> str | N
             f"was {before:.4g}, is now {after:.4g}")
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, remat: bool, mesh=None, microbatches: int = 0):
+def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None):
     """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
     the rules table (no device ever holds the whole model); the optimizer state inherits the
-    parameters' shardings. Without a mesh, a one-device mesh is used. `microbatches`: pipeline
-    micro-batches when the mesh has stage > 1 (0: twice the number of stages)."""
-    mesh = mesh if mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
-    build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), remat=remat, microbatches=microbatches)  # noqa: E731
+    parameters' shardings. The model runs with `rt` (default: `runtime.default()`); without a mesh in
+    it, the state is placed on a one-device mesh."""
+    rt = rt or runtime.default()
+    mesh = rt.mesh if rt.mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
+    build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), runtime=rt)  # noqa: E731
     abstract = nnx.eval_shape(build)
     graphdef, _, _ = split_model(abstract)
     specs = [sharding.pure_specs(nnx.state(abstract, kind)) for kind in (nnx.Param, RouterBias)]
@@ -238,17 +243,17 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     distributed.barrier("dsv3_jax.data")
     data = data or build()
     val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
-    tokenizer_hash = data_lib.tokenizer_hash(data.tokenizer)
+    tokenizer_hash = tokenizer_io.tokenizer_hash(data.tokenizer)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
+    rt = runtime.from_config(config, mesh)
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
-    stages = mesh.shape["stage"]
-    graphdef, state = init_state(model_cfg, tx, t.seed, t.remat, mesh,
-                                 microbatches=microbatches(config, stages) if stages > 1 else 0)
-    if stages > 1 and not quiet:
-        m = microbatches(config, stages)
-        print(f"pipeline: {stages} stages x {m} micro-batches (GPipe), bubble fraction "
-              f"{bubble_fraction(stages, m):.1%}")
+    graphdef, state = init_state(model_cfg, tx, t.seed, rt)
+    if not quiet:
+        print(rt.describe())
+        if rt.stages > 1:
+            print(f"pipeline: {rt.stages} stages x {rt.microbatches} micro-batches (GPipe), bubble fraction "
+                  f"{bubble_fraction(rt.stages, rt.microbatches):.1%}")
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
     start = 0
@@ -266,7 +271,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         return abstract
 
     try:  # multi-host: every process restores, only the first moves a damaged step aside
-        restored = ckpt.restore_latest_good(target, log=lambda msg: print(msg, file=sys.stderr), move_aside=main)
+        restored = ckpt.load(target, log=lambda msg: print(msg, file=sys.stderr), move_aside=main)
     except UserError:
         ckpt.close()
         raise
@@ -339,7 +344,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     if t.sample_tokens > 0 and interrupt_at is None and jax.process_count() == 1:
         from dsv3_jax.infer.simple import greedy_text
 
-        model = nnx.merge(graphdef, state["params"], state["biases"])
+        # one prompt on this process's devices: the training runtime without its mesh (no pipeline, local experts)
+        model = with_runtime(nnx.merge(graphdef, state["params"], state["biases"]), rt.replace(mesh=None))
         sample = greedy_text(model, data.tokenizer, prompt="The", max_new_tokens=t.sample_tokens)
         if not quiet:
             print(f"\nsample (greedy, {t.sample_tokens} tokens):\n{sample}\n")

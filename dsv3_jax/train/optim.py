@@ -70,6 +70,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsv3_jax import param_kinds
 from dsv3_jax.cli import UserError
 
 __all__ = [
@@ -173,27 +174,6 @@ def batch_size_at(step: int, start: int, end: int, ramp_steps: int, *, multiple_
 
 # Attribute under which an nnx.Variable stores its array; it shows up as the last path entry
 # (GetAttrKey('value')) when flattening an nnx.State, and is not the parameter's name.
-_VARIABLE_VALUE_ATTRS = ("value", "raw_value")
-
-
-def _param_name(path) -> str | None:
-    """Name of the parameter a leaf belongs to: the last string key of its path, skipping the
-    nnx.Variable's internal ``.value`` attribute and integer keys (layer indices)."""
-    keys = list(path)
-    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name in _VARIABLE_VALUE_ATTRS:
-        keys = keys[:-1]
-    for k in reversed(keys):
-        if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str):
-            return k.key
-        if isinstance(k, jax.tree_util.GetAttrKey):
-            return k.name
-    return None
-
-
-def _decays(name: str | None) -> bool:
-    if name is None:
-        return True
-    return not (name == "scale" or name.endswith("bias"))
 
 
 def decay_mask(params):
@@ -204,7 +184,7 @@ def decay_mask(params):
     in the same Variable types, so the structure matches for ``optax.masked``) and on plain
     nested dicts of arrays.
     """
-    return jax.tree_util.tree_map_with_path(lambda p, _: _decays(_param_name(p)), params)
+    return jax.tree_util.tree_map_with_path(lambda p, _: param_kinds.decays(p), params)
 
 
 # --------------------------------------------------------------------------------------------

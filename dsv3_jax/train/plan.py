@@ -13,42 +13,20 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from dsv3_jax import sharding
+from dsv3_jax import param_kinds, sharding
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import DeepSeekV3, param_counts
-
-
-def abstract_model(cfg: ModelConfig) -> DeepSeekV3:
-    return nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+from dsv3_jax.model import DeepSeekV3, abstract_model, param_counts
 
 
 def component_counts(model: DeepSeekV3) -> dict[str, int]:
-    """Main-model parameters per component: embedding, head, attention, dense FFN, routed, shared, router, norms."""
+    """Main-model parameters per component (`param_kinds.param_kind`): embedding, head, attention, dense FFN,
+    routed and shared experts, router, norms."""
     out = dict.fromkeys(["embedding", "lm_head", "attention", "dense_ffn", "routed_experts", "shared_experts",
                          "router", "norms"], 0)
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        names = [str(p) for p in path]
-        if names[0] == "mtp":
+        if param_kinds.in_mtp(path):
             continue
-        n = math.prod(int(s) for s in var.get_value().shape)
-        last = names[-1]
-        if names[0] == "embed":
-            key = "embedding"
-        elif names[0] == "lm_head":
-            key = "lm_head"
-        elif last == "scale":
-            key = "norms"
-        elif "attn" in names:
-            key = "attention"
-        elif last in ("w_gate", "w_up", "w_down"):
-            key = "routed_experts"
-        elif last == "router":
-            key = "router"
-        elif "shared" in names:
-            key = "shared_experts"
-        else:
-            key = "dense_ffn"
-        out[key] += n
+        out[param_kinds.param_kind(path)] += math.prod(int(s) for s in var.get_value().shape)
     return out
 
 

@@ -7,6 +7,7 @@ CE_k is the depth-k MTP cross-entropy: position i predicts w[i + k + 1], valid f
 Aux-loss-free balancing: after the optimizer update, outside the gradient,
     b_i += gamma * sign(mean_j c_j - c_i)      per MoE layer, c = tokens routed to each expert in the
 global batch (under jit on a mesh the count is a global reduction, so every replica sees the same c).
+Each RouterBias is paired with the counts of the MoE module that owns it by path (`layer_stats.counts_like`).
     MaxVio = (max_i c_i - mean c) / mean c,   averaged over MoE layers.
 
 Non-finite guard: when the loss, the gradient norm, or any value of the updated parameters, optimizer
@@ -26,16 +27,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dsv3_jax.cli import UserError
-from dsv3_jax.model import DeepSeekV3, mtp_valid_mask
-from dsv3_jax.moe import RouterBias
+from dsv3_jax import layer_stats
+from dsv3_jax.model import mtp_valid_mask
 from dsv3_jax.sharding import constrain
-
-
-def split_model(model: DeepSeekV3):
-    """graphdef, params (pure dict), router biases (pure dict)."""
-    graphdef, params, biases = nnx.split(model, nnx.Param, RouterBias)
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(biases)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -48,7 +42,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
 
 
 def losses(graphdef, params, biases, window: jax.Array):
-    """All loss terms for one window [B, T+1]; returns (dict of scalars, expert_counts [L, E])."""
+    """All loss terms for one window [B, T+1]; returns (dict of scalars, moe_stats: MoE module path ->
+    LayerStats, see `ModelOutput`)."""
     inputs, targets = window[:, :-1], window[:, 1:]
     T = inputs.shape[1]
     out = nnx.merge(graphdef, params, biases)(inputs)
@@ -59,7 +54,7 @@ def losses(graphdef, params, biases, window: jax.Array):
         mtp_terms.append(cross_entropy(logits, tk, mtp_valid_mask(T, k)))
     mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
     return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
-            out.expert_counts)
+            out.moe_stats)
 
 
 def max_violation(counts: jax.Array) -> jax.Array:
@@ -70,20 +65,15 @@ def max_violation(counts: jax.Array) -> jax.Array:
     return ((counts.max(-1) - mean) / jnp.maximum(mean, 1e-9)).mean()
 
 
-def update_biases(biases, counts: jax.Array, gamma):
-    """b += gamma * sign(mean - c) for every MoE layer: main stack rows first, then MTP blocks."""
-    leaves, treedef = jax.tree.flatten(biases)
-    # Leaves are ordered as in the model tree: 'moe_layers' [L, E] sorts before 'mtp' entries [E].
-    delta = gamma * jnp.sign(counts.mean(-1, keepdims=True) - counts)  # [rows, E]
-    new, row = [], 0
-    for b in leaves:
-        n = b.shape[0] if b.ndim == 2 else 1
-        d = delta[row:row + n].reshape(b.shape)
-        new.append(b + d.astype(b.dtype))
-        row += n
-    if row != counts.shape[0]:
-        raise UserError(f"router biases cover {row} MoE layers but the model reported {counts.shape[0]}")
-    return jax.tree.unflatten(treedef, new)
+def update_biases(biases, moe_stats, gamma):
+    """b += gamma * sign(mean - c) for every MoE layer, each bias with the counts of its own module (paired
+    by path: `biases` is the pure-dict RouterBias state, `moe_stats` the model's path -> LayerStats)."""
+    counts = layer_stats.counts_like(biases, moe_stats)
+
+    def step(b, c):  # c [..., E]: one row per layer of a stack
+        return b + (gamma * jnp.sign(c.mean(-1, keepdims=True) - c)).astype(b.dtype)
+
+    return jax.tree.map(step, biases, counts)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, mesh=None,
@@ -119,16 +109,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
             return jax.tree.map(jnp.add, acc, out), None
 
         zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, micro[0]))
-        (total, (terms, counts)), grads = jax.lax.scan(body, zero, micro)[0]
+        (total, (terms, stats)), grads = jax.lax.scan(body, zero, micro)[0]
         mean = lambda t: jax.tree.map(lambda x: x / k, t)  # noqa: E731
-        return (total / k, (mean(terms) | {"dropped_tokens": terms["dropped_tokens"]}, counts)), mean(grads)
+        stats = {key: s.per_microbatch(k) for key, s in stats.items()}  # counts and drops summed, means averaged
+        return (total / k, (mean(terms) | {"dropped_tokens": terms["dropped_tokens"]}, stats)), mean(grads)
 
     def step(state: dict[str, Any], window, lam, alpha, gamma):
-        (total, (terms, counts)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha)
+        (total, (terms, stats)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha)
+        counts = layer_stats.stacked_counts(stats, 0)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        biases = update_biases(state["biases"], counts, gamma)
+        biases = update_biases(state["biases"], stats, gamma)
         # the guard covers the update itself: a finite gradient can still overflow the moments or the
         # parameters (a huge learning rate), and no non-finite value may reach the state or a checkpoint
         ok = jnp.isfinite(total) & jnp.isfinite(grad_norm) & all_finite((params, opt_state, biases))

@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax import runtime
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.runtime import Runtime
 
 # Tiny config used across the model-core tests: 1 dense + 2 MoE layers, MTP depth 2, YaRN on (factor 4
 # over an original context of 16, so the ramp is not trivial at dr = 8), 8 experts in 4 groups.
@@ -23,12 +25,18 @@ TINY = dict(
     n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
     routed_scaling_factor=2.5, first_k_dense_replace=1, num_nextn_predict_layers=2, max_position_embeddings=64,
     rope_scaling=dict(factor=4.0, original_max_position_embeddings=16, beta_fast=4.0, beta_slow=1.0),
-    dtype="float32", param_dtype="float32", moe_block_size=4, moe_impl="blocks",
+    dtype="float32", param_dtype="float32",
 )
+# how the tiny model runs in these tests: the 'blocks' expert layout with blocks of 4 rows
+TINY_RUN = dict(moe_impl="blocks", moe_block_size=4)
 
 
 def tiny_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY, **overrides})
+
+
+def tiny_runtime(**overrides) -> Runtime:
+    return runtime.resolve(**{**TINY_RUN, **overrides})
 
 
 def build(ctor, seed: int = 0, std: float = 0.2):

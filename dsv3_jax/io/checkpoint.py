@@ -48,12 +48,19 @@ state::
     # or: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 Concrete arrays are accepted too (converted the same way); a leaf without a sharding is placed
-on the first local device. Before reading any array the target is compared with the checkpoint's
+on the first local device. ``partial=True`` restores only the top-level entries the target names
+(e.g. ``{"params", "biases"}`` of a training state: readers need no optimizer to build a target). Before reading any array the target is compared with the checkpoint's
 own metadata (tree paths and shapes); a mismatch -- a different model/optimizer config -- raises
 ``ValueError`` naming the keys that differ and the directory. Dtypes may differ: orbax casts on
 read (e.g. restore float32 master weights as bfloat16 for evaluation).
-"""
 
+The one restore path
+--------------------
+``load(target, step=None, partial=False, move_aside=False, log=...)`` is what train.py (resume),
+infer.py and the converter's reader (`interop.convert.restore`) all call: ``step=None`` restores the
+newest step that reads cleanly (``restore_latest_good``), a given step restores exactly that one;
+``target(meta)`` builds the abstract state from the step's JSON meta.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -69,10 +76,14 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
+from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
+from dsv3_jax.model import abstract_model, split_model
+from dsv3_jax.moe import RouterBias
 
-__all__ = ["Checkpointer", "CheckpointMismatch", "NoUsableCheckpoint"]
+__all__ = ["Checkpointer", "CheckpointMismatch", "NoUsableCheckpoint", "weights_target"]
 
 
 class CheckpointMismatch(UserError):
@@ -291,12 +302,15 @@ class Checkpointer:
             + "; ".join(parts) + "; restore with the config it was written with, or use another --workdir"
         )
 
-    def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[int, PyTree, dict]:
+    def restore(self, abstract_state: PyTree, step: int | None = None, *,
+                partial: bool = False) -> tuple[int, PyTree, dict]:
         """Restore ``(step, state, meta)``; ``step=None`` means the latest finalized step.
 
         ``abstract_state`` gives the tree, shapes, dtypes and *shardings* to restore into.
         Raises FileNotFoundError if there is no such checkpoint and ValueError if its tree or
-        shapes do not match ``abstract_state``.
+        shapes do not match ``abstract_state``. ``partial``: ``abstract_state`` is a dict naming some
+        of the saved top-level entries; only those come back (the others are read onto the first
+        device and dropped: orbax's standard handler reads whole trees).
         """
         self._mngr.wait_until_finished()  # a save in flight becomes visible first
         steps = self._mngr.all_steps()
@@ -309,6 +323,10 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"no finalized checkpoint for step {step} in {self.directory}; available: {sorted(steps)}"
             )
+        wanted = None
+        if partial:
+            wanted = set(abstract_state)
+            abstract_state = {**self._saved_abstract(step), **abstract_state}
         abstract_state = jax.tree.map(_to_abstract, abstract_state)
         self._check_matches(step, abstract_state)
         out = self._mngr.restore(
@@ -318,7 +336,29 @@ class Checkpointer:
             ),
         )
         meta = out[_META]
-        return step, out[_STATE], ({} if meta is None else dict(meta))
+        state = out[_STATE]
+        if wanted is not None:
+            state = {k: v for k, v in state.items() if k in wanted}
+        return step, state, ({} if meta is None else dict(meta))
+
+    def _saved_abstract(self, step: int) -> dict:
+        """The saved state's tree as ShapeDtypeStructs on the first local device (from its metadata)."""
+        md = self._mngr.item_metadata(step)[_STATE]
+        tree = getattr(md, "tree", md)
+        if tree is None:
+            raise NoUsableCheckpoint(f"checkpoint step {step} in {self.directory} has no readable metadata")
+        return jax.tree.map(lambda m: _to_abstract(jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)), dict(tree))
+
+    def load(self, target: Callable[[dict], PyTree], step: int | None = None, *, partial: bool = False,
+             move_aside: bool = False, log: Callable[[str], None] = print) -> tuple[int, PyTree, dict] | None:
+        """The one restore path: ``(step, state, meta)`` of `step`, or of the newest step that restores
+        cleanly when `step` is None (None if the directory holds no checkpoint; damaged newer steps are
+        reported through `log` and, with `move_aside`, moved away). ``target(meta)`` builds the abstract
+        state from the step's meta; ``partial`` as in `restore`."""
+        if step is None:
+            return self.restore_latest_good(target, log=log, move_aside=move_aside, partial=partial)
+        _, meta = self.restore_meta(step)
+        return self.restore(target(meta), step, partial=partial)
 
     def restore_meta(self, step: int | None = None) -> tuple[int, dict]:
         """Only the JSON meta of a checkpoint (e.g. its config), without reading any array."""
@@ -331,7 +371,8 @@ class Checkpointer:
         return step, dict(out[_META] or {})
 
     def restore_latest_good(
-        self, target: Callable[[dict], PyTree], log: Callable[[str], None] = print, move_aside: bool = True
+        self, target: Callable[[dict], PyTree], log: Callable[[str], None] = print, move_aside: bool = True,
+        partial: bool = False,
     ) -> tuple[int, PyTree, dict] | None:
         """Restore the newest checkpoint that restores cleanly; None if the directory has none at all.
 
@@ -359,7 +400,7 @@ class Checkpointer:
                 if reason is None:
                     abstract = target(meta)  # the caller's errors (mismatch, missing tokenizer) propagate
                     try:
-                        got = self.restore(abstract, step)
+                        got = self.restore(abstract, step, partial=partial)
                     except UserError:  # a config mismatch is the caller's to fix, not corruption
                         raise
                     except Exception as e:  # noqa: BLE001
@@ -408,3 +449,20 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def weights_target(model_cfg, runtime=None, mesh=None):
+    """(graphdef, abstract {"params", "biases"}) of the model `model_cfg` runs as: the restore target of
+    a model's weights (a train.py state restored with ``partial=True``, or the converter's output). With a
+    mesh, every leaf carries its NamedSharding from the logical-axis rules (each device reads its shard);
+    without one, leaves land on the first local device."""
+    model = abstract_model(model_cfg, runtime)
+    graphdef, params, biases = split_model(model)
+    abstract = {"params": params, "biases": biases}
+    if mesh is not None:
+        specs = {"params": sharding.pure_specs(nnx.state(model, nnx.Param)),
+                 "biases": sharding.pure_specs(nnx.state(model, RouterBias))}
+        abstract = jax.tree.map(lambda x, spec: jax.ShapeDtypeStruct(
+            x.shape, x.dtype, sharding=jax.sharding.NamedSharding(mesh, spec)), abstract, specs)
+    return graphdef, abstract
+

@@ -1,0 +1,162 @@
+"""Routed-expert math on one device: the row layouts and the three interchangeable GEMM formulations.
+
+Shape legend: N tokens, D model, E experts, K top-k, F expert ffn width, M = N*K token-expert rows,
+nb blocks of `b` rows, P = nb*b padded rows.
+
+Input: tokens x [N, D] with their routing (expert ids idx [N, K] int32, combine weights w [N, K] f32)
+and the expert weights w_gate / w_up [E, D, F], w_down [E, F, D]. Output y [N, D] float32:
+    y[n] = sum_k w[n, k] * SwiGLU_{idx[n, k]}(x[n]),   SwiGLU_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e
+All three are dropless and tested against each other (tests/test_moe.py):
+  * 'dense'  - every expert on every token, combined with a one-hot weight matrix. The reference.
+  * 'ragged' - rows sorted by expert, `jax.lax.ragged_dot` grouped GEMMs. For GPU/TPU.
+  * 'blocks' - rows sorted by expert into per-expert padded blocks of `b` rows (at most
+               M + E*(b-1) rows in all, so no token is ever dropped), each block multiplied by its
+               expert's weights with one batched einsum, or with the FP8 grouped GEMM
+               (`dsv3_jax.fp8.fp8_expert_blocks`). XLA:CPU lowers ragged_dot densely (~25x slower,
+               REFERENCE.md section 9), so the resolver picks 'blocks' on CPU.
+`block_layout` and `permute_rows` are also the row bookkeeping of expert parallelism
+(`parallel/expert.py`), which runs `experts_blocks` on the rows each rank receives.
+
+This module knows nothing of the model: no config, no module, no mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dsv3_jax.cli import UserError
+from dsv3_jax.fp8.linear import fp8_expert_blocks
+from dsv3_jax.runtime import Fp8Options
+
+
+def _swiglu(x, w_gate, w_up, w_down, eq_in, eq_out):
+    h = jax.nn.silu(jnp.einsum(eq_in, x, w_gate)) * jnp.einsum(eq_in, x, w_up)
+    return jnp.einsum(eq_out, h, w_down)
+
+
+def experts_dense(x, idx, w, w_gate, w_up, w_down):
+    """Reference: all E experts on all N tokens. x [N, D] -> [N, D] (f32)."""
+    E = w_gate.shape[0]
+    with jax.named_scope("expert_gemms"):
+        y = _swiglu(x, w_gate, w_up, w_down, "ND,EDF->NEF", "NEF,EFD->NED")  # [N, E, D]
+    with jax.named_scope("combine"):
+        combine = jnp.einsum("NK,NKE->NE", w, jax.nn.one_hot(idx, E, dtype=w.dtype))
+        return jnp.einsum("NE,NED->ND", combine, y.astype(jnp.float32))
+
+
+def experts_ragged(x, idx, w, w_gate, w_up, w_down):
+    """Rows sorted by expert, grouped GEMMs with jax.lax.ragged_dot. x [N, D] -> [N, D] (f32)."""
+    N, K = idx.shape
+    E = w_gate.shape[0]
+    with jax.named_scope("dispatch"):
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+        rows = x[order // K]  # [M, D] sorted by expert
+    with jax.named_scope("expert_gemms"):
+        h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, sizes)) * jax.lax.ragged_dot(rows, w_up, sizes)
+        y_sorted = jax.lax.ragged_dot(h, w_down, sizes)  # [M, D]
+    with jax.named_scope("combine"):
+        y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, K, -1)
+        return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
+
+
+def block_layout(idx: jax.Array, num_experts: int, block: int):
+    """Destination row of each (token, k) in the per-expert padded buffer, and each block's expert.
+
+    Returns dest [N*K] int32 (row in a buffer of nb*block rows) and block_expert [nb] int32, where
+    nb = ceil((N*K + E*(block-1)) / block) is a static bound that no routing can exceed.
+    """
+    flat = idx.reshape(-1)
+    M, E = flat.shape[0], num_experts
+    sizes = jnp.bincount(flat, length=E)
+    padded = (sizes + block - 1) // block * block
+    starts = jnp.cumsum(sizes) - sizes
+    pad_ends = jnp.cumsum(padded)
+    pad_starts = pad_ends - padded
+    order = jnp.argsort(flat, stable=True)
+    rank_sorted = jnp.arange(M) - starts[flat[order]]  # position of each sorted row inside its expert
+    rank = jnp.zeros(M, jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))
+    dest = (pad_starts[flat] + rank).astype(jnp.int32)
+    nb = -(-(M + E * (block - 1)) // block)
+    block_expert = jnp.searchsorted(pad_ends, jnp.arange(nb) * block, side="right")
+    return dest, jnp.minimum(block_expert, E - 1).astype(jnp.int32), nb
+
+
+@jax.custom_vjp
+def permute_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
+    """out[j] = x[src[j]] for an injective row map, with src == len(x) meaning "a zero row".
+
+    `inv` is the inverse map (inv[i] = j with src[j] = i, or len(out) if row i is not used). The
+    backward pass is then another gather, grad_x = grad_out[inv], instead of the scatter-add that
+    XLA would emit for the transpose of a gather (a serial loop on XLA:CPU).
+    """
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[src]
+
+
+def _permute_fwd(x, src, inv):
+    return permute_rows(x, src, inv), (src, inv)
+
+
+def _permute_bwd(res, g):
+    src, inv = res
+    return permute_rows(g, inv, src), None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
+
+
+def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options | None = None):
+    """Rows sorted into per-expert padded blocks, one batched einsum per matrix. x [N, D] -> [N, D] (f32).
+
+    Row moves use `permute_rows` (gathers both ways) and each block's expert weights are selected with
+    a one-hot matmul ([nb, E] x [E, D, F]), whose transpose is a GEMM rather than a scatter-add.
+    `fp8`: run the three GEMMs as grouped block-scaled FP8 GEMMs with these options (weights: float32
+    masters) over the same block layout.
+    """
+    N, K = idx.shape
+    D, E = x.shape[1], w_gate.shape[0]
+    M = N * K
+    with jax.named_scope("dispatch"):
+        dest, block_expert, nb = block_layout(idx, E, block)
+        P = nb * block
+        src = jnp.full((P,), M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32))  # slot -> row (M: empty)
+        xb = permute_rows(jnp.repeat(x, K, axis=0), src, dest).reshape(nb, block, D)
+    with jax.named_scope("expert_gemms"):
+        if fp8 is not None:
+            def gemm(a, wt):
+                return fp8_expert_blocks(a, wt, block_expert, options=fp8)
+
+            h = jax.nn.silu(gemm(xb, w_gate)) * gemm(xb, w_up)
+            y = gemm(h, w_down).reshape(P, D)
+        else:
+            pick = jax.nn.one_hot(block_expert, E, dtype=w_gate.dtype)  # [nb, E]
+            hi = jax.lax.Precision.HIGHEST  # a selection must not round the weights (e.g. TF32 on GPU)
+            wg, wu, wd = (jnp.einsum("nE,E...->n...", pick, wt, precision=hi) for wt in (w_gate, w_up, w_down))
+            y = _swiglu(xb, wg, wu, wd, "nbD,nDF->nbF", "nbF,nFD->nbD").reshape(P, D)
+    with jax.named_scope("combine"):
+        y = permute_rows(y, dest, src).reshape(N, K, D)
+        return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalExperts:
+    """Expert strategy: every routed expert on this device, in layout `impl`. Dropless."""
+
+    impl: str  # 'dense' | 'blocks' | 'ragged'
+    block: int = 64
+    fp8: Fp8Options | None = None
+
+    def __call__(self, x, idx, w, w_gate, w_up, w_down):
+        """x [N, D], idx/w [N, K], weights -> (y [N, D] float32, dropped rows (always 0))."""
+        if self.impl == "dense":
+            y = experts_dense(x, idx, w, w_gate, w_up, w_down)
+        elif self.impl == "ragged":
+            y = experts_ragged(x, idx, w, w_gate, w_up, w_down)
+        elif self.impl == "blocks":
+            y = experts_blocks(x, idx, w, w_gate, w_up, w_down, self.block, self.fp8)
+        else:
+            raise UserError(f"unknown expert layout {self.impl!r}")
+        return y, jnp.zeros((), jnp.float32)

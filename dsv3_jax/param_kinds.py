@@ -1,0 +1,74 @@
+"""What a parameter is, from its path in the model tree: the one classifier of the package.
+
+    param_kind(("moe_layers", "ffn", "w_gate"))          -> "routed_experts"
+    param_kind(("dense_layers", "attn", "q_norm", "scale")) -> "norms"
+
+Used by the parameter counts (`model.param_counts`, `train.plan.component_counts`, the benchmarks' FLOP
+counts) and the optimizer's weight-decay mask (`train.optim.decay_mask`: no decay on norms and biases).
+Paths may hold strings, integers (layer / MTP indices) or JAX key entries (`DictKey`, `GetAttrKey`, as
+`jax.tree_util.tree_map_with_path` gives them); a trailing Variable value attribute is skipped.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+
+KINDS = ("embedding", "lm_head", "norms", "bias", "attention", "routed_experts", "router", "shared_experts",
+         "mtp_projection", "dense_ffn")
+ROUTED = ("w_gate", "w_up", "w_down")
+_VALUE_ATTRS = ("value", "raw_value", "_value")
+
+
+def path_names(path: Sequence) -> list[str]:
+    """The path as names: str/int keys as they are (ints as strings), JAX key entries unwrapped."""
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.DictKey):
+            k = k.key
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            k = k.name
+        elif isinstance(k, jax.tree_util.SequenceKey):
+            k = k.idx
+        names.append(str(k))
+    if names and names[-1] in _VALUE_ATTRS:
+        names.pop()
+    return names
+
+
+def param_kind(path: Sequence) -> str:
+    """One of KINDS for the parameter at `path` (the MTP modules' parameters get their own block's kinds)."""
+    names = path_names(path)
+    if not names:
+        return "dense_ffn"
+    last = next((n for n in reversed(names) if not n.isdigit()), "")  # a list index is not a name
+    if names[0] == "embed":
+        return "embedding"
+    if names[0] == "lm_head":
+        return "lm_head"
+    if last == "scale":
+        return "norms"
+    if last.endswith("bias"):
+        return "bias"
+    if "attn" in names:
+        return "attention"
+    if last in ROUTED:
+        return "routed_experts"
+    if last == "router":
+        return "router"
+    if "shared" in names:
+        return "shared_experts"
+    if "eh_proj" in names:
+        return "mtp_projection"
+    return "dense_ffn"
+
+
+def in_mtp(path: Sequence) -> bool:
+    """True for the parameters of the MTP modules (their own; embedding and head are shared)."""
+    names = path_names(path)
+    return bool(names) and names[0] == "mtp"
+
+
+def decays(path: Sequence) -> bool:
+    """AdamW weight decay applies (everything but RMSNorm gains and biases)."""
+    return param_kind(path) not in ("norms", "bias")

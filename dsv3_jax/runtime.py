@@ -1,0 +1,324 @@
+"""Runtime: how the network runs, as opposed to what it is (`ModelConfig`).
+
+A `Runtime` is frozen and fully concrete: every "auto" of the config is decided here, once, by the
+resolver (`resolve` / `from_config`), which is also the only code in the package that asks JAX which
+backend it runs on (`platform`). Entry points (train.py, infer.py, the converter, benchmarks,
+notebooks) resolve one, print `describe()` and pass it to the model explicitly:
+
+    rt = runtime.from_config(config, mesh)           # or runtime.resolve(moe_impl="dense", ...)
+    model = DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=rt)
+
+`DeepSeekV3(cfg, rngs=...)` without one uses `default()`: this backend, no mesh (one device).
+
+What it holds, and who reads it:
+    mesh, stages, microbatches, pipeline_schedule, remat    the layer-stack strategy (`strategies.stack`):
+                                                             `lax.scan` over the stacked layers, or the
+                                                             pipeline over the mesh axis 'stage'
+    expert_impl, block_size, expert_dispatch,               the routed-expert strategy (`strategies.experts`):
+    capacity_factor, emulate_ragged_all_to_all               dense / blocks / ragged on the local device, or
+                                                             expert parallelism over the mesh axis 'expert'
+    decode_expert_impl                                       the local layout for cached decode steps
+                                                             (`for_decode()`)
+    fp8, fp8_options                                         FP8 block-scaled GEMMs and how they run
+    attention_f32_core                                       the absorbed-MLA core in float32 (XLA:CPU
+                                                             cannot run some bf16 x bf16 -> f32 dots)
+    backend                                                  what the above was resolved for
+
+The config keys users type keep their sections: `model.moe_impl`, `model.moe_block_size`, `model.fp8`,
+`model.expert_capacity_factor`, `model.expert_dispatch` (HF-style configs have always carried them
+there), `train.remat`, `mesh.*` (axes, `mesh.microbatches`, `mesh.pipeline_schedule`) and the `fp8`
+section (the fields of `Fp8Options`). `ModelConfig.from_dict` never sees the run keys: `split_model_section`
+takes them out first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+
+from dsv3_jax.cli import ConfigError, UserError
+
+EXPERT_IMPLS = ("dense", "blocks", "ragged")
+DISPATCHES = ("padded", "ragged")
+SCHEDULES = ("gpipe",)
+# keys of a config's `model` section that describe the run, with their defaults
+MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8": False,
+                                  "expert_capacity_factor": 0.0, "expert_dispatch": "auto"}
+
+
+# ----------------------------------------------------------------------------- the one backend query
+
+
+def platform() -> str:
+    """'cpu', 'gpu' or 'tpu': the backend this process computes on (the only `jax.default_backend()` call)."""
+    b = jax.default_backend()
+    return "gpu" if b in ("gpu", "cuda", "rocm") else b
+
+
+def device_kind() -> str:
+    return jax.devices()[0].device_kind
+
+
+# ----------------------------------------------------------------------------- FP8 options
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Options:
+    """How the FP8 GEMMs run. Hashable: it is a static (non-differentiable) argument of the VJPs.
+    Set from a config as `--config.fp8.KEY=VALUE` (the switch itself is `--config.model.fp8`)."""
+
+    impl: str = "auto"  # 'auto' (CPU: 'blocked', accelerators: 'pallas') | 'blocked' | 'dequant' | 'pallas'
+    pow2_scales: bool = False  # round every scale up to a power of two
+    cache_fp8_inputs: bool = True  # keep x as fp8 tiles for Wgrad (DeepSeek) instead of x itself
+    backend: str = "auto"  # Pallas: 'triton' | 'mosaic_tpu' | 'auto'
+    interpret: bool | None = None  # Pallas interpret mode (default: on CPU)
+    block_m: int = 128  # Pallas output tile rows (dense GEMMs; grouped GEMMs use the MoE block size)
+    block_n: int = 128  # Pallas output tile columns
+    num_warps: int = 8  # Triton
+    num_stages: int = 3  # Triton
+    tpu_fp8: bool | None = None  # feed fp8 to the TPU MXU (default: TPU v7 only)
+
+    def gemm_kw(self) -> dict:
+        return dict(impl=self.impl, backend=self.backend, interpret=self.interpret, block_n=self.block_n,
+                    num_warps=self.num_warps, num_stages=self.num_stages, tpu_fp8=self.tpu_fp8)
+
+
+FP8_IMPLS = ("auto", "dequant", "blocked", "pallas")
+FP8_BACKENDS = ("auto", "triton", "mosaic_tpu")
+
+
+def fp8_impl(impl: str) -> str:
+    """'auto' -> 'blocked' on CPU (XLA:CPU has no FP8 units; interpret-mode Pallas is slow), else 'pallas'."""
+    if impl not in FP8_IMPLS:
+        raise UserError(f"fp8 gemm impl={impl!r}: choose from {FP8_IMPLS}.")
+    if impl == "auto":
+        return "blocked" if platform() == "cpu" else "pallas"
+    return impl
+
+
+def fp8_backend(backend: str) -> str:
+    if backend not in FP8_BACKENDS:
+        raise UserError(f"fp8 pallas backend={backend!r}: choose from {FP8_BACKENDS}.")
+    if backend == "auto":
+        return "mosaic_tpu" if platform() == "tpu" else "triton"
+    return backend
+
+
+def fp8_interpret(interpret: bool | None) -> bool:
+    return platform() == "cpu" if interpret is None else bool(interpret)
+
+
+def fp8_tpu_mxu(tpu_fp8: bool | None) -> bool:
+    """Only TPU v7 multiplies fp8 natively (REFERENCE.md section 9); older chips get bf16 blocks."""
+    if tpu_fp8 is not None:
+        return bool(tpu_fp8)
+    return platform() == "tpu" and "7" in device_kind()
+
+
+def resolve_fp8(options: Fp8Options | None = None, **kw) -> Fp8Options:
+    """Every 'auto' / None of an Fp8Options made concrete for this backend."""
+    o = dataclasses.replace(options or Fp8Options(), **kw)
+    for name in ("block_m", "block_n", "num_warps", "num_stages"):
+        if getattr(o, name) <= 0:
+            raise UserError(f"fp8.{name}={getattr(o, name)} must be > 0.")
+    return dataclasses.replace(o, impl=fp8_impl(o.impl), backend=fp8_backend(o.backend),
+                               interpret=fp8_interpret(o.interpret), tpu_fp8=fp8_tpu_mxu(o.tpu_fp8))
+
+
+# ----------------------------------------------------------------------------- Runtime
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """How the model runs; every field concrete (build one with `resolve` or `from_config`)."""
+
+    backend: str
+    mesh: jax.sharding.Mesh | None = None
+    expert_impl: str = "blocks"
+    decode_expert_impl: str = "dense"
+    block_size: int = 64
+    expert_dispatch: str = "padded"
+    capacity_factor: float = 0.0
+    emulate_ragged_all_to_all: bool = False
+    remat: bool = False
+    microbatches: int = 1
+    pipeline_schedule: str = "gpipe"
+    fp8: bool = False
+    fp8_options: Fp8Options = Fp8Options()
+    attention_f32_core: bool = False
+
+    def __post_init__(self):
+        for name, value, choices in (("expert_impl", self.expert_impl, EXPERT_IMPLS),
+                                     ("decode_expert_impl", self.decode_expert_impl, EXPERT_IMPLS),
+                                     ("expert_dispatch", self.expert_dispatch, DISPATCHES),
+                                     ("pipeline_schedule", self.pipeline_schedule, SCHEDULES)):
+            if value not in choices:
+                raise UserError(f"Runtime.{name}={value!r}: choose from {choices} (build a Runtime with "
+                                f"dsv3_jax.runtime.resolve, which also accepts 'auto').")
+        if self.block_size <= 0:
+            raise UserError(f"moe_block_size={self.block_size} must be > 0 (rows per expert block).")
+        if self.capacity_factor < 0:
+            raise UserError(f"expert_capacity_factor={self.capacity_factor} must be >= 0 (0: dropless).")
+        if self.expert_dispatch == "ragged" and self.capacity_factor > 0:
+            raise UserError("expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or use "
+                            "expert_dispatch='padded'.")
+        if self.microbatches < 1:
+            raise UserError(f"Runtime.microbatches={self.microbatches} must be >= 1.")
+        if self.fp8 and self.expert_impl == "ragged":
+            raise UserError("fp8 runs the routed experts in the 'blocks' layout; resolve the Runtime with "
+                            "moe_impl='auto' or 'blocks'.")
+
+    # -- what the mesh implies
+    def axis(self, name: str) -> int:
+        return 1 if self.mesh is None or name not in self.mesh.axis_names else int(self.mesh.shape[name])
+
+    @property
+    def stages(self) -> int:
+        return self.axis("stage")
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.axis("expert") > 1
+
+    @property
+    def fp8_gemms(self) -> Fp8Options | None:
+        """The FP8 options when the FP8 GEMMs are on, else None (what layers and expert GEMMs take)."""
+        return self.fp8_options if self.fp8 else None
+
+    @property
+    def data_shards(self) -> int:
+        """Ways the batch is split: data x fsdp x expert."""
+        return self.axis("data") * self.axis("fsdp") * self.axis("expert")
+
+    # -- variants
+    def replace(self, **kw) -> "Runtime":
+        return dataclasses.replace(self, **kw)
+
+    def for_decode(self) -> "Runtime":
+        """The runtime of cached decode steps: the decode expert layout (cheapest at a few rows)."""
+        return self.replace(expert_impl=self.decode_expert_impl)
+
+    def describe(self) -> str:
+        """One line for start-up logs."""
+        if self.mesh is None:
+            mesh = "1 device, no mesh"
+        else:
+            axes = " x ".join(f"{a} {s}" for a, s in self.mesh.shape.items() if s > 1) or "1 device"
+            mesh = f"mesh {axes} ({self.mesh.size} devices)"
+        if self.expert_parallel:
+            cf = "dropless" if self.capacity_factor <= 0 else f"capacity factor {self.capacity_factor:g}"
+            experts = (f"expert-parallel ({self.expert_dispatch} dispatch, {cf}, local blocks of {self.block_size})")
+        else:
+            experts = self.expert_impl + (f" (blocks of {self.block_size})" if self.expert_impl == "blocks" else "")
+        stack = (f"pipeline {self.pipeline_schedule} {self.stages} stages x {self.microbatches} micro-batches"
+                 if self.stages > 1 else "scan")
+        fp8 = "off"
+        if self.fp8:
+            o = self.fp8_options
+            fp8 = f"on ({o.impl}" + (f", {o.backend}" if o.impl == "pallas" else "") + ")"
+        return (f"runtime: {self.backend}, {mesh}; experts {experts}, decode {self.decode_expert_impl}; "
+                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}")
+
+
+def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", moe_block_size: int = 64,
+            expert_capacity_factor: float = 0.0, expert_dispatch: str = "auto", decode_moe_impl: str = "auto",
+            remat: bool = False, microbatches: int = 0, pipeline_schedule: str = "gpipe", fp8: bool = False,
+            fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None) -> Runtime:
+    """A concrete Runtime for this backend. 'auto' means:
+      moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere;
+                       'blocks' with fp8 (the FP8 grouped GEMM uses the block layout)
+      decode_moe_impl  'dense' on CPU (cheapest at decode sizes there), else the training layout
+      expert_dispatch  'ragged' (ragged_all_to_all) on GPU/TPU when dropless, else 'padded' (all_to_all)
+      microbatches 0   twice the pipeline stages (1 without a pipeline)
+    """
+    p = platform()
+    choices = ("auto",) + EXPERT_IMPLS
+    for name, value in (("moe_impl", moe_impl), ("decode_moe_impl", decode_moe_impl)):
+        if value not in choices:
+            raise UserError(f"{name}={value!r}: choose from {choices}.")
+    if expert_dispatch not in ("auto",) + DISPATCHES:
+        raise UserError(f"expert_dispatch={expert_dispatch!r}: choose from {('auto',) + DISPATCHES}.")
+    if pipeline_schedule not in SCHEDULES:
+        raise UserError(f"pipeline_schedule={pipeline_schedule!r}: choose from {SCHEDULES}.")
+    if microbatches < 0:
+        raise UserError(f"microbatches={microbatches} must be >= 0 (0: twice the number of stages).")
+    impl = ("blocks" if p == "cpu" else "ragged") if moe_impl == "auto" else moe_impl
+    if fp8 and impl == "ragged":  # the FP8 grouped GEMM uses the block layout
+        impl = "blocks"
+    decode = ("dense" if p == "cpu" else impl) if decode_moe_impl == "auto" else decode_moe_impl
+    if fp8 and decode == "ragged":
+        decode = "blocks"
+    if expert_dispatch == "auto":
+        expert_dispatch = "ragged" if expert_capacity_factor <= 0 and p in ("gpu", "tpu") else "padded"
+    stages = 1 if mesh is None or "stage" not in mesh.axis_names else int(mesh.shape["stage"])
+    return Runtime(backend=p, mesh=mesh, expert_impl=impl, decode_expert_impl=decode, block_size=int(moe_block_size),
+                   expert_dispatch=expert_dispatch, capacity_factor=float(expert_capacity_factor),
+                   emulate_ragged_all_to_all=(p == "cpu") if emulate_ragged_all_to_all is None
+                   else emulate_ragged_all_to_all,
+                   remat=bool(remat), microbatches=int(microbatches) or default_microbatches(stages),
+                   pipeline_schedule=pipeline_schedule, fp8=bool(fp8), fp8_options=resolve_fp8(fp8_options),
+                   attention_f32_core=p == "cpu")
+
+
+def default_microbatches(stages: int) -> int:
+    return 2 * stages if stages > 1 else 1
+
+
+@functools.lru_cache(maxsize=None)
+def _default(backend: str) -> Runtime:
+    return resolve()
+
+
+def default() -> Runtime:
+    """The runtime of a model built without one: this backend, no mesh, every choice 'auto'."""
+    return _default(platform())
+
+
+# ----------------------------------------------------------------------------- from a config
+
+
+def split_model_section(model_section: Mapping[str, Any]) -> tuple[dict, dict]:
+    """A config's `model` mapping -> (architecture fields for ModelConfig, run keys with defaults filled)."""
+    d = dict(model_section.to_dict() if hasattr(model_section, "to_dict") else model_section)
+    run = {k: d.pop(k, default) for k, default in MODEL_RUN_KEYS.items()}
+    return d, run
+
+
+def fp8_options_from(section: Mapping[str, Any] | None) -> Fp8Options:
+    """The `fp8` section of a config (absent in configs saved before it existed) -> Fp8Options."""
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
+    known = {f.name for f in dataclasses.fields(Fp8Options)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"config.fp8 has unknown key(s) {unknown}; valid keys are {sorted(known)}.")
+    return Fp8Options(**d)
+
+
+def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
+    """The Runtime a training config asks for on `mesh` (config errors name the key)."""
+    _, run = split_model_section(config.model)
+    mesh_section = config.get("mesh") or {}
+    train = config.get("train") or {}
+    try:
+        return resolve(mesh=mesh, moe_impl=run["moe_impl"], moe_block_size=run["moe_block_size"], fp8=run["fp8"],
+                       expert_capacity_factor=run["expert_capacity_factor"], expert_dispatch=run["expert_dispatch"],
+                       remat=bool(train.get("remat", False)), microbatches=int(mesh_section.get("microbatches", 0)),
+                       pipeline_schedule=mesh_section.get("pipeline_schedule", "gpipe"),
+                       fp8_options=fp8_options_from(config.get("fp8")))
+    except ConfigError:
+        raise
+    except UserError as e:
+        raise ConfigError(_config_key_message(str(e))) from None
+
+
+def _config_key_message(msg: str) -> str:
+    """Name the config key a resolver message is about (model.*, mesh.*, train.*)."""
+    for key, section in (("moe_impl", "model"), ("moe_block_size", "model"), ("expert_capacity_factor", "model"),
+                         ("expert_dispatch", "model"), ("microbatches", "mesh"), ("pipeline_schedule", "mesh")):
+        if msg.startswith(key + "=") or msg.startswith(f"Runtime.{key}="):
+            return f"config.{section}.{msg.removeprefix('Runtime.')}"
+    if msg.startswith("fp8"):
+        return "config." + msg
+    return msg

@@ -1,0 +1,39 @@
+"""Stack strategy 'scan': a stacked layer module applied layer by layer with `jax.lax.scan`.
+
+A stack is one module whose parameters carry a leading 'layers' axis (built with `nnx.vmap`, see
+`model.stacked_blocks`); each layer maps (h [B, T, D], cos, sin) -> (h, LayerStats). The scan lowers one
+layer body whatever the depth, so compile time does not grow with the number of layers. The other stack
+strategy is the pipeline over the mesh axis 'stage' (`parallel/pipeline.py`); `strategies.stack` picks.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from flax import nnx
+
+from dsv3_jax.sharding import constrain
+
+
+def scan_blocks(stack, x, cos, sin, *, remat: bool):
+    """Apply a stacked Block layer by layer; returns x and the layers' LayerStats stacked [L, ...]. Each
+    block's output is constrained to the batch sharding (the block boundary)."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h, layer_state):
+        h, stats = nnx.merge(graphdef, layer_state)(h, cos, sin)
+        return constrain(h, ("batch", "length", "act_embed")), stats
+
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(body, x, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScanStack:
+    """Stack strategy: every layer on every device, one `lax.scan` (rematerialised per layer if asked)."""
+
+    remat: bool = False
+
+    def __call__(self, stack, x, cos, sin):
+        return scan_blocks(stack, x, cos, sin, remat=self.remat)
