@@ -54,6 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dsv3_jax import runtime  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.train.loop import init_state, make_schedules  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
@@ -62,7 +63,7 @@ from dsv3_jax.train.step import make_train_step  # noqa: E402
 def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, steps: int):
     """Per-step seconds of the real dsv3_jax train step; also the compile + first-step time."""
     tx, schedule, lam, gamma, _ = make_schedules(config)
-    graphdef, state = init_state(cfg, tx, config.train.seed, config.train.remat)
+    graphdef, state = init_state(cfg, tx, config.train.seed, runtime.from_config(config))
     train_step = make_train_step(graphdef, tx, schedule)
     w = jnp.asarray(window)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
@@ -153,6 +154,8 @@ def main():
     gpu = C.on_gpu()
     dtype = a.dtype or ("bfloat16" if gpu else "float32")
     cfg = ModelConfig.from_dict(config.model).replace(dtype=dtype)
+    rt = runtime.from_config(config)
+    print(rt.describe())
     threads = [int(t) for t in a.torch_threads.split(",") if t] or [C.cores()]
     torch, device = C.torch_setup(threads[0])
     if dtype == "float32":
@@ -161,7 +164,7 @@ def main():
     window = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
     n = a.matmul_n or (8192 if gpu else 2048)
 
-    print(f"backend={jax.default_backend()} ({jax.devices()[0].device_kind}), torch device={device}, "
+    print(f"backend={runtime.platform()} ({runtime.device_kind()}), torch device={device}, "
           f"{C.versions(torch)}")
     print(f"cores={C.cores()} torch threads={torch.get_num_threads()}; batch {B} x {T} tokens, dtype {dtype}, "
           f"warmup {a.warmup}, median of {a.steps} steps")
@@ -184,10 +187,10 @@ def main():
     if cfg.num_nextn_predict_layers and "mtp" not in skip:
         t, first, loss = jax_step_times(config, cfg, window, a.warmup, a.steps)
         rows.append((f"dsv3_jax (MTP depth {cfg.num_nextn_predict_layers})", C.median(t), flops_mtp, first, loss,
-                     f"moe_impl={cfg.moe_impl}"))
+                     f"moe_impl={rt.expert_impl}"))
     if "nomtp" not in skip:
         t, first, loss = jax_step_times(config, cfg0, window, a.warmup, a.steps)
-        rows.append(("dsv3_jax (MTP off)", C.median(t), flops0, first, loss, f"moe_impl={cfg.moe_impl}"))
+        rows.append(("dsv3_jax (MTP off)", C.median(t), flops0, first, loss, f"moe_impl={rt.expert_impl}"))
     if "torch" not in skip:
         modes = ["float32"] if dtype == "float32" else [m for m in a.torch_bf16.split(",") if m]
         for n_threads in threads:

@@ -12,7 +12,7 @@ ml-collections stays at the edge: `ModelConfig.from_dict(config.model)` turns th
 What is NOT here: how the network runs (expert layout and block size, expert dispatch and capacity, FP8
 GEMMs, remat, the pipeline). That is the `Runtime` (dsv3_jax/runtime.py); a config's `model` section
 still carries the run keys users type (`model.moe_impl`, `model.fp8`, ...), and
-`runtime.split_model_section` takes them out before `from_dict` sees the rest.
+`ModelConfig.from_dict` skips them (`runtime.split_model_section`) and `runtime.from_config` reads them.
 """
 from __future__ import annotations
 
@@ -23,11 +23,9 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.runtime import split_model_section
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# fields that moved to the Runtime (a ModelConfig given one names where it went)
-RUN_FIELDS = {"moe_impl": "moe_impl", "moe_block_size": "moe_block_size", "fp8": "fp8",
-              "expert_capacity_factor": "expert_capacity_factor", "expert_dispatch": "expert_dispatch"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,16 +215,11 @@ class ModelConfig:
     # ------------------------------------------------------------------ construction helpers
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        """Build from a mapping (e.g. `config.model` of an ml-collections ConfigDict); unknown keys are errors."""
-        d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+        """Build from a mapping (e.g. `config.model` of an ml-collections ConfigDict); unknown keys are errors.
+        The run keys a config's model section also carries (`runtime.MODEL_RUN_KEYS`: moe_impl, fp8, ...)
+        are skipped here: they describe how the model runs, and `runtime.from_config` reads them."""
+        d, _ = split_model_section(d)
         known = {f.name for f in dataclasses.fields(cls)}
-        moved = sorted(set(d) & set(RUN_FIELDS))
-        if moved:
-            raise UserError(
-                f"{moved} describe how the model runs, not the network: they are Runtime options "
-                f"(dsv3_jax.runtime.resolve({', '.join(f'{RUN_FIELDS[k]}=...' for k in moved)}); in a config "
-                f"file they stay under config.model and the runtime resolver reads them)."
-            )
         unknown = sorted(set(d) - known)
         if unknown:
             raise UserError(

@@ -27,7 +27,7 @@ What it holds, and who reads it:
 The config keys users type keep their sections: `model.moe_impl`, `model.moe_block_size`, `model.fp8`,
 `model.expert_capacity_factor`, `model.expert_dispatch` (HF-style configs have always carried them
 there), `train.remat`, `mesh.*` (axes, `mesh.microbatches`, `mesh.pipeline_schedule`) and the `fp8`
-section (the fields of `Fp8Options`). `ModelConfig.from_dict` never sees the run keys: `split_model_section`
+section (the fields of `Fp8Options`). `ModelConfig.from_dict` skips the run keys: `split_model_section`
 takes them out first.
 """
 from __future__ import annotations

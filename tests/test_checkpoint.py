@@ -1,4 +1,4 @@
-"""Tests for dsv3_jax.train.checkpoint: exact round trips, keep-last-N, latest-step restore,
+"""Tests for dsv3_jax.io.checkpoint: exact round trips, keep-last-N, latest-step restore,
 clear errors on config mismatch, restoring into a requested sharding, and crash safety of an
 interrupted save (both a hand-made orbax temp directory and a process killed mid-save)."""
 
@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dsv3_jax.train.checkpoint import Checkpointer
+from dsv3_jax.io.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,7 +166,7 @@ _KILLED_SAVE = textwrap.dedent(
     import os, signal, sys
     import jax.numpy as jnp
     from orbax.checkpoint._src.path import atomicity
-    from dsv3_jax.train.checkpoint import Checkpointer
+    from dsv3_jax.io.checkpoint import Checkpointer
 
     ck = Checkpointer(sys.argv[1], keep=3)
     ck.save(1, {"w": jnp.full((256,), 1.0)}, {"s": 1})
@@ -240,7 +240,7 @@ def test_restore_latest_good_falls_back(tmp_path, damage):
 
 
 def test_restore_latest_good_none_restores(tmp_path):
-    from dsv3_jax.train.checkpoint import NoUsableCheckpoint
+    from dsv3_jax.io.checkpoint import NoUsableCheckpoint
 
     d = tmp_path / "ckpt"
     _three_steps(d)
@@ -255,7 +255,7 @@ def test_restore_latest_good_none_restores(tmp_path):
 
 def test_restore_latest_good_mismatch_is_not_corruption(tmp_path):
     """A different config raises at once: the good checkpoints are not moved aside."""
-    from dsv3_jax.train.checkpoint import CheckpointMismatch
+    from dsv3_jax.io.checkpoint import CheckpointMismatch
 
     d = tmp_path / "ckpt"
     _three_steps(d)

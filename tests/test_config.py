@@ -46,7 +46,6 @@ BAD = [
     (dict(num_hidden_layers=0), "num_hidden_layers"),
     (dict(qk_nope_head_dim=0), "qk_nope_head_dim"),
     (dict(v_head_dim=0), "v_head_dim"),
-    (dict(moe_block_size=0), "moe_block_size"),
     (dict(max_position_embeddings=0), "max_position_embeddings"),
     (dict(n_routed_experts=0), "n_routed_experts"),  # MoE layers exist but no experts
     (dict(num_experts_per_tok=0), "num_experts_per_tok"),
@@ -58,7 +57,6 @@ BAD = [
     (dict(scoring_func="softmax"), "scoring_func"),
     (dict(dtype="int8"), "dtype"),
     (dict(param_dtype="float64"), "param_dtype"),
-    (dict(moe_impl="megablox"), "moe_impl"),
     (dict(rope_scaling=dict(type="linear")), "rope_scaling.type"),
     (dict(rope_scaling=dict(factor=0.5)), "rope_scaling.factor"),
     (dict(rope_scaling=dict(beta_fast=1.0, beta_slow=1.0)), "beta_fast"),

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
 
+from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.train import data as D
 
 SMALL_TEXTS = [
@@ -79,7 +80,7 @@ def test_train_tokenizer_rejects_vocab_below_byte_alphabet():
 def test_load_tokenizer_missing_file(tmp_path):
     missing = str(tmp_path / "nope" / "tokenizer.json")
     with pytest.raises(FileNotFoundError, match="nope"):
-        D.load_tokenizer(missing)
+        tokenizer_io.load_tokenizer(missing)
 
 
 def test_get_tokenizer_trains_saves_then_reuses(tmp_path):
@@ -424,9 +425,9 @@ def test_tokenizer_hash_is_the_mapping_not_the_json():
     d["model"]["merges"] = [" ".join(m) if isinstance(m, list) else m for m in merges]  # the pre-0.20 spelling
     from tokenizers import Tokenizer
 
-    assert D.tokenizer_hash(Tokenizer.from_str(json.dumps(d))) == D.tokenizer_hash(tok)
+    assert tokenizer_io.tokenizer_hash(Tokenizer.from_str(json.dumps(d))) == tokenizer_io.tokenizer_hash(tok)
     other = D.train_tokenizer(D.default_corpus()[20:40], 400)
-    assert D.tokenizer_hash(other) != D.tokenizer_hash(tok)
+    assert tokenizer_io.tokenizer_hash(other) != tokenizer_io.tokenizer_hash(tok)
 
 
 def test_split_document_hard_cut_without_whitespace():

@@ -415,21 +415,21 @@ def test_fp8_training_tracks_f32():
 
 
 def test_model_fp8_flag_tracks_f32_model():
-    """`ModelConfig.fp8=True` routes every projection and expert GEMM through the FP8 path. With the same
+    """`Runtime.fp8` (`--config.model.fp8=True`) routes every projection and expert GEMM through the FP8 path. With the same
     weights, the cross-entropy stays within 2% of the f32 model's and the loss gradient points the same
     way (cosine > 0.95); logits differ by E4M3 rounding accumulated over the chain of quantised GEMMs
     (measured 11-18% relative on this random model), which also shows the flag is live."""
     from flax import nnx
 
-    from dsv3_jax import DeepSeekV3, ModelConfig
+    from dsv3_jax import DeepSeekV3, ModelConfig, runtime
 
     kw = dict(vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=128,
               num_hidden_layers=2, num_attention_heads=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
               qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_group=2,
               topk_group=1, first_k_dense_replace=1, num_nextn_predict_layers=1, dtype="float32",
-              initializer_range=0.05, moe_block_size=16)
-    ref = DeepSeekV3(ModelConfig(**kw), rngs=nnx.Rngs(0))
-    fp8 = DeepSeekV3(ModelConfig(**kw, fp8=True), rngs=nnx.Rngs(0))
+              initializer_range=0.05)
+    ref = DeepSeekV3(ModelConfig(**kw), rngs=nnx.Rngs(0), runtime=runtime.resolve(moe_block_size=16))
+    fp8 = DeepSeekV3(ModelConfig(**kw), rngs=nnx.Rngs(0), runtime=runtime.resolve(moe_block_size=16, fp8=True))
     nnx.update(fp8, nnx.state(ref))
     tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 256)
 

@@ -17,9 +17,9 @@ from dsv3_jax import sharding
 from dsv3_jax.infer.generate import Generator, cache_bytes_per_token, mha_cache_bytes_per_token
 from dsv3_jax.infer.sampling import SamplingParams, filter_logits, verify_draft
 from dsv3_jax.mla import MLA, LatentCache
-from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.model import DeepSeekV3, with_runtime
 from dsv3_jax.rope import rope_tables
-from reference import build, tiny_config, to_numpy
+from reference import build, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
 
 PROMPTS = [[3, 5, 7, 11, 2], [9, 2, 4, 4, 8, 10, 11, 30, 31, 17, 6], [20]]
@@ -41,7 +41,7 @@ def draftable_model(seed=0, alpha=0.3):
     straight through (eh_proj = [I; 0], unit enorm, the main model's final norm), predicting t_{i+2} by the
     same bigram table. The residual attention/FFN terms make the two disagree now and then."""
     cfg = tiny_config(num_nextn_predict_layers=1)
-    m = build(lambda r: DeepSeekV3(cfg, rngs=r), seed=seed, std=0.2)
+    m = build(lambda r: DeepSeekV3(cfg, rngs=r, runtime=tiny_runtime()), seed=seed, std=0.2)
     for blk in (m.dense_layers, m.moe_layers, m.mtp[0].block):
         blk.attn.wo.kernel[...] *= alpha
         ffn = blk.ffn
@@ -77,12 +77,13 @@ def test_cached_prefill_and_decode_match_full_forward():
     the full forward's logits at every position, for the main model and for the MTP module; the pad slots
     written by prefill are masked, then overwritten."""
     cfg = tiny_config(num_nextn_predict_layers=1)
-    m = build(lambda r: DeepSeekV3(cfg, rngs=r), seed=5, std=0.2)
+    m = build(lambda r: DeepSeekV3(cfg, rngs=r, runtime=tiny_runtime()), seed=5, std=0.2)
     B, T, lens, S = 2, FULL_T, np.array([6, 3]), 32
     toks = jax.random.randint(jax.random.key(1), (B, T), 2, cfg.vocab_size)
     full = full_forward(m, toks)
     nxt = jnp.concatenate([toks[:, 1:], jnp.zeros((B, 1), toks.dtype)], axis=1)  # t_{i+1}, 0 past the end
     graphdef, state = nnx.split(m)
+    decode_graphdef = nnx.split(with_runtime(m, tiny_runtime(moe_impl="dense")))[0]
 
     @jax.jit
     def prefill(state, tokens, next_tokens):
@@ -94,9 +95,9 @@ def test_cached_prefill_and_decode_match_full_forward():
 
     @jax.jit
     def decode(state, cache, tokens, next_tokens, positions):
-        mm = nnx.merge(graphdef, state)
-        logits, h, cache = mm.decode(tokens, positions, cache, moe_impl="dense")
-        mtp_logits, cache = mm.mtp_decode(h, next_tokens, positions, cache, moe_impl="dense")
+        mm = nnx.merge(decode_graphdef, state)
+        logits, h, cache = mm.decode(tokens, positions, cache)
+        mtp_logits, cache = mm.mtp_decode(h, next_tokens, positions, cache)
         return logits, mtp_logits, cache
 
     P0 = int(lens.max())

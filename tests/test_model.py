@@ -11,10 +11,11 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, mtp_valid_mask, param_counts, scan_blocks
+from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, mtp_valid_mask, param_counts, with_runtime
+from dsv3_jax.stack import scan_blocks
 from dsv3_jax.rope import rope_tables
 from dsv3_jax.model import abstract_model
-from reference import build, tiny_config, to_numpy
+from reference import build, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
 
 B, T = 2, 10
@@ -27,15 +28,17 @@ def assert_close(got, want, rel=2e-5):
 
 
 def jitted_forward(model, moe_impl=None):
+    if moe_impl is not None:  # the same parameters under the tiny runtime with another expert layout
+        model = with_runtime(model, tiny_runtime(moe_impl=moe_impl))
     graphdef, state = nnx.split(model)
-    fwd = jax.jit(lambda st, tok: nnx.merge(graphdef, st)(tok, moe_impl=moe_impl))
+    fwd = jax.jit(lambda st, tok: nnx.merge(graphdef, st)(tok))
     return lambda tok: fwd(state, jnp.asarray(tok))
 
 
 @pytest.fixture(scope="module")
 def setup():
     cfg = tiny_config()
-    model = build(lambda r: DeepSeekV3(cfg, rngs=r), seed=0)
+    model = build(lambda r: DeepSeekV3(cfg, rngs=r, runtime=tiny_runtime()), seed=0)
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (B, T)).astype(np.int32)
     fwd = jitted_forward(model)
     return cfg, model, to_numpy(model), tokens, fwd, fwd(tokens)
@@ -139,12 +142,13 @@ def test_scan_equals_layer_by_layer(setup, remat):
     L = cfg.num_moe_layers
     x = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, cfg.hidden_size)), jnp.float32)
     cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
-    got = nnx.jit(lambda s, x: scan_blocks(s, x, cos, sin, remat=remat, moe_impl="dense"))(stack, x)
+    stack = with_runtime(model, tiny_runtime(moe_impl="dense")).moe_layers
+    got = nnx.jit(lambda s, x: scan_blocks(s, x, cos, sin, remat=remat))(stack, x)
 
     stacked = nnx.to_pure_dict(nnx.state(stack))
     layers = []
     for i in range(L):  # a fresh, unstacked Block holding layer i's slice of every parameter
-        blk = nnx.eval_shape(lambda: Block(cfg, moe=True, rngs=nnx.Rngs(0)))
+        blk = nnx.eval_shape(lambda: Block(cfg, moe=True, rngs=nnx.Rngs(0), runtime=tiny_runtime(moe_impl="dense")))
         st = nnx.state(blk)
         nnx.replace_by_pure_dict(st, jax.tree.map(lambda a: a[i], stacked))
         nnx.update(blk, st)
@@ -154,22 +158,22 @@ def test_scan_equals_layer_by_layer(setup, remat):
     def one_by_one(layers, x):
         cs, bs = [], []
         for blk in layers:
-            x, c, b, _ = blk(x, cos, sin, "dense")
-            cs.append(c)
-            bs.append(b)
+            x, stats = blk(x, cos, sin)
+            cs.append(stats.counts)
+            bs.append(stats.balance)
         return x, jnp.stack(cs), jnp.stack(bs)
 
     want = one_by_one(layers, x)
     assert_close(got[0], want[0], rel=1e-5)
-    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
-    np.testing.assert_allclose(np.asarray(got[2]), np.asarray(want[2]), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[1].counts), np.asarray(want[1]))
+    np.testing.assert_allclose(np.asarray(got[1].balance), np.asarray(want[2]), rtol=1e-5)
     # The layers really differ (a scan that reused layer 0 would be caught).
     assert np.abs(np.asarray(layers[0].attn.wo.kernel[...]) - np.asarray(layers[1].attn.wo.kernel[...])).max() > 0
 
 
 def test_dense_only_model_with_mtp_matches_numpy():
     cfg = tiny_config(num_hidden_layers=2, first_k_dense_replace=2, num_nextn_predict_layers=1, q_lora_rank=None)
-    model = build(lambda r: DeepSeekV3(cfg, rngs=r), seed=3)
+    model = build(lambda r: DeepSeekV3(cfg, rngs=r, runtime=tiny_runtime()), seed=3)
     assert model.moe_layers is None
     tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, (B, 7)).astype(np.int32)
     out = jitted_forward(model)(tokens)

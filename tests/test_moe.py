@@ -10,17 +10,9 @@ import optax
 import pytest
 from flax import nnx
 
-from dsv3_jax.moe import (
-    MoE,
-    RouterBias,
-    balance_loss,
-    block_layout,
-    experts_blocks,
-    experts_dense,
-    experts_ragged,
-    route,
-)
-from reference import build, tiny_config, to_numpy
+from dsv3_jax.experts import block_layout, experts_blocks, experts_dense, experts_ragged
+from dsv3_jax.moe import MoE, RouterBias, balance_loss, route
+from reference import build, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
 
 
@@ -200,20 +192,21 @@ def test_block_layout_worst_case_is_tight():
 # ----------------------------------------------------------------------------- the MoE module
 
 
-def _moe_setup(seed=0, B=3, T=8, **kw):
+def _moe_setup(seed=0, B=3, T=8, run=None, **kw):
     cfg = tiny_config(**kw)
-    moe = build(lambda r: MoE(cfg, rngs=r), seed=seed)
+    moe = build(lambda r: MoE(cfg, rngs=r, runtime=tiny_runtime(**(run or {}))), seed=seed)
     x = np.random.default_rng(seed + 1).normal(size=(B, T, cfg.hidden_size)).astype(np.float32)
     return cfg, moe, x
 
 
 @pytest.mark.parametrize("impl, shared", [("dense", 1), ("ragged", 1), ("blocks", 1), ("blocks", 0), ("blocks", 2)])
 def test_moe_module_matches_numpy(impl, shared):
-    cfg, moe, x = _moe_setup(seed=shared, n_shared_experts=shared, moe_block_size=3)
+    cfg, moe, x = _moe_setup(seed=shared, n_shared_experts=shared, run=dict(moe_impl=impl, moe_block_size=3))
     p = to_numpy(moe)
     assert np.abs(p["bias"]).max() > 0.05  # a bias that matters
     assert ("shared" in p) == (shared > 0)
-    y, counts, bal, dropped = nnx.jit(lambda m, x: m(x, impl=impl))(moe, jnp.asarray(x))
+    y, stats = nnx.jit(lambda m, x: m(x))(moe, jnp.asarray(x))
+    counts, bal, dropped = stats.counts, stats.balance, stats.dropped
     assert float(dropped) == 0.0
     want_y, want_counts, want_bal = ref.moe(x, p, cfg)
     assert y.shape == x.shape and counts.shape == (cfg.n_routed_experts,) and bal.shape == ()
@@ -229,11 +222,11 @@ def test_moe_module_matches_numpy(impl, shared):
 
 def test_moe_bias_changes_routing_not_weights():
     """Zeroing the bias changes the module output (it selects), so it is really used in __call__."""
-    cfg, moe, x = _moe_setup(seed=4)
-    f = nnx.jit(lambda m, x: m(x, impl="dense"))
-    y1, c1, _, _ = f(moe, jnp.asarray(x))
+    cfg, moe, x = _moe_setup(seed=4, run=dict(moe_impl="dense"))
+    f = nnx.jit(lambda m, x: (lambda y, s: (y, s.counts))(*m(x)))
+    y1, c1 = f(moe, jnp.asarray(x))
     moe.bias[...] = jnp.zeros_like(moe.bias[...])
-    y0, c0, _, _ = f(moe, jnp.asarray(x))
+    y0, c0 = f(moe, jnp.asarray(x))
     assert not np.array_equal(np.asarray(c0), np.asarray(c1))
     p = to_numpy(moe)
     np.testing.assert_allclose(np.asarray(y0), ref.moe(x, p, cfg)[0], rtol=1e-5, atol=1e-5)
@@ -265,7 +258,7 @@ def test_balance_loss_matches_numpy_and_hand_value():
 
 
 def test_router_bias_is_not_a_param_and_optimizer_leaves_it():
-    cfg, moe, x = _moe_setup(seed=5)
+    cfg, moe, x = _moe_setup(seed=5, run=dict(moe_impl="dense"))
     params = nnx.state(moe, nnx.Param)
     names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(params)}
     assert "router" in names and "w_gate" in names
@@ -279,8 +272,8 @@ def test_router_bias_is_not_a_param_and_optimizer_leaves_it():
     opt = nnx.Optimizer(moe, optax.sgd(1.0), wrt=nnx.Param)
 
     def loss(m):
-        y, _, bal, _ = m(jnp.asarray(x), impl="dense")
-        return jnp.mean(y ** 2) + bal
+        y, stats = m(jnp.asarray(x))
+        return jnp.mean(y ** 2) + stats.balance
 
     grads = nnx.jit(nnx.grad(loss))(moe)
     grad_names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}

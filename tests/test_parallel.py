@@ -12,7 +12,8 @@ from flax import nnx
 
 from dsv3_jax import sharding
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.moe import experts_dense
+from dsv3_jax import runtime
+from dsv3_jax.experts import experts_dense
 from dsv3_jax.parallel.expert import capacity, experts_expert_parallel
 from dsv3_jax.train.loop import init_state
 from dsv3_jax.train.step import make_train_step
@@ -20,8 +21,9 @@ from dsv3_jax.train.step import make_train_step
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
                   num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
                   v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
-                  first_k_dense_replace=1, dtype="float32", moe_block_size=8,
+                  first_k_dense_replace=1, dtype="float32",
                   num_nextn_predict_layers=0)  # MTP is covered elsewhere; it doubles compile time here
+RUN = dict(moe_block_size=8)  # how CFG runs (the Runtime options; the mesh is added per test)
 
 
 def _expert_inputs(N=64, K=2, E=8, D=16, F=8, seed=0):
@@ -91,11 +93,12 @@ def one_device_step():
 LR = 0.5
 
 
-def _one_step(layout, cfg=CFG, microbatches=0, accum=1):
+def _one_step(layout, cfg=CFG, microbatches=0, accum=1, **run):
     """One train step with plain SGD, so (new - old) / -LR is exactly the gradient."""
     tx = optax.sgd(LR)
     mesh = None if layout is None else sharding.make_mesh(layout)
-    graphdef, state = init_state(cfg, tx, 0, False, mesh, microbatches=microbatches)
+    rt = runtime.resolve(mesh=mesh, microbatches=microbatches, **{**RUN, **run})
+    graphdef, state = init_state(cfg, tx, 0, rt)
     init_params = jax.tree.map(np.asarray, state["params"])
     step = make_train_step(graphdef, tx, lambda s: LR, mesh, jax.tree.map(lambda x: x.sharding, state),
                            grad_accum_steps=accum)
@@ -197,7 +200,8 @@ def test_pipeline_moves_microbatches_with_ppermute():
     from dsv3_jax.train.step import losses
 
     mesh = sharding.make_mesh(dict(stage=2, data=4))
-    model = nnx.eval_shape(lambda: DeepSeekV3(CFG4, rngs=nnx.Rngs(0), microbatches=2))
+    rt = runtime.resolve(mesh=mesh, microbatches=2, **RUN)
+    model = nnx.eval_shape(lambda: DeepSeekV3(CFG4, rngs=nnx.Rngs(0), runtime=rt))
     graphdef, params, biases = split_model(model)
     window = jax.ShapeDtypeStruct((8, 17), jnp.int32)
     with jax.set_mesh(mesh):
@@ -226,8 +230,7 @@ def test_bubble_fraction_and_microbatch_errors():
 def test_capacity_path_in_the_model(factor, one_device_step):
     """expert=8 with a capacity factor: at factor = ep nothing can drop and the step equals the dropless
     one-device step; at 0.5 rows are dropped, counted in the `dropped_tokens` metric, and the loss moves."""
-    cfg = dataclasses.replace(CFG, expert_capacity_factor=factor)
-    _, m, g = _one_step(dict(expert=8), cfg)
+    _, m, g = _one_step(dict(expert=8), CFG, expert_capacity_factor=factor)
     _, ref_m, ref_g = one_device_step
     if factor == 8.0:
         assert float(m["dropped_tokens"]) == 0.0
@@ -254,8 +257,7 @@ def test_ragged_dispatch_lowers_to_ragged_all_to_all_for_gpu():
 
 
 def test_ragged_dispatch_in_the_model_matches_one_device(one_device_step):
-    cfg = dataclasses.replace(CFG, expert_dispatch="ragged")
-    _, m, g = _one_step(dict(expert=4, data=2), cfg)
+    _, m, g = _one_step(dict(expert=4, data=2), CFG, expert_dispatch="ragged")
     _, ref_m, ref_g = one_device_step
     np.testing.assert_allclose(float(m["loss"]), float(ref_m["loss"]), rtol=1e-5)
     assert float(m["dropped_tokens"]) == 0.0

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dsv3_jax import runtime
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import param_counts
 from dsv3_jax.train import loop
@@ -102,7 +103,7 @@ def test_resume_is_exact(runs):
 def test_nonfinite_guard_skips_poisoned_batch():
     cfg = loop.validate_train_config(micro_config())
     tx, schedule = make_optimizer(peak_lr=1e-2, warmup_steps=0, constant_steps=10, decay_steps=10)
-    graphdef, state = loop.init_state(cfg, tx, seed=0, remat=False)
+    graphdef, state = loop.init_state(cfg, tx, seed=0, rt=runtime.from_config(micro_config()))
     step = make_train_step(graphdef, tx, schedule)
     scalars = (jnp.float32(0.3), jnp.float32(1e-4), jnp.float32(0.01))
     good = jax.random.randint(jax.random.key(1), (4, 17), 0, cfg.vocab_size)
@@ -128,7 +129,7 @@ def test_nonfinite_guard_covers_the_update():
     cfg = loop.validate_train_config(micro_config())
     overflow = optax.chain(optax.scale(3e38), optax.scale(3e38))  # any non-zero gradient -> inf update
     schedule = lambda step: jnp.float32(1.0)  # noqa: E731
-    graphdef, state = loop.init_state(cfg, overflow, seed=0, remat=False)
+    graphdef, state = loop.init_state(cfg, overflow, seed=0, rt=runtime.from_config(micro_config()))
     step = make_train_step(graphdef, overflow, schedule)
     batch = jax.random.randint(jax.random.key(1), (4, 17), 0, cfg.vocab_size)
     before = jax.tree.map(np.asarray, state)
@@ -221,7 +222,7 @@ def test_train_starts_from_converted_weights(runs, tmp_path):
     """A weights-only checkpoint (the format of dsv3_jax.interop.convert) in the workdir initialises
     training at step 0 with a fresh optimizer. With warmup the first update has lr = 0, so after one
     step the parameters are exactly the converted ones."""
-    from dsv3_jax.train.checkpoint import Checkpointer
+    from dsv3_jax.io.checkpoint import Checkpointer
 
     src = runs["full"]
     ck = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
@@ -233,3 +234,36 @@ def test_train_starts_from_converted_weights(runs, tmp_path):
     assert int(result.state["step"]) == 1
     for a, b in zip(jax.tree.leaves(src.state["params"]), jax.tree.leaves(result.state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bias_update_pairs_each_layer_with_its_own_counts():
+    """update_biases pairs every RouterBias with the counts of the MoE module that owns it, by path: row l of
+    the stacked main layers moves with layer l's counts, the MTP block's bias with the MTP block's counts,
+    whatever order the stats arrive in; a bias without counts is an error naming it."""
+    from flax import nnx, traverse_util
+
+    from dsv3_jax.layer_stats import LayerStats
+    from dsv3_jax.model import DeepSeekV3, split_model
+    from dsv3_jax.train.step import update_biases
+
+    E, L = 4, 3
+    biases = {"moe_layers": {"ffn": {"bias": jnp.zeros((L, E))}}, "mtp": {0: {"block": {"ffn": {"bias": jnp.zeros(E)}}}}}
+    main = jnp.asarray([[10.0 if e == layer else 2.0 for e in range(E)] for layer in range(L)])  # layer l overloads l
+    mtp = jnp.asarray([2.0, 2.0, 2.0, 10.0])  # the MTP block overloads expert 3
+    stats = {"mtp/0/block/ffn": LayerStats(counts=mtp, balance=jnp.zeros(()), dropped=jnp.zeros(())),
+             "moe_layers/ffn": LayerStats(counts=main, balance=jnp.zeros(L), dropped=jnp.zeros(L))}
+    new = update_biases(biases, stats, 0.1)
+    for layer in range(L):  # mean load 4: the overloaded expert goes down by gamma, the others up
+        want = [-0.1 if e == layer else 0.1 for e in range(E)]
+        np.testing.assert_allclose(np.asarray(new["moe_layers"]["ffn"]["bias"][layer]), want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(new["mtp"][0]["block"]["ffn"]["bias"]), [0.1, 0.1, 0.1, -0.1], rtol=1e-6)
+    with pytest.raises(ValueError, match="mtp/0/block/ffn/bias has no expert counts"):
+        update_biases(biases, {"moe_layers/ffn": stats["moe_layers/ffn"]}, 0.1)
+
+    # the model reports its stats under exactly the paths of its router biases (main stack and MTP block)
+    cfg = ModelConfig.from_dict(micro_config().model)
+    model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    _, _, model_biases = split_model(model)
+    out = model(jnp.zeros((1, 8), jnp.int32))
+    owners = {"/".join(map(str, p[:-1])) for p in traverse_util.flatten_dict(model_biases)}
+    assert set(out.moe_stats) == owners == {"moe_layers/ffn", "mtp/0/block/ffn"}

@@ -33,7 +33,7 @@ def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None 
             raise UserError(f"a checkpoint in {ckdir} has no config in its metadata; it was not written by "
                             f"train.py or the converter")
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
-        model_cfg = ModelConfig.from_dict(runtime_lib.split_model_section(config.model)[0])
+        model_cfg = ModelConfig.from_dict(config.model)
         rt = runtime or runtime_lib.from_config(config)
         tokenizer = load_tokenizer(config.data.tokenizer_path or os.path.join(workdir, "tokenizer.json"),
                                    what=f"--checkpoint {workdir}")  # before any array is read

@@ -355,7 +355,7 @@ def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, run
             raise UserError(f"{ckdir} is not a converted checkpoint (meta format {meta.get('format')!r}); use "
                             f"dsv3_jax.infer.load.load_trained for train.py runs")
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
-        cfg = ModelConfig.from_dict(runtime_lib.split_model_section(config.model)[0])
+        cfg = ModelConfig.from_dict(config.model)
         if dtype is not None:
             overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
         cfg = cfg.replace(**overrides) if overrides else cfg

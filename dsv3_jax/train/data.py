@@ -53,7 +53,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsv3_jax.cli import UserError, one_line
-from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME, load_tokenizer, save_tokenizer, tokenizer_hash  # noqa: F401 (re-exported)
+from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME, load_tokenizer, save_tokenizer
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"

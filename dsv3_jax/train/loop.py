@@ -95,7 +95,7 @@ def _check_hyperparameters(config) -> None:
 def validate_train_config(config) -> ModelConfig:
     """Check every section before any work; raise ConfigError naming the key and the fix."""
     try:
-        model_cfg = ModelConfig.from_dict(runtime.split_model_section(config.model)[0])
+        model_cfg = ModelConfig.from_dict(config.model)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model: {e}") from None
     runtime.from_config(config)  # the run keys (model.moe_impl, mesh.microbatches, fp8.*, ...), before any work
