@@ -56,9 +56,11 @@ def write_synthetic(cfg: ModelConfig, directory: str, fp8: bool) -> tuple[int, i
         elif fp8 and key in plan.quantizable:
             sshape = (-(-shape[0] // 128), -(-shape[1] // 128))
             planned.append(st.PlannedTensor(key, shape, np.dtype(st.DTYPES["F8_E4M3"]),
-                                            lambda s=shape, n=seed: np.asarray(fp8_quant.quantize_blocks(rand(s, n))[0])[:s[0], :s[1]]))
+                                            lambda s=shape, n=seed:
+                                            np.asarray(fp8_quant.quantize_blocks(rand(s, n))[0])[:s[0], :s[1]]))
             planned.append(st.PlannedTensor(key + st.SCALE_SUFFIX, sshape, np.dtype(np.float32),
-                                            lambda s=shape, n=seed: np.asarray(fp8_quant.quantize_blocks(rand(s, n))[1])))
+                                            lambda s=shape, n=seed:
+                                            np.asarray(fp8_quant.quantize_blocks(rand(s, n))[1])))
         else:
             planned.append(st.PlannedTensor(key, shape, bf16, lambda s=shape, n=seed: rand(s, n).astype(bf16)))
     os.makedirs(directory, exist_ok=True)

@@ -38,8 +38,6 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402  (puts the repository root on sys.path)
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -47,6 +45,8 @@ from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.infer.generate import Generator, cache_bytes_per_token, mha_cache_bytes_per_token  # noqa: E402
+
+import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
 ROOT = C.ROOT
 PROMPTS = [
@@ -248,7 +248,7 @@ def main():
     v3 = ModelConfig()  # the released model: sizes only, nothing is built
     for dt in (jnp.float32, jnp.bfloat16):
         size = jnp.dtype(dt).itemsize
-        demo = cache_bytes_per_token(jax.eval_shape(lambda: model.init_cache(1, 1, dt)))["main"]
+        demo = cache_bytes_per_token(jax.eval_shape(lambda dt=dt: model.init_cache(1, 1, dt)))["main"]
         v3_latent = (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * size
         for name, c, lat in (("demo (tiny)", cfg, demo), ("DeepSeek-V3 671B", v3, v3_latent)):
             mha = mha_cache_bytes_per_token(c, size)

@@ -9,7 +9,8 @@ configuration, its TFLOP/s on pre-quantised operands (the DeepGEMM convention), 
 1x128 quantisation of the activations, the jnp 'blocked' formulation (XLA's own fp8 dot with the K blocks
 as a batch dimension, then the per-block rescale and an f32 sum), XLA's plain fp8 dot without block scales
 (one e4m3 x e4m3 -> f32 dot: the speed of XLA's fp8 GEMM, not the recipe), the fp8 operands dequantised
-to bf16 and multiplied by XLA's BF16 dot (exact operands when the scales are powers of two), XLA's BF16 dot, the kernel's
+to bf16 and multiplied by XLA's BF16 dot (exact operands when the scales are powers of two), XLA's BF16 dot, the
+kernel's
 speed-up over BF16, and the kernel's max error relative to the jnp blocked path (f32 output) on the same
 fp8 operands. Anchors (REFERENCE.md section 8): H800 FP8 dense peak 1979,
 DeepGEMM up to 1550 TFLOP/s; BF16 peak 989.

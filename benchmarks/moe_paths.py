@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from dsv3_jax import runtime
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.loop import init_state
+from dsv3_jax.train.optim import make_optimizer
 from dsv3_jax.train.step import make_train_step
 
 

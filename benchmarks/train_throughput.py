@@ -48,8 +48,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import _common as C
-
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -58,6 +56,8 @@ from dsv3_jax import runtime  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.train.loop import init_state, make_schedules  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
+
+import _common as C
 
 
 def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, steps: int):
@@ -220,7 +220,7 @@ def main():
     print("vs transformers: the fastest transformers row's ms/step over this row's (tokens/s ratio). The MTP row "
           "does more work per token (its FLOPs/token include the MTP module); compare the 'MTP off' row for the "
           "same network.")
-    for name, s, f, first, loss, note in rows:
+    for name, _, _, first, loss, note in rows:
         print(f"  {name}: first step {first:.1f}s (jax: includes compilation), loss after the run {loss:.3f}, {note}")
 
 

@@ -26,7 +26,8 @@ import importlib.util
 import os
 import sys
 import traceback
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 VERBOSE_ENV = "DSV3_VERBOSE"
 EXIT_USER_ERROR = 2
@@ -114,7 +115,7 @@ def load_config_file(spec: str):
         mod_spec = importlib.util.spec_from_file_location("dsv3_user_config", path)
         module = importlib.util.module_from_spec(mod_spec)
         mod_spec.loader.exec_module(module)
-        get_config = getattr(module, "get_config")
+        get_config = module.get_config
         return get_config(arg) if arg else get_config()
     except Exception as e:  # noqa: BLE001 -- any failure of the user's file is reported as such
         raise ConfigError(f"--config={spec}: the config file failed to load ({type(e).__name__}: {e}); "

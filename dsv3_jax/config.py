@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -124,7 +125,8 @@ class ModelConfig:
         if self.num_nextn_predict_layers < 0:
             raise UserError("ModelConfig.num_nextn_predict_layers (MTP depth) must be >= 0.")
         if self.scoring_func != "sigmoid":
-            raise UserError(f"ModelConfig.scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is supported.")
+            raise UserError(f"ModelConfig.scoring_func={self.scoring_func!r}: only 'sigmoid' (DeepSeek-V3) is "
+                            f"supported.")
         if self.dtype not in _DTYPES or self.param_dtype not in _DTYPES:
             raise UserError(
                 f"ModelConfig.dtype={self.dtype!r} / param_dtype={self.param_dtype!r}: choose from {sorted(_DTYPES)}."
@@ -214,7 +216,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Build from a mapping (e.g. `config.model` of an ml-collections ConfigDict); unknown keys are errors.
         The run keys a config's model section also carries (`runtime.MODEL_RUN_KEYS`: moe_impl, fp8, ...)
         are skipped here: they describe how the model runs, and `runtime.from_config` reads them."""
@@ -233,7 +235,7 @@ class ModelConfig:
             d["rope_scaling"] = rs
         return cls(**d)
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
 

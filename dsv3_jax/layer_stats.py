@@ -31,11 +31,11 @@ class LayerStats:
     MEAN_FIELDS = ("balance",)
 
     @classmethod
-    def zeros(cls, num_experts: int, lead: tuple[int, ...] = ()) -> "LayerStats":
+    def zeros(cls, num_experts: int, lead: tuple[int, ...] = ()) -> LayerStats:
         z = jnp.zeros(lead, jnp.float32)
         return cls(counts=jnp.zeros(lead + (num_experts,), jnp.float32), balance=z, dropped=z)
 
-    def per_microbatch(self, n: int) -> "LayerStats":
+    def per_microbatch(self, n: int) -> LayerStats:
         """Stats summed over n micro-batches -> the whole batch's (means divided by n, counts kept)."""
         return self.replace(**{f: getattr(self, f) / n for f in self.MEAN_FIELDS})
 

@@ -14,7 +14,7 @@ statistics in float32:  y = w * x / sqrt(mean(x^2) + eps).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -59,13 +59,13 @@ class LatentCache:
     k_pe: jax.Array  # [(L,) B, S, dr] roped shared key
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, layers: int | None = None) -> "LatentCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, layers: int | None = None) -> LatentCache:
         lead = () if layers is None else (layers,)
         return cls(c_kv=jnp.zeros(lead + (batch, capacity, cfg.kv_lora_rank), dtype),
                    k_pe=jnp.zeros(lead + (batch, capacity, cfg.qk_rope_head_dim), dtype))
 
     @staticmethod
-    def logical_axes(stacked: bool) -> "LatentCache":
+    def logical_axes(stacked: bool) -> LatentCache:
         lead = ("layers",) if stacked else ()
         return LatentCache(c_kv=lead + CACHE_AXES["c_kv"], k_pe=lead + CACHE_AXES["k_pe"])
 
@@ -73,13 +73,13 @@ class LatentCache:
     def capacity(self) -> int:
         return self.c_kv.shape[-2]
 
-    def fill(self, c_kv: jax.Array, k_pe: jax.Array) -> "LatentCache":
+    def fill(self, c_kv: jax.Array, k_pe: jax.Array) -> LatentCache:
         """Write [(L,) B, T, *] latents into slots [0, T) (prefill)."""
         start = (0,) * self.c_kv.ndim
         return LatentCache(c_kv=jax.lax.dynamic_update_slice(self.c_kv, c_kv.astype(self.c_kv.dtype), start),
                            k_pe=jax.lax.dynamic_update_slice(self.k_pe, k_pe.astype(self.k_pe.dtype), start))
 
-    def write(self, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array, layer=None) -> "LatentCache":
+    def write(self, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array, layer=None) -> LatentCache:
         """Write c_kv [B, T, R], k_pe [B, T, dr] at slots positions [B, T] (of stacked layer `layer`)."""
         rows = jnp.arange(positions.shape[0])[:, None]
         idx = (rows, positions) if layer is None else (layer, rows, positions)

@@ -46,9 +46,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax import layer_stats, param_kinds
+from dsv3_jax import layer_stats, param_kinds, strategies
 from dsv3_jax import runtime as runtime_lib
-from dsv3_jax import strategies
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.layer_stats import LayerStats
@@ -176,7 +175,7 @@ class ModelCache:
     mtp: LatentCache | None  # [B, S, *] (speculative decoding only)
 
     @staticmethod
-    def logical_axes(cache: "ModelCache") -> "ModelCache":
+    def logical_axes(cache: ModelCache) -> ModelCache:
         """Logical axis names of each array (a ModelCache of name tuples), for `dsv3_jax.sharding`."""
         return ModelCache(dense=None if cache.dense is None else LatentCache.logical_axes(True),
                           moe=None if cache.moe is None else LatentCache.logical_axes(True),

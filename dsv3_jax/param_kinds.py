@@ -10,7 +10,7 @@ Paths may hold strings, integers (layer / MTP indices) or JAX key entries (`Dict
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 

@@ -34,7 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -193,10 +194,10 @@ class Runtime:
         return self.axis("data") * self.axis("fsdp") * self.axis("expert")
 
     # -- variants
-    def replace(self, **kw) -> "Runtime":
+    def replace(self, **kw) -> Runtime:
         return dataclasses.replace(self, **kw)
 
-    def for_decode(self) -> "Runtime":
+    def for_decode(self) -> Runtime:
         """The runtime of cached decode steps: the decode expert layout (cheapest at a few rows)."""
         return self.replace(expert_impl=self.decode_expert_impl)
 
@@ -266,7 +267,7 @@ def default_microbatches(stages: int) -> int:
     return 2 * stages if stages > 1 else 1
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _default(backend: str) -> Runtime:
     return resolve()
 

@@ -18,7 +18,7 @@ model code runs on one device or many.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np

@@ -39,7 +39,7 @@ def run(script, *args, stdin=None, timeout=240):
 def digest(path) -> dict:
     """relative path -> sha256 of every file (and each directory) under `path`."""
     out = {}
-    for root, dirs, files in os.walk(path):
+    for root, _, files in os.walk(path):
         rel = os.path.relpath(root, path)
         out[rel + "/"] = "dir"
         for name in files:

@@ -1,6 +1,6 @@
 """ModelConfig validation: every invalid combination raises a ValueError naming the field; derived
 values (softmax scale, shared width, layer split) against hand-computed numbers."""
-
+import dataclasses
 import math
 
 import pytest
@@ -138,6 +138,6 @@ def test_v3_defaults_and_softmax_scale():
 
 def test_config_is_frozen():
     cfg = ModelConfig(**BASE)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden_size = 32  # type: ignore[misc]
     assert cfg.replace(hidden_size=32).hidden_size == 32 and cfg.hidden_size == 16

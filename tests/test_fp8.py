@@ -325,7 +325,7 @@ def test_fp8_matmul_close_to_f32_linear():
     y32, dx32, dw32 = _vjp(lambda x, w: jnp.dot(x, w, precision="highest"), x, w, g)
     errs = {}
     for cache in (True, False):
-        y, dx, dw = _vjp(lambda x, w: fp8_matmul(x, w, cache_fp8_inputs=cache), x, w, g)
+        y, dx, dw = _vjp(lambda x, w, cache=cache: fp8_matmul(x, w, cache_fp8_inputs=cache), x, w, g)
         errs[cache] = (_rel_fro(y, y32), _rel_fro(dx, dx32), _rel_fro(dw, dw32))
     (ey, edx, edw), (_, _, edw_nocache) = errs[True], errs[False]
     assert ey < 0.06 and edx < 0.06 and edw < 0.07 and edw_nocache < 0.06
@@ -415,7 +415,8 @@ def test_fp8_training_tracks_f32():
 
 
 def test_model_fp8_flag_tracks_f32_model():
-    """`Runtime.fp8` (`--config.model.fp8=True`) routes every projection and expert GEMM through the FP8 path. With the same
+    """`Runtime.fp8` (`--config.model.fp8=True`) routes every projection and expert GEMM through the FP8 path.
+    With the same
     weights, the cross-entropy stays within 2% of the f32 model's and the loss gradient points the same
     way (cosine > 0.95); logits differ by E4M3 rounding accumulated over the chain of quantised GEMMs
     (measured 11-18% relative on this random model), which also shows the flag is live."""

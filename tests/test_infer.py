@@ -19,6 +19,7 @@ from dsv3_jax.infer.sampling import SamplingParams, filter_logits, verify_draft
 from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.model import DeepSeekV3, with_runtime
 from dsv3_jax.rope import rope_tables
+
 from reference import build, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
 
@@ -190,7 +191,7 @@ def test_cache_bytes_per_token(model):
     cfg = model.cfg
     per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     for dtype in (jnp.float32, jnp.bfloat16):
-        cache = jax.eval_shape(lambda: model.init_cache(3, 40, dtype, mtp=True))
+        cache = jax.eval_shape(lambda dtype=dtype: model.init_cache(3, 40, dtype, mtp=True))
         itemsize = jnp.dtype(dtype).itemsize
         got = cache_bytes_per_token(cache)
         assert got == {"main": per_layer * cfg.num_hidden_layers * itemsize, "mtp": per_layer * itemsize}

@@ -13,6 +13,7 @@ from flax import nnx
 from dsv3_jax.config import RopeScaling
 from dsv3_jax.mla import MLA
 from dsv3_jax.rope import rope_tables
+
 from reference import build, tiny_config, to_numpy
 from reference import numpy_ref as ref
 

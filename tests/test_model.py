@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, mtp_valid_mask, param_counts, with_runtime
-from dsv3_jax.stack import scan_blocks
+from dsv3_jax.model import Block, DeepSeekV3, ModelOutput, abstract_model, mtp_valid_mask, param_counts, with_runtime
 from dsv3_jax.rope import rope_tables
-from dsv3_jax.model import abstract_model
+from dsv3_jax.stack import scan_blocks
+
 from reference import build, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
 
@@ -147,10 +147,11 @@ def test_scan_equals_layer_by_layer(setup, remat):
 
     stacked = nnx.to_pure_dict(nnx.state(stack))
     layers = []
+    dense = tiny_runtime(moe_impl="dense")
     for i in range(L):  # a fresh, unstacked Block holding layer i's slice of every parameter
-        blk = nnx.eval_shape(lambda: Block(cfg, moe=True, rngs=nnx.Rngs(0), runtime=tiny_runtime(moe_impl="dense")))
+        blk = nnx.eval_shape(lambda: Block(cfg, moe=True, rngs=nnx.Rngs(0), runtime=dense))
         st = nnx.state(blk)
-        nnx.replace_by_pure_dict(st, jax.tree.map(lambda a: a[i], stacked))
+        nnx.replace_by_pure_dict(st, jax.tree.map(lambda a, i=i: a[i], stacked))
         nnx.update(blk, st)
         layers.append(blk)
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from dsv3_jax.experts import block_layout, experts_blocks, experts_dense, experts_ragged
 from dsv3_jax.moe import MoE, RouterBias, balance_loss, route
+
 from reference import build, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
 

@@ -10,9 +10,8 @@ import optax
 import pytest
 from flax import nnx
 
-from dsv3_jax import sharding
+from dsv3_jax import runtime, sharding
 from dsv3_jax.config import ModelConfig
-from dsv3_jax import runtime
 from dsv3_jax.experts import experts_dense
 from dsv3_jax.parallel.expert import capacity, experts_expert_parallel
 from dsv3_jax.train.loop import init_state
@@ -195,8 +194,7 @@ def test_pipeline_matches_one_device(layout, micro, one_device_step4):
 def test_pipeline_moves_microbatches_with_ppermute():
     """The stage axis really pipelines: the traced step sends slots between stages with ppermute, in
     M + S - 1 scan iterations, rather than gathering every layer's weights onto every device."""
-    from dsv3_jax.model import DeepSeekV3
-    from dsv3_jax.model import split_model
+    from dsv3_jax.model import DeepSeekV3, split_model
     from dsv3_jax.train.step import losses
 
     mesh = sharding.make_mesh(dict(stage=2, data=4))
@@ -265,7 +263,8 @@ def test_ragged_dispatch_in_the_model_matches_one_device(one_device_step):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout,accum", [(None, 4), (dict(data=2, expert=2), 2)], ids=["1dev-accum4", "data2xexpert2-accum2"])
+@pytest.mark.parametrize("layout,accum", [(None, 4), (dict(data=2, expert=2), 2)],
+                         ids=["1dev-accum4", "data2xexpert2-accum2"])
 def test_grad_accumulation_matches_whole_batch(layout, accum, one_device_step):
     """k sequential micro-batches: averaged loss terms and gradients, summed expert loads -> the same update
     and router-bias step as the whole batch at once."""

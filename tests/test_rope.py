@@ -9,6 +9,7 @@ import pytest
 
 from dsv3_jax.config import RopeScaling
 from dsv3_jax.rope import apply_rope, rope_attention_factor, rope_tables, yarn_inv_freq
+
 from reference import numpy_ref as ref
 from reference import tiny_config
 

@@ -33,7 +33,8 @@ def _config(**model_run):
 def test_auto_resolves_for_this_backend():
     assert runtime.platform() == "cpu"  # the suite runs on CPU
     rt = runtime.resolve()
-    assert (rt.backend, rt.expert_impl, rt.decode_expert_impl, rt.expert_dispatch) == ("cpu", "blocks", "dense", "padded")
+    got = (rt.backend, rt.expert_impl, rt.decode_expert_impl, rt.expert_dispatch)
+    assert got == ("cpu", "blocks", "dense", "padded")
     assert rt.attention_f32_core and rt.emulate_ragged_all_to_all
     assert rt.fp8_options.impl == "blocked" and rt.fp8_options.interpret is True and rt.fp8_options.tpu_fp8 is False
     assert rt.microbatches == 1 and rt.stages == 1 and not rt.expert_parallel

@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import sharding
 from dsv3_jax.model import DeepSeekV3
+
 from reference import build, tiny_config
 
 # Per-block variables (without the leading 'layers' axis that stacked blocks add).

@@ -13,10 +13,9 @@ import pytest
 
 from dsv3_jax import runtime
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.model import param_counts
+from dsv3_jax.model import abstract_model, param_counts
 from dsv3_jax.train import loop
 from dsv3_jax.train.optim import make_optimizer
-from dsv3_jax.model import abstract_model
 from dsv3_jax.train.step import make_train_step
 
 pytestmark = pytest.mark.xdist_group("train")  # one worker builds the shared runs fixture once
@@ -247,7 +246,8 @@ def test_bias_update_pairs_each_layer_with_its_own_counts():
     from dsv3_jax.train.step import update_biases
 
     E, L = 4, 3
-    biases = {"moe_layers": {"ffn": {"bias": jnp.zeros((L, E))}}, "mtp": {0: {"block": {"ffn": {"bias": jnp.zeros(E)}}}}}
+    biases = {"moe_layers": {"ffn": {"bias": jnp.zeros((L, E))}},
+              "mtp": {0: {"block": {"ffn": {"bias": jnp.zeros(E)}}}}}
     main = jnp.asarray([[10.0 if e == layer else 2.0 for e in range(E)] for layer in range(L)])  # layer l overloads l
     mtp = jnp.asarray([2.0, 2.0, 2.0, 10.0])  # the MTP block overloads expert 3
     stats = {"mtp/0/block/ffn": LayerStats(counts=mtp, balance=jnp.zeros(()), dropped=jnp.zeros(())),

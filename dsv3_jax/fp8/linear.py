@@ -27,7 +27,8 @@ Entry points
         gcd(b, 128) rows, so no tile straddles two experts.
 All three take `options` (an Fp8Options) or its fields as keywords.
 
-Wiring into the model (what `Runtime.fp8` switches, options from `Runtime.fp8_options`): `layers.Einsum.__call__` returns
+Wiring into the model (what `Runtime.fp8` switches, options from `Runtime.fp8_options`):
+`layers.Einsum.__call__` returns
 `fp8_einsum(self.eq, x.astype(self.dtype), self.kernel[...], options=...)` (the f32 master kernel, not a bf16 copy),
 and the routed experts run in the 'blocks' layout with
 `h = silu(fp8_expert_blocks(xb, w_gate, be)) * fp8_expert_blocks(xb, w_up, be)`,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -270,7 +270,8 @@ class Generator:
                 raise UserError(f"prompt {i} has token ids outside [0, {cfg.vocab_size})")
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), *, speculative: bool = False, stop_tokens: Sequence[int] = (EOS_ID,),
+                 sampling: SamplingParams = SamplingParams(), *, speculative: bool = False,
+                 stop_tokens: Sequence[int] = (EOS_ID,),
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
         """Generate up to `max_new_tokens` for each prompt (lists of token ids), all rows in one batch.
 

@@ -47,7 +47,6 @@ import shutil
 import sys
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -55,14 +54,13 @@ import tensorstore as ts
 from flax import nnx
 
 from dsv3_jax import cli, sharding
-from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError, parse_dtype
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config_base import base_config
-from dsv3_jax.io.checkpoint import Checkpointer, weights_target
-from dsv3_jax.runtime import Runtime
 from dsv3_jax.interop import hf
 from dsv3_jax.interop import layout as L
+from dsv3_jax.io.checkpoint import Checkpointer, weights_target
+from dsv3_jax.runtime import Runtime
 
 FORMAT = "dsv3_jax.params"
 _ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2"}

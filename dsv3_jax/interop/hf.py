@@ -46,7 +46,8 @@ import logging
 import math
 import os
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +60,9 @@ from dsv3_jax.fp8.quant import quantize_blocks
 from dsv3_jax.interop import layout as L
 from dsv3_jax.interop import safetensors_io as st
 from dsv3_jax.io import tokenizer as tokenizer_io
-from dsv3_jax.runtime import Runtime
 from dsv3_jax.model import DeepSeekV3
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterable, NamedTuple
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import ml_dtypes
 import numpy as np

@@ -49,8 +49,9 @@ state::
 
 Concrete arrays are accepted too (converted the same way); a leaf without a sharding is placed
 on the first local device. ``partial=True`` restores only the top-level entries the target names
-(e.g. ``{"params", "biases"}`` of a training state: readers need no optimizer to build a target). Before reading any array the target is compared with the checkpoint's
-own metadata (tree paths and shapes); a mismatch -- a different model/optimizer config -- raises
+(e.g. ``{"params", "biases"}`` of a training state: readers need no optimizer to build a target).
+Before reading any array the target is compared with the checkpoint's own metadata (tree paths and
+shapes); a mismatch -- a different model/optimizer config -- raises
 ``ValueError`` naming the keys that differ and the directory. Dtypes may differ: orbax casts on
 read (e.g. restore float32 master weights as bfloat16 for evaluation).
 
@@ -71,7 +72,8 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -444,7 +446,7 @@ class Checkpointer:
         """Wait for pending saves and release orbax's background resources."""
         self._mngr.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:

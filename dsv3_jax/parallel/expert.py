@@ -58,8 +58,8 @@ def _gather_fsdp(w_gate, w_up, w_down, sizes):
     """Expert weights arrive sharded over 'fsdp' on D: gather them (a reduce-scatter in the backward)."""
     if sizes.get("fsdp", 1) == 1:
         return w_gate, w_up, w_down
-    return (jax.lax.all_gather(w_gate, "fsdp", axis=1, tiled=True), jax.lax.all_gather(w_up, "fsdp", axis=1, tiled=True),
-            jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True))
+    gather = partial(jax.lax.all_gather, axis_name="fsdp", tiled=True)
+    return gather(w_gate, axis=1), gather(w_up, axis=1), gather(w_down, axis=2)
 
 
 def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=None):

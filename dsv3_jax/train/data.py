@@ -52,7 +52,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from dsv3_jax.cli import UserError, one_line
+from dsv3_jax.cli import UserError
 from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME, load_tokenizer, save_tokenizer
 
 BOS_TOKEN = "<|begin_of_text|>"
@@ -228,7 +228,7 @@ PIECE_CHARS = 1 << 16  # documents are tokenised in pieces of at most this many 
 ENCODE_BATCH_CHARS = 1 << 21  # characters encoded per batch (bounds the tokenizer's per-token objects)
 TOKENIZER_TRAIN_CHARS = 1 << 22  # characters of the corpus the BPE merges are learned from (~4.2M)
 MAX_TRAIN_WORD = 256  # runs of non-whitespace longer than this are cut for BPE training only
-_LONG_RUN = re.compile(r"\S{%d,}" % MAX_TRAIN_WORD)
+_LONG_RUN = re.compile(r"\S{" + str(MAX_TRAIN_WORD) + ",}")
 
 
 # Candidate cut positions, best first: a U+0020 space between two letters is a word boundary for

@@ -26,18 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from dsv3_jax import distributed, runtime, sharding
 from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
-from dsv3_jax import distributed, runtime, sharding
-from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
-from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches
-from dsv3_jax.moe import RouterBias
-from dsv3_jax.runtime import Runtime
-from dsv3_jax.train import data as data_lib
 from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer
+from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
+from dsv3_jax.moe import RouterBias
+from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches
+from dsv3_jax.runtime import Runtime
+from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import batch_size_at, make_optimizer
 from dsv3_jax.train.step import make_eval_step, make_train_step
@@ -316,7 +317,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             dt = time.perf_counter() - t0
             record = {"step": done, "loss": m["loss"], "mtp_loss": m["mtp_loss"], "balance_loss": m["balance_loss"],
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "max_vio": m["max_vio"],
-                      "skipped_steps": int(m["skipped_steps"]), "dropped_tokens": int(m["dropped_tokens"]), "tokens_per_sec": tokens_seen / max(dt, 1e-9),
+                      "skipped_steps": int(m["skipped_steps"]), "dropped_tokens": int(m["dropped_tokens"]),
+                      "tokens_per_sec": tokens_seen / max(dt, 1e-9),
                       "batch_size": int(window.shape[0]), "lambda": lam(step), "gamma": gamma(step)}
             if not m["finite"]:
                 record["skipped_this_step"] = True

@@ -64,7 +64,8 @@ attribute ``scale`` and biases under names ending in ``bias``. The decision is m
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -20,7 +20,8 @@ checkpoints with orbax and jits with donated buffers.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -119,8 +119,7 @@ def mla(x, p, cfg, positions=None):
     """
     x = f64(x)
     B, T, _ = x.shape
-    N, dn, dr, dv, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                        cfg.kv_lora_rank)
+    N, dn, dr, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     eps = cfg.rms_norm_eps
     pos = np.arange(T) if positions is None else positions
     freqs = inv_freq(dr, cfg.rope_theta, cfg.rope_scaling)
