@@ -201,9 +201,9 @@ def fp8_expert_blocks(xb: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     b = xb.shape[1]
     if fp8_impl(o.impl) == "pallas" and not fp8_interpret(o.interpret):
         if fp8_backend(o.backend) == "mosaic_tpu" and b % 128:
-            raise UserError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a multiple "
+            raise UserError(f"fp8_expert_blocks: block size {b} (config.model.moe_block_size) must be a multiple "
                             f"of 128 for the TPU kernels (Wgrad tiles the block rows along lanes).")
         if fp8_backend(o.backend) == "triton" and (b < 16 or b & (b - 1)):
-            raise UserError(f"fp8_expert_blocks: block size {b} (ModelConfig.moe_block_size) must be a power of "
+            raise UserError(f"fp8_expert_blocks: block size {b} (config.model.moe_block_size) must be a power of "
                             f"two >= 16 for the Triton kernels (64 or 128).")
     return _experts(xb, w, block_expert.astype(jnp.int32), (K, N, E, xb.dtype, w.dtype), o)

@@ -67,7 +67,7 @@ from dsv3_jax.runtime import Runtime
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILE = tokenizer_io.TOKENIZER_FILENAME
 
 # ModelConfig fields that config.json spells the same way (rope handled separately).
 _SAME = (
