@@ -90,21 +90,20 @@ FP8_IMPLS = ("auto", "dequant", "blocked", "pallas")
 FP8_BACKENDS = ("auto", "triton", "mosaic_tpu")
 
 
+def _choose(what: str, value: str, choices: tuple[str, ...], auto: str) -> str:
+    if value not in choices:
+        raise UserError(f"{what}={value!r}: choose from {choices}.")
+    return auto if value == "auto" else value
+
+
 def fp8_impl(impl: str) -> str:
     """'auto' -> 'blocked' on CPU (XLA:CPU has no FP8 units; interpret-mode Pallas is slow), else 'pallas'."""
-    if impl not in FP8_IMPLS:
-        raise UserError(f"fp8 gemm impl={impl!r}: choose from {FP8_IMPLS}.")
-    if impl == "auto":
-        return "blocked" if platform() == "cpu" else "pallas"
-    return impl
+    return _choose("fp8 gemm impl", impl, FP8_IMPLS, "blocked" if platform() == "cpu" else "pallas")
 
 
 def fp8_backend(backend: str) -> str:
-    if backend not in FP8_BACKENDS:
-        raise UserError(f"fp8 pallas backend={backend!r}: choose from {FP8_BACKENDS}.")
-    if backend == "auto":
-        return "mosaic_tpu" if platform() == "tpu" else "triton"
-    return backend
+    """'auto' -> 'mosaic_tpu' on TPU, else 'triton'."""
+    return _choose("fp8 pallas backend", backend, FP8_BACKENDS, "mosaic_tpu" if platform() == "tpu" else "triton")
 
 
 def fp8_interpret(interpret: bool | None) -> bool:
