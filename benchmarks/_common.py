@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dsv3_jax import param_kinds  # noqa: E402
+from dsv3_jax import param_kinds, runtime  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.model import abstract_model, param_counts  # noqa: E402,F401 (abstract_model: used by the benchmarks)
 
@@ -36,7 +36,7 @@ def load_config(path: str | None = None):
 
 
 def on_gpu() -> bool:
-    return jax.default_backend() == "gpu"
+    return runtime.platform() == "gpu"
 
 
 def cores() -> int:

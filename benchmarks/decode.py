@@ -207,7 +207,8 @@ def main():
     cfg = model.cfg
     capacity = -(-(max(map(len, ids)) + a.new_tokens) // 64) * 64
     gen = Generator(model, capacity=capacity)
-    print(f"backend={jax.default_backend()} devices={jax.device_count()} model={source}"
+    print(gen.runtime.describe())
+    print(f"backend={gen.runtime.backend} devices={jax.device_count()} model={source}"
           f"{'' if step is None else f' (step {step})'}, dtype {dtype}, new_tokens={a.new_tokens}, cache {capacity} "
           f"slots {gen.cache_dtype.name}, decode MoE '{gen.decode_moe_impl}', best of {a.repeats}")
     if ref is not None:

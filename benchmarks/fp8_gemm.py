@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsv3_jax import runtime
 from dsv3_jax.fp8 import quant as Q
 from dsv3_jax.fp8.gemm import gemm
 
@@ -128,7 +129,7 @@ def operands(M, K, N, seed=0):
 
 
 def accelerator_table(M, iters, quick):
-    backend = jax.default_backend()
+    backend = runtime.platform()
     configs = (GPU_CONFIGS if backend == "gpu" else TPU_CONFIGS)[: 1 if quick else None]
     print(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}, M={M}")
     hdr = (f"{'M':>5} {'K':>6} {'N':>6} | {'fp8 kernel':>10} {'+quant x':>9} | {'jnp blocked':>11} "
@@ -213,16 +214,16 @@ def main():
     p.add_argument("--no-cpu-check", action="store_true")
     p.add_argument("--no-gpu-check", action="store_true", help="skip the compiled-kernel correctness check")
     a = p.parse_args()
-    if jax.default_backend() == "gpu" and not a.no_gpu_check:
+    if runtime.platform() == "gpu" and not a.no_gpu_check:
         print(f"compiled-kernel check on {jax.devices()[0].device_kind}, jax {jax.__version__} "
               f"(max |err| / max |ref| against fp64 on the dequantised operands):")
         if not gpu_check():
             print("FAILED: a compiled kernel disagrees with the reference")
             return 1
-    if jax.default_backend() in ("gpu", "tpu"):
+    if runtime.platform() in ("gpu", "tpu"):
         accelerator_table(a.m, a.iters, a.quick)
         return 0
-    print(f"skipped: no GPU or TPU (jax backend '{jax.default_backend()}'); the kernel TFLOP/s table needs "
+    print(f"skipped: no GPU or TPU (jax backend '{runtime.platform()}'); the kernel TFLOP/s table needs "
           f"an accelerator.")
     if not a.no_cpu_check:
         cpu_check()
