@@ -126,9 +126,10 @@ def main(argv):
         gen.check_prompts(ids, FLAGS.max_new_tokens)
     except ValueError as e:
         raise cli.UserError(f"prompt: {e}") from None
-    print(f"[{gen.runtime.describe()}]", file=sys.stderr)
     if FLAGS.speculative and not gen.has_mtp:
         raise cli.UserError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+    placed = "" if mesh is None else f"; parameters and cache placed on {dict(mesh.shape)} (XLA partitions each step)"
+    print(f"[{gen.runtime.describe()}{placed}]", file=sys.stderr)
 
     results = []
     for start in range(0, len(prompts), FLAGS.batch_size):

@@ -205,8 +205,8 @@ class Runtime:
         if self.mesh is None:
             mesh = "1 device, no mesh"
         else:
-            axes = " x ".join(f"{a} {s}" for a, s in self.mesh.shape.items() if s > 1) or "1 device"
-            mesh = f"mesh {axes} ({self.mesh.size} devices)"
+            axes = " x ".join(f"{a} {s}" for a, s in self.mesh.shape.items() if s > 1)
+            mesh = f"mesh {axes} ({self.mesh.size} devices)" if axes else "a one-device mesh"
         if self.expert_parallel:
             cf = "dropless" if self.capacity_factor <= 0 else f"capacity factor {self.capacity_factor:g}"
             experts = (f"expert-parallel ({self.expert_dispatch} dispatch, {cf}, local blocks of {self.block_size})")
