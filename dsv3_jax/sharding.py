@@ -186,10 +186,12 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1)))
 
 
-def put_global_batch(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Every process holds the same global batch (same seed); each places only its own shards."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+def put_global_batch(x, sharding: NamedSharding) -> jax.Array:
+    """Every process holds the same global batch (same seed); each places only its own shards. `x` may be
+    lazy (`data.shards.LazyRows`): then only the rows of this process's devices are ever read."""
+    if not hasattr(x, "shape") or isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    return jax.make_array_from_callback(tuple(x.shape), sharding, lambda idx: np.asarray(x[idx]))
 
 
 def pure_specs(state: nnx.State) -> dict:

@@ -53,7 +53,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsv3_jax.cli import UserError
-from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME, load_tokenizer, save_tokenizer
+from dsv3_jax.data import shards
+from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME, load_tokenizer, save_tokenizer, tokenizer_hash
 
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
@@ -567,8 +568,13 @@ def build_data(
     seq_len: int,
     val_fraction: float = 0.05,
     seed: int = 0,
+    max_val_tokens: int | None = None,
 ) -> Data:
-    """Load the corpus, get the tokenizer, encode, split and wrap the train split in a loader."""
+    """Load the corpus, get the tokenizer, encode, split and wrap the train split in a loader. A directory
+    written by `python -m dsv3_jax.data.prepare` is read from its shards instead (`build_prepared_data`)."""
+    if data_path and shards.is_prepared(os.path.expanduser(data_path)):
+        return build_prepared_data(os.path.expanduser(data_path), tokenizer_path, vocab_size, seq_len, seed,
+                                   max_val_tokens)
     texts = load_corpus(data_path)
     tokenizer = get_tokenizer(tokenizer_path, workdir, texts, vocab_size)
     tokens = encode_corpus(tokenizer, texts)
@@ -581,6 +587,30 @@ def build_data(
         n_val_tokens=int(len(val)),
         n_documents=len(texts),
     )
+
+
+def build_prepared_data(directory: str, tokenizer_path: str | None, vocab_size: int, seq_len: int, seed: int = 0,
+                        max_val_tokens: int | None = None) -> Data:
+    """A prepared directory: its tokenizer (a given tokenizer_path must have the manifest's hash), the train
+    split as memory-mapped shards behind the grain loader, and the head of the val split (at most
+    max_val_tokens tokens are read). Nothing else is read at start-up."""
+    manifest = shards.read_manifest(directory)
+    tokenizer = load_tokenizer(os.path.join(directory, TOKENIZER_FILENAME), what=f"--config.data.path {directory}")
+    if tokenizer_path:
+        given = load_tokenizer(tokenizer_path)
+        if tokenizer_hash(given) != manifest["tokenizer_sha256"]:
+            raise UserError(f"--config.data.tokenizer_path={tokenizer_path} is not the tokenizer {directory} was "
+                            f"prepared with (its hash differs from the manifest's); leave tokenizer_path empty to use "
+                            f"{directory}/{TOKENIZER_FILENAME}")
+    if manifest["vocab_size"] > vocab_size:
+        raise UserError(f"{directory} was prepared with a tokenizer of {manifest['vocab_size']} tokens but the "
+                        f"model's vocab_size is {vocab_size}; raise --config.model.vocab_size to at least "
+                        f"{manifest['vocab_size']}")
+    train = shards.TokenStream(directory, manifest["splits"]["train"]["shards"])
+    val = shards.TokenStream(directory, manifest["splits"]["val"]["shards"])
+    n_val = len(val) if max_val_tokens is None else min(len(val), max_val_tokens)
+    return Data(tokenizer=tokenizer, train=shards.ShardLoader(train, seq_len, seed), val=val.read(0, n_val),
+                n_train_tokens=len(train), n_val_tokens=len(val), n_documents=manifest["documents"])
 
 
 if __name__ == "__main__":  # quick look: python -m dsv3_jax.train.data [path]

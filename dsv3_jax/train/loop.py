@@ -237,7 +237,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     def build():
         return data_lib.build_data(config.data.path or None, config.data.tokenizer_path or None, workdir,
-                                   model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed)
+                                   model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed,
+                                   max_val_tokens=max(t.eval_batches, 1) * t.batch_size * (t.seq_len + 1))
 
     # multi-host: process 0 trains and saves the tokenizer; the others then load it from the workdir
     data = build() if main else None
@@ -257,7 +258,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                   f"{bubble_fraction(rt.stages, rt.microbatches):.1%}")
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
-    start = 0
+    start, tokens_total = 0, 0  # tokens_total: input tokens of every step so far (metrics: tokens_seen)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     weights_only = lambda meta: meta.get("format") == "dsv3_jax.params"  # noqa: E731 (the converter's output)
 
@@ -288,6 +289,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                 print(f"initialised from the converted weights in {workdir}")
         else:
             start, state = step0, got
+            tokens_total = int(meta.get("tokens_seen", 0))
             try:
                 data.train.restore(meta["loader"])
             except ValueError as e:
@@ -306,11 +308,12 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     eval_step = make_eval_step(graphdef, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
-    history, tokens_seen, t0 = [], 0, time.perf_counter()
+    history, tokens_seen, t0 = [], 0, time.perf_counter()  # tokens_seen: since the last log line
     for step in range(start, t.steps):
         window = sharding.put_global_batch(data.train.next_batch(batch_size(step)), batch_sharding)
         state, metrics = train_step(state, window, jnp.float32(lam(step)), alpha, jnp.float32(gamma(step)))
         tokens_seen += window.shape[0] * (window.shape[1] - 1)
+        tokens_total += window.shape[0] * (window.shape[1] - 1)
         done = step + 1
         if done % t.log_every == 0 or done == t.steps:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -318,7 +321,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             record = {"step": done, "loss": m["loss"], "mtp_loss": m["mtp_loss"], "balance_loss": m["balance_loss"],
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "max_vio": m["max_vio"],
                       "skipped_steps": int(m["skipped_steps"]), "dropped_tokens": int(m["dropped_tokens"]),
-                      "tokens_per_sec": tokens_seen / max(dt, 1e-9),
+                      "tokens_per_sec": tokens_seen / max(dt, 1e-9), "tokens_seen": tokens_total,
                       "batch_size": int(window.shape[0]), "lambda": lam(step), "gamma": gamma(step)}
             if not m["finite"]:
                 record["skipped_this_step"] = True
@@ -335,7 +338,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             break
         if done % config.checkpoint.every_steps == 0 or done == t.steps:
             ckpt.save(done, state, {"loader": data.train.state(), "config": config.to_json(),
-                                    "tokenizer_sha256": tokenizer_hash}, force=True)
+                                    "tokenizer_sha256": tokenizer_hash, "tokens_seen": tokens_total}, force=True)
     ckpt.wait()
     ckpt.close()
     writer.close()
