@@ -38,6 +38,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (puts the repository root on sys.path)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -45,8 +47,6 @@ from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.infer.generate import Generator, cache_bytes_per_token, mha_cache_bytes_per_token  # noqa: E402
-
-import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
 ROOT = C.ROOT
 PROMPTS = [

@@ -45,6 +45,8 @@ cores (every parallel region waits for its slowest thread); compare with --torch
 """
 from __future__ import annotations
 
+import _common as C
+
 import argparse
 import time
 
@@ -56,8 +58,6 @@ from dsv3_jax import runtime  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
 from dsv3_jax.train.loop import init_state, make_schedules  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
-
-import _common as C
 
 
 def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, steps: int):

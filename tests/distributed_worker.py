@@ -1,9 +1,11 @@
 """One process of the multi-process training test (tests/test_distributed.py); not collected by pytest.
 
-    python tests/distributed_worker.py WORKDIR MESH_JSON [LOCAL_DEVICES]
+    python tests/distributed_worker.py WORKDIR MESH_JSON [LOCAL_DEVICES [PREPARED_DIR]]
 
 Reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID when set (multi-process run) and
-trains the micro config of tests/test_train.py on the given mesh.
+trains the micro config of tests/test_train.py on the given mesh; with PREPARED_DIR, from that prepared
+corpus, printing which global batch positions this process read (`reads`: first position of the batch ->
+positions read).
 """
 import importlib.util
 import json
@@ -29,6 +31,21 @@ spec.loader.exec_module(test_train)
 config = test_train.micro_config(steps=8, train__log_every=2, train__eval_every=4)
 for k, v in mesh.items():
     config.mesh[k] = v
+reads = {}
+if len(sys.argv) > 4:
+    import numpy as np
+
+    from dsv3_jax.data import shards
+
+    config.data.path, config.model.vocab_size = sys.argv[4], 640
+    rows = shards.LazyRows.rows
+
+    def logged_rows(self, which):
+        picked = np.atleast_1d(self.positions[which]).tolist()
+        reads.setdefault(int(self.positions[0]), set()).update(picked)
+        return rows(self, which)
+
+    shards.LazyRows.rows = logged_rows
 result = loop.train(config, workdir, quiet=True)
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
-                  "losses": [r["loss"] for r in result.history]}))
+                  "losses": [r["loss"] for r in result.history], "reads": {k: sorted(v) for k, v in reads.items()}}))
