@@ -192,6 +192,10 @@ def test_train_from_prepared_data_resumes_exactly(corpus, tmp_path):
         assert (a["step"], a["loss"], a.get("val_loss")) == (b["step"], b["loss"], b.get("val_loss"))
     assert [r["tokens_seen"] for r in full] == [2 * 8 * 32 * k for k in (1, 2, 3, 4)]
     assert resumed[-1]["tokens_seen"] == full[-1]["tokens_seen"]
+    from dsv3_jax.infer.load import load_trained  # the workdir carries the prepared corpus's tokenizer
+
+    _, tok, _, step = load_trained(str(tmp_path / "full"))
+    assert step == 8 and tokenizer_io.tokenizer_hash(tok) == shards.read_manifest(str(prepared))["tokenizer_sha256"]
     other = D.train_tokenizer(["something else entirely"] * 50, 300)
     tokenizer_io.save_tokenizer(other, str(tmp_path / "other.json"))
     c = config()

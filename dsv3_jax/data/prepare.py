@@ -225,13 +225,15 @@ class ShardWriter:
 
 
 def _check_output(out: str, overwrite: bool, log) -> None:
-    if os.path.isfile(os.path.join(out, MANIFEST)):
+    ours = lambda f: f.endswith((".bin", ".tmp")) or f == tokenizer_io.TOKENIZER_FILENAME  # noqa: E731
+    present = os.listdir(out) if os.path.isdir(out) else []
+    if MANIFEST in present:
         if not overwrite:
             raise UserError(f"--output {out} already holds a prepared corpus; pass --overwrite to replace it or "
                             f"choose another directory")
-    elif os.path.isdir(out) and any(f.endswith((".bin", ".tmp")) for f in os.listdir(out)):
-        log(f"{out}: an interrupted preparation (shards without a manifest); starting it over")
-    elif os.path.isdir(out) and os.listdir(out):
+    elif present and all(ours(f) for f in present):
+        log(f"{out}: an interrupted preparation (no manifest); starting it over")
+    elif present:
         raise UserError(f"--output {out} is not empty and holds no prepared corpus; choose an empty or new directory")
     os.makedirs(out, exist_ok=True)
     for f in os.listdir(out):

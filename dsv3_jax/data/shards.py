@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 
-import grain
 import numpy as np
 
 from dsv3_jax.cli import UserError
@@ -139,6 +138,8 @@ class ShardLoader:
         if self.n_windows == 0:
             raise UserError(f"the prepared train split has {len(stream)} tokens, fewer than one window of "
                             f"seq_len+1={self.window}; prepare more data or lower train.seq_len")
+        import grain  # here, not at import: the format's readers and the preparation workers need no JAX
+
         self.dataset = grain.MapDataset.source(source).shuffle(seed=self.seed)
         self.position = 0
 

@@ -242,6 +242,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     # multi-host: process 0 trains and saves the tokenizer; the others then load it from the workdir
     data = build() if main else None
+    if main and not os.path.isfile(os.path.join(workdir, data_lib.TOKENIZER_FILENAME)):
+        data_lib.save_tokenizer(data.tokenizer, os.path.join(workdir, data_lib.TOKENIZER_FILENAME))  # for infer.py
     distributed.barrier("dsv3_jax.data")
     data = data or build()
     val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
