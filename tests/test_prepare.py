@@ -203,3 +203,22 @@ def test_train_from_prepared_data_resumes_exactly(corpus, tmp_path):
     with pytest.raises(UserError, match="not the tokenizer"):
         loop.train(c, str(tmp_path / "bad"), quiet=True)
     assert os.path.isfile(prepared / "manifest.json")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--input", "/nonexistent/corpus", "--tokenizer", "TOK", "--output", "OUT"], "no such file or directory"),
+    (["--input", "IN", "--tokenizer", "/nonexistent/tokenizer.json", "--output", "OUT"], "does not exist"),
+    (["--input", "IN", "--tokenizer", "TOK", "--output", "OUT", "--val_fraction", "1.5"], "--val_fraction=1.5"),
+])
+def test_prepare_cli_bad_input_is_one_line(corpus, tmp_path, args, needle):
+    import subprocess
+    import sys
+
+    root = corpus[0]
+    subs = {"IN": str(root / "in"), "TOK": str(root / "tokenizer.json"), "OUT": str(tmp_path / "out")}
+    r = subprocess.run([sys.executable, "-m", "dsv3_jax.data.prepare", *[subs.get(a, a) for a in args]],
+                       capture_output=True, text=True, timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("python -m dsv3_jax.data.prepare: ")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
+    assert needle in lines[0], lines[0]
+    assert not shards.is_prepared(subs["OUT"])
