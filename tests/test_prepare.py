@@ -222,3 +222,31 @@ def test_prepare_cli_bad_input_is_one_line(corpus, tmp_path, args, needle):
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr[-2000:]
     assert needle in lines[0], lines[0]
     assert not shards.is_prepared(subs["OUT"])
+
+
+def test_peak_memory_does_not_grow_with_the_input(corpus, tmp_path, monkeypatch):
+    """Python-side peak memory (tracemalloc: numpy buffers included) of preparing 0.5 MB and 4 MB of text with
+    small waves and shards: eight times the input stays within 1.5x the peak (a whole-corpus read or
+    token buffer would grow ~8x). The 100 MB / 1 GB process-tree figures: benchmarks/prepare_data.py."""
+    import tracemalloc
+
+    root = corpus[0]
+    monkeypatch.setattr(P, "WAVE_CHARS_PER_WORKER", 1 << 15)
+    monkeypatch.setattr(P, "BLOCK_CHARS", 1 << 14)
+    docs = [t for t in D.default_corpus() if t.strip()]
+    peaks = []
+    for mb in (0.5, 4):
+        src = tmp_path / f"in_{mb}.jsonl"
+        with open(src, "w") as f:
+            written, i = 0, 0
+            while written < mb * 1e6:
+                line = json.dumps({"text": docs[i % len(docs)]}) + "\n"
+                f.write(line)
+                written, i = written + len(line), i + 1
+        tracemalloc.start()
+        m = P.prepare([str(src)], str(root / "tokenizer.json"), str(tmp_path / f"out_{mb}"), val_fraction=0.01,
+                      shard_tokens=1 << 15, progress=False, log=lambda _: None)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert m["tokens"] > mb * 1e5  # the corpus was really tokenised
+    assert peaks[1] < 1.5 * peaks[0], peaks
