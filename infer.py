@@ -36,6 +36,11 @@ flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data=2,tensor=4' (axes: da
 flags.DEFINE_integer("batch_size", 1, "Prompts decoded together (output streams only when this is 1).")
 flags.DEFINE_integer("cache_len", 0, "Cache slots per prompt; 0: longest prompt + max_new_tokens, rounded up.")
 flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
+flags.DEFINE_bool("dry_run", False, "With --hf: print the per-device serving memory plan (weights, latent cache) for "
+                  "--mesh and --hbm_gib from config.json alone, and exit.")
+flags.DEFINE_bool("keep_fp8", False, "Plan the released FP8 weights kept FP8 (with --dry_run; loading FP8-resident "
+                  "weights is not implemented yet).")
+flags.DEFINE_float("hbm_gib", 141.0, "Device memory for --dry_run, GiB (default: an H200's 141).")
 flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or set DSV3_VERBOSE=1).")
 FLAGS = flags.FLAGS
 
@@ -54,6 +59,37 @@ def make_mesh(text: str, model_cfg):
         raise ValueError(f"--mesh {text!r}: {e}{hint}") from None
     sharding.validate_mesh(resolved, model_cfg)
     return sharding.make_mesh(resolved)
+
+
+def dry_run() -> None:
+    """--dry_run: the serving memory plan of --hf DIR's config.json on --mesh (dsv3_jax/infer/memory_plan.py)."""
+    from dsv3_jax import sharding
+    from dsv3_jax.infer.memory_plan import GIB, print_plan, serving_plan
+    from dsv3_jax.interop import hf
+
+    if not FLAGS.dry_run:
+        raise cli.UserError("--keep_fp8 works only with --dry_run so far (running on FP8-resident weights is not "
+                            "implemented yet); drop --keep_fp8 to load the checkpoint dequantised")
+    if not FLAGS.hf:
+        raise cli.UserError("--dry_run plans a released-format checkpoint: pass --hf DIR (config.json is enough)")
+    if not FLAGS.hbm_gib > 0:
+        raise cli.UserError(f"--hbm_gib={FLAGS.hbm_gib} must be > 0")
+    cfg_hf = hf.parse_config(hf.read_config(FLAGS.hf))
+    sizes = {a: 1 for a in sharding.MESH_AXES} | sharding.parse_mesh(FLAGS.mesh or "")
+    if -1 in sizes.values():
+        raise cli.UserError(f"--mesh {FLAGS.mesh!r}: a dry run plans for devices it does not have; give every axis "
+                            f"its size")
+    sharding.validate_mesh(sizes, cfg_hf.model)
+    itemsize = 2 if FLAGS.cache_dtype is None else jnp_itemsize(cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype"))
+    plan = serving_plan(cfg_hf.model, sizes, fp8_block=cfg_hf.fp8_block or (128, 128), keep_fp8=FLAGS.keep_fp8,
+                        hbm_bytes=int(FLAGS.hbm_gib * GIB), cache_itemsize=itemsize)
+    print_plan(plan, sizes)
+
+
+def jnp_itemsize(name: str) -> int:
+    import jax.numpy as jnp
+
+    return jnp.dtype(name).itemsize
 
 
 class Stream:
@@ -89,6 +125,8 @@ def main(argv):
     from dsv3_jax.infer.generate import Generator, round_up
     from dsv3_jax.infer.sampling import SamplingParams
 
+    if FLAGS.dry_run or FLAGS.keep_fp8:
+        return dry_run()
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
         raise cli.UserError("no prompt: pass --prompt or pipe prompts on stdin")

@@ -82,6 +82,17 @@ def state_specs(state: nnx.State):
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def shard_numel(shape, spec, sizes: Mapping[str, int]) -> int:
+    """Elements of one device's shard of an array: each dim divided (rounded up, as XLA pads) by the sizes
+    of its mesh axes in `spec` (a PartitionSpec)."""
+    n = 1
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        div = math.prod(sizes[a] for a in (axes if isinstance(axes, tuple) else (axes,))) if axes else 1
+        n *= -(-int(dim) // div)
+    return n
+
+
 def state_shardings(state: nnx.State, mesh: Mesh):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs(state))
 

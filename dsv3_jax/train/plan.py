@@ -54,20 +54,6 @@ def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 
 # ----------------------------------------------------------------------------- memory plan
 
 
-def _shard_numel(shape, spec, sizes) -> int:
-    """Elements of one device's shard: each dim divided (rounded up, as XLA pads) by its mesh axes."""
-    n = 1
-    for i, dim in enumerate(shape):
-        axes = spec[i] if i < len(spec) else None
-        if axes is None:
-            div = 1
-        else:
-            div = 1
-            for a in (axes if isinstance(axes, tuple) else (axes,)):
-                div *= sizes[a]
-        n *= -(-int(dim) // div)
-    return n
-
 
 def memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *, remat: bool,
                 moment_bytes: int = 4, grad_accum: int = 1) -> dict:
@@ -88,7 +74,7 @@ def memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *,
         for k in path:
             spec = spec[k]
         itemsize = jnp.dtype(var.get_value().dtype).itemsize
-        param_bytes += _shard_numel(var.get_value().shape, spec, sizes) * itemsize
+        param_bytes += sharding.shard_numel(var.get_value().shape, spec, sizes) * itemsize
     dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
     tokens = -(-batch_size // dp) * seq_len
     layers = -(-cfg.num_dense_layers // sizes["stage"]) + -(-cfg.num_moe_layers // sizes["stage"])

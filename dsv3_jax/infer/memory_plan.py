@@ -1,0 +1,93 @@
+"""Serving memory plan: per-device weight bytes of a released checkpoint kept in FP8 as shipped (or in BF16),
+what is left of the device memory for the latent cache, and how many cached tokens that holds.
+
+    python infer.py --hf DIR --keep_fp8 --dry_run --mesh expert=8 [--hbm_gib 141]    (DIR may hold only config.json)
+
+Counted from the abstract model (nothing is allocated) and the logical-axis rules table, per device of the
+mesh, each dim divided (rounded up) by the mesh axes it is sharded over (`sharding.shard_numel`):
+  * a weight the checkpoint stores in FP8 (its `quantization_config`; the projections and experts of the
+    release: `interop.layout.Plan.quantizable`) costs 1 byte per element plus a float32 `weight_scale_inv`
+    per block of `weight_block_size` (128 x 128), the scales of a shard sized like the shard;
+  * every other parameter (embedding, head, norms, router) costs 2 bytes (BF16), the router bias 4 (float32);
+  * the BF16 comparison costs every parameter 2 bytes (the router bias 4).
+The latent cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 at V3 sizes) for the
+main layers (plus the MTP layer's own when speculating, not counted here), in the cache dtype; it is split
+over the batch axes only, so every device of a batch shard holds the whole cache of its sequences:
+cache_tokens_per_device = (HBM - weights - reserve) / (values x layers x bytes).
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from jax.sharding import PartitionSpec
+
+from dsv3_jax import sharding
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.interop import layout as L
+
+GIB = 1024**3
+
+
+def weight_bytes(cfg: ModelConfig, sizes: dict, fp8_block: tuple[int, int] | None) -> dict:
+    """{'fp8': bytes per device keeping the checkpoint's FP8 tensors FP8, 'bf16': bytes per device in BF16,
+    'fp8_params': elements stored in FP8, 'params': all elements} (main model and MTP modules)."""
+    _, params, biases = L.abstract_states(cfg)
+    specs = L.leaf_specs(params, biases)
+    fmt = L.Format(fused_experts=False, rope_interleave=True, mtp_layers=cfg.num_nextn_predict_layers)
+    leaves = L.model_leaves(params, biases)
+    plan = L.plan(cfg, fmt, leaves)
+    blocks: dict = {}  # leaf -> weight_scale_inv blocks of the HF tensors it is made of
+    for p in plan.pieces if fp8_block else ():
+        if p.key in plan.quantizable and p.key in plan.expected:
+            rows, cols = plan.expected[p.key][-2:]
+            lead = math.prod(plan.expected[p.key][:-2])
+            blocks[p.leaf] = blocks.get(p.leaf, 0) + lead * -(-rows // fp8_block[0]) * -(-cols // fp8_block[1])
+    out = {"fp8": 0, "bf16": 0, "fp8_params": 0, "params": 0}
+    for path, sds in leaves.items():
+        n = sharding.shard_numel(sds.shape, specs.get(path, PartitionSpec()), sizes)
+        total = math.prod(sds.shape)
+        wide = 4 if path[0] == "biases" else 2
+        out["params"] += total
+        out["bf16"] += n * wide
+        if path in blocks:  # scales shard with their blocks: this device holds its share of them
+            out["fp8"] += n + 4 * -(-blocks[path] * n // total)
+            out["fp8_params"] += total
+        else:
+            out["fp8"] += n * wide
+    return out
+
+
+def serving_plan(cfg: ModelConfig, sizes: dict, *, fp8_block: tuple[int, int] | None, keep_fp8: bool,
+                 hbm_bytes: int, cache_itemsize: int = 2, reserve_fraction: float = 0.05) -> dict:
+    """The plan as a dict (see the module docstring); `reserve_fraction` of the memory is left for activations
+    and the runtime."""
+    w = weight_bytes(cfg, sizes, fp8_block if keep_fp8 else None)
+    used = w["fp8"] if keep_fp8 else w["bf16"]
+    per_token = cfg.latent_cache_values_per_token() * cfg.num_hidden_layers * cache_itemsize
+    reserve = hbm_bytes - int(hbm_bytes * (1 - reserve_fraction))
+    free = hbm_bytes - reserve - used
+    return {"weights_bytes_per_device": used, "weights_bytes_per_device_bf16": w["bf16"],
+            "weights_bytes_per_device_fp8": w["fp8"], "fp8_fraction_of_params": w["fp8_params"] / w["params"],
+            "params": w["params"], "hbm_bytes": hbm_bytes, "reserve_bytes": reserve,
+            "cache_bytes_per_device": max(free, 0), "cache_bytes_per_token": per_token,
+            "cache_tokens_per_device": max(free, 0) // per_token, "fits": free > 0, "keep_fp8": keep_fp8,
+            "devices": math.prod(sizes.values())}
+
+
+def print_plan(plan: dict, sizes: dict) -> None:
+    mesh = " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "1 device"
+    print(f"serving memory plan per device: mesh {mesh} ({plan['devices']} devices), {plan['hbm_bytes'] / GIB:.0f} GiB "
+          f"each; {plan['params'] / 1e9:.1f}B parameters, {plan['fp8_fraction_of_params']:.1%} of them stored in FP8")
+    rows = [("weights, FP8 as shipped + scales", plan["weights_bytes_per_device_fp8"]),
+            ("weights, all BF16 (dequantised)", plan["weights_bytes_per_device_bf16"]),
+            ("reserve (activations, runtime)", plan["reserve_bytes"]),
+            (f"left for the latent cache ({'FP8' if plan['keep_fp8'] else 'BF16'} weights)",
+             plan["cache_bytes_per_device"])]
+    for name, v in rows:
+        print(f"  {name:<44}{v / GIB:>10.1f} GiB")
+    print(f"  {'latent cache per token (all layers)':<44}{plan['cache_bytes_per_token']:>10,} bytes")
+    print(f"  {'cached tokens per device':<44}{plan['cache_tokens_per_device']:>10,}"
+          + ("" if plan["fits"] else "   (the weights do not fit: add devices to the mesh)"))
+    keys = ("weights_bytes_per_device", "weights_bytes_per_device_bf16", "cache_tokens_per_device")
+    print(json.dumps({k: plan[k] for k in keys}))
