@@ -33,13 +33,10 @@ def _losses(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_two_processes_match_one(tmp_path):
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, WORKER, str(one), MESH, "4"], env=_env(), check=True, timeout=600,
-                   capture_output=True)
-    two = tmp_path / "two"
+def _two_processes(workdir, *extra) -> list[dict]:
+    """Run the worker as 2 processes of one localhost cluster (2 CPU devices each); their final JSON lines."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(two), MESH, "2"], stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, WORKER, str(workdir), MESH, "2", *extra], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
                                        JAX_PROCESS_ID=str(i)))
@@ -49,6 +46,15 @@ def test_two_processes_match_one(tmp_path):
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
+    return outs
+
+
+def test_two_processes_match_one(tmp_path):
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, WORKER, str(one), MESH, "4"], env=_env(), check=True, timeout=600,
+                   capture_output=True)
+    two = tmp_path / "two"
+    outs = _two_processes(two)
     assert [(o["process"], o["processes"], o["devices"]) for o in outs] == [(0, 2, 4), (1, 2, 4)]
     ref, got = _losses(one), _losses(two)  # metrics.jsonl is written by process 0 only
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [2, 4, 6, 8]
@@ -108,17 +114,7 @@ def test_two_processes_read_their_own_rows_of_prepared_data(tmp_path):
     prepared = str(tmp_path / "prepared")
     prepare.prepare([str(tmp_path / "in")], str(tmp_path / "tok.json"), prepared, val_fraction=0.05, progress=False,
                     log=lambda _: None)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, str(tmp_path / "two"), MESH, "2", prepared],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                                       JAX_PROCESS_ID=str(i)))
-             for i in range(2)]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs = _two_processes(tmp_path / "two", prepared)
     assert sorted(map(int, outs[0]["reads"])) == sorted(map(int, outs[1]["reads"])) == list(range(0, 64, 8))
     for batch in outs[0]["reads"]:  # 8 steps of 8 rows: batch k holds positions 8k .. 8k + 7
         a, b = set(outs[0]["reads"][batch]), set(outs[1]["reads"][batch])
