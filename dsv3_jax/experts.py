@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.fp8 import resident
 from dsv3_jax.fp8.linear import fp8_expert_blocks
-from dsv3_jax.runtime import Fp8Options
+from dsv3_jax.runtime import Fp8Options, Fp8Weights
 
 
 def _swiglu(x, w_gate, w_up, w_down, eq_in, eq_out):
@@ -36,11 +37,25 @@ def _swiglu(x, w_gate, w_up, w_down, eq_in, eq_out):
     return jnp.einsum(eq_out, h, w_down)
 
 
-def experts_dense(x, idx, w, w_gate, w_up, w_down):
-    """Reference: all E experts on all N tokens. x [N, D] -> [N, D] (f32)."""
-    E = w_gate.shape[0]
+def _num_experts(w) -> int:
+    return (w.q if isinstance(w, resident.QWeight) else w).shape[0]
+
+
+def experts_dense(x, idx, w, w_gate, w_up, w_down, fp8_weights: Fp8Weights | None = None):
+    """Reference: all E experts on all N tokens. x [N, D] -> [N, D] (f32). FP8-resident weights
+    (`resident.QWeight`s [E, N, K]) run as a grouped FP8 GEMM with one group of all N rows per expert."""
+    E = _num_experts(w_gate)
     with jax.named_scope("expert_gemms"):
-        y = _swiglu(x, w_gate, w_up, w_down, "ND,EDF->NEF", "NEF,EFD->NED")  # [N, E, D]
+        if isinstance(w_gate, resident.QWeight):
+            experts = jnp.arange(E, dtype=jnp.int32)
+            xe = jnp.broadcast_to(x, (E,) + x.shape)  # [E, N, D]: block e is expert e
+
+            def gemm(a, wt):
+                return resident.expert_blocks(a, wt, experts, fp8_weights)
+
+            y = gemm(jax.nn.silu(gemm(xe, w_gate)) * gemm(xe, w_up), w_down).transpose(1, 0, 2)  # [N, E, D]
+        else:
+            y = _swiglu(x, w_gate, w_up, w_down, "ND,EDF->NEF", "NEF,EFD->NED")  # [N, E, D]
     with jax.named_scope("combine"):
         combine = jnp.einsum("NK,NKE->NE", w, jax.nn.one_hot(idx, E, dtype=w.dtype))
         return jnp.einsum("NE,NED->ND", combine, y.astype(jnp.float32))
@@ -108,16 +123,18 @@ def _permute_bwd(res, g):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
-def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options | None = None):
+def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options | None = None,
+                   fp8_weights: Fp8Weights | None = None):
     """Rows sorted into per-expert padded blocks, one batched einsum per matrix. x [N, D] -> [N, D] (f32).
 
     Row moves use `permute_rows` (gathers both ways) and each block's expert weights are selected with
     a one-hot matmul ([nb, E] x [E, D, F]), whose transpose is a GEMM rather than a scatter-add.
     `fp8`: run the three GEMMs as grouped block-scaled FP8 GEMMs with these options (weights: float32
-    masters) over the same block layout.
+    masters) over the same block layout. FP8-resident weights (`resident.QWeight`s [E, N, K] with their
+    block scales) run the same grouped GEMM forward-only, in `fp8_weights.mode`.
     """
     N, K = idx.shape
-    D, E = x.shape[1], w_gate.shape[0]
+    D, E = x.shape[1], _num_experts(w_gate)
     M = N * K
     with jax.named_scope("dispatch"):
         dest, block_expert, nb = block_layout(idx, E, block)
@@ -125,7 +142,13 @@ def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options 
         src = jnp.full((P,), M, jnp.int32).at[dest].set(jnp.arange(M, dtype=jnp.int32))  # slot -> row (M: empty)
         xb = permute_rows(jnp.repeat(x, K, axis=0), src, dest).reshape(nb, block, D)
     with jax.named_scope("expert_gemms"):
-        if fp8 is not None:
+        if isinstance(w_gate, resident.QWeight):
+            def gemm(a, wt):
+                return resident.expert_blocks(a, wt, block_expert, fp8_weights)
+
+            h = jax.nn.silu(gemm(xb, w_gate)) * gemm(xb, w_up)
+            y = gemm(h, w_down).reshape(P, D)
+        elif fp8 is not None:
             def gemm(a, wt):
                 return fp8_expert_blocks(a, wt, block_expert, options=fp8)
 
@@ -148,15 +171,16 @@ class LocalExperts:
     impl: str  # 'dense' | 'blocks' | 'ragged'
     block: int = 64
     fp8: Fp8Options | None = None
+    fp8_weights: Fp8Weights | None = None
 
     def __call__(self, x, idx, w, w_gate, w_up, w_down):
         """x [N, D], idx/w [N, K], weights -> (y [N, D] float32, dropped rows (always 0))."""
         if self.impl == "dense":
-            y = experts_dense(x, idx, w, w_gate, w_up, w_down)
+            y = experts_dense(x, idx, w, w_gate, w_up, w_down, self.fp8_weights)
         elif self.impl == "ragged":
             y = experts_ragged(x, idx, w, w_gate, w_up, w_down)
         elif self.impl == "blocks":
-            y = experts_blocks(x, idx, w, w_gate, w_up, w_down, self.block, self.fp8)
+            y = experts_blocks(x, idx, w, w_gate, w_up, w_down, self.block, self.fp8, self.fp8_weights)
         else:
             raise UserError(f"unknown expert layout {self.impl!r}")
         return y, jnp.zeros((), jnp.float32)

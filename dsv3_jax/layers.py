@@ -14,6 +14,7 @@ statistics in float32:  y = w * x / sqrt(mean(x^2) + eps).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -21,8 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.fp8 import resident
 from dsv3_jax.fp8.linear import fp8_einsum
-from dsv3_jax.runtime import Fp8Options
+from dsv3_jax.runtime import Fp8Options, Fp8Weights
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Sequence[str | None], dtype) -> nnx.Param:
@@ -49,17 +51,45 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def fp8_params(rngs: nnx.Rngs, init, kshape, nshape, kaxes, naxes, lead=(), lead_axes=()):
+    """An FP8-resident weight ([*lead, N..., K...] e4m3, the checkpoint's orientation, axes permuted with it)
+    and its block scales ([*lead, Nb, Kb] f32, replicated along the block axes), as two `Fp8Param`s. The
+    values are `init` quantised per 128x128 block (a checkpoint load overwrites them)."""
+    N, K = math.prod(nshape), math.prod(kshape)
+    w = init(rngs.params(), (*lead, N, K), jnp.float32)
+    qw = resident.quantize_weight(w)
+    q = resident.Fp8Param(qw.q.reshape(*lead, *nshape, *kshape), out_sharding=(*lead_axes, *naxes, *kaxes),
+                          eager_sharding=False)
+    s = resident.Fp8Param(qw.s, out_sharding=(*lead_axes, None, None), eager_sharding=False)
+    return q, s
+
+
 class Einsum(nnx.Module):
-    """A projection written as an einsum, e.g. 'BTD,DNH->BTNH', weight of `shape` with logical `axes`."""
+    """A projection written as an einsum, e.g. 'BTD,DNH->BTNH', weight of `shape` with logical `axes`.
+
+    fp8: block-scaled FP8 GEMMs on the float32 master weight, forward and backward (training).
+    fp8_weights: the weight itself is FP8-resident (`dsv3_jax.fp8.resident`): `kernel` holds the e4m3 values
+    in the checkpoint's [N..., K...] orientation and `kernel_scale` its 128x128 block scales (inference)."""
 
     def __init__(self, eq: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 fp8: Fp8Options | None = None):
+                 fp8: Fp8Options | None = None, fp8_weights: Fp8Weights | None = None):
         self.eq = eq
         self.dtype = dtype
-        self.fp8 = fp8  # block-scaled FP8 GEMMs in forward and backward (dsv3_jax.fp8), with these options
-        self.kernel = param(rngs, normal(std), shape, axes, param_dtype)
+        self.fp8 = fp8
+        self.fp8_weights = fp8_weights
+        if fp8_weights is None:
+            self.kernel = param(rngs, normal(std), shape, axes, param_dtype)
+            return
+        nc = resident.contracted(eq)
+        self.kernel, self.kernel_scale = fp8_params(rngs, normal(std), shape[:nc], shape[nc:], axes[:nc], axes[nc:])
+
+    @property
+    def qweight(self) -> resident.QWeight:
+        return resident.QWeight(self.kernel[...], self.kernel_scale[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.fp8_weights is not None:
+            return resident.einsum(self.eq, x.astype(self.dtype), self.qweight, self.fp8_weights)
         if self.fp8 is not None:  # quantises the float32 master weight itself, per 128x128 block
             return fp8_einsum(self.eq, x.astype(self.dtype), self.kernel[...], options=self.fp8)
         return jnp.einsum(self.eq, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -80,8 +110,8 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
 
     def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 fp8: Fp8Options | None = None):
-        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8)
+                 fp8: Fp8Options | None = None, fp8_weights: Fp8Weights | None = None):
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8, fp8_weights=fp8_weights)
         self.gate = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
         self.up = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
         self.down = Einsum("...F,FD->...D", (hidden, dim), ("mlp", "embed"), **kw)

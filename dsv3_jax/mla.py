@@ -28,6 +28,9 @@ A slot s is attended by a query at position p iff s <= p; slots past a row's len
 (padding, rejected drafts) that are masked out and later overwritten, which is what makes "roll back"
 free for speculative decoding.
 
+FP8-resident weights (`Runtime.fp8_weights`): every projection is an FP8 GEMM (`dsv3_jax.fp8.resident`);
+the absorbed path dequantises wkv_b per layer per step (`absorbed_kv_b`).
+
 Dtypes: projections run in the compute dtype; scores, softmax and the probability-weighted sum
 accumulate in float32. In decode the cached latent is read in the compute dtype (bfloat16 on
 accelerators), stored in the cache dtype. Weights are stored "in -> out" for einsums (the HF
@@ -101,7 +104,7 @@ class MLA(nnx.Module):
         D, N, R = cfg.hidden_size, cfg.num_attention_heads, cfg.kv_lora_rank
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(std=cfg.initializer_range, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
-                  fp8=self.runtime.fp8_gemms)
+                  fp8=self.runtime.fp8_gemms, fp8_weights=self.runtime.fp8_resident)
         nkw = dict(param_dtype=cfg.weight_dtype, rngs=rngs)
         if cfg.q_lora_rank is None:
             self.wq = Einsum("BTD,DNH->BTNH", (D, N, dn + dr), ("embed", "heads", "qk_head_dim"), **kw)
@@ -156,6 +159,19 @@ class MLA(nnx.Module):
             return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
 
     # ------------------------------------------------------------------ absorbed decode path
+    def absorbed_kv_b(self, dtype) -> jax.Array:
+        """wkv_b as [R, N, dn + dv] in `dtype`, to split into W_UK and W_UV. FP8-resident weights are
+        dequantised here from their 128x128 blocks, one layer at a time inside the decode step (what
+        DeepSeek's inference code does in its absorbed mode): the resident copy stays FP8."""
+        if self.wkv_b.fp8_weights is None:
+            return self.wkv_b.kernel[...].astype(dtype)
+        q = self.wkv_b.kernel[...]  # [N, dn + dv, R]
+        N, H, R = q.shape
+        from dsv3_jax.fp8.resident import QWeight
+
+        w = QWeight(q.reshape(N * H, R), self.wkv_b.kernel_scale[...]).dequantize(dtype)  # [N*H, R]
+        return w.reshape(N, H, R).transpose(2, 0, 1)
+
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, dtype) -> jax.Array:
         """Attention over the latent cache with W_UK absorbed into the query and W_UV into the output.
 
@@ -165,7 +181,7 @@ class MLA(nnx.Module):
         dt, f32 = cfg.compute_dtype, jnp.float32
         if self.runtime.attention_f32_core:  # XLA:CPU cannot run some bf16 x bf16 -> f32 dots (DotThunk): the
             dt = jnp.promote_types(dt, f32)  # resolver keeps this core in f32 there (bf16 inputs: less rounding)
-        w_uk, w_uv = jnp.split(self.wkv_b.kernel[...].astype(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
+        w_uk, w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
         c_kv, k_pe = c_kv.astype(dt), k_pe.astype(dt)
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope.astype(dt), w_uk, preferred_element_type=f32).astype(dt)
         scores = jnp.einsum("BTNR,BSR->BNTS", q_abs, c_kv, preferred_element_type=f32)

@@ -97,7 +97,8 @@ class Block(nnx.Module):
             self.ffn = MoE(cfg, rngs=rngs, runtime=runtime)
         else:
             self.ffn = MLP(D, cfg.intermediate_size, std=cfg.initializer_range, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.weight_dtype, rngs=rngs, fp8=runtime.fp8_gemms)
+                           param_dtype=cfg.weight_dtype, rngs=rngs, fp8=runtime.fp8_gemms,
+                           fp8_weights=runtime.fp8_resident)
         self.num_experts = cfg.n_routed_experts
 
     def __call__(self, x, cos, sin):
@@ -337,6 +338,9 @@ def with_runtime(model: DeepSeekV3, runtime: Runtime) -> DeepSeekV3:
     if runtime.fp8_gemms != model.runtime.fp8_gemms:
         raise UserError("with_runtime cannot switch the FP8 GEMMs of a built model; build DeepSeekV3(cfg, "
                         "runtime=...) with the new Runtime and merge the parameters into it")
+    if runtime.fp8_resident != model.runtime.fp8_resident:
+        raise UserError("with_runtime cannot switch FP8-resident weights (or their GEMM mode) of a built model; "
+                        "load it again with the new Runtime")
     new = nnx.merge(*nnx.split(model))
     for _, module in new.iter_modules():
         if hasattr(module, "runtime"):

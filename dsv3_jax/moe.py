@@ -32,8 +32,9 @@ from flax import nnx
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax import strategies
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8.resident import SCALE_SUFFIX, QWeight
 from dsv3_jax.layer_stats import LayerStats
-from dsv3_jax.layers import MLP, normal, param
+from dsv3_jax.layers import MLP, fp8_params, normal, param
 from dsv3_jax.runtime import Runtime
 
 
@@ -70,12 +71,31 @@ class MoE(nnx.Module):
         std, pdt = cfg.initializer_range, cfg.weight_dtype
         self.router = param(rngs, normal(std), (D, E), ("embed", "router_experts"), pdt)
         self.bias = RouterBias(jnp.zeros((E,), jnp.float32), out_sharding=("router_experts",), eager_sharding=False)
-        self.w_gate = param(rngs, normal(std), (E, D, F), ("experts", "embed", "expert_mlp"), pdt)
-        self.w_up = param(rngs, normal(std), (E, D, F), ("experts", "embed", "expert_mlp"), pdt)
-        self.w_down = param(rngs, normal(std), (E, F, D), ("experts", "expert_mlp", "embed"), pdt)
+        if self.runtime.fp8_resident is None:
+            self.w_gate = param(rngs, normal(std), (E, D, F), ("experts", "embed", "expert_mlp"), pdt)
+            self.w_up = param(rngs, normal(std), (E, D, F), ("experts", "embed", "expert_mlp"), pdt)
+            self.w_down = param(rngs, normal(std), (E, F, D), ("experts", "expert_mlp", "embed"), pdt)
+        else:  # FP8-resident: [E, N, K] (the checkpoint's [out, in] per expert) + block scales
+            kw = dict(lead=(E,), lead_axes=("experts",))
+            self.w_gate, self.w_gate_scale = fp8_params(rngs, normal(std), (D,), (F,), ("embed",), ("expert_mlp",),
+                                                        **kw)
+            self.w_up, self.w_up_scale = fp8_params(rngs, normal(std), (D,), (F,), ("embed",), ("expert_mlp",), **kw)
+            self.w_down, self.w_down_scale = fp8_params(rngs, normal(std), (F,), (D,), ("expert_mlp",), ("embed",),
+                                                        **kw)
         if cfg.n_shared_experts > 0:
             self.shared = MLP(D, cfg.shared_intermediate_size, std=std, dtype=cfg.compute_dtype,
-                              param_dtype=pdt, rngs=rngs, fp8=self.runtime.fp8_gemms)
+                              param_dtype=pdt, rngs=rngs, fp8=self.runtime.fp8_gemms,
+                              fp8_weights=self.runtime.fp8_resident)
+
+    def expert_weights(self):
+        """(w_gate, w_up, w_down) as the expert strategy takes them: compute-dtype arrays, the float32 masters
+        (FP8 training GEMMs), or `QWeight`s (FP8-resident)."""
+        names = ("w_gate", "w_up", "w_down")
+        if self.runtime.fp8_resident is not None:
+            return tuple(QWeight(getattr(self, n)[...], getattr(self, n + SCALE_SUFFIX)[...]) for n in names)
+        if self.runtime.fp8:
+            return tuple(getattr(self, n)[...] for n in names)
+        return tuple(getattr(self, n)[...].astype(self.cfg.compute_dtype) for n in names)
 
     def scores(self, x: jax.Array) -> jax.Array:
         """Sigmoid router scores in float32: [..., D] -> [..., E]."""
@@ -90,7 +110,7 @@ class MoE(nnx.Module):
             scores = self.scores(x)  # [B, T, E]
             w, idx = route(scores.reshape(B * T, E), self.bias[...], cfg)
         dt = cfg.compute_dtype
-        weights = [p[...] if rt.fp8 else p[...].astype(dt) for p in (self.w_gate, self.w_up, self.w_down)]
+        weights = self.expert_weights()
         xf = x.reshape(B * T, D).astype(dt)
         with jax.named_scope("routed_experts"):
             y, dropped = strategies.experts(rt)(xf, idx, w, *weights)

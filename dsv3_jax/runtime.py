@@ -20,6 +20,9 @@ What it holds, and who reads it:
     decode_expert_impl                                       the local layout for cached decode steps
                                                              (`for_decode()`)
     fp8, fp8_options                                         FP8 block-scaled GEMMs and how they run
+    fp8_weights                                              inference on FP8-resident weights (the release's
+                                                             128x128 blocks kept as shipped): 'w8a8' or
+                                                             'weight_only' GEMMs (`dsv3_jax.fp8.resident`)
     attention_f32_core                                       the absorbed-MLA core in float32 (XLA:CPU
                                                              cannot run some bf16 x bf16 -> f32 dots)
     backend                                                  what the above was resolved for
@@ -44,6 +47,7 @@ from dsv3_jax.cli import ConfigError, UserError
 EXPERT_IMPLS = ("dense", "blocks", "ragged")
 DISPATCHES = ("padded", "ragged")
 SCHEDULES = ("gpipe",)
+FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
 # keys of a config's `model` section that describe the run, with their defaults
 MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8": False,
                                   "expert_capacity_factor": 0.0, "expert_dispatch": "auto"}
@@ -127,6 +131,14 @@ def resolve_fp8(options: Fp8Options | None = None, **kw) -> Fp8Options:
                                interpret=fp8_interpret(o.interpret), tpu_fp8=fp8_tpu_mxu(o.tpu_fp8))
 
 
+@dataclasses.dataclass(frozen=True)
+class Fp8Weights:
+    """What a layer holding FP8-resident weights needs: the GEMM mode and how the GEMMs run."""
+
+    mode: str  # 'w8a8' | 'weight_only'
+    options: Fp8Options = Fp8Options()
+
+
 # ----------------------------------------------------------------------------- Runtime
 
 
@@ -147,6 +159,7 @@ class Runtime:
     pipeline_schedule: str = "gpipe"
     fp8: bool = False
     fp8_options: Fp8Options = Fp8Options()
+    fp8_weights: str | None = None  # None | 'w8a8' | 'weight_only': projections and experts held in FP8
     attention_f32_core: bool = False
 
     def __post_init__(self):
@@ -169,6 +182,14 @@ class Runtime:
         if self.fp8 and self.expert_impl == "ragged":
             raise UserError("fp8 runs the routed experts in the 'blocks' layout; resolve the Runtime with "
                             "moe_impl='auto' or 'blocks'.")
+        if self.fp8_weights not in (None,) + FP8_WEIGHT_MODES:
+            raise UserError(f"fp8_weights={self.fp8_weights!r}: choose from {FP8_WEIGHT_MODES} (or None).")
+        if self.fp8_weights and self.fp8:
+            raise UserError("fp8_weights (inference on FP8-resident weights) and fp8 (the FP8 training GEMMs on "
+                            "float32 master weights) exclude each other; FP8-resident weights cannot be trained.")
+        if self.fp8_weights and "ragged" in (self.expert_impl, self.decode_expert_impl):
+            raise UserError("FP8-resident experts run in the 'blocks' or 'dense' layout; resolve the Runtime with "
+                            "moe_impl='auto', 'blocks' or 'dense'.")
 
     # -- what the mesh implies
     def axis(self, name: str) -> int:
@@ -188,6 +209,11 @@ class Runtime:
         return self.fp8_options if self.fp8 else None
 
     @property
+    def fp8_resident(self) -> Fp8Weights | None:
+        """How FP8-resident weights multiply (mode and GEMM options), or None for float weights."""
+        return Fp8Weights(self.fp8_weights, self.fp8_options) if self.fp8_weights else None
+
+    @property
     def data_shards(self) -> int:
         """Ways the batch is split: data x fsdp x expert."""
         return self.axis("data") * self.axis("fsdp") * self.axis("expert")
@@ -195,6 +221,17 @@ class Runtime:
     # -- variants
     def replace(self, **kw) -> Runtime:
         return dataclasses.replace(self, **kw)
+
+    def with_fp8_weights(self, mode: str | None) -> Runtime:
+        """This runtime on FP8-resident weights in `mode` ('w8a8' | 'weight_only'; None: float weights). The
+        FP8 grouped GEMM uses the block layout, so a 'ragged' expert layout becomes 'blocks'."""
+        if mode is None:
+            return self.replace(fp8_weights=None)
+
+        def grouped(impl):
+            return "blocks" if impl == "ragged" else impl
+        return self.replace(fp8_weights=mode, expert_impl=grouped(self.expert_impl),
+                            decode_expert_impl=grouped(self.decode_expert_impl))
 
     def for_decode(self) -> Runtime:
         """The runtime of cached decode steps: the decode expert layout (cheapest at a few rows)."""
@@ -218,6 +255,10 @@ class Runtime:
         if self.fp8:
             o = self.fp8_options
             fp8 = f"on ({o.impl}" + (f", {o.backend}" if o.impl == "pallas" else "") + ")"
+        if self.fp8_weights:
+            o = self.fp8_options
+            fp8 = (f"weights resident ({self.fp8_weights}, {o.impl}" + (f", {o.backend}" if o.impl == "pallas" else "")
+                   + ")")
         return (f"runtime: {self.backend}, {mesh}; experts {experts}, decode {self.decode_expert_impl}; "
                 f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}")
 
@@ -225,10 +266,11 @@ class Runtime:
 def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", moe_block_size: int = 64,
             expert_capacity_factor: float = 0.0, expert_dispatch: str = "auto", decode_moe_impl: str = "auto",
             remat: bool = False, microbatches: int = 0, pipeline_schedule: str = "gpipe", fp8: bool = False,
-            fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None) -> Runtime:
+            fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None,
+            fp8_weights: str | None = None) -> Runtime:
     """A concrete Runtime for this backend. 'auto' means:
       moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere;
-                       'blocks' with fp8 (the FP8 grouped GEMM uses the block layout)
+                       'blocks' with fp8 or fp8_weights (the FP8 grouped GEMM uses the block layout)
       decode_moe_impl  'dense' on CPU (cheapest at decode sizes there), else the training layout
       expert_dispatch  'ragged' (ragged_all_to_all) on GPU/TPU when dropless, else 'padded' (all_to_all)
       microbatches 0   twice the pipeline stages (1 without a pipeline)
@@ -245,10 +287,11 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
     if microbatches < 0:
         raise UserError(f"microbatches={microbatches} must be >= 0 (0: twice the number of stages).")
     impl = ("blocks" if p == "cpu" else "ragged") if moe_impl == "auto" else moe_impl
-    if fp8 and impl == "ragged":  # the FP8 grouped GEMM uses the block layout
+    grouped_fp8 = fp8 or fp8_weights  # the FP8 grouped GEMM uses the block layout
+    if grouped_fp8 and impl == "ragged":
         impl = "blocks"
     decode = ("dense" if p == "cpu" else impl) if decode_moe_impl == "auto" else decode_moe_impl
-    if fp8 and decode == "ragged":
+    if grouped_fp8 and decode == "ragged":
         decode = "blocks"
     if expert_dispatch == "auto":
         expert_dispatch = "ragged" if expert_capacity_factor <= 0 and p in ("gpu", "tpu") else "padded"
@@ -259,7 +302,7 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                    else emulate_ragged_all_to_all,
                    remat=bool(remat), microbatches=int(microbatches) or default_microbatches(stages),
                    pipeline_schedule=pipeline_schedule, fp8=bool(fp8), fp8_options=resolve_fp8(fp8_options),
-                   attention_f32_core=p == "cpu")
+                   fp8_weights=fp8_weights or None, attention_f32_core=p == "cpu")
 
 
 def default_microbatches(stages: int) -> int:

@@ -1,7 +1,9 @@
 """Block-scaled FP8 GEMM with FP32 promotion every 128 elements of K (REFERENCE.md sections 6 and 8).
 
 Operands (see quant.py for how they are produced):
-    A  a_q [P, K] e4m3, a_s [P, Kb] f32           1 x 128 tiles: one scale per row per K block
+    A  a_q [P, K] e4m3, a_s [P, Kb] f32           1 x 128 tiles: one scale per row per K block, or
+       a   [P, K] bf16/f32, a_s None              weight-only: A unquantised (each fp8 block of B is upcast
+                                                  to A's dtype inside the GEMM, exact: e4m3 is a subset of bf16)
     B  b_q [E, N, K] e4m3 stored [N, K] (K-major), with either
          block scales b_s [E, ceil(N/128), Kb]    128 x 128 weight blocks (also HF's weight_scale_inv), or
          row   scales b_s [E, N, Kb]              1 x 128 tiles (when B is itself an activation/gradient)
@@ -47,14 +49,21 @@ _HI = jax.lax.Precision.HIGHEST
 
 # ---------------------------------------------------------------------------------------------- operand prep
 def _prep(a_q, a_s, b_q, b_s):
-    """Validate, pad K to whole blocks, turn B's scales into per-row scales [E, N, Kb]."""
-    if a_q.dtype != FP8 or b_q.dtype != FP8:
-        raise TypeError(f"fp8 gemm wants float8_e4m3fn operands, got {a_q.dtype} and {b_q.dtype}.")
+    """Validate, pad K to whole blocks, turn B's scales into per-row scales [E, N, Kb]. A weight-only
+    call (a_s None, A in bf16/f32) gets a_s = None back."""
+    weight_only = a_s is None
+    if (a_q.dtype != FP8 and not weight_only) or b_q.dtype != FP8:
+        raise TypeError(f"fp8 gemm wants float8_e4m3fn operands (or a_s=None for an unquantised A), got "
+                        f"{a_q.dtype} and {b_q.dtype}.")
+    if weight_only and a_q.dtype == FP8:
+        raise TypeError("fp8 gemm: an fp8 A needs its scales a_s.")
     if b_q.ndim == 2:
         b_q, b_s = b_q[None], b_s[None]
     P, K = a_q.shape
     E, N, Kbq = b_q.shape
     Kb = ceil_div(max(K, Kbq), TILE)
+    if weight_only:
+        a_s = jnp.ones((P, Kb), jnp.float32)
     if ceil_div(K, TILE) != ceil_div(Kbq, TILE) or a_s.shape != (P, Kb) or b_s.shape[-1] != Kb:
         raise UserError(f"fp8 gemm: A {a_q.shape} / scales {a_s.shape} and B {b_q.shape} / scales {b_s.shape} "
                         f"disagree on K (expected {Kb} K blocks of {TILE}).")
@@ -65,7 +74,8 @@ def _prep(a_q, a_s, b_q, b_s):
     else:
         raise UserError(f"fp8 gemm: B scales {b_s.shape} are neither per row ({N}) nor per 128-row block "
                         f"({ceil_div(N, TILE)}) of B {b_q.shape}.")
-    return pad_axis(a_q, 1, TILE), a_s.astype(jnp.float32), pad_axis(b_q, 2, TILE), b_rs.astype(jnp.float32)
+    a_s = None if weight_only else a_s.astype(jnp.float32)
+    return pad_axis(a_q, 1, TILE), a_s, pad_axis(b_q, 2, TILE), b_rs.astype(jnp.float32)
 
 
 def _check_groups(P, E, groups, group_rows):
@@ -82,7 +92,10 @@ def _check_groups(P, E, groups, group_rows):
 
 # ---------------------------------------------------------------------------------------------- jnp paths
 def _gemm_dequant(a_q, a_s, b_q, b_rs, groups, group_rows, out_dtype):
-    a = (a_q.reshape(a_s.shape + (TILE,)).astype(jnp.float32) * a_s[..., None]).reshape(a_q.shape)
+    if a_s is None:
+        a = a_q.astype(jnp.float32)
+    else:
+        a = (a_q.reshape(a_s.shape + (TILE,)).astype(jnp.float32) * a_s[..., None]).reshape(a_q.shape)
     b = (b_q.reshape(b_rs.shape + (TILE,)).astype(jnp.float32) * b_rs[..., None]).reshape(b_q.shape)
     if groups is None:
         return jnp.dot(a, b[0].T, precision=_HI).astype(out_dtype)
@@ -95,18 +108,22 @@ def _gemm_blocked(a_q, a_s, b_q, b_rs, groups, group_rows, out_dtype):
     E, N, _ = b_q.shape
     Kb = Kp // TILE
     f32 = jnp.float32
+    if a_s is None:  # weight-only: B's fp8 blocks upcast to A's dtype (exact), A as it is
+        b_q = b_q.astype(a_q.dtype)
     if groups is None:
         part = jax.lax.dot_general(a_q.reshape(P, Kb, TILE), b_q[0].reshape(N, Kb, TILE),
                                    (((2,), (2,)), ((1,), (1,))), preferred_element_type=f32)  # [Kb, P, N]
-        out = (part * a_s.T[:, :, None] * b_rs[0].T[:, None, :]).sum(0)
+        part = part * b_rs[0].T[:, None, :]
+        out = (part if a_s is None else part * a_s.T[:, :, None]).sum(0)
         return out.astype(out_dtype)
     nb = P // group_rows
     a = a_q.reshape(nb, group_rows, Kb, TILE)
     b = b_q[groups].reshape(nb, N, Kb, TILE)
     part = jax.lax.dot_general(a, b, (((3,), (3,)), ((0, 2), (0, 2))), preferred_element_type=f32)  # [nb, Kb, r, N]
-    sa = a_s.reshape(nb, group_rows, Kb).transpose(0, 2, 1)[..., None]  # [nb, Kb, r, 1]
-    sb = b_rs[groups].transpose(0, 2, 1)[:, :, None, :]  # [nb, Kb, 1, N]
-    return (part * sa * sb).sum(1).reshape(P, N).astype(out_dtype)
+    part = part * b_rs[groups].transpose(0, 2, 1)[:, :, None, :]  # x [nb, Kb, 1, N]
+    if a_s is not None:
+        part = part * a_s.reshape(nb, group_rows, Kb).transpose(0, 2, 1)[..., None]  # x [nb, Kb, r, 1]
+    return part.sum(1).reshape(P, N).astype(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------- Pallas kernels
@@ -115,8 +132,11 @@ def _gemm_blocked(a_q, a_s, b_q, b_rs, groups, group_rows, out_dtype):
 # column of A's and a row of B's: a [bm, 1] and a [1, bn] factor for the [bm, bn] partial. Neither needs
 # a lane-padded [.., 1] array in HBM.
 def _partial(a, b, upcast):
-    """One 128-wide K block: fp8 x fp8 -> fresh f32 partial [bm, bn] (B is [bn, bk], K-major)."""
-    if upcast:
+    """One 128-wide K block: fp8 x fp8 -> fresh f32 partial [bm, bn] (B is [bn, bk], K-major). A weight-only
+    call has A in bf16/f32: B's fp8 block is upcast to it (exact)."""
+    if a.dtype != b.dtype:
+        b = b.astype(a.dtype)
+    elif upcast:
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
@@ -290,6 +310,7 @@ def _kernel_opts(backend, interpret, tpu_fp8):
 def gemm(a_q, a_s, b_q, b_s, *, groups=None, group_rows=None, out_dtype=jnp.bfloat16, impl="auto",
          backend="auto", interpret=None, block_m=128, block_n=128, num_warps=8, num_stages=3, tpu_fp8=None):
     """Block-scaled FP8 GEMM: A [P, K] (1x128 tiles) times B^T, B [E, N, K] or [N, K] -> [P, N] out_dtype.
+    a_s=None: weight-only, A is bf16/f32 and only B is FP8 (dequantised block by block inside the GEMM).
 
     groups [P / group_rows] int32: expert of each block of `group_rows` rows (None when B is 2-D / E = 1).
     impl: 'dequant' | 'blocked' | 'pallas' | 'auto' (see the module docstring). Kernel options (pallas only):
@@ -306,6 +327,8 @@ def gemm(a_q, a_s, b_q, b_s, *, groups=None, group_rows=None, out_dtype=jnp.bflo
     if impl == "blocked":
         return _gemm_blocked(a_q, a_s, b_q, b_rs, groups, group_rows, out_dtype)
     backend, interpret, tpu_fp8 = _kernel_opts(backend, interpret, tpu_fp8)
+    if a_s is None:  # weight-only: the kernel scales A's blocks by 1
+        a_s = jnp.ones((a_q.shape[0], a_q.shape[1] // TILE), jnp.float32)
     if groups is None:
         bm = block_m
         a_q, a_s = pad_axis(a_q, 0, bm), pad_axis(a_s, 0, bm)

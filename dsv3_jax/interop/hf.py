@@ -41,6 +41,7 @@ with scales, and tokenizer.json when given a tokenizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -54,9 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig, RopeScaling, yarn_mscale
 from dsv3_jax.fp8.quant import quantize_blocks
+from dsv3_jax.fp8.resident import quantize_weight
 from dsv3_jax.interop import layout as L
 from dsv3_jax.interop import safetensors_io as st
 from dsv3_jax.io import tokenizer as tokenizer_io
@@ -312,6 +315,29 @@ class Checkpoint:
         y = L.to_ours(x, piece.kind, block, self.config, self.fmt)
         return np.asarray(y, dtype=dtype)
 
+    def read_fp8_piece(self, piece: L.Piece) -> tuple[np.ndarray, np.ndarray]:
+        """One projection tensor (part) as FP8 blocks: (q [out, in] float8_e4m3fn, scale [ceil(out/128),
+        ceil(in/128)] float32), exactly as stored when the checkpoint holds it in E4M3, else quantised
+        here with the package's block quantiser (what a BF16 checkpoint loaded with keep_fp8 gets)."""
+        dtype = self.tensors.tensors[piece.key].dtype
+        if dtype == "F8_E5M2":
+            raise UserError(f"{piece.key} is stored as F8_E5M2; FP8-resident weights are E4M3. Load without keep_fp8")
+        if dtype != "F8_E4M3":
+            w = self.tensors.read(piece.key, piece.select, piece.rows)
+            qw = quantize_weight(jnp.asarray(np.asarray(w, np.float32)))
+            return np.asarray(qw.q), np.asarray(qw.s)
+        q = self.tensors.read_raw(piece.key, piece.select, piece.rows)
+        srows = None
+        if piece.rows is not None:
+            r0, r1 = piece.rows
+            total = self.tensors.shape(piece.key)[len(piece.select)]
+            if r0 % 128 or (r1 % 128 and r1 != total):
+                raise UserError(f"{piece.key}: rows {r0}:{r1} of a fused FP8 tensor do not start and end on 128-row "
+                                f"scale blocks; load it without keep_fp8 (dequantised)")
+            srows = (r0 // 128, -(-r1 // 128))
+        scale = self.tensors.read_raw(piece.key + st.SCALE_SUFFIX, piece.select, srows)
+        return q, np.asarray(scale, np.float32)
+
     def check_aliases(self):
         """MTP `embed_tokens` / `shared_head.head` copies must equal the main tensors; warn if not."""
         for a in self.plan.aliases:
@@ -409,35 +435,134 @@ def _dtype_name(dtype) -> str:
 
 
 def load(path: str, dtype=jnp.float32, *, param_dtype=None, mtp: str | bool = "auto", mesh=None,
-         runtime: Runtime | None = None, **overrides) -> tuple[ModelConfig, DeepSeekV3]:
+         runtime: Runtime | None = None, keep_fp8: bool = False, fp8_mode: str = "w8a8",
+         **overrides) -> tuple[ModelConfig, DeepSeekV3]:
     """Read a released-format directory into a ready DeepSeekV3 (with its MTP modules when present).
 
     dtype: compute dtype, and the parameter dtype unless `param_dtype` is given. mtp: "auto" (load the
     MTP layers when the checkpoint has them), True (require them), False (skip them). mesh: place each
     parameter with its sharding from dsv3_jax.sharding on this jax Mesh. runtime: how the model runs
     (default: this backend, no mesh; see dsv3_jax.runtime). `overrides` set other ModelConfig fields.
+
+    keep_fp8: keep every projection and expert weight as float8_e4m3fn plus its float32 128x128 block
+    scales (dsv3_jax/fp8/resident.py): an FP8 checkpoint's blocks exactly as stored, a BF16/F32 one
+    quantised on load. Everything else (embedding, head, norms, router, biases, eh_proj) loads in
+    `param_dtype` as without it. fp8_mode: 'w8a8' (activations quantised 1x128, DeepSeek's serving
+    recipe) or 'weight_only' (activations unquantised; equal to the dequantised model up to f32 rounding).
+
+    Streaming: parameters are created on the device(s) first and filled one layer slice of one parameter
+    at a time, so host memory holds at most one such slice (one layer of one stacked weight) beside the
+    largest unstacked one (the embedding), however deep the model.
     """
     name = _dtype_name(dtype)
     overrides.update(dtype=name, param_dtype=_dtype_name(param_dtype or dtype))
+    if keep_fp8:
+        runtime = (runtime or runtime_lib.default()).with_fp8_weights(fp8_mode)
+    elif runtime is not None and runtime.fp8_weights:
+        raise UserError("hf.load: the runtime holds FP8-resident weights (fp8_weights) but keep_fp8=False; pass "
+                        "keep_fp8=True or a float runtime")
     ck = open_checkpoint(path, mtp=mtp, runtime=runtime, **overrides)
-    cfg = ck.config
-    flat = {}
-    for leaf, sds in ck.plan.leaves.items():
-        flat[leaf] = np.empty(sds.shape, np.float32 if leaf[0] == "biases" else sds.dtype)
-    for piece in sorted(ck.plan.pieces, key=lambda p: ck.tensors.order(p.key)):
-        dest = flat[piece.leaf]
-        dest[piece.index] = ck.read_piece(piece, dest.dtype)
+    if keep_fp8 and (ck.hf.fp8_block or (128, 128)) != (128, 128):
+        raise UserError(f"{path}: weight_block_size={list(ck.hf.fp8_block)}; FP8-resident weights use the release's "
+                        f"128x128 blocks. Load it without keep_fp8 (dequantised)")
+    shardings = _leaf_shardings(ck, mesh)
+    arrays = _StreamedLeaves(ck.plan.leaves, shardings)
+    for unit in _load_units(ck):
+        arrays.fill(unit, lambda piece, dest: _read_into(ck, piece, dest))
     ck.check_aliases()
-    specs = _leaf_shardings(ck, mesh)
-    arrays = {}
-    for p in list(flat):  # one host copy at a time moves to the device(s)
-        a = flat.pop(p)
-        arrays[p] = jax.device_put(a, specs[p]) if specs else jnp.asarray(a)
-    params = L.unflatten_into(nnx.to_pure_dict(ck.params_state), {p[1:]: a for p, a in arrays.items()
+    flat = arrays.result()
+    params = L.unflatten_into(nnx.to_pure_dict(ck.params_state), {p[1:]: a for p, a in flat.items()
                                                                    if p[0] == "params"})
-    biases = L.unflatten_into(nnx.to_pure_dict(ck.biases_state), {p[1:]: a for p, a in arrays.items()
+    biases = L.unflatten_into(nnx.to_pure_dict(ck.biases_state), {p[1:]: a for p, a in flat.items()
                                                                    if p[0] == "biases"})
-    return cfg, nnx.merge(ck.graphdef, params, biases)
+    return ck.config, nnx.merge(ck.graphdef, params, biases)
+
+
+def _load_units(ck: Checkpoint) -> list[tuple[L.Path, tuple, list[L.Piece]]]:
+    """Pieces grouped by (leaf, layer): each group fills one layer slice of one leaf (the whole leaf when it is
+    not stacked), visited in on-disk order of their first tensor."""
+    groups: dict[tuple, list[L.Piece]] = {}
+    for piece in ck.plan.pieces:
+        groups.setdefault((piece.leaf, piece.index[:1]), []).append(piece)
+    units = [(leaf, lead, sorted(ps, key=lambda p: ck.tensors.order(p.key))) for (leaf, lead), ps in groups.items()]
+    return sorted(units, key=lambda u: ck.tensors.order(u[2][0].key))
+
+
+def _read_into(ck: Checkpoint, piece: L.Piece, dest: dict[L.Path, np.ndarray]):
+    """Write one piece into the host buffers `dest` (leaf path -> buffer for this unit's slice)."""
+    sub = piece.index[1:] if len(piece.index) else ()
+    leaf = piece.leaf
+    if L.is_fp8_leaf(ck.plan.leaves[leaf]):
+        q, scale = ck.read_fp8_piece(piece)
+        block = dest[leaf][sub].shape if sub else dest[leaf].shape
+        y = L.to_ours_fp8(q, piece.kind, block, ck.config, ck.fmt)
+        _assign(dest[leaf], sub, y)
+        _assign(dest[L.scale_leaf(leaf)], sub, scale)
+        return
+    _assign(dest[leaf], sub, ck.read_piece(piece, dest[leaf].dtype))
+
+
+def _assign(buf: np.ndarray, sub: tuple, value: np.ndarray):
+    if sub:
+        buf[sub] = value
+    else:
+        buf[...] = value
+
+
+class _StreamedLeaves:
+    """Device arrays of every leaf, created empty (zeros, already sharded) and filled one (leaf, layer) unit
+    at a time: a host buffer for the unit's slice, then a donated in-place update on the device(s)."""
+
+    def __init__(self, leaves: dict[L.Path, jax.ShapeDtypeStruct], shardings):
+        self.leaves, self.shardings, self.arrays = leaves, shardings, {}
+        fp8 = {p for p, sds in leaves.items() if L.is_fp8_leaf(sds)}
+        self.companions = {p: [p, L.scale_leaf(p)] if p in fp8 else [p] for p in leaves}
+
+    def _dtype(self, path):
+        return np.float32 if path[0] == "biases" else np.dtype(self.leaves[path].dtype)
+
+    def _array(self, path):
+        if path not in self.arrays:
+            sds = self.leaves[path]
+            sharding = None if self.shardings is None else self.shardings[path]
+            self.arrays[path] = _zeros(tuple(sds.shape), self._dtype(path), sharding)
+        return self.arrays[path]
+
+    def fill(self, unit, read):
+        leaf, lead, pieces = unit
+        targets = self.companions[leaf]
+        host = {p: np.zeros(self.leaves[p].shape[len(lead):], self._dtype(p)) for p in targets}
+        for piece in pieces:
+            read(piece, host)
+        for p in targets:
+            sharding = None if self.shardings is None else self.shardings[p]
+            if lead:
+                self.arrays[p] = _set_layer(self._array(p), jnp.asarray(host.pop(p)), lead[0], sharding)
+            else:
+                self.arrays[p] = jax.device_put(host.pop(p), sharding) if sharding else jnp.asarray(host.pop(p))
+
+    def result(self) -> dict:
+        missing = [p for p in self.leaves if p not in self.arrays]
+        if missing:
+            raise AssertionError(f"hf.load filled no data into {missing[:3]}")
+        return self.arrays
+
+
+def _zeros(shape, dtype, sharding):
+    if sharding is None:
+        return jnp.zeros(shape, dtype)
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _set_layer_jit(arr, value, i, sharding):
+    out = jax.lax.dynamic_update_index_in_dim(arr, value.astype(arr.dtype), i, 0)
+    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+
+
+def _set_layer(arr, value, i: int, sharding):
+    """arr[i] = value on the device(s), in place (the old buffer is donated)."""
+    return _set_layer_jit(arr, value, jnp.int32(i), sharding)
 
 
 def _leaf_shardings(ck: Checkpoint, mesh):

@@ -17,6 +17,12 @@ expert tensors), destination leaf and index, and a transform `kind`:
     kv_a   transpose, rope rows [R : R+dr] may be permuted
     o      [D, N*dv] -> [N, dv, D]
 
+FP8-resident leaves (a model built with `Runtime.fp8_weights`, see dsv3_jax/fp8/resident.py) hold the
+checkpoint's own [out, in] orientation with the head axes split out, so a piece of such a leaf is only a
+reshape of the HF tensor (`to_ours_fp8`): q_b_proj [N*H, Q] -> [N, H, Q], o_proj [D, N*dv] -> [D, N, dv],
+the rest as stored. The leaf's block scales (`<leaf>_scale`, [Nb, Kb] after the stacked axes) are filled
+from the same HF tensor's `weight_scale_inv` by the loader; they have no piece of their own.
+
 RoPE layout: we rotate interleaved pairs (2i, 2i+1) like DeepSeek's code. HF with
 `rope_interleave=True` (its default, and what the released weights assume) rotates the same pairs and
 only reorders its outputs, identically for q and k, so scores and logits are unchanged: no permutation.
@@ -37,6 +43,7 @@ import math
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -131,8 +138,25 @@ def rope_order(dr: int) -> np.ndarray:
     return np.stack([np.arange(dr // 2), np.arange(dr // 2) + dr // 2], axis=1).reshape(-1)
 
 
-def hf_shape(kind: str, block: tuple) -> tuple:
-    """Shape of the HF tensor (part) that fills a leaf slice of shape `block`."""
+# Number of trailing (input, K) axes of an FP8-resident leaf slice, per transform: [N..., K...] -> [N, K].
+_FP8_K_AXES = {"t": 1, "kv_a": 1, "q": 1, "kv_b": 1, "o": 2}
+
+
+def is_fp8_leaf(sds) -> bool:
+    return np.dtype(sds.dtype) == np.dtype(jnp.float8_e4m3fn)
+
+
+def scale_leaf(path: Path) -> Path:
+    """The block-scale leaf of an FP8-resident leaf: .../kernel -> .../kernel_scale, w_gate -> w_gate_scale."""
+    return path[:-1] + (str(path[-1]) + "_scale",)
+
+
+def hf_shape(kind: str, block: tuple, fp8: bool = False) -> tuple:
+    """Shape of the HF tensor (part) that fills a leaf slice of shape `block` (an FP8-resident leaf's
+    slice is [N..., K...], the HF tensor [N, K])."""
+    if fp8:
+        nk = _FP8_K_AXES[kind]
+        return (math.prod(block[: len(block) - nk]), math.prod(block[len(block) - nk:]))
     if kind == "copy":
         return tuple(block)
     if kind in ("t", "kv_a"):
@@ -165,6 +189,31 @@ def to_ours(x: np.ndarray, kind: str, block: tuple, cfg: ModelConfig, fmt: Forma
         N, dv, D = block
         return x.reshape(D, N, dv).transpose(1, 2, 0)
     raise UserError(f"unknown transform {kind!r}")
+
+
+def _fp8_rope_rows(kind: str, rows: int, cfg: ModelConfig) -> np.ndarray | None:
+    """Source row of each destination row when a rotate-half checkpoint's rope rows are reordered, else None."""
+    dn, dr, R = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    if kind == "kv_a":
+        return np.concatenate([np.arange(R), R + rope_order(dr)])
+    if kind == "q":
+        H = dn + dr
+        head = np.concatenate([np.arange(dn), dn + rope_order(dr)])
+        return (np.arange(rows // H)[:, None] * H + head[None]).reshape(-1)
+    return None
+
+
+def to_ours_fp8(q: np.ndarray, kind: str, block: tuple, cfg: ModelConfig, fmt: Format, block_rows: int = 128):
+    """An HF FP8 tensor (part) [N, K] -> the FP8-resident leaf slice [N..., K...] (a reshape; a rotate-half
+    checkpoint's rope rows are reordered, which keeps every row inside its 128-row scale block or fails)."""
+    if not fmt.rope_interleave and kind in ("q", "kv_a"):
+        src = _fp8_rope_rows(kind, q.shape[0], cfg)
+        if np.any(src // block_rows != np.arange(len(src)) // block_rows):
+            raise UserError("this checkpoint stores rope rows in rotate-half order (rope_interleave=false) across "
+                            "128-row FP8 scale blocks: reordering them cannot keep the blocks exact. Load it without "
+                            "keep_fp8 (dequantised), or save it interleaved first")
+        q = q[src]
+    return q.reshape(block)
 
 
 def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
@@ -236,7 +285,8 @@ class _Collector:
                            f"does not have: the parameter tree changed, update layout.py")
         self.pieces.append(Piece(leaf, index, key, kind, select, rows))
         if not select and rows is None:
-            self.expected[key] = hf_shape(kind, self.leaves[leaf].shape[len(index):])
+            sds = self.leaves[leaf]
+            self.expected[key] = hf_shape(kind, sds.shape[len(index):], is_fp8_leaf(sds))
         if q:
             self.quantizable.add(key)
 
@@ -278,7 +328,10 @@ def _check_coverage(pieces: list[Piece], leaves: dict[Path, jax.ShapeDtypeStruct
         if p.index in s:
             raise AssertionError(f"layout.py writes {'/'.join(map(str, p.leaf))}{list(p.index)} twice")
         s.add(p.index)
+    fp8_scales = {scale_leaf(p) for p, leaf in leaves.items() if is_fp8_leaf(leaf)}
     for path, leaf in leaves.items():
+        if path in fp8_scales:  # filled with its weight (the HF tensor's weight_scale_inv)
+            continue
         count = len(seen.get(path, ()))
         stacked = {len(i) for i in seen.get(path, ())}
         need = math.prod(leaf.shape[:next(iter(stacked))]) if stacked else 1

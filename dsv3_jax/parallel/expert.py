@@ -43,7 +43,8 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax import runtime
 from dsv3_jax.cli import UserError
 from dsv3_jax.experts import experts_blocks, permute_rows
-from dsv3_jax.runtime import Fp8Options
+from dsv3_jax.fp8.resident import QWeight
+from dsv3_jax.runtime import Fp8Options, Fp8Weights
 from dsv3_jax.sharding import BATCH_AXES, logical_to_spec
 
 
@@ -55,19 +56,29 @@ def capacity(rows: int, ep: int, capacity_factor: float) -> int:
 
 
 def _gather_fsdp(w_gate, w_up, w_down, sizes):
-    """Expert weights arrive sharded over 'fsdp' on D: gather them (a reduce-scatter in the backward)."""
+    """Expert weights arrive sharded over 'fsdp' on D: gather them (a reduce-scatter in the backward).
+    FP8-resident weights ([E, N, K]: D is axis 2 of w_gate / w_up, axis 1 of w_down) gather their fp8
+    values; their scales are replicated along the block axes."""
     if sizes.get("fsdp", 1) == 1:
         return w_gate, w_up, w_down
     gather = partial(jax.lax.all_gather, axis_name="fsdp", tiled=True)
+    if isinstance(w_gate, QWeight):
+        return (QWeight(gather(w_gate.q, axis=2), w_gate.s), QWeight(gather(w_up.q, axis=2), w_up.s),
+                QWeight(gather(w_down.q, axis=1), w_down.s))
     return gather(w_gate, axis=1), gather(w_up, axis=1), gather(w_down, axis=2)
 
 
-def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=None):
+def _num_local_experts(w) -> int:
+    return (w.q if isinstance(w, QWeight) else w).shape[0]
+
+
+def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=None,
+                   fp8_weights=None):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
     w_gate, w_up, w_down = _gather_fsdp(w_gate, w_up, w_down, sizes)
-    e_loc = w_gate.shape[0]
+    e_loc = _num_local_experts(w_gate)
     C = capacity(M, ep, capacity_factor)
 
     flat = idx.reshape(-1)
@@ -86,7 +97,7 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
         recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
 
     y = experts_blocks(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
-                       recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up, w_down, block, fp8)
+                       recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up, w_down, block, fp8, fp8_weights)
     if sizes.get("tensor", 1) > 1:  # F was split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
     with jax.named_scope("combine"):
@@ -98,11 +109,14 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
 
 
 def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float,
-                            fp8: Fp8Options | None = None, dispatch: str = "padded", emulate: bool | None = None):
+                            fp8: Fp8Options | None = None, dispatch: str = "padded", emulate: bool | None = None,
+                            fp8_weights: Fp8Weights | None = None):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
     dispatch: 'padded' (all_to_all, capacity factor) or 'ragged' (ragged_all_to_all, dropless).
     emulate: ragged exchange through all_gather (default: on CPU only; False forces the real op, e.g. to
     lower for a GPU from a CPU machine). fp8: FP8 grouped GEMMs for the local experts with these options.
+    FP8-resident weights come as `QWeight`s ([E, F, D] / [E, D, F] with block scales) and run with
+    `fp8_weights`; they need tensor=1 (a tensor-split F would cut through the 128x128 scale blocks).
 
     Returns (y [N, D] float32, number of dropped token-expert rows in the global batch).
     """
@@ -116,12 +130,21 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
     batch = P(BATCH_AXES, None)
     wspec = logical_to_spec(("experts", "embed", "expert_mlp"))
     dspec = logical_to_spec(("experts", "expert_mlp", "embed"))
+    if isinstance(w_gate, QWeight):  # [E, N, K] fp8 values; scales split over experts only
+        if sizes.get("tensor", 1) > 1:
+            raise UserError("FP8-resident experts under expert parallelism need mesh tensor=1 (a tensor-split "
+                            "expert width would cut through the 128x128 scale blocks); put the devices on "
+                            "'expert' or 'data' instead.")
+        sspec = logical_to_spec(("experts", None, None))
+        wspec = QWeight(logical_to_spec(("experts", "expert_mlp", "embed")), sspec)
+        dspec = QWeight(logical_to_spec(("experts", "embed", "expert_mlp")), sspec)
     if dispatch == "ragged":
-        fn = partial(_local_experts_ragged, block=block, sizes=sizes, fp8=fp8,
+        fn = partial(_local_experts_ragged, block=block, sizes=sizes, fp8=fp8, fp8_weights=fp8_weights,
                      emulate=runtime.platform() == "cpu" if emulate is None else emulate)
     else:
         fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
-                     mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8)
+                     mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
+                     fp8_weights=fp8_weights)
     with jax.named_scope("expert_parallel"):
         return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
                              out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
@@ -138,11 +161,12 @@ class ExpertParallel:
     dispatch: str = "padded"
     emulate: bool = False
     fp8: Fp8Options | None = None
+    fp8_weights: Fp8Weights | None = None
 
     def __call__(self, x, idx, w, w_gate, w_up, w_down):
         return experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, mesh=self.mesh, block=self.block,
                                        capacity_factor=self.capacity_factor, fp8=self.fp8, dispatch=self.dispatch,
-                                       emulate=self.emulate)
+                                       emulate=self.emulate, fp8_weights=self.fp8_weights)
 
 
 # ----------------------------------------------------------------------------- ragged dispatch
@@ -166,12 +190,12 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return jnp.where(mask, got, output)
 
 
-def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emulate, fp8=None):
+def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emulate, fp8=None, fp8_weights=None):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
     w_gate, w_up, w_down = _gather_fsdp(w_gate, w_up, w_down, sizes)
-    e_loc = w_gate.shape[0]
+    e_loc = _num_local_experts(w_gate)
     a2a = partial(_emulated_ragged_all_to_all if emulate else jax.lax.ragged_all_to_all, axis_name="expert")
 
     flat = idx.reshape(-1)
@@ -193,7 +217,7 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emul
     seg = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), ep * e_loc - 1)
     valid = (rows < ends[-1]).astype(jnp.float32)
     y = experts_blocks(recv, (seg % e_loc)[:, None].astype(jnp.int32), valid[:, None], w_gate, w_up, w_down,
-                       block, fp8)
+                       block, fp8, fp8_weights)
     if sizes.get("tensor", 1) > 1:
         y = jax.lax.psum(y, "tensor")
     with jax.named_scope("combine"):
