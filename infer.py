@@ -2,7 +2,8 @@
 
     python infer.py --checkpoint WORKDIR --prompt "..." [--max_new_tokens N]
         [--temperature T --top_p P --top_k K --seed S] [--speculative] [--output_json FILE]
-        [--mesh data=2,tensor=4] [--hf DIR]
+        [--mesh data=2,tensor=4] [--hf DIR [--keep_fp8 [--fp8_mode w8a8|weight_only]]]
+        python infer.py --hf DIR --keep_fp8 --dry_run --mesh expert=8 [--hbm_gib 141]   # serving memory plan
 
 Reads prompts from stdin (one per line) when no --prompt is given. --temperature 0 (the default) is
 greedy. Decoding uses the absorbed-MLA latent cache (dsv3_jax/infer/generate.py); --speculative drafts
@@ -38,8 +39,12 @@ flags.DEFINE_integer("cache_len", 0, "Cache slots per prompt; 0: longest prompt 
 flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
 flags.DEFINE_bool("dry_run", False, "With --hf: print the per-device serving memory plan (weights, latent cache) for "
                   "--mesh and --hbm_gib from config.json alone, and exit.")
-flags.DEFINE_bool("keep_fp8", False, "Plan the released FP8 weights kept FP8 (with --dry_run; loading FP8-resident "
-                  "weights is not implemented yet).")
+flags.DEFINE_bool("keep_fp8", False, "With --hf: keep projection and expert weights FP8 as shipped (float8_e4m3fn + "
+                  "128x128 block scales; a BF16 checkpoint is quantised on load) and run FP8 GEMMs on them; with "
+                  "--dry_run: plan the weights kept FP8.")
+flags.DEFINE_enum("fp8_mode", "w8a8", ["w8a8", "weight_only"], "GEMMs on FP8-resident weights: w8a8 (activations "
+                  "quantised 1x128, DeepSeek's serving recipe) or weight_only (activations unquantised; equal to the "
+                  "dequantised model up to float32 rounding).")
 flags.DEFINE_float("hbm_gib", 141.0, "Device memory for --dry_run, GiB (default: an H200's 141).")
 flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or set DSV3_VERBOSE=1).")
 FLAGS = flags.FLAGS
@@ -67,9 +72,6 @@ def dry_run() -> None:
     from dsv3_jax.infer.memory_plan import GIB, print_plan, serving_plan
     from dsv3_jax.interop import hf
 
-    if not FLAGS.dry_run:
-        raise cli.UserError("--keep_fp8 works only with --dry_run so far (running on FP8-resident weights is not "
-                            "implemented yet); drop --keep_fp8 to load the checkpoint dequantised")
     if not FLAGS.hf:
         raise cli.UserError("--dry_run plans a released-format checkpoint: pass --hf DIR (config.json is enough)")
     if not FLAGS.hbm_gib > 0:
@@ -125,7 +127,7 @@ def main(argv):
     from dsv3_jax.infer.generate import Generator, round_up
     from dsv3_jax.infer.sampling import SamplingParams
 
-    if FLAGS.dry_run or FLAGS.keep_fp8:
+    if FLAGS.dry_run:
         return dry_run()
     prompts = [FLAGS.prompt] if FLAGS.prompt is not None else [line.rstrip("\n") for line in sys.stdin if line.strip()]
     if not prompts:
@@ -144,18 +146,26 @@ def main(argv):
     cache_dtype = cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype") if FLAGS.cache_dtype else None
     if FLAGS.mesh:
         sharding.parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
+    mesh = None
     if FLAGS.hf:
         from dsv3_jax.infer.load import load_hf
+        from dsv3_jax.interop import hf
 
-        model, tokenizer = load_hf(FLAGS.hf)
+        if FLAGS.mesh:  # placed while loading: the host never holds the whole model
+            mesh = make_mesh(FLAGS.mesh, hf.parse_config(hf.read_config(FLAGS.hf)).model)
+        model, tokenizer = load_hf(FLAGS.hf, keep_fp8=FLAGS.keep_fp8, fp8_mode=FLAGS.fp8_mode, mesh=mesh)
         source = FLAGS.hf
     else:
         from dsv3_jax.infer.load import load_trained
 
-        model, tokenizer, _, step = load_trained(FLAGS.checkpoint)
+        if FLAGS.keep_fp8:
+            raise cli.UserError("--keep_fp8 applies to --hf DIR (a train.py or converter workdir keeps the weights "
+                                "as written; convert with --keep_fp8 for an FP8-resident workdir)")
+        model, tokenizer, _, step = load_trained(FLAGS.checkpoint, fp8_mode=FLAGS.fp8_mode)
         source = f"{FLAGS.checkpoint} step {step}"
     cfg = model.cfg
-    mesh = make_mesh(FLAGS.mesh, cfg) if FLAGS.mesh else None
+    if FLAGS.mesh and mesh is None:
+        mesh = make_mesh(FLAGS.mesh, cfg)
     ids = [tokenizer.encode(p).ids for p in prompts]
     capacity = FLAGS.cache_len or min(cfg.max_position_embeddings,
                                       round_up(max(map(len, ids)) + FLAGS.max_new_tokens, 64))

@@ -19,9 +19,10 @@ from dsv3_jax.io.tokenizer import load_tokenizer
 from dsv3_jax.runtime import Runtime
 
 
-def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None = None):
+def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None = None, fp8_mode: str = "w8a8"):
     """-> (model, tokenizer, config ConfigDict, step). Clear errors for a missing or empty workdir.
-    `runtime`: how the model runs (default: the checkpoint's config resolved for this backend, no mesh)."""
+    `runtime`: how the model runs (default: the checkpoint's config resolved for this backend, no mesh). A
+    converter output written with --keep_fp8 loads onto FP8-resident weights, GEMMs in `fp8_mode`."""
     ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckdir):
         raise FileNotFoundError(f"no checkpoints in {workdir!r}: train one first with "
@@ -35,6 +36,8 @@ def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None 
         config = ml_collections.ConfigDict(json.loads(meta["config"]))
         model_cfg = ModelConfig.from_dict(config.model)
         rt = runtime or runtime_lib.from_config(config)
+        if meta.get("keep_fp8"):
+            rt = rt.replace(fp8=False).with_fp8_weights(fp8_mode)
         tokenizer = load_tokenizer(config.data.tokenizer_path or os.path.join(workdir, "tokenizer.json"),
                                    what=f"--checkpoint {workdir}")  # before any array is read
         graphdef, abstract = weights_target(model_cfg, rt)
@@ -51,8 +54,10 @@ def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None 
     return model, found["tokenizer"], found["config"], step
 
 
-def load_hf(directory: str, runtime: Runtime | None = None):
+def load_hf(directory: str, runtime: Runtime | None = None, keep_fp8: bool = False, fp8_mode: str = "w8a8",
+            mesh=None):
     """-> (model, tokenizer) from a released-format (Hugging Face safetensors) directory, computing in float32.
+    keep_fp8: projections and experts stay FP8-resident (GEMMs in `fp8_mode`); mesh: place the parameters.
 
     Uses `dsv3_jax.interop.hf.load` (imported here, so plain train.py workdirs never need it) and
     DIR/tokenizer.json."""
@@ -64,5 +69,5 @@ def load_hf(directory: str, runtime: Runtime | None = None):
     if not os.path.isfile(tok_path):
         raise FileNotFoundError(f"{tok_path} does not exist: a released-format directory carries tokenizer.json")
     tokenizer = load_tokenizer(tok_path, what="--hf")  # a bad tokenizer fails before the weights load
-    _, model = hf.load(directory, dtype=jnp.float32, runtime=runtime)
+    _, model = hf.load(directory, dtype=jnp.float32, runtime=runtime, keep_fp8=keep_fp8, fp8_mode=fp8_mode, mesh=mesh)
     return model, tokenizer

@@ -3,13 +3,14 @@ what is left of the device memory for the latent cache, and how many cached toke
 
     python infer.py --hf DIR --keep_fp8 --dry_run --mesh expert=8 [--hbm_gib 141]    (DIR may hold only config.json)
 
-Counted from the abstract model (nothing is allocated) and the logical-axis rules table, per device of the
+Counted from the abstract model (nothing is allocated) exactly as `hf.load` builds it, per device of the
 mesh, each dim divided (rounded up) by the mesh axes it is sharded over (`sharding.shard_numel`):
-  * a weight the checkpoint stores in FP8 (its `quantization_config`; the projections and experts of the
-    release: `interop.layout.Plan.quantizable`) costs 1 byte per element plus a float32 `weight_scale_inv`
-    per block of `weight_block_size` (128 x 128), the scales of a shard sized like the shard;
-  * every other parameter (embedding, head, norms, router) costs 2 bytes (BF16), the router bias 4 (float32);
+  * kept FP8 (`hf.load(keep_fp8=True)`, dsv3_jax/fp8/resident.py): every projection and expert weight
+    costs 1 byte per element plus its float32 128x128 block scales (sharded along their stacked
+    layer/expert axes, replicated along the block axes); everything else (embedding, head, norms,
+    router, eh_proj) costs 2 bytes (BF16), the router bias 4 (float32);
   * the BF16 comparison costs every parameter 2 bytes (the router bias 4).
+tests/test_memory_plan.py checks the FP8 figure against the bytes a loaded model holds on each device.
 The latent cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 at V3 sizes) for the
 main layers (plus the MTP layer's own when speculating, not counted here), in the cache dtype; it is split
 over the batch axes only, so every device of a batch shard holds the whole cache of its sequences:
@@ -20,9 +21,13 @@ from __future__ import annotations
 import json
 import math
 
+import jax
+import numpy as np
 from jax.sharding import PartitionSpec
 
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax import sharding
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.interop import layout as L
 
@@ -30,32 +35,37 @@ GIB = 1024**3
 
 
 def weight_bytes(cfg: ModelConfig, sizes: dict, fp8_block: tuple[int, int] | None) -> dict:
-    """{'fp8': bytes per device keeping the checkpoint's FP8 tensors FP8, 'bf16': bytes per device in BF16,
+    """{'fp8': bytes per device with FP8-resident projections and experts, 'bf16': bytes per device in BF16,
     'fp8_params': elements stored in FP8, 'params': all elements} (main model and MTP modules)."""
-    _, params, biases = L.abstract_states(cfg)
-    specs = L.leaf_specs(params, biases)
-    fmt = L.Format(fused_experts=False, rope_interleave=True, mtp_layers=cfg.num_nextn_predict_layers)
-    leaves = L.model_leaves(params, biases)
-    plan = L.plan(cfg, fmt, leaves)
-    blocks: dict = {}  # leaf -> weight_scale_inv blocks of the HF tensors it is made of
-    for p in plan.pieces if fp8_block else ():
-        if p.key in plan.quantizable and p.key in plan.expected:
-            rows, cols = plan.expected[p.key][-2:]
-            lead = math.prod(plan.expected[p.key][:-2])
-            blocks[p.leaf] = blocks.get(p.leaf, 0) + lead * -(-rows // fp8_block[0]) * -(-cols // fp8_block[1])
+    if fp8_block is not None and tuple(fp8_block) != (128, 128):
+        raise UserError(f"weight_block_size={list(fp8_block)}: FP8-resident weights use 128x128 blocks")
+    cfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     out = {"fp8": 0, "bf16": 0, "fp8_params": 0, "params": 0}
-    for path, sds in leaves.items():
-        n = sharding.shard_numel(sds.shape, specs.get(path, PartitionSpec()), sizes)
-        total = math.prod(sds.shape)
-        wide = 4 if path[0] == "biases" else 2
-        out["params"] += total
-        out["bf16"] += n * wide
-        if path in blocks:  # scales shard with their blocks: this device holds its share of them
-            out["fp8"] += n + 4 * -(-blocks[path] * n // total)
-            out["fp8_params"] += total
-        else:
-            out["fp8"] += n * wide
+    for kind, rt in (("bf16", None), ("fp8", runtime_lib.default().with_fp8_weights("w8a8"))):
+        _, params, biases = L.abstract_states(cfg, rt)
+        specs = L.leaf_specs(params, biases)
+        leaves = L.model_leaves(params, biases)
+        scales = {L.scale_leaf(p) for p, sds in leaves.items() if L.is_fp8_leaf(sds)}
+        for path, sds in leaves.items():
+            n = sharding.shard_numel(sds.shape, specs.get(path, PartitionSpec()), sizes)
+            itemsize = 4 if path[0] == "biases" else np.dtype(sds.dtype).itemsize
+            out[kind] += n * itemsize
+            if kind == "bf16":
+                out["params"] += math.prod(sds.shape)
+            elif L.is_fp8_leaf(sds):
+                out["fp8_params"] += math.prod(sds.shape)
+            assert kind == "bf16" or path not in scales or sds.dtype == np.float32
     return out
+
+
+def device_bytes(state) -> int:
+    """Bytes a placed model state (any pytree of jax Arrays) holds on its most loaded device: the measured
+    counterpart of `weight_bytes`."""
+    per: dict = {}
+    for a in jax.tree.leaves(state):
+        for shard in a.addressable_shards:
+            per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
+    return max(per.values(), default=0)
 
 
 def serving_plan(cfg: ModelConfig, sizes: dict, *, fp8_block: tuple[int, int] | None, keep_fp8: bool,

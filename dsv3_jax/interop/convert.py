@@ -1,7 +1,12 @@
 """Streaming converter: a released-format (HF safetensors) directory -> an orbax checkpoint of dsv3_jax.
 
     python -m dsv3_jax.interop.convert --hf DeepSeek-V3/ --out WORKDIR [--mesh fsdp=8,expert=4]
-                                       [--dtype bfloat16] [--mtp auto|yes|no] [--overwrite]
+                                       [--dtype bfloat16] [--mtp auto|yes|no] [--keep_fp8] [--overwrite]
+
+--keep_fp8 writes the projection and expert weights as float8_e4m3fn plus their float32 128x128 block
+scales (`<leaf>_scale` arrays), the checkpoint's FP8 blocks byte for byte (a BF16 source is quantised),
+in the orientation of dsv3_jax/fp8/resident.py; `restore` and `infer.py --checkpoint` then build the
+model on FP8-resident weights. Everything else is written in --dtype as without it.
 
 Memory: the 671B release is ~690 GB on disk and a peer converter that loads every shard needs
 terabytes. Here nothing larger than one tensor is held: the checkpoint is planned from the
@@ -54,6 +59,7 @@ import tensorstore as ts
 from flax import nnx
 
 from dsv3_jax import cli, sharding
+from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError, parse_dtype
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config_base import base_config
@@ -63,7 +69,7 @@ from dsv3_jax.io.checkpoint import Checkpointer, weights_target
 from dsv3_jax.runtime import Runtime
 
 FORMAT = "dsv3_jax.params"
-_ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2"}
+_ZARR_DTYPES = {"float32": "<f4", "bfloat16": "bfloat16", "float16": "<f2", "float8_e4m3fn": "float8_e4m3fn"}
 _HANDLERS = {
     "meta": "orbax.checkpoint._src.handlers.json_checkpoint_handler.JsonCheckpointHandler",
     "state": "orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler",
@@ -134,7 +140,7 @@ def _train_config_json(cfg: ModelConfig) -> str:
 
 def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dtype: str = "auto",
             mtp="auto", overwrite: bool = False, inflight: int = 2, max_chunk_bytes: int = 64 * 2**20,
-            log=print) -> dict:
+            keep_fp8: bool = False, log=print) -> dict:
     """Convert `hf_dir` into `out_dir` (see the module docstring); returns a summary dict."""
     t0 = time.perf_counter()
     mesh = dict(mesh or {})
@@ -143,8 +149,12 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     if dtype == "auto":
         raw = hf.read_config(hf_dir)
         dtype = "float32" if (raw.get("torch_dtype") or raw.get("dtype")) == "float32" else "bfloat16"
-    parse_dtype(dtype, "--dtype", tuple(_ZARR_DTYPES))
-    ck = hf.open_checkpoint(hf_dir, mtp=mtp, dtype=dtype, param_dtype=dtype)  # every check happens here
+    parse_dtype(dtype, "--dtype", ("float32", "bfloat16", "float16"))
+    rt = runtime_lib.default().with_fp8_weights("w8a8") if keep_fp8 else None
+    ck = hf.open_checkpoint(hf_dir, mtp=mtp, dtype=dtype, param_dtype=dtype, runtime=rt)  # every check happens here
+    if keep_fp8 and (ck.hf.fp8_block or (128, 128)) != (128, 128):
+        raise UserError(f"--keep_fp8: {hf_dir} has weight_block_size={list(ck.hf.fp8_block)}; FP8-resident weights "
+                        f"use the release's 128x128 blocks. Convert without --keep_fp8 (dequantised)")
     cfg = ck.config
     ckpt_root = os.path.join(out_dir, "checkpoints")
     final = os.path.join(ckpt_root, "0")
@@ -161,12 +171,17 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     first = {}
     for p in ck.plan.pieces:
         first.setdefault(p.leaf, p)
+        if L.is_fp8_leaf(ck.plan.leaves[p.leaf]):
+            first.setdefault(L.scale_leaf(p.leaf), p)  # scales are written with their weight
+    fp8_leaves = {p for p, sds in ck.plan.leaves.items() if L.is_fp8_leaf(sds)}
     arrays, tree_md, bands = {}, {}, {}
     for path, sds in ck.plan.leaves.items():
-        leaf_dtype = "float32" if path[0] == "biases" else dtype
+        leaf_dtype = jnp.dtype(sds.dtype).name if path in fp8_leaves or path[0] == "biases" or \
+            first[path].leaf != path else dtype
         n_idx = len(first[path].index)
         chunks = chunk_shape(sds.shape, specs[path], n_idx, mesh)
-        band = row_band(first[path], sds.shape[n_idx:], jnp.dtype(leaf_dtype).itemsize, max_chunk_bytes)
+        band = None if first[path].leaf != path or path in fp8_leaves else \
+            row_band(first[path], sds.shape[n_idx:], jnp.dtype(leaf_dtype).itemsize, max_chunk_bytes)
         if band is not None:  # chunk boundaries = band boundaries, so each band write fills whole chunks
             dim = n_idx + band[0]
             chunks[dim] = _aligned(chunks[dim], band[1])
@@ -187,9 +202,13 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     for piece in sorted(ck.plan.pieces, key=lambda p: ck.tensors.order(p.key)):
         leaf_dtype = np.float32 if piece.leaf[0] == "biases" else jnp.dtype(dtype)
         n_read += 1
-        for where, x in _piece_parts(ck, piece, bands.get(piece.leaf), leaf_dtype):
+        if piece.leaf in fp8_leaves:
+            parts = _fp8_parts(ck, piece)
+        else:
+            parts = ((piece.leaf, where, x) for where, x in _piece_parts(ck, piece, bands.get(piece.leaf), leaf_dtype))
+        for leaf, where, x in parts:
             bytes_in += x.nbytes
-            pending.append(arrays[piece.leaf][where].write(x) if where else arrays[piece.leaf].write(x))
+            pending.append(arrays[leaf][where].write(x) if where else arrays[leaf].write(x))
             del x
             while len(pending) > inflight:
                 pending.popleft().result()
@@ -200,7 +219,7 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     with open(os.path.join(tmp, "state", "_METADATA"), "w") as f:
         json.dump({"tree_metadata": tree_md, "use_ocdbt": False, "use_zarr3": False,
                    "store_array_data_equal_to_fill_value": True, "custom_metadata": None}, f)
-    meta = {"format": FORMAT, "config": _train_config_json(cfg), "dtype": dtype, "mesh": mesh,
+    meta = {"format": FORMAT, "config": _train_config_json(cfg), "dtype": dtype, "mesh": mesh, "keep_fp8": keep_fp8,
             "tokenizer_files": tokenizer_plan,
             "source": {"hf": ck.path, "fp8": ck.hf.fp8_block is not None, "fused_experts": ck.fmt.fused_experts,
                        "rope_interleave": ck.fmt.rope_interleave, "mtp_layers": ck.fmt.mtp_layers}}
@@ -215,7 +234,8 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     summary = {"tensors": n_read, "arrays": len(arrays), "bytes": bytes_in, "seconds": time.perf_counter() - t0,
                "checkpoint": final, "tokenizer": copied, "mtp_layers": ck.fmt.mtp_layers}
     log(f"converted {ck.path} -> {final}: {n_read} tensors into {len(arrays)} arrays, {bytes_in / 2**30:.2f} GiB "
-        f"({dtype}) in {summary['seconds']:.1f}s" + ("" if copied else "; no tokenizer.json to copy"))
+        f"({dtype}{', projections and experts FP8-resident' if keep_fp8 else ''}) in {summary['seconds']:.1f}s"
+        + ("" if copied else "; no tokenizer.json to copy"))
     return summary
 
 
@@ -315,6 +335,14 @@ def _piece_parts(ck: hf.Checkpoint, piece: L.Piece, band, dtype):
         yield piece.index + (slice(None),) * dim + (slice(r0, r1),), y
 
 
+def _fp8_parts(ck: hf.Checkpoint, piece: L.Piece):
+    """(leaf, index, array) writes of one FP8-resident piece: its e4m3 values and its block scales."""
+    q, scale = ck.read_fp8_piece(piece)
+    block = ck.plan.leaves[piece.leaf].shape[len(piece.index):]
+    yield piece.leaf, piece.index, L.to_ours_fp8(q, piece.kind, block, ck.config, ck.fmt)
+    yield L.scale_leaf(piece.leaf), piece.index, scale
+
+
 def _digest(ck: hf.Checkpoint, key: str, max_bytes: int) -> str:
     """blake2b of a tensor's stored bytes, read in bands of at most `max_bytes`."""
     h, shape = hashlib.blake2b(digest_size=16), ck.tensors.shape(key)
@@ -337,11 +365,23 @@ def _check_aliases_streaming(ck: hf.Checkpoint, max_bytes: int, log):
 
 # ---------------------------------------------------------------------- restore
 
+def fp8_runtime(meta: dict, runtime: Runtime | None, fp8_mode: str = "w8a8") -> Runtime | None:
+    """The runtime a converted checkpoint restores under: FP8-resident weights (in `fp8_mode`) when it was
+    written with --keep_fp8, else `runtime` as given (which must not expect FP8-resident weights)."""
+    if meta.get("keep_fp8"):
+        return (runtime or runtime_lib.default()).with_fp8_weights(fp8_mode)
+    if runtime is not None and runtime.fp8_weights:
+        raise UserError("this checkpoint holds float weights (converted without --keep_fp8); convert it again with "
+                        "--keep_fp8 to serve FP8-resident weights")
+    return runtime
+
+
 def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, runtime: Runtime | None = None,
-            **overrides):
+            fp8_mode: str = "w8a8", **overrides):
     """(ModelConfig, DeepSeekV3) from a converted WORKDIR; `mesh` (a jax Mesh) places each parameter
     with its dsv3_jax.sharding sharding, read straight into that sharding. `runtime`: how the model runs
-    (default: this backend, no mesh)."""
+    (default: this backend, no mesh). A --keep_fp8 conversion restores onto FP8-resident weights whose
+    GEMMs run in `fp8_mode` ('w8a8' | 'weight_only')."""
     ckdir = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(ckdir):
         raise FileNotFoundError(f"{workdir} has no checkpoints/: convert one with "
@@ -357,7 +397,8 @@ def restore(workdir: str, *, dtype=None, mesh=None, step: int | None = None, run
         if dtype is not None:
             overrides.update(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
         cfg = cfg.replace(**overrides) if overrides else cfg
-        graphdef, abstract = weights_target(cfg, runtime, mesh)
+        rt = fp8_runtime(meta, runtime, fp8_mode)
+        graphdef, abstract = weights_target(cfg, rt, mesh)
         found.update(cfg=cfg, graphdef=graphdef)
         return abstract
 
@@ -382,6 +423,8 @@ def main(argv=None) -> int:
     p.add_argument("--inflight", type=int, default=2, help="tensor writes pending at once (memory vs overlap)")
     p.add_argument("--max_chunk_mib", type=int, default=64,
                    help="tensors larger than this are streamed in bands of rows (and chunked to match)")
+    p.add_argument("--keep_fp8", action="store_true", help="keep projection and expert weights in FP8 with their "
+                                                           "128x128 block scales (a BF16 source is quantised)")
     p.add_argument("--overwrite", action="store_true", help="replace a previous conversion in WORKDIR (never a "
                                                             "train.py workdir or files the converter did not write)")
     p.add_argument("--verbose", action="store_true", help="print the traceback of a user error too")
@@ -390,7 +433,7 @@ def main(argv=None) -> int:
         args = p.parse_args(argv)
         mtp = {"auto": "auto", "yes": True, "no": False}[args.mtp]
         convert(args.hf, args.out, mesh=parse_mesh(args.mesh), dtype=args.dtype, mtp=mtp, overwrite=args.overwrite,
-                inflight=args.inflight, max_chunk_bytes=args.max_chunk_mib * 2**20)
+                inflight=args.inflight, max_chunk_bytes=args.max_chunk_mib * 2**20, keep_fp8=args.keep_fp8)
 
     return cli.call(run, "convert", argv)
 

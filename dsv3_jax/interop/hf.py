@@ -465,8 +465,7 @@ def load(path: str, dtype=jnp.float32, *, param_dtype=None, mtp: str | bool = "a
     if keep_fp8 and (ck.hf.fp8_block or (128, 128)) != (128, 128):
         raise UserError(f"{path}: weight_block_size={list(ck.hf.fp8_block)}; FP8-resident weights use the release's "
                         f"128x128 blocks. Load it without keep_fp8 (dequantised)")
-    shardings = _leaf_shardings(ck, mesh)
-    arrays = _StreamedLeaves(ck.plan.leaves, shardings)
+    arrays = _StreamedLeaves(ck.plan.leaves, _leaf_shardings(ck, mesh))
     for unit in _load_units(ck):
         arrays.fill(unit, lambda piece, dest: _read_into(ck, piece, dest))
     ck.check_aliases()
@@ -514,7 +513,11 @@ class _StreamedLeaves:
     at a time: a host buffer for the unit's slice, then a donated in-place update on the device(s)."""
 
     def __init__(self, leaves: dict[L.Path, jax.ShapeDtypeStruct], shardings):
-        self.leaves, self.shardings, self.arrays = leaves, shardings, {}
+        # The in-place updates run on an Auto-typed copy of the mesh (an Explicit mesh would want every update
+        # sharded like its destination); `result` hands the arrays over to the caller's mesh.
+        self.final = shardings
+        self.shardings = None if shardings is None else {p: _auto(s) for p, s in shardings.items()}
+        self.leaves, self.arrays = leaves, {}
         fp8 = {p for p, sds in leaves.items() if L.is_fp8_leaf(sds)}
         self.companions = {p: [p, L.scale_leaf(p)] if p in fp8 else [p] for p in leaves}
 
@@ -545,7 +548,17 @@ class _StreamedLeaves:
         missing = [p for p in self.leaves if p not in self.arrays]
         if missing:
             raise AssertionError(f"hf.load filled no data into {missing[:3]}")
-        return self.arrays
+        if self.final is None:
+            return self.arrays
+        return {p: jax.device_put(a, self.final[p]) for p, a in self.arrays.items()}
+
+
+def _auto(s):
+    """The same NamedSharding on a mesh whose axes are all Auto."""
+    from jax.sharding import AxisType, Mesh, NamedSharding
+
+    mesh = Mesh(s.mesh.devices, s.mesh.axis_names, axis_types=(AxisType.Auto,) * len(s.mesh.axis_names))
+    return NamedSharding(mesh, s.spec)
 
 
 def _zeros(shape, dtype, sharding):
