@@ -342,7 +342,7 @@ def with_runtime(model: DeepSeekV3, runtime: Runtime) -> DeepSeekV3:
         raise UserError("with_runtime cannot switch FP8-resident weights (or their GEMM mode) of a built model; "
                         "load it again with the new Runtime")
     new = nnx.merge(*nnx.split(model))
-    for _, module in new.iter_modules():
+    for _, module in nnx.iter_modules(new):
         if hasattr(module, "runtime"):
             module.runtime = runtime
     return new

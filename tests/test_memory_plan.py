@@ -66,8 +66,8 @@ def test_dry_run_cli_prints_the_table_and_json(tmp_path):
     assert last == {k: want[k] for k in ("weights_bytes_per_device", "weights_bytes_per_device_bf16",
                                          "cache_tokens_per_device")}
     assert "FP8 as shipped" in r.stdout and "cached tokens per device" in r.stdout
-    r = subprocess.run([sys.executable, "infer.py", f"--hf={tmp_path}", "--keep_fp8", "--prompt=x"],
+    r = subprocess.run([sys.executable, "infer.py", f"--checkpoint={tmp_path}", "--keep_fp8", "--prompt=x"],
                        capture_output=True, text=True, timeout=300,
                        cwd=str(__import__("pathlib").Path(__file__).parent.parent))
-    assert r.returncode == 2 and "--keep_fp8 works only with --dry_run" in r.stderr
+    assert r.returncode == 2 and "--keep_fp8 applies to --hf DIR" in r.stderr
     np.testing.assert_equal(last["weights_bytes_per_device"] < last["weights_bytes_per_device_bf16"], True)
