@@ -44,6 +44,7 @@ from flax import nnx, struct
 
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.layers import Einsum, RMSNorm
 from dsv3_jax.rope import apply_rope
 from dsv3_jax.runtime import Runtime
@@ -165,11 +166,9 @@ class MLA(nnx.Module):
         DeepSeek's inference code does in its absorbed mode): the resident copy stays FP8."""
         if self.wkv_b.fp8_weights is None:
             return self.wkv_b.kernel[...].astype(dtype)
-        q = self.wkv_b.kernel[...]  # [N, dn + dv, R]
-        N, H, R = q.shape
-        from dsv3_jax.fp8.resident import QWeight
-
-        w = QWeight(q.reshape(N * H, R), self.wkv_b.kernel_scale[...]).dequantize(dtype)  # [N*H, R]
+        qw = self.wkv_b.qweight  # [N, dn + dv, R] e4m3 and [ceil(N (dn + dv) / 128), ceil(R / 128)] scales
+        N, H, R = qw.q.shape
+        w = QWeight(qw.q.reshape(N * H, R), qw.s).dequantize(dtype)  # [N*H, R]
         return w.reshape(N, H, R).transpose(2, 0, 1)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, dtype) -> jax.Array:

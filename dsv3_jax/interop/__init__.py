@@ -2,9 +2,10 @@
 
     from dsv3_jax.interop import hf
     config, model = hf.load(DIR, dtype=jnp.float32)     # BF16/FP32 or FP8 (dequantised), with MTP
+    config, model = hf.load(DIR, keep_fp8=True)          # projections and experts kept FP8 (served as shipped)
     hf.save(model, config, OUT)                          # loadable by transformers' from_pretrained
 
-    python -m dsv3_jax.interop.convert --hf DIR --out WORKDIR [--mesh fsdp=8,expert=4]
+    python -m dsv3_jax.interop.convert --hf DIR --out WORKDIR [--mesh fsdp=8,expert=4] [--keep_fp8]
     from dsv3_jax.interop import convert
     config, model = convert.restore(WORKDIR)             # the converted orbax checkpoint
 

@@ -30,7 +30,8 @@ config.json -> ModelConfig (`config_from_hf`). Our field names are the HF ones; 
 Weights: `layout.py` says which tensor fills which slice of which parameter. `load` checks the whole
 checkpoint against that plan from the safetensors headers alone (missing, unexpected and mis-shaped
 tensors raise one error naming them) before it reads any data, then reads tensor by tensor, FP8
-dequantised with its 128x128 `weight_scale_inv` blocks (safetensors_io.py). The MTP layer
+dequantised with its 128x128 `weight_scale_inv` blocks (safetensors_io.py), or with `keep_fp8=True` kept
+as the e4m3 blocks and their scales (FP8-resident weights, dsv3_jax/fp8/resident.py). The MTP layer
 (`model.layers.{num_hidden_layers}`) is loaded when present; transformers' `save_pretrained` drops it,
 so `mtp="auto"` loads a directory without it as a model without MTP (with a warning).
 
