@@ -1,13 +1,15 @@
 """Peak memory of the streaming HF -> orbax converter, against model size.
 
-    python benchmarks/convert_memory.py [--layers 4] [--fp8] [--workdir /tmp/convert_bench]
+    python benchmarks/convert_memory.py [--layers 4] [--fp8 [--keep_fp8]] [--workdir /tmp/convert_bench]
 
 Writes two synthetic released-format checkpoints (random BF16 weights, or FP8 with 128x128 scales
 with --fp8; same widths, `--layers` and 2x`--layers` layers, one MTP layer, sharded files with an
 index), then converts each in a fresh process with `python -m dsv3_jax.interop.convert` and reads
 that process's peak resident set size (ru_maxrss from wait4). For contrast, the same checkpoints are
-also read whole into memory with `hf.load` (a fresh process each). The converter's peak should stay
-flat (imports + a few tensors) while the checkpoint doubles; `hf.load`'s grows with it.
+loaded onto the device with `hf.load` (a fresh process each; on CPU the "device" is host memory too, so its
+peak counts the loaded model once plus what loading holds on the side: one layer slice of one parameter).
+The converter's peak should stay flat (imports + a few tensors) while the checkpoint doubles; `hf.load`'s
+grows by the model it returns. --keep_fp8 converts and loads with the FP8 weights kept FP8.
 The synthetic checkpoints are generated tensor by tensor too (layout.plan + safetensors_io.write_shards).
 """
 import argparse
@@ -86,6 +88,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--layers", type=int, default=4, help="layers of the smaller model (the larger has twice)")
     p.add_argument("--fp8", action="store_true", help="FP8 weights with 128x128 scales (dequantised on convert)")
+    p.add_argument("--keep_fp8", action="store_true", help="convert and load them kept FP8 (FP8-resident)")
     p.add_argument("--workdir", default="/tmp/convert_bench")
     p.add_argument("--no-load", action="store_true", help="skip the in-memory hf.load contrast")
     p.add_argument("--max_chunk_mib", type=int, default=64, help="converter: larger tensors stream in row bands")
@@ -99,14 +102,15 @@ def main():
         size, largest = write_synthetic(bench_config(layers), src, args.fp8)
         rss, sec = peak_rss([py, "-m", "dsv3_jax.interop.convert", "--hf", src, "--out",
                              os.path.join(args.workdir, f"out_{layers}"), "--dtype", "bfloat16",
-                             "--max_chunk_mib", str(args.max_chunk_mib)])
+                             "--max_chunk_mib", str(args.max_chunk_mib)] + (["--keep_fp8"] if args.keep_fp8 else []))
         load_rss = float("nan")
         if not args.no_load:
             load_rss, _ = peak_rss([py, "-c", f"import jax.numpy as jnp; from dsv3_jax.interop import hf; "
-                                              f"hf.load({src!r}, dtype=jnp.bfloat16)"])
+                                              f"hf.load({src!r}, dtype=jnp.bfloat16, keep_fp8={args.keep_fp8})"])
         rows.append((layers, size / 2**20, largest / 2**20, rss, rss - baseline, sec, load_rss))
     fmt = "{:>6} {:>14} {:>14} {:>16} {:>18} {:>9} {:>18}"
-    print(f"imports-only process peak RSS: {baseline:.0f} MiB ({'FP8' if args.fp8 else 'BF16'} checkpoints, "
+    kind = ("FP8, kept FP8" if args.keep_fp8 else "FP8") if args.fp8 else "BF16"
+    print(f"imports-only process peak RSS: {baseline:.0f} MiB ({kind} checkpoints, "
           f"row bands above {args.max_chunk_mib} MiB)")
     print(fmt.format("layers", "ckpt MiB", "largest MiB", "convert peak MiB", "convert - imports", "seconds",
                      "hf.load peak MiB"))
