@@ -1,0 +1,337 @@
+"""The serving engine: continuous batching over the paged latent cache, chunked prefill, per-request sampling.
+
+    engine = Engine(model, page_size=16, max_batch=16, max_batch_tokens=256, cache_bytes=2**30)
+    rid = engine.submit(prompt_ids, max_tokens=64, sampling=SamplingParams(...), stop_ids=(1,))
+    while not engine.idle:
+        engine.step()                                  # one scheduled step; callbacks stream tokens
+    engine.result(rid)                                 # -> the finished Request
+    engine.generate(prompts, max_new_tokens, sampling) # the `Generator.generate` interface, on the engine
+
+Each step (`step`) asks the scheduler (scheduler.py) for rows, then runs at most two compiled functions:
+  * prefill: the rows with more than one token to do, `[Bp, T]` tokens at their positions (padding at
+    position -1 writes to the trash page), through the model's absorbed decode path over the paged cache
+    (paged_cache.py), sampling the next token where a row's chunk ends its sequence;
+  * decode: the rows with one token to do, `decode_steps` tokens each in one dispatch (a `lax.scan` that
+    feeds each sampled token back on the device), so the host reads tokens once per `decode_steps`.
+Shapes are bucketed (rows and prefill lengths to powers of two, page tables to powers of two pages), so
+the number of compilations is bounded by the buckets a workload touches (`compilations`).
+
+Sampling is per request: temperature, top_k, top_p and a seed; the key of a request's j-th output token is
+fold_in(PRNGKey(seed), j), so a request's tokens do not depend on what it is batched with. Stop token ids
+end a request without emitting the stop token; stop strings (with a tokenizer) end it at the first
+occurrence in the detokenised output, which is cut there; `max_tokens` ends it with 'length'.
+
+Determinism: in float32 a request's greedy tokens equal `Generator`'s for its prompt decoded alone (tested
+with staggered arrivals, mixed lengths, forced preemption and prefix hits).
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dsv3_jax.cli import UserError
+from dsv3_jax.infer.generate import EOS_ID, Completion
+from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, pages_for_budget
+from dsv3_jax.infer.sampling import SamplingParams, sample
+from dsv3_jax.infer.scheduler import Request, Scheduler, Work
+from dsv3_jax.model import DeepSeekV3, ModelCache, with_runtime
+
+
+def _bucket(n: int, smallest: int = 1) -> int:
+    """The power of two >= max(n, smallest)."""
+    b = smallest
+    while b < n:
+        b *= 2
+    return b
+
+
+def sample_rows(seeds, index, logits, temperature, top_k, top_p):
+    """One token per row [B] with each row's own parameters and key fold_in(PRNGKey(seed), index)."""
+
+    def one(seed, j, row, t, k, p):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), j)
+        return sample(key, row[None], t, k, p)[0]
+
+    return jax.vmap(one)(seeds, index, logits, temperature, top_k, top_p)
+
+
+class Engine:
+    """Continuous batching for one model. See the module docstring.
+
+    page_size: tokens per cache page; max_batch: rows per step; max_batch_tokens: tokens per step (decode
+    rows count one each, prefill chunks take the rest); max_prefill_chunk: longest chunk of one prompt per
+    step (default: max_batch_tokens); cache_bytes: device memory for the page pool (or `pages` directly);
+    decode_steps: decode tokens per dispatch; cache_dtype: dtype of the cached latent (default: compute);
+    prefix_sharing: reuse cached full pages of identical prompt prefixes.
+    """
+
+    def __init__(self, model: DeepSeekV3, *, page_size: int = 16, max_batch: int = 16, max_batch_tokens: int = 256,
+                 max_prefill_chunk: int | None = None, cache_bytes: int | None = None, pages: int | None = None,
+                 decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None):
+        cfg = model.cfg
+        self.cfg = cfg
+        for name, v in (("page_size", page_size), ("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens),
+                        ("decode_steps", decode_steps)):
+            if v < 1:
+                raise UserError(f"engine: {name}={v} must be >= 1")
+        if max_batch_tokens < max_batch:
+            raise UserError(f"engine: max_batch_tokens={max_batch_tokens} must be >= max_batch={max_batch} (each "
+                            f"decoding request takes one token of a step)")
+        self.page_size, self.max_batch, self.decode_steps = page_size, max_batch, decode_steps
+        self.cache_dtype = jnp.dtype(cfg.compute_dtype if cache_dtype is None else cache_dtype)
+        if pages is None:
+            if cache_bytes is None:
+                raise UserError("engine: give the page pool a size: cache_bytes (device memory for the latent cache) "
+                                "or pages")
+            pages = pages_for_budget(cfg, cache_bytes, page_size, self.cache_dtype.itemsize)
+        if pages < 2:
+            raise UserError(f"engine: a cache budget of {cache_bytes} bytes holds {pages} pages of {page_size} tokens; "
+                            f"at least 2 are needed (raise the budget or lower the page size)")
+        self.pool = PagePool(pages, page_size)
+        self.scheduler = Scheduler(self.pool, max_batch=max_batch, max_batch_tokens=max_batch_tokens,
+                                   max_prefill_chunk=max_prefill_chunk or max_batch_tokens, lookahead=decode_steps,
+                                   prefix_sharing=prefix_sharing)
+        self.tokenizer = tokenizer
+        self.runtime = model.runtime.replace(mesh=None)
+        self.decode_runtime = self.runtime.for_decode()
+        self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
+        self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]
+        stack = lambda n: PagedLatentCache.zeros(cfg, pages, page_size, self.cache_dtype, n) if n else None  # noqa
+        self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers), mtp=None)
+        self.requests: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self._jit_prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
+        self._jit_decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps",))
+        self._compiled: set = set()
+        self.compile_seconds = 0.0
+        self.steps = 0
+
+    # ------------------------------------------------------------------ compiled steps
+    def _with_table(self, pools: ModelCache, table) -> ModelCache:
+        return jax.tree.map(lambda c: c.with_table(table), pools,
+                            is_leaf=lambda x: isinstance(x, PagedLatentCache))
+
+    def _strip(self, cache: ModelCache) -> ModelCache:
+        return self._with_table(cache, jnp.zeros((1, 1), jnp.int32))
+
+    def _prefill_fn(self, state, pools, table, tokens, positions, last, seeds, index, temperature, top_k, top_p):
+        model = nnx.merge(self.graphdef, state)
+        logits, _, cache = model.decode(tokens, positions, self._with_table(pools, table))
+        rows = jnp.arange(tokens.shape[0])
+        nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
+        return nxt, self._strip(cache)
+
+    def _decode_fn(self, state, pools, table, token, position, valid, seeds, index, temperature, top_k, top_p, *,
+                   steps: int):
+        model = nnx.merge(self.decode_graphdef, state)
+
+        def body(carry, k):
+            pools, tok = carry
+            pos = jnp.where(valid, position + k, -1)
+            logits, _, cache = model.decode(tok[:, None], pos[:, None], self._with_table(pools, table))
+            nxt = sample_rows(seeds, index + k, logits[:, 0], temperature, top_k, top_p)
+            return (self._strip(cache), nxt), nxt
+
+        (pools, _), toks = jax.lax.scan(body, (pools, token), jnp.arange(steps))
+        return toks.T, pools
+
+    def _note_compile(self, kind, *shapes):
+        key = (kind,) + shapes
+        if key not in self._compiled:
+            self._compiled.add(key)
+            return True
+        return False
+
+    @property
+    def compilations(self) -> int:
+        return len(self._compiled)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams(), *,
+               stop_ids: Sequence[int] = (EOS_ID,), stop_strings: Sequence[str] = (),
+               on_tokens: Callable | None = None) -> int:
+        """Queue a request; returns its id. Bad input raises UserError before anything runs."""
+        cfg = self.cfg
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise UserError("prompt is empty: it needs at least one token")
+        if max_tokens < 1:
+            raise UserError(f"max_tokens={max_tokens} must be >= 1")
+        if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
+            raise UserError(f"prompt has token ids outside [0, {cfg.vocab_size})")
+        total = len(prompt) + max_tokens
+        if total > cfg.max_position_embeddings:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
+                            f"context of {cfg.max_position_embeddings} tokens")
+        need = self.scheduler.pages_needed(total + self.decode_steps)
+        if need > self.pool.pages - 1:
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) needs {need} cache pages of "
+                            f"{self.page_size} tokens but the pool holds {self.pool.pages - 1}; raise the cache budget")
+        if stop_strings and self.tokenizer is None:
+            raise UserError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))")
+        rid = next(self._ids)
+        req = Request(rid, prompt, max_tokens, sampling, frozenset(int(t) for t in stop_ids), tuple(stop_strings),
+                      on_tokens)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def cancel(self, rid: int) -> None:
+        req = self.requests[rid]
+        if not req.done:
+            self.scheduler.finish(req, "cancelled")
+
+    def result(self, rid: int) -> Request:
+        return self.requests[rid]
+
+    @property
+    def idle(self) -> bool:
+        return self.scheduler.idle
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[Request]:
+        """Run one scheduled step; returns the requests that finished in it."""
+        work = self.scheduler.schedule()
+        if not work:
+            return []
+        self.steps += 1
+        prefill = [w for w in work if w.n > 1 or not w.sample]
+        decode = [w for w in work if w.n == 1 and w.sample]
+        out_p = self._run_prefill(prefill) if prefill else None
+        out_d = self._run_decode(decode) if decode else None
+        finished = []
+        now = time.perf_counter()
+        if prefill:
+            toks = np.asarray(out_p)
+            for i, w in enumerate(prefill):
+                req = w.request
+                req.computed += w.n
+                self.scheduler.register_prefix(req)
+                if w.sample and self._emit(req, [int(toks[i])], now):
+                    finished.append(req)
+        if decode:
+            toks = np.asarray(out_d)
+            for i, w in enumerate(decode):
+                req = w.request
+                req.computed += self.decode_steps
+                if self._emit(req, toks[i].tolist(), now):
+                    finished.append(req)
+        return finished
+
+    def _emit(self, req: Request, new: list[int], now: float) -> bool:
+        """Append sampled tokens (up to a stop, the length limit or a stop string); True if req finished."""
+        if req.done:
+            return False
+        take, reason = [], None
+        for t in new:
+            if t in req.stop_ids:
+                reason = "stop"
+                break
+            take.append(t)
+            if len(req.output) + len(take) >= req.max_tokens:
+                reason = "length"
+                break
+        if req.stop_strings and take:
+            text = self.tokenizer.decode(req.output + take)
+            hits = [text.find(s, max(0, len(req.text) - len(s))) for s in req.stop_strings]
+            hits = [h for h in hits if h >= 0]
+            if hits:
+                cut = min(hits)
+                while take and len(self.tokenizer.decode(req.output + take[:-1])) >= cut:
+                    take.pop()
+                reason = "stop"
+                text = self.tokenizer.decode(req.output + take)[:cut]
+            req.text = text
+        req.output.extend(take)
+        req.token_times.extend([now] * len(take))
+        # The cache holds only what was fed: the last emitted token is pending, the rest are written.
+        req.computed = min(req.computed, len(req.prompt) + len(req.output) - 1)
+        if take and req.on_tokens is not None:
+            req.on_tokens(req, take)
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            return True
+        return False
+
+    def _tables(self, work: list[Work], rows: int, extra: int = 0) -> np.ndarray:
+        M = _bucket(max(self.scheduler.pages_needed(w.start + w.n + extra) for w in work))
+        table = np.zeros((rows, M), np.int32)
+        for i, w in enumerate(work):
+            n = min(len(w.request.pages), M)
+            table[i, :n] = w.request.pages[:n]
+        return table
+
+    def _sampling(self, work: list[Work], rows: int):
+        seeds = np.zeros(rows, np.int32)
+        index = np.zeros(rows, np.int32)
+        temp = np.zeros(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        top_p = np.ones(rows, np.float32)
+        for i, w in enumerate(work):
+            s = w.request.sampling
+            seeds[i], index[i] = s.seed, len(w.request.output)
+            temp[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
+        return seeds, index, temp, top_k, top_p
+
+    def _run_prefill(self, work: list[Work]):
+        B = _bucket(len(work))
+        T = _bucket(max(w.n for w in work), 16)
+        tokens = np.zeros((B, T), np.int32)
+        positions = np.full((B, T), -1, np.int32)
+        last = np.zeros(B, np.int32)
+        for i, w in enumerate(work):
+            seq = w.request.sequence
+            tokens[i, :w.n] = seq[w.start:w.start + w.n]
+            positions[i, :w.n] = np.arange(w.start, w.start + w.n)
+            last[i] = w.n - 1
+        table = self._tables(work, B)
+        args = (self.state, self.pools, table, tokens, positions, last, *self._sampling(work, B))
+        t0 = time.perf_counter()
+        fresh = self._note_compile("prefill", B, T, table.shape[1])
+        nxt, self.pools = self._jit_prefill(*args)
+        if fresh:
+            jax.block_until_ready(nxt)
+            self.compile_seconds += time.perf_counter() - t0
+        return nxt
+
+    def _run_decode(self, work: list[Work]):
+        B = _bucket(len(work))
+        token = np.zeros(B, np.int32)
+        position = np.zeros(B, np.int32)
+        valid = np.zeros(B, bool)
+        for i, w in enumerate(work):
+            token[i], position[i], valid[i] = w.request.sequence[w.start], w.start, True
+        table = self._tables(work, B, self.decode_steps - 1)
+        args = (self.state, self.pools, table, token, position, valid, *self._sampling(work, B))
+        t0 = time.perf_counter()
+        fresh = self._note_compile("decode", B, table.shape[1])
+        toks, self.pools = self._jit_decode(*args, steps=self.decode_steps)
+        if fresh:
+            jax.block_until_ready(toks)
+            self.compile_seconds += time.perf_counter() - t0
+        return toks
+
+    # ------------------------------------------------------------------ convenience
+    def run(self) -> None:
+        while not self.idle:
+            self.step()
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 sampling: SamplingParams = SamplingParams(), *, stop_tokens: Sequence[int] = (EOS_ID,),
+                 on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
+        """All prompts submitted at once, run to completion: `Generator.generate`'s interface and result."""
+        t0 = time.perf_counter()
+        ids = []
+        for i, p in enumerate(prompts):
+            cb = None if on_tokens is None else (lambda req, new, i=i: on_tokens(i, new))
+            ids.append(self.submit(p, max_new_tokens, sampling, stop_ids=stop_tokens, on_tokens=cb))
+        self.run()
+        seconds = time.perf_counter() - t0
+        return [Completion(tokens=list(r.output), prompt_len=len(r.prompt), finish_reason=r.finish_reason,
+                           seconds=seconds) for r in map(self.result, ids)]

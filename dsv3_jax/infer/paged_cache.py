@@ -1,0 +1,178 @@
+"""Paged latent cache: a pool of fixed-size pages holding the absorbed-MLA latent, per-sequence page tables,
+and the host-side allocator with reference-counted prefix sharing.
+
+Shape legend: L stacked layers, P pages in the pool, G page size (tokens per page), R kv_lora_rank,
+dr qk_rope_head_dim, B rows of a step, M page-table entries per row, S = M * G slots a row can see.
+
+Device side (`PagedLatentCache`, a pytree): one pool per layer stack, c_kv [L, P, G, R] and k_pe [L, P, G, dr]
+in the cache dtype (the MTP module's: [P, G, *]), plus the step's page table [B, M] int32. It has the
+interface of `mla.LatentCache` that `MLA.decode` uses, so the model's decode path runs on it unchanged:
+    write(positions [B, T], c_kv, k_pe, layer)   slot p of row b -> page table[b, p // G], offset p % G;
+                                                 positions < 0 (padding) go to page 0, the trash page
+    layer(layer) -> c_kv [B, S, R], k_pe [B, S, dr]   each row's pages gathered in table order, so gathered
+                                                 slot s is the row's logical position s (the plain-jnp
+                                                 reference read; unused table entries point at page 0 and
+                                                 sit past the row's positions, so the causal mask hides them)
+Page 0 is never handed out: it absorbs the writes of padding tokens.
+
+Host side (`PagePool`): free pages, a reference count per page, and the prefix table: a full page of a
+prompt is registered under the hash of every token up to its end (the chain of page keys), so a later
+prompt that starts with the same tokens finds the same page. A registered page whose count drops to zero
+stays cached (and findable) until the pool needs it back; then the least recently released goes first.
+Sizing: `pages_for_budget` turns a byte budget into a page count from the bytes one token occupies in
+every layer (576 values per layer at V3 sizes).
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+TRASH_PAGE = 0
+
+
+@struct.dataclass
+class PagedLatentCache:
+    """The pool of one layer stack ([L, P, G, *]) or of one layer ([P, G, *]) and this step's page table."""
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+    page_table: jax.Array  # [B, M] int32
+
+    @classmethod
+    def zeros(cls, cfg, pages: int, page_size: int, dtype, layers: int | None = None) -> PagedLatentCache:
+        lead = () if layers is None else (layers,)
+        return cls(c_kv=jnp.zeros(lead + (pages, page_size, cfg.kv_lora_rank), dtype),
+                   k_pe=jnp.zeros(lead + (pages, page_size, cfg.qk_rope_head_dim), dtype),
+                   page_table=jnp.zeros((1, 1), jnp.int32))
+
+    @property
+    def page_size(self) -> int:
+        return self.c_kv.shape[-2]
+
+    @property
+    def capacity(self) -> int:
+        return self.page_table.shape[1] * self.page_size
+
+    def with_table(self, page_table: jax.Array) -> PagedLatentCache:
+        return self.replace(page_table=page_table)
+
+    def _slots(self, positions):
+        G = self.page_size
+        rows = jnp.arange(positions.shape[0])[:, None]
+        page = self.page_table[rows, jnp.clip(positions, 0) // G]
+        page = jnp.where(positions >= 0, page, TRASH_PAGE)
+        return page, jnp.where(positions >= 0, positions % G, 0)
+
+    def write(self, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array, layer=None) -> PagedLatentCache:
+        page, off = self._slots(positions)
+        idx = (page, off) if layer is None else (layer, page, off)
+        return self.replace(c_kv=self.c_kv.at[idx].set(c_kv.astype(self.c_kv.dtype)),
+                            k_pe=self.k_pe.at[idx].set(k_pe.astype(self.k_pe.dtype)))
+
+    def layer(self, layer=None) -> tuple[jax.Array, jax.Array]:
+        c_kv, k_pe = (self.c_kv, self.k_pe) if layer is None else (self.c_kv[layer], self.k_pe[layer])
+        B, M = self.page_table.shape
+
+        def gather(pool):  # [P, G, X] -> [B, M * G, X]
+            return pool[self.page_table].reshape(B, M * self.page_size, pool.shape[-1])
+
+        return gather(c_kv), gather(k_pe)
+
+
+def bytes_per_token(cfg, itemsize: int, mtp: bool = False) -> int:
+    """Cache bytes one token takes in every main layer (and the MTP layer when speculating)."""
+    layers = cfg.num_hidden_layers + (1 if mtp else 0)
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * itemsize
+
+
+def pages_for_budget(cfg, budget_bytes: int, page_size: int, itemsize: int, mtp: bool = False) -> int:
+    """Pages (including the trash page) that fit in `budget_bytes`."""
+    return int(budget_bytes // (page_size * bytes_per_token(cfg, itemsize, mtp)))
+
+
+def page_keys(tokens, page_size: int) -> list[bytes]:
+    """The prefix-table key of each full page of `tokens`: a hash of every token up to that page's end."""
+    keys, h = [], hashlib.blake2b(digest_size=16)
+    for i in range(len(tokens) // page_size):
+        h.update(np.asarray(tokens[i * page_size:(i + 1) * page_size], np.int64).tobytes())
+        keys.append(h.copy().digest())
+    return keys
+
+
+class PoolExhausted(Exception):
+    """No free or evictable page: the scheduler waits or preempts."""
+
+
+class PagePool:
+    """Host bookkeeping of the device pool: free list, reference counts, the prefix table."""
+
+    def __init__(self, pages: int, page_size: int):
+        if pages < 2:
+            raise ValueError(f"a page pool needs at least 2 pages (one is the trash page), got {pages}")
+        self.pages, self.page_size = pages, page_size
+        self.free = collections.deque(range(1, pages))
+        self.refs = np.zeros(pages, np.int64)
+        self.by_key: dict[bytes, int] = {}
+        self.key_of: dict[int, bytes] = {}
+        self.cached = collections.OrderedDict()  # registered pages with no reference, least recent first
+        self.peak_used = 0
+        self.hits = 0  # prefix pages reused
+
+    @property
+    def available(self) -> int:
+        return len(self.free) + len(self.cached)
+
+    @property
+    def used(self) -> int:
+        return self.pages - 1 - self.available
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.available:
+            raise PoolExhausted(n)
+        out = []
+        for _ in range(n):
+            if self.free:
+                page = self.free.popleft()
+            else:  # evict the least recently released cached prefix page
+                page, _ = self.cached.popitem(last=False)
+                del self.by_key[self.key_of.pop(page)]
+            self.refs[page] = 1
+            out.append(page)
+        self.peak_used = max(self.peak_used, self.used)
+        return out
+
+    def release(self, pages) -> None:
+        for page in pages:
+            self.refs[page] -= 1
+            assert self.refs[page] >= 0, page
+            if self.refs[page] == 0:
+                if page in self.key_of:
+                    self.cached[page] = None
+                else:
+                    self.free.append(page)
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """The cached pages of the longest registered prefix of `keys`, each now referenced once more."""
+        out = []
+        for k in keys:
+            page = self.by_key.get(k)
+            if page is None:
+                break
+            if self.refs[page] == 0:
+                self.cached.pop(page)
+            self.refs[page] += 1
+            out.append(page)
+        self.hits += len(out)
+        self.peak_used = max(self.peak_used, self.used)
+        return out
+
+    def register(self, key: bytes, page: int) -> None:
+        """Make a full, written page findable by its prefix key (first writer wins)."""
+        if key not in self.by_key and page not in self.key_of:
+            self.by_key[key] = page
+            self.key_of[page] = key
