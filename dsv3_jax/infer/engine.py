@@ -26,6 +26,7 @@ with staggered arrivals, mixed lengths, forced preemption and prefix hits).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,43 @@ def sample_rows(seeds, index, logits, temperature, top_k, top_p):
         return sample(key, row[None], t, k, p)[0]
 
     return jax.vmap(one)(seeds, index, logits, temperature, top_k, top_p)
+
+
+def _with_table(pools: ModelCache, table) -> ModelCache:
+    return jax.tree.map(lambda c: c.with_table(table), pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
+
+
+def _strip(cache: ModelCache) -> ModelCache:
+    return _with_table(cache, jnp.zeros((1, 1), jnp.int32))
+
+
+# The compiled steps are module-level functions of a static graphdef, so engines of the same model structure
+# (and runtime) share their compilations.
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_step(graphdef, state, pools, table, tokens, positions, last, seeds, index, temperature, top_k, top_p):
+    """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last`."""
+    model = nnx.merge(graphdef, state)
+    logits, _, cache = model.decode(tokens, positions, _with_table(pools, table))
+    rows = jnp.arange(tokens.shape[0])
+    nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
+    return nxt, _strip(cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _decode_step(graphdef, steps, state, pools, table, token, position, valid, seeds, index, temperature, top_k,
+                 top_p):
+    """`steps` decode steps of one token per row, each sampled token fed back on the device: -> tokens [B, steps]."""
+    model = nnx.merge(graphdef, state)
+
+    def body(carry, k):
+        pools, tok = carry
+        pos = jnp.where(valid, position + k, -1)
+        logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table))
+        nxt = sample_rows(seeds, index + k, logits[:, 0], temperature, top_k, top_p)
+        return (_strip(cache), nxt), nxt
+
+    (pools, _), toks = jax.lax.scan(body, (pools, token), jnp.arange(steps))
+    return toks.T, pools
 
 
 class Engine:
@@ -106,41 +144,11 @@ class Engine:
         self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers), mtp=None)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
-        self._jit_prefill = jax.jit(self._prefill_fn, donate_argnums=(1,))
-        self._jit_decode = jax.jit(self._decode_fn, donate_argnums=(1,), static_argnames=("steps",))
         self._compiled: set = set()
         self.compile_seconds = 0.0
         self.steps = 0
 
     # ------------------------------------------------------------------ compiled steps
-    def _with_table(self, pools: ModelCache, table) -> ModelCache:
-        return jax.tree.map(lambda c: c.with_table(table), pools,
-                            is_leaf=lambda x: isinstance(x, PagedLatentCache))
-
-    def _strip(self, cache: ModelCache) -> ModelCache:
-        return self._with_table(cache, jnp.zeros((1, 1), jnp.int32))
-
-    def _prefill_fn(self, state, pools, table, tokens, positions, last, seeds, index, temperature, top_k, top_p):
-        model = nnx.merge(self.graphdef, state)
-        logits, _, cache = model.decode(tokens, positions, self._with_table(pools, table))
-        rows = jnp.arange(tokens.shape[0])
-        nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
-        return nxt, self._strip(cache)
-
-    def _decode_fn(self, state, pools, table, token, position, valid, seeds, index, temperature, top_k, top_p, *,
-                   steps: int):
-        model = nnx.merge(self.decode_graphdef, state)
-
-        def body(carry, k):
-            pools, tok = carry
-            pos = jnp.where(valid, position + k, -1)
-            logits, _, cache = model.decode(tok[:, None], pos[:, None], self._with_table(pools, table))
-            nxt = sample_rows(seeds, index + k, logits[:, 0], temperature, top_k, top_p)
-            return (self._strip(cache), nxt), nxt
-
-        (pools, _), toks = jax.lax.scan(body, (pools, token), jnp.arange(steps))
-        return toks.T, pools
-
     def _note_compile(self, kind, *shapes):
         key = (kind,) + shapes
         if key not in self._compiled:
@@ -294,7 +302,7 @@ class Engine:
         args = (self.state, self.pools, table, tokens, positions, last, *self._sampling(work, B))
         t0 = time.perf_counter()
         fresh = self._note_compile("prefill", B, T, table.shape[1])
-        nxt, self.pools = self._jit_prefill(*args)
+        nxt, self.pools = _prefill_step(self.graphdef, *args)
         if fresh:
             jax.block_until_ready(nxt)
             self.compile_seconds += time.perf_counter() - t0
@@ -311,7 +319,7 @@ class Engine:
         args = (self.state, self.pools, table, token, position, valid, *self._sampling(work, B))
         t0 = time.perf_counter()
         fresh = self._note_compile("decode", B, table.shape[1])
-        toks, self.pools = self._jit_decode(*args, steps=self.decode_steps)
+        toks, self.pools = _decode_step(self.decode_graphdef, self.decode_steps, *args)
         if fresh:
             jax.block_until_ready(toks)
             self.compile_seconds += time.perf_counter() - t0
