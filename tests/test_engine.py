@@ -155,3 +155,20 @@ def test_compilations_are_bounded(model):
     assert all(eng.result(i).done for i in ids)
     # rows {1, 2, 4} x page tables {1, 2, 4, 8, 16} x prefill lengths {16}: at most 15 + 15
     assert eng.compilations <= 30, eng._compiled
+
+
+def test_mtp_speculation_in_the_engine_keeps_greedy_output(model, alone):
+    """Verify two tokens per step on the paged cache (main and MTP pools), rollback by length: the greedy
+    tokens are plain greedy's, drafts are both accepted and rejected; with a tiny pool it also survives
+    preemption, and a repeated prompt hits the prefix table (keys include the token after each page)."""
+    eng = engine(model, speculative=True, pages=18)
+    ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS]
+    eng.run()
+    for rid, want in zip(ids, alone):
+        assert eng.result(rid).output == want
+    drafted = sum(eng.result(i).drafted for i in ids)
+    accepted = sum(eng.result(i).accepted for i in ids)
+    assert 0 < accepted < drafted, (accepted, drafted)
+    again = eng.submit(PROMPTS[3], NEW, stop_ids=())
+    eng.run()
+    assert eng.result(again).output == alone[3] and eng.result(again).prefix_hit_tokens > 0

@@ -39,7 +39,7 @@ from flax import nnx
 from dsv3_jax.cli import UserError
 from dsv3_jax.infer.generate import EOS_ID, Completion
 from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, pages_for_budget
-from dsv3_jax.infer.sampling import SamplingParams, sample
+from dsv3_jax.infer.sampling import SamplingParams, greedy, probabilities, sample, verify_draft
 from dsv3_jax.infer.scheduler import Request, Scheduler, Work
 from dsv3_jax.model import DeepSeekV3, ModelCache, with_runtime
 
@@ -99,6 +99,75 @@ def _decode_step(graphdef, steps, state, pools, table, token, position, valid, s
     return toks.T, pools
 
 
+def _keys(seeds, index, salt: int):
+    """Per-row keys fold_in(fold_in(PRNGKey(seed), index), salt): a request's draws depend on it alone."""
+    return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), j), salt))(seeds, index)
+
+
+def _probs_rows(logits, temperature, top_k, top_p):
+    return jax.vmap(lambda row, t, k, p: probabilities(row[None], t, k, p)[0])(logits, temperature, top_k, top_p)
+
+
+def _draft_rows(keys, logits, temperature, top_k, top_p):
+    """Draft token [B] and its distribution q [B, V] (used by sampling rows only) from MTP logits [B, V]."""
+    q = _probs_rows(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, jnp.log(row)))(keys, q).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy(logits)), q
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def _prefill_step_spec(graphdef, state, pools, table, tokens, positions, last, next_known, seeds, index, temperature,
+                       top_k, top_p):
+    """`_prefill_step` plus the MTP module over the same positions (its input at the chunk's last position is
+    the token after it: `next_known`, or the token sampled here when the chunk ends the sequence); returns
+    the draft for the token after the sampled one."""
+    model = nnx.merge(graphdef, state)
+    cache = _with_table(pools, table)
+    logits, h, cache = model.decode(tokens, positions, cache)
+    rows = jnp.arange(tokens.shape[0])
+    nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
+    after = jnp.where(next_known >= 0, next_known, nxt)
+    shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).at[rows, last].set(after)
+    mtp_logits, cache = model.mtp_decode(h, shifted, positions, cache)
+    draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], temperature, top_k, top_p)
+    return nxt, draft, q, _strip(cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def _verify_step(graphdef, steps, state, pools, table, pending, draft, q, position, valid, seeds, index, temperature,
+                 top_k, top_p):
+    """`steps` MTP speculative steps per row: verify [pending, draft] at [L, L+1], accept or resample, draft
+    the next token with the MTP module; rollback of a rejected draft = not advancing L.
+    -> emitted [B, steps, 2], n_new [B, steps], draft [B], q [B, V], pools."""
+    model = nnx.merge(graphdef, state)
+    rows = jnp.arange(pending.shape[0])
+
+    def body(carry, _):
+        pools, pending, draft, q, position, index = carry
+        pos = jnp.where(valid[:, None], position[:, None] + jnp.arange(2), -1)
+        logits, h, cache = model.decode(jnp.stack([pending, draft], 1), pos, _with_table(pools, table))
+        p1 = _probs_rows(logits[:, 0], temperature, top_k, top_p)
+        ok_s, a1_s = jax.vmap(lambda k, p, qq, d: tuple(x[0] for x in verify_draft(k, p[None], qq[None], d[None])))(
+            _keys(seeds, index, 2), p1, q, draft)
+        a1_g = greedy(logits[:, 0])
+        sampled = temperature > 0
+        a1 = jnp.where(sampled, a1_s, a1_g)
+        accept = jnp.where(sampled, ok_s, draft == a1_g)
+        a2 = sample_rows(seeds, index + 1, logits[:, 1], temperature, top_k, top_p)
+        mtp_logits, cache = model.mtp_decode(h, jnp.stack([a1, a2], 1), pos, cache)
+        n_new = 1 + accept.astype(jnp.int32)
+        new_draft, new_q = _draft_rows(_keys(seeds, index + n_new, 1), mtp_logits[rows, accept.astype(jnp.int32)],
+                                       temperature, top_k, top_p)
+        out = (jnp.stack([a1, a2], 1), n_new)
+        carry = (_strip(cache), jnp.where(accept, a2, a1), new_draft, new_q, position + jnp.where(valid, n_new, 0),
+                 index + n_new)
+        return carry, out
+
+    (pools, _, draft, q, _, _), (emitted, n_new) = jax.lax.scan(
+        body, (pools, pending, draft, q, position, index), None, length=steps)
+    return emitted.transpose(1, 0, 2), n_new.T, draft, q, pools
+
+
 class Engine:
     """Continuous batching for one model. See the module docstring.
 
@@ -111,7 +180,8 @@ class Engine:
 
     def __init__(self, model: DeepSeekV3, *, page_size: int = 16, max_batch: int = 16, max_batch_tokens: int = 256,
                  max_prefill_chunk: int | None = None, cache_bytes: int | None = None, pages: int | None = None,
-                 decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None):
+                 decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None,
+                 speculative: bool = False):
         cfg = model.cfg
         self.cfg = cfg
         for name, v in (("page_size", page_size), ("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens),
@@ -122,26 +192,31 @@ class Engine:
             raise UserError(f"engine: max_batch_tokens={max_batch_tokens} must be >= max_batch={max_batch} (each "
                             f"decoding request takes one token of a step)")
         self.page_size, self.max_batch, self.decode_steps = page_size, max_batch, decode_steps
+        self.speculative = bool(speculative)
+        if self.speculative and not len(model.mtp):
+            raise UserError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         self.cache_dtype = jnp.dtype(cfg.compute_dtype if cache_dtype is None else cache_dtype)
         if pages is None:
             if cache_bytes is None:
                 raise UserError("engine: give the page pool a size: cache_bytes (device memory for the latent cache) "
                                 "or pages")
-            pages = pages_for_budget(cfg, cache_bytes, page_size, self.cache_dtype.itemsize)
+            pages = pages_for_budget(cfg, cache_bytes, page_size, self.cache_dtype.itemsize, self.speculative)
         if pages < 2:
             raise UserError(f"engine: a cache budget of {cache_bytes} bytes holds {pages} pages of {page_size} tokens; "
                             f"at least 2 are needed (raise the budget or lower the page size)")
         self.pool = PagePool(pages, page_size)
         self.scheduler = Scheduler(self.pool, max_batch=max_batch, max_batch_tokens=max_batch_tokens,
-                                   max_prefill_chunk=max_prefill_chunk or max_batch_tokens, lookahead=decode_steps,
-                                   prefix_sharing=prefix_sharing)
+                                   max_prefill_chunk=max_prefill_chunk or max_batch_tokens,
+                                   lookahead=decode_steps * (2 if self.speculative else 1),
+                                   prefix_sharing=prefix_sharing, key_extra=int(self.speculative))
         self.tokenizer = tokenizer
         self.runtime = model.runtime.replace(mesh=None)
         self.decode_runtime = self.runtime.for_decode()
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
         self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]
-        stack = lambda n: PagedLatentCache.zeros(cfg, pages, page_size, self.cache_dtype, n) if n else None  # noqa
-        self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers), mtp=None)
+        stack = lambda n: PagedLatentCache.zeros(cfg, pages, page_size, self.cache_dtype, n) if n != 0 else None  # noqa
+        self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
+                                mtp=stack(None) if self.speculative else None)
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._compiled: set = set()
@@ -177,7 +252,7 @@ class Engine:
         if total > cfg.max_position_embeddings:
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
                             f"context of {cfg.max_position_embeddings} tokens")
-        need = self.scheduler.pages_needed(total + self.decode_steps)
+        need = self.scheduler.pages_needed(total + self.scheduler.lookahead)
         if need > self.pool.pages - 1:
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) needs {need} cache pages of "
                             f"{self.page_size} tokens but the pool holds {self.pool.pages - 1}; raise the cache budget")
@@ -223,7 +298,20 @@ class Engine:
                 self.scheduler.register_prefix(req)
                 if w.sample and self._emit(req, [int(toks[i])], now):
                     finished.append(req)
-        if decode:
+        if decode and self.speculative:
+            emitted, n_new = (np.asarray(x) for x in out_d)
+            for i, w in enumerate(decode):
+                req = w.request
+                for k in range(self.decode_steps):
+                    if req.done:
+                        break
+                    req.drafted += 1
+                    req.accepted += int(n_new[i, k]) - 1
+                    req.computed += int(n_new[i, k])
+                    self._emit(req, emitted[i, k, :n_new[i, k]].tolist(), now)
+                if req.done:
+                    finished.append(req)
+        elif decode:
             toks = np.asarray(out_d)
             for i, w in enumerate(decode):
                 req = w.request
@@ -299,10 +387,23 @@ class Engine:
             positions[i, :w.n] = np.arange(w.start, w.start + w.n)
             last[i] = w.n - 1
         table = self._tables(work, B)
-        args = (self.state, self.pools, table, tokens, positions, last, *self._sampling(work, B))
         t0 = time.perf_counter()
         fresh = self._note_compile("prefill", B, T, table.shape[1])
-        nxt, self.pools = _prefill_step(self.graphdef, *args)
+        if self.speculative:
+            next_known = np.full(B, -1, np.int32)
+            for i, w in enumerate(work):
+                seq = w.request.sequence
+                if w.start + w.n < len(seq):
+                    next_known[i] = seq[w.start + w.n]
+            nxt, draft, q, self.pools = _prefill_step_spec(self.graphdef, self.state, self.pools, table, tokens,
+                                                           positions, last, next_known, *self._sampling(work, B))
+            draft, q = np.asarray(draft), np.asarray(q)
+            for i, w in enumerate(work):
+                if w.sample:
+                    w.request.draft, w.request.draft_q = int(draft[i]), q[i]
+        else:
+            nxt, self.pools = _prefill_step(self.graphdef, self.state, self.pools, table, tokens, positions, last,
+                                            *self._sampling(work, B))
         if fresh:
             jax.block_until_ready(nxt)
             self.compile_seconds += time.perf_counter() - t0
@@ -315,15 +416,30 @@ class Engine:
         valid = np.zeros(B, bool)
         for i, w in enumerate(work):
             token[i], position[i], valid[i] = w.request.sequence[w.start], w.start, True
-        table = self._tables(work, B, self.decode_steps - 1)
-        args = (self.state, self.pools, table, token, position, valid, *self._sampling(work, B))
+        table = self._tables(work, B, self.scheduler.lookahead - 1)
         t0 = time.perf_counter()
         fresh = self._note_compile("decode", B, table.shape[1])
-        toks, self.pools = _decode_step(self.decode_graphdef, self.decode_steps, *args)
+        if self.speculative:
+            draft = np.zeros(B, np.int32)
+            q = np.zeros((B, self.cfg.vocab_size), np.float32)
+            for i, w in enumerate(work):
+                draft[i] = w.request.draft
+                if w.request.draft_q is not None:
+                    q[i] = w.request.draft_q
+            emitted, n_new, draft, q, self.pools = _verify_step(
+                self.decode_graphdef, self.decode_steps, self.state, self.pools, table, token, draft, q, position,
+                valid, *self._sampling(work, B))
+            draft, q = np.asarray(draft), np.asarray(q)
+            for i, w in enumerate(work):
+                w.request.draft, w.request.draft_q = int(draft[i]), q[i]
+            out = (emitted, n_new)
+        else:
+            out, self.pools = _decode_step(self.decode_graphdef, self.decode_steps, self.state, self.pools, table,
+                                           token, position, valid, *self._sampling(work, B))
         if fresh:
-            jax.block_until_ready(toks)
+            jax.block_until_ready(out)
             self.compile_seconds += time.perf_counter() - t0
-        return toks
+        return out
 
     # ------------------------------------------------------------------ convenience
     def run(self) -> None:
@@ -331,15 +447,20 @@ class Engine:
             self.step()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 sampling: SamplingParams = SamplingParams(), *, stop_tokens: Sequence[int] = (EOS_ID,),
+                 sampling: SamplingParams = SamplingParams(), *, speculative: bool | None = None,
+                 stop_tokens: Sequence[int] = (EOS_ID,),
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
-        """All prompts submitted at once, run to completion: `Generator.generate`'s interface and result."""
-        t0 = time.perf_counter()
+        """All prompts submitted at once, run to completion: `Generator.generate`'s interface and result
+        (`seconds`: wall time of the run less the time spent compiling in it)."""
+        if speculative is not None and bool(speculative) != self.speculative:
+            raise UserError(f"this engine was built with speculative={self.speculative}; build one with "
+                            f"Engine(..., speculative={bool(speculative)})")
+        t0, c0 = time.perf_counter(), self.compile_seconds
         ids = []
         for i, p in enumerate(prompts):
             cb = None if on_tokens is None else (lambda req, new, i=i: on_tokens(i, new))
             ids.append(self.submit(p, max_new_tokens, sampling, stop_ids=stop_tokens, on_tokens=cb))
         self.run()
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t0 - (self.compile_seconds - c0)
         return [Completion(tokens=list(r.output), prompt_len=len(r.prompt), finish_reason=r.finish_reason,
-                           seconds=seconds) for r in map(self.result, ids)]
+                           seconds=seconds, drafted=r.drafted, accepted=r.accepted) for r in map(self.result, ids)]

@@ -95,12 +95,15 @@ def pages_for_budget(cfg, budget_bytes: int, page_size: int, itemsize: int, mtp:
     return int(budget_bytes // (page_size * bytes_per_token(cfg, itemsize, mtp)))
 
 
-def page_keys(tokens, page_size: int) -> list[bytes]:
-    """The prefix-table key of each full page of `tokens`: a hash of every token up to that page's end."""
+def page_keys(tokens, page_size: int, extra: int = 0) -> list[bytes]:
+    """The prefix-table key of each full page of `tokens`: a hash of every token up to that page's end, plus
+    `extra` tokens after it (1 with MTP speculation: the MTP latent of a page's last slot depends on the token
+    after the page). Pages whose key would need tokens past the end get none."""
     keys, h = [], hashlib.blake2b(digest_size=16)
-    for i in range(len(tokens) // page_size):
+    for i in range((len(tokens) - extra) // page_size):
         h.update(np.asarray(tokens[i * page_size:(i + 1) * page_size], np.int64).tobytes())
-        keys.append(h.copy().digest())
+        tail = np.asarray(tokens[(i + 1) * page_size:(i + 1) * page_size + extra], np.int64).tobytes()
+        keys.append(hashlib.blake2b(h.copy().digest() + tail, digest_size=16).digest() if extra else h.copy().digest())
     return keys
 
 

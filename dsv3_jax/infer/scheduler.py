@@ -48,6 +48,8 @@ class Request:
     prefix_hit_tokens: int = 0
     drafted: int = 0
     accepted: int = 0
+    draft: int = 0  # MTP speculation: the drafted token after the pending one, and its distribution
+    draft_q: object = None
     text: str = ""  # detokenised output (only with stop strings)
 
     @property
@@ -78,11 +80,11 @@ class Work:
 
 class Scheduler:
     def __init__(self, pool: PagePool, *, max_batch: int, max_batch_tokens: int, max_prefill_chunk: int,
-                 lookahead: int = 1, prefix_sharing: bool = True):
+                 lookahead: int = 1, prefix_sharing: bool = True, key_extra: int = 0):
         self.pool = pool
         self.max_batch, self.max_batch_tokens = max_batch, max_batch_tokens
         self.max_prefill_chunk, self.lookahead = max_prefill_chunk, lookahead
-        self.prefix_sharing = prefix_sharing
+        self.prefix_sharing, self.key_extra = prefix_sharing, key_extra
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.preemptions = 0
@@ -124,7 +126,7 @@ class Scheduler:
         if self.prefix_sharing:
             seq = req.sequence
             # Only pages strictly before the last token: that token must run to give the next one's logits.
-            hit = self.pool.lookup(page_keys(seq[: len(seq) - 1], self.pool.page_size))
+            hit = self.pool.lookup(page_keys(seq[: len(seq) - 1], self.pool.page_size, self.key_extra))
         start = len(hit) * self.pool.page_size
         first = min(len(req.sequence), start + self.max_prefill_chunk)
         if self.pages_needed(first) - len(hit) > self.pool.available:
@@ -153,9 +155,9 @@ class Scheduler:
         """Register the request's full pages that hold prompt tokens only (written, so reusable)."""
         if not self.prefix_sharing:
             return
-        G = self.pool.page_size
-        full = min(req.computed, len(req.prompt)) // G
-        for i, key in enumerate(page_keys(req.prompt[: full * G], G)):
+        G, extra = self.pool.page_size, self.key_extra
+        full = min(req.computed, len(req.prompt) - extra) // G
+        for i, key in enumerate(page_keys(req.prompt[: full * G + extra], G, extra)):
             self.pool.register(key, req.pages[i])
 
     def schedule(self) -> list[Work]:
