@@ -175,6 +175,14 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices=None) -> Mesh:
     return Mesh(np.asarray(devices[:math.prod(shape)]).reshape(shape), MESH_AXES)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axes with every axis Auto (XLA's sharding propagation decides what an op without an
+    explicit placement gets), for code that updates or gathers arrays of mixed placements."""
+    from jax.sharding import AxisType
+
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def current_mesh():
     """The mesh set with `jax.set_mesh`, or None."""
     mesh = jax.sharding.get_abstract_mesh()

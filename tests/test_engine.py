@@ -172,3 +172,17 @@ def test_mtp_speculation_in_the_engine_keeps_greedy_output(model, alone):
     again = eng.submit(PROMPTS[3], NEW, stop_ids=())
     eng.run()
     assert eng.result(again).output == alone[3] and eng.result(again).prefix_hit_tokens > 0
+
+
+def test_engine_on_a_mesh_equals_one_device(model, alone):
+    """Rows over data x expert, experts over 'expert', heads over 'tensor' (8 fake CPU devices)."""
+    from dsv3_jax import sharding
+
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    eng = engine(model, mesh=mesh)
+    ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS[:4]]
+    eng.run()
+    for rid, want in zip(ids, alone):
+        assert eng.result(rid).output == want
+    w = eng.state["moe_layers"]["ffn"]["w_gate"][...]
+    assert w.sharding.spec[1] == "expert" and len(w.sharding.device_set) == 8

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.infer.generate import EOS_ID, Completion
 from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, pages_for_budget
@@ -181,7 +183,7 @@ class Engine:
     def __init__(self, model: DeepSeekV3, *, page_size: int = 16, max_batch: int = 16, max_batch_tokens: int = 256,
                  max_prefill_chunk: int | None = None, cache_bytes: int | None = None, pages: int | None = None,
                  decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None,
-                 speculative: bool = False):
+                 speculative: bool = False, mesh=None):
         cfg = model.cfg
         self.cfg = cfg
         for name, v in (("page_size", page_size), ("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens),
@@ -214,16 +216,50 @@ class Engine:
         self.decode_runtime = self.runtime.for_decode()
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
         self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]
+        # A mesh: parameters placed by the logical-axis rules, the page pools split over 'stage' by layer and
+        # otherwise replicated, each step's rows split over the batch axes (XLA partitions the steps).
+        self.mesh = None if mesh is None else sharding.auto_mesh(mesh)
+        self.batch_multiple = 1
+        if self.mesh is not None:
+            self.state = jax.device_put(self.state, sharding.state_shardings(self.state, self.mesh))
+            self.batch_multiple = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES
+                                            if a in self.mesh.axis_names)
         stack = lambda n: PagedLatentCache.zeros(cfg, pages, page_size, self.cache_dtype, n) if n != 0 else None  # noqa
         self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                                 mtp=stack(None) if self.speculative else None)
+        if self.mesh is not None:
+            self.pools = jax.device_put(self.pools, self._pool_shardings())
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._compiled: set = set()
         self.compile_seconds = 0.0
         self.steps = 0
 
-    # ------------------------------------------------------------------ compiled steps
+    # ------------------------------------------------------------------ placement
+    def _pool_shardings(self):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        def spec(c):
+            lead = (sharding.logical_to_spec(("layers",))[0],) if c.c_kv.ndim == 4 else ()
+            s = NamedSharding(self.mesh, PartitionSpec(*lead))
+            return PagedLatentCache(s, s, NamedSharding(self.mesh, PartitionSpec()))
+
+        return jax.tree.map(spec, self.pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
+
+    def _rows(self, n: int) -> int:
+        """Rows of a step: a power of two, and a multiple of the mesh's batch shards."""
+        b = _bucket(n)
+        return -(-b // self.batch_multiple) * self.batch_multiple
+
+    def _put(self, *arrays):
+        """Host arrays of a step: rows split over the batch axes (page tables too), on the mesh."""
+        if self.mesh is None:
+            return arrays
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        batch = NamedSharding(self.mesh, PartitionSpec(sharding.BATCH_AXES))
+        return tuple(jax.device_put(a, batch) for a in arrays)
+
     def _note_compile(self, kind, *shapes):
         key = (kind,) + shapes
         if key not in self._compiled:
@@ -376,7 +412,7 @@ class Engine:
         return seeds, index, temp, top_k, top_p
 
     def _run_prefill(self, work: list[Work]):
-        B = _bucket(len(work))
+        B = self._rows(len(work))
         T = _bucket(max(w.n for w in work), 16)
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
@@ -395,22 +431,23 @@ class Engine:
                 seq = w.request.sequence
                 if w.start + w.n < len(seq):
                     next_known[i] = seq[w.start + w.n]
-            nxt, draft, q, self.pools = _prefill_step_spec(self.graphdef, self.state, self.pools, table, tokens,
-                                                           positions, last, next_known, *self._sampling(work, B))
+            nxt, draft, q, self.pools = _prefill_step_spec(
+                self.graphdef, self.state, self.pools, *self._put(table, tokens, positions, last, next_known,
+                                                                   *self._sampling(work, B)))
             draft, q = np.asarray(draft), np.asarray(q)
             for i, w in enumerate(work):
                 if w.sample:
                     w.request.draft, w.request.draft_q = int(draft[i]), q[i]
         else:
-            nxt, self.pools = _prefill_step(self.graphdef, self.state, self.pools, table, tokens, positions, last,
-                                            *self._sampling(work, B))
+            nxt, self.pools = _prefill_step(self.graphdef, self.state, self.pools,
+                                            *self._put(table, tokens, positions, last, *self._sampling(work, B)))
         if fresh:
             jax.block_until_ready(nxt)
             self.compile_seconds += time.perf_counter() - t0
         return nxt
 
     def _run_decode(self, work: list[Work]):
-        B = _bucket(len(work))
+        B = self._rows(len(work))
         token = np.zeros(B, np.int32)
         position = np.zeros(B, np.int32)
         valid = np.zeros(B, bool)
@@ -427,15 +464,15 @@ class Engine:
                 if w.request.draft_q is not None:
                     q[i] = w.request.draft_q
             emitted, n_new, draft, q, self.pools = _verify_step(
-                self.decode_graphdef, self.decode_steps, self.state, self.pools, table, token, draft, q, position,
-                valid, *self._sampling(work, B))
+                self.decode_graphdef, self.decode_steps, self.state, self.pools,
+                *self._put(table, token, draft, q, position, valid, *self._sampling(work, B)))
             draft, q = np.asarray(draft), np.asarray(q)
             for i, w in enumerate(work):
                 w.request.draft, w.request.draft_q = int(draft[i]), q[i]
             out = (emitted, n_new)
         else:
-            out, self.pools = _decode_step(self.decode_graphdef, self.decode_steps, self.state, self.pools, table,
-                                           token, position, valid, *self._sampling(work, B))
+            out, self.pools = _decode_step(self.decode_graphdef, self.decode_steps, self.state, self.pools,
+                                           *self._put(table, token, position, valid, *self._sampling(work, B)))
         if fresh:
             jax.block_until_ready(out)
             self.compile_seconds += time.perf_counter() - t0

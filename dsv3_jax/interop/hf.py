@@ -556,10 +556,11 @@ class _StreamedLeaves:
 
 def _auto(s):
     """The same NamedSharding on a mesh whose axes are all Auto."""
-    from jax.sharding import AxisType, Mesh, NamedSharding
+    from jax.sharding import NamedSharding
 
-    mesh = Mesh(s.mesh.devices, s.mesh.axis_names, axis_types=(AxisType.Auto,) * len(s.mesh.axis_names))
-    return NamedSharding(mesh, s.spec)
+    from dsv3_jax.sharding import auto_mesh
+
+    return NamedSharding(auto_mesh(s.mesh), s.spec)
 
 
 def _zeros(shape, dtype, sharding):
