@@ -6,10 +6,11 @@
         python infer.py --hf DIR --keep_fp8 --dry_run --mesh expert=8 [--hbm_gib 141]   # serving memory plan
 
 Reads prompts from stdin (one per line) when no --prompt is given. --temperature 0 (the default) is
-greedy. Decoding uses the absorbed-MLA latent cache (dsv3_jax/infer/generate.py); --speculative drafts
-each token after next with the MTP module and verifies both in one step. Output text streams to stdout
-(when one prompt is decoded at a time); tokens/s and the acceptance rate go to stderr. --mesh places
-parameters and cache on a device mesh by the logical-axis rules (on CPU, fake devices with
+greedy. Decoding runs on the serving engine (dsv3_jax/infer/engine.py): a paged absorbed-MLA latent cache
+(--page_size), continuous batching of up to --batch_size requests with chunked prefill (--max_batch_tokens
+per step); --speculative drafts each token after next with the MTP module and verifies both in one step.
+Output text streams to stdout (when one prompt is decoded at a time); tokens/s and the acceptance rate go
+to stderr. --mesh places parameters and cache on a device mesh by the logical-axis rules (on CPU, fake devices with
 XLA_FLAGS=--xla_force_host_platform_device_count=8).
 """
 import json
@@ -34,8 +35,14 @@ flags.DEFINE_string("output_json", None, "Write a JSON list, one {text, tokens, 
                                          "per prompt.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data=2,tensor=4' (axes: data, stage, fsdp, expert, tensor; "
                                   "unnamed axes are 1, one axis may be -1 = the remaining devices).")
-flags.DEFINE_integer("batch_size", 1, "Prompts decoded together (output streams only when this is 1).")
-flags.DEFINE_integer("cache_len", 0, "Cache slots per prompt; 0: longest prompt + max_new_tokens, rounded up.")
+flags.DEFINE_integer("batch_size", 1, "Requests in the running batch at once (continuous batching: one joins as "
+                     "another ends); output streams only when this is 1.")
+flags.DEFINE_integer("cache_len", 0, "Cache tokens per request that the page pool is sized for (pool = batch_size x "
+                     "cache_len); 0: longest prompt + max_new_tokens, rounded up to a page.")
+flags.DEFINE_integer("page_size", 16, "Tokens per page of the paged latent cache.")
+flags.DEFINE_integer("max_batch_tokens", 256, "Tokens per engine step: decoding requests take one each, prompts are "
+                     "prefilled in chunks of what is left.")
+flags.DEFINE_integer("decode_steps", 4, "Decode steps per dispatch (the host reads tokens once per this many).")
 flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
 flags.DEFINE_bool("dry_run", False, "With --hf: print the per-device serving memory plan (weights, latent cache) for "
                   "--mesh and --hbm_gib from config.json alone, and exit.")
@@ -124,7 +131,8 @@ def main(argv):
     import jax.numpy as jnp
 
     from dsv3_jax import sharding
-    from dsv3_jax.infer.generate import Generator, round_up
+    from dsv3_jax.infer.engine import Engine
+    from dsv3_jax.infer.generate import EOS_ID, round_up
     from dsv3_jax.infer.sampling import SamplingParams
 
     if FLAGS.dry_run:
@@ -143,6 +151,9 @@ def main(argv):
         raise cli.UserError(f"--batch_size={FLAGS.batch_size} must be >= 1")
     if FLAGS.max_new_tokens < 1:
         raise cli.UserError(f"--max_new_tokens={FLAGS.max_new_tokens} must be >= 1")
+    for name in ("page_size", "max_batch_tokens", "decode_steps"):
+        if getattr(FLAGS, name) < 1:
+            raise cli.UserError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
     cache_dtype = cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype") if FLAGS.cache_dtype else None
     if FLAGS.mesh:
         sharding.parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
@@ -168,37 +179,63 @@ def main(argv):
         mesh = make_mesh(FLAGS.mesh, cfg)
     ids = [tokenizer.encode(p).ids for p in prompts]
     capacity = FLAGS.cache_len or min(cfg.max_position_embeddings,
-                                      round_up(max(map(len, ids)) + FLAGS.max_new_tokens, 64))
-    gen = Generator(model, capacity=capacity, mesh=mesh, cache_dtype=jnp.dtype(cache_dtype) if cache_dtype else None)
-    try:
-        gen.check_prompts(ids, FLAGS.max_new_tokens)
-    except ValueError as e:
-        raise cli.UserError(f"prompt: {e}") from None
-    if FLAGS.speculative and not gen.has_mtp:
+                                      round_up(max(map(len, ids)) + FLAGS.max_new_tokens, FLAGS.page_size))
+    if FLAGS.speculative and not len(model.mtp):
         raise cli.UserError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
-    placed = "" if mesh is None else f"; parameters and cache placed on {dict(mesh.shape)} (XLA partitions each step)"
-    print(f"[{gen.runtime.describe()}{placed}]", file=sys.stderr)
+    lookahead = FLAGS.decode_steps * (2 if FLAGS.speculative else 1)
+    # The pool holds --batch_size sequences of `capacity` tokens (plus the decode lookahead), and the trash page.
+    pages = FLAGS.batch_size * -(-(capacity + lookahead) // FLAGS.page_size) + 1
+    engine = Engine(model, page_size=FLAGS.page_size, max_batch=FLAGS.batch_size,
+                    max_batch_tokens=max(FLAGS.max_batch_tokens, FLAGS.batch_size), pages=pages,
+                    decode_steps=FLAGS.decode_steps, cache_dtype=jnp.dtype(cache_dtype) if cache_dtype else None,
+                    speculative=FLAGS.speculative, mesh=mesh, max_seq_len=capacity)
+    streaming = FLAGS.batch_size == 1  # requests then run one after another, in order
+    streams = {}
 
-    results = []
-    for start in range(0, len(prompts), FLAGS.batch_size):
-        batch, batch_ids = prompts[start:start + FLAGS.batch_size], ids[start:start + FLAGS.batch_size]
-        stream = Stream(tokenizer, batch[0]) if len(batch) == 1 else None
-        comps = gen.generate(batch_ids, FLAGS.max_new_tokens, sampling, speculative=FLAGS.speculative,
-                             on_tokens=stream)
-        for prompt, c in zip(batch, comps):
-            text = tokenizer.decode(c.tokens)
-            if stream:
-                stream.finish(text)
-            else:
-                print(prompt + text)
-            stats = f"{len(c.tokens)} tokens in {c.seconds:.2f}s: {c.tokens_per_sec:.1f} tokens/s"
-            if FLAGS.speculative:
-                stats += f", acceptance rate {c.acceptance_rate or 0.0:.2f} ({c.accepted}/{c.drafted} drafts)"
-            print(f"[{stats}; {c.finish_reason}]", file=sys.stderr)
-            results.append({"text": prompt + text, "tokens": c.tokens, "tokens_per_sec": c.tokens_per_sec,
-                            "acceptance_rate": c.acceptance_rate if FLAGS.speculative else None})
-    print(f"[{source}; cache {gen.capacity} slots ({gen.cache_dtype.name}); compiled in {gen.compile_seconds:.1f}s"
-          f" (not counted in tokens/s)]", file=sys.stderr)
+    def on_tokens(i):
+        def cb(req, new):
+            if streaming:
+                if i not in streams:
+                    streams[i] = Stream(tokenizer, prompts[i])
+                streams[i](i, new)
+        return cb
+
+    rids = []
+    for i, p in enumerate(ids):  # every prompt is checked before anything compiles
+        try:
+            rids.append(engine.submit(p, FLAGS.max_new_tokens, sampling, stop_ids=(EOS_ID,), on_tokens=on_tokens(i)))
+        except cli.UserError as e:
+            raise cli.UserError(f"prompt {i}: {e}") from None
+    placed = "" if mesh is None else f"; parameters and cache placed on {dict(mesh.shape)} (XLA partitions each step)"
+    print(f"[{engine.runtime.describe()}{placed}]", file=sys.stderr)
+
+    def report(i, req):
+        text = tokenizer.decode(req.output)
+        if streaming:
+            if i not in streams:
+                streams[i] = Stream(tokenizer, prompts[i])
+            streams[i].finish(text)
+        tps = len(req.output) / max(req.seconds, 1e-9)
+        stats = f"{len(req.output)} tokens in {req.seconds:.2f}s: {tps:.1f} tokens/s"
+        rate = req.accepted / req.drafted if req.drafted else None
+        if FLAGS.speculative:
+            stats += f", acceptance rate {rate or 0.0:.2f} ({req.accepted}/{req.drafted} drafts)"
+        print(f"[{stats}; {req.finish_reason}]", file=sys.stderr)
+        return {"text": prompts[i] + text, "tokens": list(req.output), "tokens_per_sec": tps,
+                "acceptance_rate": rate if FLAGS.speculative else None}
+
+    index = {rid: i for i, rid in enumerate(rids)}
+    results = {}
+    while not engine.idle:
+        for req in engine.step():
+            results[index[req.rid]] = report(index[req.rid], req)
+    results = [results[i] for i in range(len(prompts))]
+    if not streaming:
+        for r in results:
+            print(r["text"])
+    print(f"[{source}; paged cache {engine.pool.pages} pages of {FLAGS.page_size} tokens "
+          f"({engine.cache_dtype.name}), peak {engine.pool.peak_used} used; {engine.compilations} compilations in "
+          f"{engine.compile_seconds:.1f}s (not counted in tokens/s)]", file=sys.stderr)
     if FLAGS.output_json:
         with open(FLAGS.output_json, "w") as f:
             json.dump(results, f, indent=1)

@@ -5,10 +5,10 @@ a dense per-row cache, the page pool's counts, the scheduler under memory pressu
 The model is test_infer's small random DeepSeek-V3 (1 dense + 2 MoE layers, std 0.2: tokens are sensitive
 to any wrong number). Greedy tokens must be equal, request by request, to that prompt decoded alone.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_infer import draftable_model
 
 from dsv3_jax.cli import UserError
 from dsv3_jax.infer.engine import Engine
@@ -18,7 +18,6 @@ from dsv3_jax.infer.sampling import SamplingParams
 from dsv3_jax.mla import LatentCache
 
 from reference import tiny_config
-from test_infer import draftable_model
 
 NEW = 12
 PROMPTS = [[3, 5, 7, 11, 2], [9, 2, 4, 4, 8, 10, 11, 30, 31, 17, 6], [20], list(range(2, 40)),

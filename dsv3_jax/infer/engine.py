@@ -54,6 +54,14 @@ def _bucket(n: int, smallest: int = 1) -> int:
     return b
 
 
+def _bucket4(n: int) -> int:
+    """Prefill lengths: 16, 64, 256, ... (few shapes; a chunk pads at most to 4x, usually far less)."""
+    b = 16
+    while b < n:
+        b *= 4
+    return b
+
+
 def sample_rows(seeds, index, logits, temperature, top_k, top_p):
     """One token per row [B] with each row's own parameters and key fold_in(PRNGKey(seed), index)."""
 
@@ -183,7 +191,7 @@ class Engine:
     def __init__(self, model: DeepSeekV3, *, page_size: int = 16, max_batch: int = 16, max_batch_tokens: int = 256,
                  max_prefill_chunk: int | None = None, cache_bytes: int | None = None, pages: int | None = None,
                  decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None,
-                 speculative: bool = False, mesh=None):
+                 speculative: bool = False, mesh=None, max_seq_len: int | None = None):
         cfg = model.cfg
         self.cfg = cfg
         for name, v in (("page_size", page_size), ("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens),
@@ -212,6 +220,13 @@ class Engine:
                                    lookahead=decode_steps * (2 if self.speculative else 1),
                                    prefix_sharing=prefix_sharing, key_extra=int(self.speculative))
         self.tokenizer = tokenizer
+        # Every step's page tables have one width: the pages of the longest request (prompt + max_tokens +
+        # the decode lookahead), so compiled shapes depend on rows and prefill length only.
+        self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
+        if not 0 < self.max_seq_len <= cfg.max_position_embeddings:
+            raise UserError(f"engine: max_seq_len={self.max_seq_len} must be in [1, max_position_embeddings="
+                            f"{cfg.max_position_embeddings}]")
+        self.table_width = _bucket(self.scheduler.pages_needed(self.max_seq_len + self.scheduler.lookahead))
         self.runtime = model.runtime.replace(mesh=None)
         self.decode_runtime = self.runtime.for_decode()
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
@@ -227,8 +242,9 @@ class Engine:
         stack = lambda n: PagedLatentCache.zeros(cfg, pages, page_size, self.cache_dtype, n) if n != 0 else None  # noqa
         self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                                 mtp=stack(None) if self.speculative else None)
-        if self.mesh is not None:
-            self.pools = jax.device_put(self.pools, self._pool_shardings())
+        # Committed placement from the start: the pools a step returns are committed, and a step given an
+        # uncommitted array the first time would compile twice.
+        self.pools = jax.device_put(self.pools, jax.devices()[0] if self.mesh is None else self._pool_shardings())
         self.requests: dict[int, Request] = {}
         self._ids = itertools.count()
         self._compiled: set = set()
@@ -285,9 +301,11 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
             raise UserError(f"prompt has token ids outside [0, {cfg.vocab_size})")
         total = len(prompt) + max_tokens
-        if total > cfg.max_position_embeddings:
-            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {total} exceeds the model's "
-                            f"context of {cfg.max_position_embeddings} tokens")
+        if total > self.max_seq_len:
+            what = ("the model's context" if self.max_seq_len == cfg.max_position_embeddings
+                    else "the engine's max_seq_len")
+            raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {total} exceeds {what} of "
+                            f"{self.max_seq_len} tokens")
         need = self.scheduler.pages_needed(total + self.scheduler.lookahead)
         if need > self.pool.pages - 1:
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) needs {need} cache pages of "
@@ -320,6 +338,10 @@ class Engine:
         if not work:
             return []
         self.steps += 1
+        t_start = time.perf_counter()
+        for w in work:
+            if w.request.started is None:
+                w.request.started, w.request.compile_at_start = t_start, self.compile_seconds
         prefill = [w for w in work if w.n > 1 or not w.sample]
         decode = [w for w in work if w.n == 1 and w.sample]
         out_p = self._run_prefill(prefill) if prefill else None
@@ -388,11 +410,13 @@ class Engine:
             req.on_tokens(req, take)
         if reason is not None:
             self.scheduler.finish(req, reason)
+            req.seconds = time.perf_counter() - req.started - (self.compile_seconds - req.compile_at_start)
             return True
         return False
 
-    def _tables(self, work: list[Work], rows: int, extra: int = 0) -> np.ndarray:
-        M = _bucket(max(self.scheduler.pages_needed(w.start + w.n + extra) for w in work))
+    def _tables(self, work: list[Work], rows: int) -> np.ndarray:
+        """Page tables [rows, table_width] (unused entries: the trash page, hidden by the causal mask)."""
+        M = self.table_width
         table = np.zeros((rows, M), np.int32)
         for i, w in enumerate(work):
             n = min(len(w.request.pages), M)
@@ -413,7 +437,7 @@ class Engine:
 
     def _run_prefill(self, work: list[Work]):
         B = self._rows(len(work))
-        T = _bucket(max(w.n for w in work), 16)
+        T = _bucket4(max(w.n for w in work))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         last = np.zeros(B, np.int32)
@@ -453,7 +477,7 @@ class Engine:
         valid = np.zeros(B, bool)
         for i, w in enumerate(work):
             token[i], position[i], valid[i] = w.request.sequence[w.start], w.start, True
-        table = self._tables(work, B, self.scheduler.lookahead - 1)
+        table = self._tables(work, B)
         t0 = time.perf_counter()
         fresh = self._note_compile("decode", B, table.shape[1])
         if self.speculative:

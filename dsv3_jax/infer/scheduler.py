@@ -51,6 +51,9 @@ class Request:
     draft: int = 0  # MTP speculation: the drafted token after the pending one, and its distribution
     draft_q: object = None
     text: str = ""  # detokenised output (only with stop strings)
+    started: float | None = None  # first scheduled
+    compile_at_start: float = 0.0  # the engine's compile seconds then
+    seconds: float = 0.0  # first scheduled -> finished, less the compilation in between
 
     @property
     def sequence(self) -> list[int]:

@@ -1,0 +1,279 @@
+"""Serving under load: the engine (continuous batching over the paged latent cache) against static batching
+(our `Generator`) and transformers' `generate`, on one fixed, seeded workload, in one run on one machine.
+
+    python benchmarks/serve_load.py [--requests 128] [--concurrency 16] [--rate R] [--output_json FILE]
+                                    [--systems engine,engine_c1,generator,transformers_batched,transformers_single]
+
+Workload (seeded by --seed): --requests requests, prompt lengths uniform in [16, 512] tokens cut from the
+demo corpus (`train.data.default_corpus`, tokenised by the demo tokenizer), max_tokens uniform in [16, 256],
+greedy, no stop tokens (every request produces exactly max_tokens). Arrivals: a closed loop at
+--concurrency (a new request arrives when one finishes; the default) or Poisson at --rate requests/s.
+Systems:
+  engine                the engine at --concurrency (max_batch = concurrency, --page_size, --max_batch_tokens)
+  engine_c1             the engine at concurrency 1 (one request at a time)
+  generator             `Generator` on static batches of --concurrency requests: a batch runs until its longest
+                        request is done (the others' extra tokens are not counted), then the next batch starts
+  transformers_batched  `DeepseekV3ForCausalLM.generate` on the same weights, left-padded batches of --concurrency
+  transformers_single   the same, one request at a time
+Static-batch systems take requests in arrival order (with --rate a batch starts when its last request has
+arrived). Each system first runs a short warm-up (the first 2 x concurrency requests with max_tokens 8) so
+compilation is mostly outside the measurement; the engine reports the compilations the measured run still
+triggered.
+
+Metrics per system: output tokens/s and requests/s over the run's wall time; time to first token (arrival ->
+first token seen by the client) p50/p99; inter-token latency p50/p99 over requests, each request's being
+its mean gap between tokens ((last - first) / (tokens - 1)), since the engine hands tokens to the client
+in bursts of --decode_steps; transformers' batched rows get the times of the batch's steps (a logits
+processor stamps each step). The engine also reports compilations, pages in use at peak, prefix-cache hits
+(prompts here share no prefixes, so hits are ~0) and preemptions.
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (puts the repository root on sys.path)
+
+import numpy as np  # noqa: E402
+from decode import ensure_demo  # noqa: E402
+
+from dsv3_jax.infer.engine import Engine  # noqa: E402
+from dsv3_jax.infer.generate import Generator  # noqa: E402
+from dsv3_jax.infer.sampling import SamplingParams  # noqa: E402
+
+SYSTEMS = ("engine", "engine_c1", "generator", "transformers_batched", "transformers_single")
+GREEDY = SamplingParams()
+
+
+def workload(tokenizer, n: int, seed: int, rate: float | None):
+    """[(arrival offset s or None, prompt ids, max_tokens)] from the demo corpus."""
+    from dsv3_jax.train import data
+
+    rng = np.random.default_rng(seed)
+    ids = np.concatenate([np.asarray(tokenizer.encode(t).ids, np.int32) for t in data.default_corpus()[:400]])
+    out, t = [], 0.0
+    for _ in range(n):
+        L, m = int(rng.integers(16, 513)), int(rng.integers(16, 257))
+        start = int(rng.integers(0, len(ids) - L))
+        if rate:
+            t += float(rng.exponential(1.0 / rate))
+        out.append((t if rate else None, ids[start:start + L].tolist(), m))
+    return out
+
+
+def summarise(name, records, wall, extra=None):
+    """records: [(arrival, [token times], n_tokens)] -> the system's row."""
+    ttft = [times[0] - arr for arr, times, _ in records if times]
+    itl = [(times[-1] - times[0]) / (len(times) - 1) for _, times, _ in records if len(times) > 1]
+    tokens = sum(n for _, _, n in records)
+    q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
+    row = {"system": name, "requests": len(records), "output_tokens": tokens, "seconds": wall,
+           "output_tokens_per_sec": tokens / wall, "requests_per_sec": len(records) / wall,
+           "ttft_p50_s": q(ttft, 50), "ttft_p99_s": q(ttft, 99), "itl_p50_s": q(itl, 50), "itl_p99_s": q(itl, 99)}
+    row.update(extra or {})
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- our systems
+def run_engine(model, work, concurrency, args):
+    def make():
+        pages = concurrency * -(-(512 + 256 + 2 * args.decode_steps) // args.page_size) + 1
+        return Engine(model, page_size=args.page_size, max_batch=concurrency,
+                      max_batch_tokens=max(args.max_batch_tokens, concurrency), pages=pages,
+                      decode_steps=args.decode_steps, max_seq_len=512 + 256)
+
+    warm = make()
+    for _, p, _ in work[:2 * concurrency]:
+        warm.submit(p, 8, GREEDY, stop_ids=())
+    warm.run()
+    eng = make()
+    c0, n0 = eng.compile_seconds, eng.compilations
+    times: dict[int, list[float]] = {}
+    arrival: dict[int, float] = {}
+    pending = list(enumerate(work))
+    t0 = time.perf_counter()
+
+    def submit(i, p, m):
+        rid = eng.submit(p, m, GREEDY, stop_ids=(), on_tokens=lambda req, new: times[req.rid].extend(
+            [time.perf_counter()] * len(new)))
+        times[rid] = []
+        arrival[rid] = time.perf_counter() if work[i][0] is None else t0 + work[i][0]
+
+    live = 0
+    while pending or not eng.idle:
+        now = time.perf_counter()
+        while pending and (live < concurrency if pending[0][1][0] is None else now >= t0 + pending[0][1][0]):
+            i, (_, p, m) = pending.pop(0)
+            submit(i, p, m)
+            live += 1
+        if eng.idle:
+            time.sleep(0.001)
+            continue
+        live -= len(eng.step())
+    wall = time.perf_counter() - t0 - (eng.compile_seconds - c0)  # shapes the warm-up missed: not service time
+    records = [(arrival[r], times[r], len(eng.result(r).output)) for r in times]
+    return summarise("engine" if concurrency > 1 else "engine_c1", records, wall,
+                     {"compilations": eng.compilations - n0, "compile_seconds": eng.compile_seconds - c0,
+                      "pages": eng.pool.pages, "pages_peak": eng.pool.peak_used, "prefix_hits": eng.pool.hits,
+                      "preemptions": eng.scheduler.preemptions})
+
+
+def batches(work, concurrency):
+    for i in range(0, len(work), concurrency):
+        yield work[i:i + concurrency]
+
+
+def run_generator(model, work, concurrency, args):
+    gen = Generator(model, capacity=1024)
+    for b in list(batches(work, concurrency))[:2]:
+        gen.generate([p for _, p, _ in b], 8, GREEDY, stop_tokens=())
+    c0 = gen.compile_seconds
+    records = []
+    t0 = time.perf_counter()
+    for b in batches(work, concurrency):
+        start = time.perf_counter()
+        if b[-1][0] is not None:
+            time.sleep(max(0.0, t0 + b[-1][0] - start))
+        start = time.perf_counter()
+        times = [[] for _ in b]
+        limit = [m for _, _, m in b]
+        c_before = gen.compile_seconds
+
+        def on_tokens(row, new, times=times):
+            times[row].extend([time.perf_counter()] * len(new))
+
+        gen.generate([p for _, p, _ in b], max(limit), GREEDY, stop_tokens=(), on_tokens=on_tokens)
+        shift = gen.compile_seconds - c_before  # a new shape compiled inside: not service time
+        for (arr, _, m), ts in zip(b, times):
+            arr = start if arr is None else t0 + arr
+            ts = [t - shift for t in ts[:m]]
+            records.append((arr, ts, len(ts)))
+    wall = time.perf_counter() - t0 - (gen.compile_seconds - c0)
+    return summarise("generator", records, wall, {"compile_seconds": gen.compile_seconds - c0})
+
+
+# ---------------------------------------------------------------------------------------------- transformers
+def load_transformers(model, threads):
+    from dsv3_jax.interop import hf
+
+    torch, device = C.torch_setup(threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="dsv3_serve_") as d:
+        hf.save(model, None, d)
+        ref = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).to(device).eval()
+    ref.generation_config.eos_token_id = None
+    ref.generation_config.pad_token_id = 0
+    return torch, device, ref
+
+
+def run_transformers(tf, work, concurrency, name):
+    torch, device, ref = tf
+    import transformers
+
+    class Stamp(transformers.LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    def run(b, n):
+        L = max(len(p) for _, p, _ in b)
+        inp = torch.zeros((len(b), L), dtype=torch.long)
+        mask = torch.zeros((len(b), L), dtype=torch.long)
+        for r, (_, p, _) in enumerate(b):
+            inp[r, L - len(p):] = torch.as_tensor(p)
+            mask[r, L - len(p):] = 1
+        stamp = Stamp()
+        ref.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=n, do_sample=False,
+                     logits_processor=transformers.LogitsProcessorList([stamp]))
+        return stamp.times
+
+    records = []
+    with torch.inference_mode():
+        run(work[:concurrency], 4)
+        t0 = time.perf_counter()
+        for b in batches(work, concurrency):
+            if b[-1][0] is not None:
+                time.sleep(max(0.0, t0 + b[-1][0] - time.perf_counter()))
+            start = time.perf_counter()
+            times = run(b, max(m for _, _, m in b))
+            for arr, _, m in b:
+                records.append((start if arr is None else t0 + arr, times[:m], m))
+        wall = time.perf_counter() - t0
+    return summarise(name, records, wall)
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", default=os.path.join(C.ROOT, "workdir", "demo"))
+    p.add_argument("--train_steps", type=int, default=300)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rate", type=float, default=None, help="Poisson arrivals per second (default: closed loop)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--page_size", type=int, default=16)
+    p.add_argument("--max_batch_tokens", type=int, default=256)
+    p.add_argument("--decode_steps", type=int, default=4)
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--torch_threads", type=int, default=None)
+    p.add_argument("--output_json", default=None)
+    args = p.parse_args(argv)
+    systems = [s for s in args.systems.split(",") if s]
+    bad = sorted(set(systems) - set(SYSTEMS))
+    if bad:
+        raise SystemExit(f"--systems: unknown {bad}; choose from {','.join(SYSTEMS)}")
+
+    ensure_demo(args.workdir, args.train_steps)
+    from dsv3_jax.infer.load import load_trained
+
+    model, tokenizer, _, step = load_trained(args.workdir)
+    work = workload(tokenizer, args.requests, args.seed, args.rate)
+    arrivals = f"Poisson {args.rate}/s" if args.rate else f"closed loop at concurrency {args.concurrency}"
+    print(f"demo model step {step}; {args.requests} requests, prompts {min(len(w[1]) for w in work)}-"
+          f"{max(len(w[1]) for w in work)} tokens, max_tokens {min(w[2] for w in work)}-{max(w[2] for w in work)}, "
+          f"{sum(w[2] for w in work)} output tokens; {arrivals}; {C.cores()} cores", flush=True)
+    rows = []
+    tf = None
+    for s in systems:
+        t = time.perf_counter()
+        if s == "engine":
+            rows.append(run_engine(model, work, args.concurrency, args))
+        elif s == "engine_c1":
+            rows.append(run_engine(model, work, 1, args))
+        elif s == "generator":
+            rows.append(run_generator(model, work, args.concurrency, args))
+        else:
+            tf = tf or load_transformers(model, args.torch_threads)
+            rows.append(run_transformers(tf, work, args.concurrency if s == "transformers_batched" else 1, s))
+        print(f"  {s}: {rows[-1]['output_tokens_per_sec']:.1f} output tokens/s ({time.perf_counter() - t:.0f}s)",
+              flush=True)
+    fmt = "{:<22}{:>12}{:>10}{:>11}{:>11}{:>11}{:>11}{:>9}"
+    print(fmt.format("system", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "vs eng"))
+    eng = next((r for r in rows if r["system"] == "engine"), None)
+    ms = lambda x: "-" if x is None else f"{1000 * x:.0f} ms"  # noqa: E731
+    for r in rows:
+        ratio = "" if eng is None else f"{eng['output_tokens_per_sec'] / r['output_tokens_per_sec']:.2f}x"
+        print(fmt.format(r["system"], f"{r['output_tokens_per_sec']:.1f}", f"{r['requests_per_sec']:.2f}",
+                         ms(r["ttft_p50_s"]), ms(r["ttft_p99_s"]), ms(r["itl_p50_s"]), ms(r["itl_p99_s"]), ratio))
+    for r in rows:
+        if "compilations" in r:
+            print(f"{r['system']}: {r['compilations']} compilations in the measured run ({r['compile_seconds']:.1f}s), "
+                  f"pages peak {r['pages_peak']} of {r['pages']}, prefix-cache hits {r['prefix_hits']} pages, "
+                  f"preemptions {r['preemptions']}")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(rows, f, indent=1)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
