@@ -185,3 +185,26 @@ def test_engine_on_a_mesh_equals_one_device(model, alone):
         assert eng.result(rid).output == want
     w = eng.state["moe_layers"]["ffn"]["w_gate"][...]
     assert w.sharding.spec[1] == "expert" and len(w.sharding.device_set) == 8
+
+
+class CharTokenizer:
+    """One character per token id: decoded text positions are token positions."""
+
+    def decode(self, ids):
+        return "".join(chr(0x41 + i) for i in ids)
+
+
+def test_stop_strings_cut_the_text(model, alone):
+    tok = CharTokenizer()
+    want = alone[1]
+    text = tok.decode(want)
+    stop = text[6:9]
+    cut = text.find(stop)
+    eng = engine(model, tokenizer=tok)
+    rid = eng.submit(PROMPTS[1], NEW, stop_ids=(), stop_strings=(stop, "never-matches"))
+    eng.run()
+    req = eng.result(rid)
+    assert req.finish_reason == "stop" and req.text == text[:cut] and stop not in req.text
+    assert tok.decode(req.output) == text[:cut + 1] and req.output == want[:len(req.output)]  # up to its start
+    with pytest.raises(UserError, match="tokenizer"):
+        engine(model).submit(PROMPTS[1], 4, stop_strings=("x",))

@@ -19,7 +19,8 @@ the number of compilations is bounded by the buckets a workload touches (`compil
 Sampling is per request: temperature, top_k, top_p and a seed; the key of a request's j-th output token is
 fold_in(PRNGKey(seed), j), so a request's tokens do not depend on what it is batched with. Stop token ids
 end a request without emitting the stop token; stop strings (with a tokenizer) end it at the first
-occurrence in the detokenised output, which is cut there; `max_tokens` ends it with 'length'.
+occurrence in the detokenised output: `Request.text` is cut before it, the token ids run up to the token the
+stop string starts in (tokens already streamed are never taken back); `max_tokens` ends it with 'length'.
 
 Determinism: in float32 a request's greedy tokens equal `Generator`'s for its prompt decoded alone (tested
 with staggered arrivals, mixed lengths, forced preemption and prefix hits).
@@ -63,13 +64,18 @@ def _bucket4(n: int) -> int:
 
 
 def sample_rows(seeds, index, logits, temperature, top_k, top_p):
-    """One token per row [B] with each row's own parameters and key fold_in(PRNGKey(seed), index)."""
+    """One token per row [B] with each row's own parameters and key fold_in(PRNGKey(seed), index). When every
+    row is greedy only the argmax runs (per-row sampling under vmap would compute every branch: a sort of the
+    vocabulary per row for top-k/top-p)."""
 
     def one(seed, j, row, t, k, p):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), j)
         return sample(key, row[None], t, k, p)[0]
 
-    return jax.vmap(one)(seeds, index, logits, temperature, top_k, top_p)
+    def sampled():
+        return jax.vmap(one)(seeds, index, logits, temperature, top_k, top_p)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy(logits))
 
 
 def _with_table(pools: ModelCache, table) -> ModelCache:
@@ -119,10 +125,16 @@ def _probs_rows(logits, temperature, top_k, top_p):
 
 
 def _draft_rows(keys, logits, temperature, top_k, top_p):
-    """Draft token [B] and its distribution q [B, V] (used by sampling rows only) from MTP logits [B, V]."""
-    q = _probs_rows(logits, temperature, top_k, top_p)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, jnp.log(row)))(keys, q).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy(logits)), q
+    """Draft token [B] and its distribution q [B, V] (used by sampling rows only; zeros when all are greedy)
+    from MTP logits [B, V]."""
+
+    def sampled():
+        q = _probs_rows(logits, temperature, top_k, top_p)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, jnp.log(row)))(keys, q).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy(logits)), q
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled,
+                        lambda: (greedy(logits), jnp.zeros(logits.shape, jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -156,10 +168,14 @@ def _verify_step(graphdef, steps, state, pools, table, pending, draft, q, positi
         pools, pending, draft, q, position, index = carry
         pos = jnp.where(valid[:, None], position[:, None] + jnp.arange(2), -1)
         logits, h, cache = model.decode(jnp.stack([pending, draft], 1), pos, _with_table(pools, table))
-        p1 = _probs_rows(logits[:, 0], temperature, top_k, top_p)
-        ok_s, a1_s = jax.vmap(lambda k, p, qq, d: tuple(x[0] for x in verify_draft(k, p[None], qq[None], d[None])))(
-            _keys(seeds, index, 2), p1, q, draft)
         a1_g = greedy(logits[:, 0])
+
+        def verify_sampled():
+            p1 = _probs_rows(logits[:, 0], temperature, top_k, top_p)
+            return jax.vmap(lambda k, p, qq, d: tuple(x[0] for x in verify_draft(k, p[None], qq[None], d[None])))(
+                _keys(seeds, index, 2), p1, q, draft)
+
+        ok_s, a1_s = jax.lax.cond(jnp.any(temperature > 0), verify_sampled, lambda: (draft == a1_g, a1_g))
         sampled = temperature > 0
         a1 = jnp.where(sampled, a1_s, a1_g)
         accept = jnp.where(sampled, ok_s, draft == a1_g)
@@ -344,13 +360,18 @@ class Engine:
                 w.request.started, w.request.compile_at_start = t_start, self.compile_seconds
         prefill = [w for w in work if w.n > 1 or not w.sample]
         decode = [w for w in work if w.n == 1 and w.sample]
-        out_p = self._run_prefill(prefill) if prefill else None
+        # Prefill rows go in one call per length bucket (a 9-token tail is not padded to a 256-token chunk);
+        # all calls are dispatched before any result is read.
+        groups: dict[int, list[Work]] = {}
+        for w in prefill:
+            groups.setdefault(_bucket4(w.n), []).append(w)
+        out_p = [(g, self._run_prefill(g)) for g in groups.values()]
         out_d = self._run_decode(decode) if decode else None
         finished = []
         now = time.perf_counter()
-        if prefill:
-            toks = np.asarray(out_p)
-            for i, w in enumerate(prefill):
+        for group, out in out_p:
+            toks = np.asarray(out)
+            for i, w in enumerate(group):
                 req = w.request
                 req.computed += w.n
                 self.scheduler.register_prefix(req)
@@ -397,8 +418,8 @@ class Engine:
             hits = [h for h in hits if h >= 0]
             if hits:
                 cut = min(hits)
-                while take and len(self.tokenizer.decode(req.output + take[:-1])) >= cut:
-                    take.pop()
+                while take and len(self.tokenizer.decode(req.output + take[:-1])) > cut:
+                    take.pop()  # keep tokens up to the one the stop string starts in (it may be out already)
                 reason = "stop"
                 text = self.tokenizer.decode(req.output + take)[:cut]
             req.text = text
@@ -414,9 +435,10 @@ class Engine:
             return True
         return False
 
-    def _tables(self, work: list[Work], rows: int) -> np.ndarray:
-        """Page tables [rows, table_width] (unused entries: the trash page, hidden by the causal mask)."""
-        M = self.table_width
+    def _tables(self, work: list[Work], rows: int, width: int | None = None) -> np.ndarray:
+        """Page tables [rows, width] (default: table_width; unused entries: the trash page, hidden by the causal
+        mask). Attention reads width x page_size slots per row."""
+        M = width or self.table_width
         table = np.zeros((rows, M), np.int32)
         for i, w in enumerate(work):
             n = min(len(w.request.pages), M)
@@ -446,7 +468,13 @@ class Engine:
             tokens[i, :w.n] = seq[w.start:w.start + w.n]
             positions[i, :w.n] = np.arange(w.start, w.start + w.n)
             last[i] = w.n - 1
-        table = self._tables(work, B)
+        # Prefill attends over the pages its chunks reach, in widths of powers of 4 pages (few shapes): a
+        # chunk early in a long request does not read the whole table.
+        reach = max(self.scheduler.pages_needed(w.start + w.n) for w in work)
+        width = 4
+        while width < reach:
+            width *= 4
+        table = self._tables(work, B, min(width, self.table_width))
         t0 = time.perf_counter()
         fresh = self._note_compile("prefill", B, T, table.shape[1])
         if self.speculative:
