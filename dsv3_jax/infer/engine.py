@@ -531,6 +531,34 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ convenience
+    def warmup(self) -> int:
+        """Compile (by running once on the trash page) every step shape this engine can schedule: prefill rows x
+        lengths {16, 64, 256, ...} x attention widths (rows x length at most 8x the token budget: a length pads a
+        chunk at most 4x and a row count a group at most 2x), and decode rows.
+        Servers call it at start-up so no request waits for a compilation. Returns the shapes compiled."""
+        before = self.compilations
+        G = self.page_size
+        rows = [b for b in (2**i for i in range(12)) if b <= self._rows(self.max_batch)]
+        lengths = [t for t in (16 * 4**i for i in range(8)) if t <= _bucket4(self.scheduler.max_prefill_chunk)]
+        widths = [w for w in (4**i for i in range(1, 12)) if w < self.table_width] + [self.table_width]
+
+        def dummy(start, n):
+            req = Request(-1, [0] * (start + n), 1)
+            return Work(req, start, n)
+
+        budget = max(self.scheduler.max_batch_tokens, 16)
+        for T in lengths:
+            for B in rows:
+                if B * T > 8 * budget:
+                    continue
+                for W in widths:
+                    start = max(0, min(W * G, self.max_seq_len) - T)
+                    out = self._run_prefill([dummy(start, T) for _ in range(min(B, self.max_batch))])
+        for B in rows:
+            out = self._run_decode([dummy(0, 1) for _ in range(min(B, self.max_batch))])
+        jax.block_until_ready(out)
+        return self.compilations - before
+
     def run(self) -> None:
         while not self.idle:
             self.step()
