@@ -1,0 +1,71 @@
+"""Chat prompts and streamed text.
+
+Chat template: a checkpoint's tokenizer_config.json `chat_template` (Jinja, as transformers renders it, with
+`messages`, `add_generation_prompt=True` and the config's bos/eos tokens) when it has one; otherwise the plain
+template used for the demo tokenizer, one line per message and an open assistant turn:
+
+    <role>: <content>\\n ... assistant:
+
+Incremental detokenisation (`TextStream`): tokens are decoded together with everything before them and only
+the new suffix is emitted; a suffix that ends in U+FFFD (a token that stops mid-character) is held back until
+the character is complete, so no streamed chunk carries broken UTF-8.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+PLAIN_TEMPLATE = "{role}: {content}\n"
+
+
+def load_chat_template(directory: str | None) -> dict | None:
+    """{'template', 'bos_token', 'eos_token'} from DIR/tokenizer_config.json, or None."""
+    path = None if directory is None else os.path.join(directory, "tokenizer_config.json")
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    tpl = cfg.get("chat_template")
+    if not isinstance(tpl, str):
+        return None
+
+    def token(v):
+        return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+    return {"template": tpl, "bos_token": token(cfg.get("bos_token")), "eos_token": token(cfg.get("eos_token"))}
+
+
+def render_chat(messages: list[dict], template: dict | None) -> str:
+    if template is None:
+        return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "assistant:"
+    import jinja2
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(template["template"]).render(messages=messages, add_generation_prompt=True,
+                                                       bos_token=template["bos_token"],
+                                                       eos_token=template["eos_token"])
+
+
+class TextStream:
+    """Token ids in, complete text suffixes out. `holdback` characters stay unsent until the end (the longest
+    stop string: text that may turn out to be the start of one is never streamed)."""
+
+    def __init__(self, tokenizer, holdback: int = 0):
+        self.tokenizer, self.ids, self.sent, self.holdback = tokenizer, [], "", holdback
+
+    def push(self, new: list[int]) -> str:
+        self.ids.extend(new)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        text = text[: max(len(self.sent), len(text) - self.holdback)]
+        if not text.startswith(self.sent):
+            return ""
+        out, self.sent = text[len(self.sent):], text
+        return out
+
+    def flush(self, final_text: str | None = None) -> str:
+        text = self.tokenizer.decode(self.ids) if final_text is None else final_text
+        out = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent = text
+        return out

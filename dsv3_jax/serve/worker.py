@@ -1,0 +1,132 @@
+"""The engine thread: the one thread that owns the JAX loop, and the asyncio side that talks to it.
+
+Handlers (on the event loop) never touch the engine. They put commands on a thread-safe queue:
+    submit(prompt ids, parameters) -> a future resolved with the request id (or the UserError that refused it)
+    cancel(request id)
+and read their request's events from an asyncio.Queue that the engine thread fills with
+loop.call_soon_threadsafe: ('tokens', [ids]) as tokens are committed, ('done', Request) at the end.
+The thread steps the engine while it has work and blocks on the command queue when idle. `stop(deadline)`
+stops admitting new requests, lets running ones finish until the deadline, cancels the rest, and joins.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+
+from dsv3_jax.cli import UserError
+from dsv3_jax.infer.engine import Engine
+
+
+class QueueFull(Exception):
+    """More requests waiting than the server accepts (HTTP 429)."""
+
+
+class EngineWorker:
+    def __init__(self, engine: Engine, max_waiting: int = 256):
+        self.engine, self.max_waiting = engine, max_waiting
+        self.commands: queue.Queue = queue.Queue()
+        self.streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.accepting = True
+        self._stop_at: float | None = None
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.error: BaseException | None = None
+        self.on_finish = None  # callback(Request) in the engine thread (metrics)
+
+    def start(self):
+        self.thread.start()
+
+    # ------------------------------------------------------------------ event-loop side
+    async def submit(self, prompt: list[int], max_tokens: int, sampling, stop_strings=(), stop_ids=None):
+        """-> (request id, asyncio.Queue of events). Raises UserError (bad request) or QueueFull."""
+        if not self.accepting:
+            raise QueueFull("the server is shutting down")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        events: asyncio.Queue = asyncio.Queue()
+        self.commands.put(("submit", (prompt, max_tokens, sampling, tuple(stop_strings), stop_ids), loop, fut, events))
+        rid = await fut
+        return rid, events
+
+    def cancel(self, rid: int):
+        self.commands.put(("cancel", rid, None, None, None))
+
+    def stats(self) -> dict:
+        sch, pool = self.engine.scheduler, self.engine.pool
+        return {"running": len(sch.running), "waiting": len(sch.waiting), "pages_used": pool.used,
+                "pages_free": pool.available, "pages": pool.pages - 1, "prefix_hits": pool.hits,
+                "preemptions": sch.preemptions}
+
+    def stop(self, deadline_s: float = 30.0):
+        self.accepting = False
+        self._stop_at = time.monotonic() + deadline_s
+        self.commands.put(("wake", None, None, None, None))
+        self.thread.join(deadline_s + 30)
+
+    # ------------------------------------------------------------------ engine thread
+    def _post(self, rid, item):
+        target = self.streams.get(rid)
+        if target is not None:
+            loop, events = target
+            loop.call_soon_threadsafe(events.put_nowait, item)
+
+    def _handle(self, cmd):
+        kind, arg, loop, fut, events = cmd
+        if kind == "submit":
+            prompt, max_tokens, sampling, stop_strings, stop_ids = arg
+            try:
+                if len(self.engine.scheduler.waiting) >= self.max_waiting:
+                    raise QueueFull(f"{len(self.engine.scheduler.waiting)} requests are waiting; retry later")
+                kw = {} if stop_ids is None else {"stop_ids": stop_ids}
+                rid = self.engine.submit(prompt, max_tokens, sampling, stop_strings=stop_strings,
+                                         on_tokens=lambda req, new: self._post(req.rid, ("tokens", list(new))), **kw)
+            except (UserError, QueueFull) as e:
+                loop.call_soon_threadsafe(_set, fut, None, e)
+                return
+            self.streams[rid] = (loop, events)
+            loop.call_soon_threadsafe(_set, fut, rid, None)
+        elif kind == "cancel":
+            req = self.engine.requests.get(arg)
+            if req is not None and not req.done:
+                self.engine.cancel(arg)
+                self._finish(req)
+
+    def _finish(self, req):
+        if self.on_finish is not None:
+            self.on_finish(req)
+        self._post(req.rid, ("done", req))
+        self.streams.pop(req.rid, None)
+
+    def _loop(self):
+        try:
+            while True:
+                idle = self.engine.idle
+                try:
+                    cmd = self.commands.get(block=idle, timeout=None if idle else 0)
+                    self._handle(cmd)
+                    while True:
+                        self._handle(self.commands.get_nowait())
+                except queue.Empty:
+                    pass
+                if self._stop_at is not None and (self.engine.idle or time.monotonic() > self._stop_at):
+                    for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+                        self.engine.cancel(req.rid)
+                        self._finish(req)
+                    return
+                if not self.engine.idle:
+                    for req in self.engine.step():
+                        self._finish(req)
+        except BaseException as e:  # the server reports it on /health instead of hanging its clients
+            self.error = e
+            for rid in list(self.streams):
+                self._post(rid, ("error", repr(e)))
+
+
+def _set(fut, value, error):
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)

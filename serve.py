@@ -1,0 +1,121 @@
+"""OpenAI-compatible server for a trained workdir or a released-format checkpoint:
+
+    python serve.py [--checkpoint workdir/demo | --hf DIR [--keep_fp8]] [--host 127.0.0.1] [--port 8000]
+                    [--batch_size 16] [--page_size 16] [--max_batch_tokens 256] [--cache_mib 256]
+                    [--speculative] [--mesh data=2,tensor=4] [--warmup]
+
+Endpoints (dsv3_jax/serve/app.py): POST /v1/completions, POST /v1/chat/completions (streaming with
+"stream": true), GET /v1/models, GET /health, GET /metrics. One engine thread owns the JAX loop
+(dsv3_jax/serve/worker.py); uvicorn serves the HTTP side. It prints the URL once it is ready. SIGTERM (or
+Ctrl-C) stops accepting connections, lets running requests finish for up to --shutdown_s seconds, then
+exits 0.
+"""
+import os
+import signal
+import sys
+
+from dsv3_jax import cli
+
+
+def parser():
+    p = cli.ArgumentParser(prog="python serve.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default="workdir/demo", help="a train.py or converter workdir")
+    p.add_argument("--hf", default=None, help="a released-format directory (overrides --checkpoint)")
+    p.add_argument("--keep_fp8", action="store_true", help="with --hf: keep the FP8 weights FP8 (W8A8 GEMMs)")
+    p.add_argument("--fp8_mode", default="w8a8", choices=("w8a8", "weight_only"))
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=4")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model_name", default=None, help="the model id clients name (default: the directory name)")
+    p.add_argument("--batch_size", type=int, default=16, help="requests in the running batch")
+    p.add_argument("--page_size", type=int, default=16)
+    p.add_argument("--max_batch_tokens", type=int, default=256)
+    p.add_argument("--decode_steps", type=int, default=4)
+    p.add_argument("--cache_mib", type=float, default=256.0, help="device memory of the latent-cache page pool")
+    p.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + max_tokens (0: the model's context)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding for every request")
+    p.add_argument("--max_waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
+    p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of a request that gives none")
+    p.add_argument("--warmup", action="store_true", help="compile every step shape before accepting requests")
+    p.add_argument("--shutdown_s", type=float, default=30.0, help="grace period for running requests on SIGTERM")
+    p.add_argument("--verbose", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+
+    def run():
+        import uvicorn
+
+        from dsv3_jax import sharding
+        from dsv3_jax.infer.engine import Engine
+        from dsv3_jax.serve.app import build_app
+        from dsv3_jax.serve.chat import load_chat_template
+        from dsv3_jax.serve.worker import EngineWorker
+
+        for name in ("batch_size", "page_size", "max_batch_tokens", "decode_steps", "max_waiting", "max_tokens"):
+            if getattr(args, name) < 1:
+                raise cli.UserError(f"--{name}={getattr(args, name)} must be >= 1")
+        if not args.cache_mib > 0:
+            raise cli.UserError(f"--cache_mib={args.cache_mib} must be > 0")
+        mesh = None
+        if args.mesh:
+            sharding.parse_mesh(args.mesh)
+        if args.hf:
+            from dsv3_jax.infer.load import load_hf
+            from dsv3_jax.interop import hf
+
+            if args.mesh:
+                import jax
+
+                sizes = sharding.mesh_sizes(sharding.parse_mesh(args.mesh), jax.device_count())
+                sharding.validate_mesh(sizes, hf.parse_config(hf.read_config(args.hf)).model)
+                mesh = sharding.make_mesh(sizes)
+            model, tokenizer = load_hf(args.hf, keep_fp8=args.keep_fp8, fp8_mode=args.fp8_mode, mesh=mesh)
+            source = args.hf
+        else:
+            from dsv3_jax.infer.load import load_trained
+
+            if args.keep_fp8:
+                raise cli.UserError("--keep_fp8 applies to --hf DIR")
+            model, tokenizer, _, _ = load_trained(args.checkpoint, fp8_mode=args.fp8_mode)
+            source = args.checkpoint
+            if args.mesh:
+                import jax
+
+                sizes = sharding.mesh_sizes(sharding.parse_mesh(args.mesh), jax.device_count())
+                sharding.validate_mesh(sizes, model.cfg)
+                mesh = sharding.make_mesh(sizes)
+        engine = Engine(model, page_size=args.page_size, max_batch=args.batch_size,
+                        max_batch_tokens=max(args.max_batch_tokens, args.batch_size),
+                        cache_bytes=int(args.cache_mib * 2**20), decode_steps=args.decode_steps,
+                        speculative=args.speculative, mesh=mesh, tokenizer=tokenizer,
+                        max_seq_len=args.max_seq_len or None)
+        print(f"[{engine.runtime.describe()}; {engine.pool.pages} cache pages of {args.page_size} tokens]",
+              file=sys.stderr, flush=True)
+        if args.warmup:
+            n = engine.warmup()
+            print(f"[compiled {n} step shapes in {engine.compile_seconds:.0f}s]", file=sys.stderr, flush=True)
+        worker = EngineWorker(engine, max_waiting=args.max_waiting)
+        worker.start()
+        name = args.model_name or os.path.basename(os.path.normpath(source))
+        app = build_app(worker, tokenizer, name, chat_template=load_chat_template(args.hf or args.checkpoint),
+                        default_max_tokens=args.max_tokens,
+                        on_ready=lambda: print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API)",
+                                               flush=True))
+
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                timeout_graceful_shutdown=int(args.shutdown_s))
+        server = uvicorn.Server(config)
+
+        signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
+        server.run()
+        worker.stop(args.shutdown_s)
+        print("stopped", flush=True)
+
+    return cli.call(run, "serve.py", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

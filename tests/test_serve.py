@@ -1,0 +1,177 @@
+"""serve.py through the official `openai` client (a real client no one here wrote), against the engine alone.
+
+One server (a subprocess on a free localhost port) serves a small random model saved in the released format
+with a tokenizer; the expected texts come from an in-process `Engine` on the same directory. The server is
+stopped with SIGTERM at the end and must exit 0.
+"""
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+
+import pytest
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.infer.engine import Engine
+from dsv3_jax.infer.sampling import SamplingParams
+from dsv3_jax.interop import hf
+from dsv3_jax.model import DeepSeekV3
+
+openai = pytest.importorskip("openai")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                  v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                  first_k_dense_replace=1, num_nextn_predict_layers=0, max_position_embeddings=256,
+                  dtype="float32", param_dtype="float32", initializer_range=0.2)
+TEXTS = ["The engine batches requests continuously.", "Pages of the latent cache return to the pool.",
+         "def f(x): return x + 1", "A server speaks the OpenAI API."]
+PROMPTS = [f"{TEXTS[i % 4]} {i}" for i in range(16)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from dsv3_jax.train import data as data_lib
+
+    d = tmp_path_factory.mktemp("served")
+    tok = data_lib.train_tokenizer(TEXTS * 30, vocab_size=CFG.vocab_size)
+    hf.save(DeepSeekV3(CFG, rngs=nnx.Rngs(5)), None, str(d), tokenizer=tok)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--hf={model_dir}", f"--port={port}", "--batch_size=4",
+                             "--page_size=8", "--max_batch_tokens=64", "--cache_mib=4", "--shutdown_s=10"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "serving NAME at URL" once ready
+    if "serving" not in line:
+        proc.kill()
+        pytest.fail(f"server did not start: {line!r} {proc.stderr.read()[-3000:]}")
+    url = re.search(r"http://\S+", line).group(0)
+    yield {"url": url, "proc": proc, "model": os.path.basename(model_dir),
+           "client": openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """Greedy texts of PROMPTS from the engine alone (in process, same directory)."""
+    _, model = hf.load(model_dir)
+    tok = hf.load_tokenizer(model_dir)
+    eng = Engine(model, page_size=8, max_batch=16, max_batch_tokens=128, pages=256)
+    out = eng.generate([tok.encode(p).ids for p in PROMPTS], 12, SamplingParams(), stop_tokens=())
+    return [tok.decode(c.tokens) for c in out]
+
+
+def raw(server, method: str, path: str, body: bytes | None = None):
+    """(status, parsed JSON or text) with the standard library: what a careless client sends."""
+    u = urllib.parse.urlparse(server["url"])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request(method, path, body=body, headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    data = resp.read().decode()
+    conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data
+
+
+def metrics(server) -> dict:
+    text = raw(server, "GET", "/metrics")[1]
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dsv3_\S+) ([0-9.e+-]+)$", text, re.M)}
+
+
+def test_completions_and_chat_streamed_and_not(server, expected):
+    c = server["client"]
+    r = c.completions.create(model=server["model"], prompt=PROMPTS[0], max_tokens=12, temperature=0)
+    assert r.choices[0].text == expected[0] and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    chunks = list(c.completions.create(model=server["model"], prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                       stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected[0]
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 12
+    msgs = [{"role": "user", "content": "Hello there"}]
+    full = c.chat.completions.create(model=server["model"], messages=msgs, max_tokens=10, temperature=0)
+    streamed = list(c.chat.completions.create(model=server["model"], messages=msgs, max_tokens=10, temperature=0,
+                                              stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in streamed if ch.choices)
+    assert text == full.choices[0].message.content and full.choices[0].message.role == "assistant"
+    assert full.usage.completion_tokens == 10
+    assert [m.id for m in c.models.list().data] == [server["model"]]
+
+
+def test_sixteen_concurrent_greedy_requests_equal_the_engine_alone(server, expected):
+    c = server["client"]
+
+    def one(i):
+        return c.completions.create(model=server["model"], prompt=PROMPTS[i], max_tokens=12, temperature=0).choices[
+            0].text
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(16)))
+    assert got == expected
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": -3}, 400, "max_tokens"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"top_p": 0}, 400, "top_p"),
+    ({"top_p": 1.5}, 400, "top_p"),
+    ({"max_tokens": "many"}, 400, "max_tokens"),
+    ({"max_tokens": 10_000}, 400, "max_tokens"),  # prompt + max_tokens beyond the context
+    ({"prompt": "word " * 400}, 400, "prompt"),  # prompt longer than the context
+    ({"model": "gpt-4"}, 404, "model"),
+    ({"n": 2}, 400, "n"),
+])
+def test_bad_requests_get_their_status_and_the_server_stays_up(server, body, status, param):
+    payload = {"model": server["model"], "prompt": "The", "max_tokens": 4} | body
+    code, got = raw(server, "POST", "/v1/completions", json.dumps(payload).encode())
+    assert code == status, got
+    assert got["error"]["param"] == param and got["error"]["message"]
+    assert raw(server, "GET", "/health")[0] == 200
+
+
+def test_malformed_json_and_a_cancelled_stream(server):
+    code, got = raw(server, "POST", "/v1/completions", b"{not json")
+    assert code == 400 and "JSON" in got["error"]["message"]
+    u = urllib.parse.urlparse(server["url"])
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request("POST", "/v1/completions", headers={"content-type": "application/json"},
+                 body=json.dumps({"model": server["model"], "prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0,
+                                  "stream": True}).encode())
+    resp = conn.getresponse()
+    line = b""
+    while not line.startswith(b"data:"):
+        line = resp.fp.readline()
+    assert json.loads(line[5:])["choices"][0]["finish_reason"] is None
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    deadline = time.time() + 60  # the client is gone: the request is cancelled and its pages come back
+    while time.time() < deadline:
+        m = metrics(server)
+        if m.get("dsv3_running") == 0 and m.get("dsv3_pages_used") == 0:
+            break
+        time.sleep(0.2)
+    m = metrics(server)
+    assert m["dsv3_running"] == 0 and m["dsv3_pages_used"] == 0, m
+    assert m['dsv3_requests_finished_total{finish_reason="cancelled"}'] >= 1
