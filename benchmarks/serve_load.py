@@ -3,6 +3,13 @@
 
     python benchmarks/serve_load.py [--requests 128] [--concurrency 16] [--rate R] [--output_json FILE]
                                     [--systems engine,engine_c1,generator,transformers_batched,transformers_single]
+    python benchmarks/serve_load.py --http [--clients 32] [--duration 300] [--concurrency 16]   # the soak
+
+--http starts `python serve.py` (with --warmup) on a free localhost port and runs --clients streaming clients
+(plain HTTP, one request after another each, cycling through the same workload, greedy) for --duration
+seconds; it reports requests completed, errors (expected 0), output tokens/s, TTFT and ITL p50/p99 as seen by
+the clients, cache pages in use at the end (expected 0), the server's RSS at start and end, and its exit code
+after SIGTERM.
 
 Workload (seeded by --seed): --requests requests, prompt lengths uniform in [16, 512] tokens cut from the
 demo corpus (`train.data.default_corpus`, tokenised by the demo tokenizer), max_tokens uniform in [16, 256],
@@ -212,6 +219,97 @@ def run_transformers(tf, work, concurrency, name):
     return summarise(name, records, wall)
 
 
+# ---------------------------------------------------------------------------------------------- HTTP soak
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def soak(args, tokenizer, work):
+    """N streaming clients against `python serve.py` for a set duration (the --http mode)."""
+    import http.client
+    import re
+    import socket
+    import subprocess
+    import threading
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    cmd = [sys.executable, "serve.py", f"--checkpoint={args.workdir}", f"--port={port}",
+           f"--batch_size={args.concurrency}", f"--page_size={args.page_size}",
+           f"--max_batch_tokens={args.max_batch_tokens}", f"--decode_steps={args.decode_steps}",
+           f"--max_waiting={4 * args.clients}", "--max_seq_len=768", "--warmup"]
+    t_start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=C.ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    if "serving" not in line:
+        proc.kill()
+        raise SystemExit(f"serve.py did not start: {line!r}")
+    print(f"  server ready in {time.perf_counter() - t_start:.0f}s (warm-up included): {line.strip()}", flush=True)
+    rss_start = rss_mib(proc.pid)
+    model = os.path.basename(os.path.normpath(args.workdir))
+    records, errors, lock = [], [], threading.Lock()
+    stop_at = time.perf_counter() + args.duration
+
+    def client(c):
+        i = c
+        while time.perf_counter() < stop_at:
+            _, prompt, m = work[i % len(work)]
+            i += args.clients
+            body = json.dumps({"model": model, "prompt": prompt, "max_tokens": m, "temperature": 0, "stream": True})
+            t0, times, n = time.perf_counter(), [], 0
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                conn.request("POST", "/v1/completions", body=body, headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+                for raw in resp.fp:
+                    if not raw.startswith(b"data:") or raw.startswith(b"data: [DONE]"):
+                        if raw.startswith(b"data: [DONE]"):
+                            break
+                        continue
+                    chunk = json.loads(raw[5:])
+                    if chunk["choices"][0]["text"]:
+                        times.append(time.perf_counter())
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+                conn.close()
+                if times and n > 1:  # tokens come in chunks: spread them evenly between the first and last chunk
+                    times = list(np.linspace(times[0], times[-1], n))
+                with lock:
+                    records.append((t0, times, n))
+            except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
+                with lock:
+                    errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    pages_end = float(re.search(r"^dsv3_pages_used ([0-9.e+]+)$", text, re.M).group(1))
+    rss_end = rss_mib(proc.pid)
+    proc.terminate()
+    code = proc.wait(timeout=120)
+    row = summarise("serve.py (HTTP, streaming)", records, wall,
+                    {"clients": args.clients, "duration_s": args.duration, "errors": len(errors),
+                     "error_examples": errors[:3], "pages_in_use_at_end": pages_end, "server_rss_mib_start": rss_start,
+                     "server_rss_mib_end": rss_end, "server_exit_code": code})
+    print(f"soak: {args.clients} streaming clients for {args.duration:.0f}s: {row['requests']} requests completed, "
+          f"{row['errors']} errors, {row['output_tokens_per_sec']:.1f} output tokens/s, TTFT p50/p99 "
+          f"{1000 * row['ttft_p50_s']:.0f}/{1000 * row['ttft_p99_s']:.0f} ms, ITL p50/p99 "
+          f"{1000 * row['itl_p50_s']:.0f}/{1000 * row['itl_p99_s']:.0f} ms, pages in use at the end {pages_end:.0f}, "
+          f"server RSS {rss_start:.0f} -> {rss_end:.0f} MiB, exit code {code}")
+    return row
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -227,6 +325,9 @@ def main(argv=None):
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--torch_threads", type=int, default=None)
     p.add_argument("--output_json", default=None)
+    p.add_argument("--http", action="store_true", help="soak: streaming clients against `python serve.py`")
+    p.add_argument("--clients", type=int, default=32, help="--http: concurrent streaming clients")
+    p.add_argument("--duration", type=float, default=300.0, help="--http: seconds of load")
     args = p.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
     bad = sorted(set(systems) - set(SYSTEMS))
@@ -238,6 +339,13 @@ def main(argv=None):
 
     model, tokenizer, _, step = load_trained(args.workdir)
     work = workload(tokenizer, args.requests, args.seed, args.rate)
+    if args.http:
+        row = soak(args, tokenizer, work)
+        if args.output_json:
+            with open(args.output_json, "w") as f:
+                json.dump([row], f, indent=1)
+        print(json.dumps(row))
+        return
     arrivals = f"Poisson {args.rate}/s" if args.rate else f"closed loop at concurrency {args.concurrency}"
     print(f"demo model step {step}; {args.requests} requests, prompts {min(len(w[1]) for w in work)}-"
           f"{max(len(w[1]) for w in work)} tokens, max_tokens {min(w[2] for w in work)}-{max(w[2] for w in work)}, "
