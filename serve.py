@@ -13,6 +13,8 @@ exits 0.
 import os
 import signal
 import sys
+import threading
+import time
 
 from dsv3_jax import cli
 
@@ -101,14 +103,19 @@ def main(argv=None) -> int:
         worker.start()
         name = args.model_name or os.path.basename(os.path.normpath(source))
         app = build_app(worker, tokenizer, name, chat_template=load_chat_template(args.hf or args.checkpoint),
-                        default_max_tokens=args.max_tokens,
-                        on_ready=lambda: print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API)",
-                                               flush=True))
+                        default_max_tokens=args.max_tokens)
 
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=int(args.shutdown_s))
         server = uvicorn.Server(config)
 
+        def announce():  # once the socket listens (uvicorn's `started`), not at app start-up, which comes first
+            while not server.started and not server.should_exit:
+                time.sleep(0.05)
+            if server.started:
+                print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
+
+        threading.Thread(target=announce, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
         server.run()
         worker.stop(args.shutdown_s)

@@ -58,7 +58,8 @@ def model_dir(tmp_path_factory):
 def server(model_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", f"--hf={model_dir}", f"--port={port}", "--batch_size=4",
-                             "--page_size=8", "--max_batch_tokens=64", "--cache_mib=4", "--shutdown_s=10"],
+                             "--page_size=8", "--max_batch_tokens=64", "--cache_mib=4", "--shutdown_s=10",
+                             "--max_waiting=16"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving NAME at URL" once ready
     if "serving" not in line:
@@ -81,13 +82,16 @@ def expected(model_dir):
     return [tok.decode(c.tokens) for c in out]
 
 
-def raw(server, method: str, path: str, body: bytes | None = None):
-    """(status, parsed JSON or text) with the standard library: what a careless client sends."""
+def raw(server, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    """(status, parsed JSON or text) with the standard library: what a careless client sends. Response headers
+    go into `headers` when given."""
     u = urllib.parse.urlparse(server["url"])
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=300)
     conn.request(method, path, body=body, headers={"content-type": "application/json"})
     resp = conn.getresponse()
     data = resp.read().decode()
+    if headers is not None:
+        headers.update({k.lower(): v for k, v in resp.getheaders()})
     conn.close()
     try:
         return resp.status, json.loads(data)
@@ -175,3 +179,42 @@ def test_malformed_json_and_a_cancelled_stream(server):
     m = metrics(server)
     assert m["dsv3_running"] == 0 and m["dsv3_pages_used"] == 0, m
     assert m['dsv3_requests_finished_total{finish_reason="cancelled"}'] >= 1
+
+
+def test_a_full_queue_gets_429_with_retry_after(server):
+    """4 running + at most 16 waiting (--max_waiting=16): a burst of 48 long requests overflows the queue."""
+    body = json.dumps({"model": server["model"], "prompt": PROMPTS[1], "max_tokens": 100, "temperature": 0}).encode()
+
+    def one(_):
+        headers = {}
+        code, got = raw(server, "POST", "/v1/completions", body, headers)
+        return code, got, headers
+
+    with concurrent.futures.ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(one, range(48)))
+    limited = [(g, h) for c, g, h in results if c == 429]
+    assert limited and all(g["error"]["type"] == "rate_limit_error" and h.get("retry-after") == "1"
+                           for g, h in limited)
+    assert all(c in (200, 429) for c, _, _ in results)
+    assert all(g["usage"]["completion_tokens"] == 100 for c, g, _ in results if c == 200)
+    deadline = time.time() + 60
+    while time.time() < deadline and metrics(server).get("dsv3_pages_used", 1) != 0:
+        time.sleep(0.2)
+    assert metrics(server)["dsv3_pages_used"] == 0 and raw(server, "GET", "/health")[0] == 200
+
+
+def test_streamed_text_never_splits_a_character(model_dir):
+    """Byte-level tokens can end mid-character: TextStream holds them back until the character is whole."""
+    from dsv3_jax.serve.chat import TextStream
+
+    tok = hf.load_tokenizer(model_dir)
+    text = "naïve café – 東京 🙂 done"
+    ids = tok.encode(text).ids
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # some single token is not a whole character
+    stream = TextStream(tok)
+    chunks = [stream.push([i]) for i in ids]
+    chunks.append(stream.flush())
+    assert all("\ufffd" not in c for c in chunks) and "".join(chunks) == tok.decode(ids)
+    held = TextStream(tok, holdback=3)  # stop-string holdback: the last 3 characters wait for the end
+    out = "".join(held.push([i]) for i in ids)
+    assert out == tok.decode(ids)[:-3] and out + held.flush() == tok.decode(ids)
