@@ -66,19 +66,10 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template=None,
-              default_max_tokens: int = 16, on_ready=None) -> FastAPI:
-    """The app; `on_ready()` runs once the server accepts connections."""
-    import contextlib
-
+              default_max_tokens: int = 16) -> FastAPI:
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_app):
-        if on_ready is not None:
-            on_ready()
-        yield
-
-    app = FastAPI(title="dsv3_jax", docs_url=None, redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="dsv3_jax", docs_url=None, redoc_url=None)
     engine = worker.engine
     reg = CollectorRegistry()
     m_prompt = Counter("dsv3_prompt_tokens", "Prompt tokens of finished requests", registry=reg)
@@ -134,7 +125,7 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template
                 gauges[k].set(v)
         return PlainTextResponse(generate_latest(reg).decode(), media_type="text/plain; version=0.0.4")
 
-    async def run(body: _Common, prompt_ids: list[int], request: Request, chat: bool):
+    async def run(body: _Common, prompt_ids: list[int], chat: bool):
         if body.model != model_name:
             return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
                          kind="not_found_error")
@@ -164,7 +155,7 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template
             return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
                     "total_tokens": len(req.prompt) + len(req.output)}
 
-        def final_text(req, text_stream):
+        def final_text(req):
             return req.text if req.stop_strings else tokenizer.decode(req.output)
 
         if not body.stream:
@@ -179,7 +170,7 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template
             except BaseException:
                 worker.cancel(rid)
                 raise
-            text = final_text(req, None)
+            text = final_text(req)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
                       else {"index": 0, "text": text, "logprobs": None})
             choice["finish_reason"] = req.finish_reason
@@ -216,7 +207,7 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template
                         return
                     else:
                         req = item
-                        rest = ts.flush(final_text(req, ts))
+                        rest = ts.flush(final_text(req))
                         if rest:
                             yield chunk(rest)
                         yield chunk("", req.finish_reason, usage(req))
@@ -230,13 +221,13 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest):
         ids = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt).ids
-        return await run(body, ids, request, chat=False)
+        return await run(body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(body: ChatRequest):
         text = render_chat([m.model_dump() for m in body.messages], chat_template)
-        return await run(body, tokenizer.encode(text).ids, request, chat=True)
+        return await run(body, tokenizer.encode(text).ids, chat=True)
 
     return app
