@@ -43,6 +43,8 @@ flags.DEFINE_integer("page_size", 16, "Tokens per page of the paged latent cache
 flags.DEFINE_integer("max_batch_tokens", 256, "Tokens per engine step: decoding requests take one each, prompts are "
                      "prefilled in chunks of what is left.")
 flags.DEFINE_integer("decode_steps", 4, "Decode steps per dispatch (the host reads tokens once per this many).")
+flags.DEFINE_enum("paged_attention", "auto", ["auto", "jnp", "pallas"], "How attention reads the paged cache: "
+                  "'jnp' gathers the pages (the reference), 'pallas' is the flash-decoding kernel; auto: jnp.")
 flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
 flags.DEFINE_bool("dry_run", False, "With --hf: print the per-device serving memory plan (weights, latent cache) for "
                   "--mesh and --hbm_gib from config.json alone, and exit.")
@@ -188,7 +190,8 @@ def main(argv):
     engine = Engine(model, page_size=FLAGS.page_size, max_batch=FLAGS.batch_size,
                     max_batch_tokens=max(FLAGS.max_batch_tokens, FLAGS.batch_size), pages=pages,
                     decode_steps=FLAGS.decode_steps, cache_dtype=jnp.dtype(cache_dtype) if cache_dtype else None,
-                    speculative=FLAGS.speculative, mesh=mesh, max_seq_len=capacity)
+                    speculative=FLAGS.speculative, mesh=mesh, max_seq_len=capacity,
+                    paged_attention=FLAGS.paged_attention)
     streaming = FLAGS.batch_size == 1  # requests then run one after another, in order
     streams = {}
 

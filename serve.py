@@ -33,6 +33,8 @@ def parser():
     p.add_argument("--page_size", type=int, default=16)
     p.add_argument("--max_batch_tokens", type=int, default=256)
     p.add_argument("--decode_steps", type=int, default=4)
+    p.add_argument("--paged_attention", choices=("auto", "jnp", "pallas"), default="auto",
+                   help="how attention reads the paged cache: jnp gather (the reference) or the Pallas kernel")
     p.add_argument("--cache_mib", type=float, default=256.0, help="device memory of the latent-cache page pool")
     p.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + max_tokens (0: the model's context)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding for every request")
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
                         max_batch_tokens=max(args.max_batch_tokens, args.batch_size),
                         cache_bytes=int(args.cache_mib * 2**20), decode_steps=args.decode_steps,
                         speculative=args.speculative, mesh=mesh, tokenizer=tokenizer,
-                        max_seq_len=args.max_seq_len or None)
+                        max_seq_len=args.max_seq_len or None, paged_attention=args.paged_attention)
         print(f"[{engine.runtime.describe()}; {engine.pool.pages} cache pages of {args.page_size} tokens]",
               file=sys.stderr, flush=True)
         if args.warmup:

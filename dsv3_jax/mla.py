@@ -97,6 +97,26 @@ class LatentCache:
             return self.c_kv, self.k_pe
         return self.c_kv[layer], self.k_pe[layer]
 
+    def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp") -> jax.Array:
+        """The absorbed core over slots s <= positions[b, t] -> o_lat [B, T, N, R] f32 (`impl` is for paged
+        caches; a dense cache has one read)."""
+        c_kv, k_pe = self.layer(layer)
+        mask = jnp.arange(self.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+        return latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale)
+
+
+def latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale) -> jax.Array:
+    """Masked softmax over the latent: q_abs [B, T, N, R], q_pe [B, T, N, dr], c_kv [B, S, R], k_pe [B, S, dr],
+    mask [B, T, S] -> o_lat [B, T, N, R] float32 (inputs in q_abs's dtype, f32 accumulation)."""
+    f32, dt = jnp.float32, q_abs.dtype
+    c_kv, k_pe = c_kv.astype(dt), k_pe.astype(dt)
+    scores = jnp.einsum("BTNR,BSR->BNTS", q_abs, c_kv, preferred_element_type=f32)
+    scores += jnp.einsum("BTNH,BSH->BNTS", q_pe.astype(dt), k_pe, preferred_element_type=f32)
+    scores *= scale
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(f32).min)
+    probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
+    return jnp.einsum("BNTS,BSR->BTNR", probs.astype(dt), c_kv, preferred_element_type=f32)
+
 
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime | None = None):
@@ -171,24 +191,20 @@ class MLA(nnx.Module):
         w = QWeight(qw.q.reshape(N * H, R), qw.s).dequantize(dtype)  # [N*H, R]
         return w.reshape(N, H, R).transpose(2, 0, 1)
 
-    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, dtype) -> jax.Array:
+    def absorbed(self, q_nope, q_pe, cache, positions, layer, dtype) -> jax.Array:
         """Attention over the latent cache with W_UK absorbed into the query and W_UV into the output.
 
-        q_nope [B, T, N, dn], q_pe [B, T, N, dr], c_kv [B, S, R], k_pe [B, S, dr], mask [B, T, S] -> [B, T, D].
+        q_nope [B, T, N, dn], q_pe [B, T, N, dr] at positions [B, T]; the cache (dense or paged) runs the core
+        (`attend`: slots s <= position) -> [B, T, D].
         """
         cfg = self.cfg
         dt, f32 = cfg.compute_dtype, jnp.float32
         if self.runtime.attention_f32_core:  # XLA:CPU cannot run some bf16 x bf16 -> f32 dots (DotThunk): the
             dt = jnp.promote_types(dt, f32)  # resolver keeps this core in f32 there (bf16 inputs: less rounding)
         w_uk, w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
-        c_kv, k_pe = c_kv.astype(dt), k_pe.astype(dt)
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope.astype(dt), w_uk, preferred_element_type=f32).astype(dt)
-        scores = jnp.einsum("BTNR,BSR->BNTS", q_abs, c_kv, preferred_element_type=f32)
-        scores += jnp.einsum("BTNH,BSH->BNTS", q_pe.astype(dt), k_pe, preferred_element_type=f32)
-        scores *= cfg.softmax_scale
-        scores = jnp.where(mask[:, None], scores, jnp.finfo(f32).min)
-        probs = jax.nn.softmax(scores, axis=-1)  # [B, N, T, S] float32
-        o_lat = jnp.einsum("BNTS,BSR->BTNR", probs.astype(dt), c_kv, preferred_element_type=f32)  # [B, T, N, R]
+        o_lat = cache.attend(q_abs, q_pe.astype(dt), positions, layer, scale=cfg.softmax_scale,
+                             impl=self.runtime.paged_attention)  # [B, T, N, R] float32
         out = jnp.einsum("BTNR,RNH->BTNH", o_lat.astype(dt), w_uv, preferred_element_type=f32)  # [B, T, N, dv]
         return self.wo(out.astype(dtype))
 
@@ -199,6 +215,4 @@ class MLA(nnx.Module):
             q_nope, q_pe = self.queries(x, cos, sin)
             c_new, k_new = self.latent(x, cos, sin)
             cache = cache.write(positions, c_new, k_new, layer)
-            c_kv, k_pe = cache.layer(layer)
-            mask = jnp.arange(cache.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-            return self.absorbed(q_nope, q_pe, c_kv, k_pe, mask, x.dtype), cache
+            return self.absorbed(q_nope, q_pe, cache, positions, layer, x.dtype), cache

@@ -25,6 +25,9 @@ What it holds, and who reads it:
                                                              'weight_only' GEMMs (`dsv3_jax.fp8.resident`)
     attention_f32_core                                       the absorbed-MLA core in float32 (XLA:CPU
                                                              cannot run some bf16 x bf16 -> f32 dots)
+    paged_attention                                          how decode reads a paged latent cache: 'jnp'
+                                                             (gather, the reference) or 'pallas' (the kernel
+                                                             of `infer.paged_attention`)
     backend                                                  what the above was resolved for
 
 The config keys users type keep their sections: `model.moe_impl`, `model.moe_block_size`, `model.fp8`,
@@ -47,6 +50,7 @@ from dsv3_jax.cli import ConfigError, UserError
 EXPERT_IMPLS = ("dense", "blocks", "ragged")
 DISPATCHES = ("padded", "ragged")
 SCHEDULES = ("gpipe",)
+PAGED_ATTENTION = ("jnp", "pallas")
 FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
 # keys of a config's `model` section that describe the run, with their defaults
 MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8": False,
@@ -105,13 +109,20 @@ def fp8_impl(impl: str) -> str:
     return _choose("fp8 gemm impl", impl, FP8_IMPLS, "blocked" if platform() == "cpu" else "pallas")
 
 
-def fp8_backend(backend: str) -> str:
-    """'auto' -> 'mosaic_tpu' on TPU, else 'triton'."""
-    return _choose("fp8 pallas backend", backend, FP8_BACKENDS, "mosaic_tpu" if platform() == "tpu" else "triton")
+def fp8_backend(backend: str, what: str = "fp8 pallas backend") -> str:
+    """'auto' -> 'mosaic_tpu' on TPU, else 'triton' (every Pallas kernel of the package)."""
+    return _choose(what, backend, FP8_BACKENDS, "mosaic_tpu" if platform() == "tpu" else "triton")
 
 
 def fp8_interpret(interpret: bool | None) -> bool:
+    """Pallas kernels run in interpret mode on CPU unless told."""
     return platform() == "cpu" if interpret is None else bool(interpret)
+
+
+def paged_attention_impl(impl: str) -> str:
+    """'auto' -> 'jnp' on every backend for now: the Pallas kernel matches the reference on CPU (interpret mode)
+    and lowers for CUDA and TPU, but no accelerator run has measured where it pays; ask for 'pallas'."""
+    return _choose("paged_attention", impl, ("auto",) + PAGED_ATTENTION, "jnp")
 
 
 def fp8_tpu_mxu(tpu_fp8: bool | None) -> bool:
@@ -161,12 +172,14 @@ class Runtime:
     fp8_options: Fp8Options = Fp8Options()
     fp8_weights: str | None = None  # None | 'w8a8' | 'weight_only': projections and experts held in FP8
     attention_f32_core: bool = False
+    paged_attention: str = "jnp"
 
     def __post_init__(self):
         for name, value, choices in (("expert_impl", self.expert_impl, EXPERT_IMPLS),
                                      ("decode_expert_impl", self.decode_expert_impl, EXPERT_IMPLS),
                                      ("expert_dispatch", self.expert_dispatch, DISPATCHES),
-                                     ("pipeline_schedule", self.pipeline_schedule, SCHEDULES)):
+                                     ("pipeline_schedule", self.pipeline_schedule, SCHEDULES),
+                                     ("paged_attention", self.paged_attention, PAGED_ATTENTION)):
             if value not in choices:
                 raise UserError(f"Runtime.{name}={value!r}: choose from {choices} (build a Runtime with "
                                 f"dsv3_jax.runtime.resolve, which also accepts 'auto').")
@@ -259,8 +272,9 @@ class Runtime:
             o = self.fp8_options
             fp8 = (f"weights resident ({self.fp8_weights}, {o.impl}" + (f", {o.backend}" if o.impl == "pallas" else "")
                    + ")")
+        paged = "; paged attention pallas" if self.paged_attention == "pallas" else ""
         return (f"runtime: {self.backend}, {mesh}; experts {experts}, decode {self.decode_expert_impl}; "
-                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}")
+                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}{paged}")
 
 
 def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", moe_block_size: int = 64,

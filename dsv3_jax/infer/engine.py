@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax import sharding
+from dsv3_jax import runtime, sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.infer.generate import EOS_ID, Completion
 from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, pages_for_budget
@@ -201,13 +201,14 @@ class Engine:
     rows count one each, prefill chunks take the rest); max_prefill_chunk: longest chunk of one prompt per
     step (default: max_batch_tokens); cache_bytes: device memory for the page pool (or `pages` directly);
     decode_steps: decode tokens per dispatch; cache_dtype: dtype of the cached latent (default: compute);
-    prefix_sharing: reuse cached full pages of identical prompt prefixes.
+    prefix_sharing: reuse cached full pages of identical prompt prefixes; paged_attention: how attention reads
+    the pages, 'jnp' | 'pallas' | 'auto' (`runtime.paged_attention_impl`).
     """
 
     def __init__(self, model: DeepSeekV3, *, page_size: int = 16, max_batch: int = 16, max_batch_tokens: int = 256,
                  max_prefill_chunk: int | None = None, cache_bytes: int | None = None, pages: int | None = None,
                  decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None,
-                 speculative: bool = False, mesh=None, max_seq_len: int | None = None):
+                 speculative: bool = False, mesh=None, max_seq_len: int | None = None, paged_attention: str = "auto"):
         cfg = model.cfg
         self.cfg = cfg
         for name, v in (("page_size", page_size), ("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens),
@@ -243,7 +244,7 @@ class Engine:
             raise UserError(f"engine: max_seq_len={self.max_seq_len} must be in [1, max_position_embeddings="
                             f"{cfg.max_position_embeddings}]")
         self.table_width = _bucket(self.scheduler.pages_needed(self.max_seq_len + self.scheduler.lookahead))
-        self.runtime = model.runtime.replace(mesh=None)
+        self.runtime = model.runtime.replace(mesh=None, paged_attention=runtime.paged_attention_impl(paged_attention))
         self.decode_runtime = self.runtime.for_decode()
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
         self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]

@@ -83,6 +83,14 @@ class PagedLatentCache:
 
         return gather(c_kv), gather(k_pe)
 
+    def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp") -> jax.Array:
+        """The absorbed core read through the page table -> o_lat [B, T, N, R] f32 (`paged_attention`:
+        'jnp' gathers the pages, 'pallas' is the kernel)."""
+        from dsv3_jax.infer.paged_attention import paged_attention
+
+        return paged_attention(q_abs, q_pe, self.c_kv, self.k_pe, self.page_table, positions, scale=scale,
+                               layer=layer, impl=impl)
+
 
 def bytes_per_token(cfg, itemsize: int, mtp: bool = False) -> int:
     """Cache bytes one token takes in every main layer (and the MTP layer when speculating)."""
