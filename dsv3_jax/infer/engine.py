@@ -499,6 +499,9 @@ class Engine:
             self.compile_seconds += time.perf_counter() - t0
         return nxt
 
+    def _decode_width(self, reach: int) -> int:
+        return min(_bucket(reach, 4), self.table_width)
+
     def _run_decode(self, work: list[Work]):
         B = self._rows(len(work))
         token = np.zeros(B, np.int32)
@@ -506,7 +509,10 @@ class Engine:
         valid = np.zeros(B, bool)
         for i, w in enumerate(work):
             token[i], position[i], valid[i] = w.request.sequence[w.start], w.start, True
-        table = self._tables(work, B)
+        # Decode attends over the pages its steps reach, in power-of-two widths: short requests batched
+        # together do not read (or, with the jnp read, gather) the longest request's table.
+        reach = max(self.scheduler.pages_needed(w.start + self.scheduler.lookahead) for w in work)
+        table = self._tables(work, B, self._decode_width(reach))
         t0 = time.perf_counter()
         fresh = self._note_compile("decode", B, table.shape[1])
         if self.speculative:
@@ -535,7 +541,7 @@ class Engine:
     def warmup(self) -> int:
         """Compile (by running once on the trash page) every step shape this engine can schedule: prefill rows x
         lengths {16, 64, 256, ...} x attention widths (rows x length at most 8x the token budget: a length pads a
-        chunk at most 4x and a row count a group at most 2x), and decode rows.
+        chunk at most 4x and a row count a group at most 2x), and decode rows x attention widths.
         Servers call it at start-up so no request waits for a compilation. Returns the shapes compiled."""
         before = self.compilations
         G = self.page_size
@@ -555,8 +561,11 @@ class Engine:
                 for W in widths:
                     start = max(0, min(W * G, self.max_seq_len) - T)
                     out = self._run_prefill([dummy(start, T) for _ in range(min(B, self.max_batch))])
+        decode_widths = sorted({self._decode_width(2**i) for i in range(2, 13)})
         for B in rows:
-            out = self._run_decode([dummy(0, 1) for _ in range(min(B, self.max_batch))])
+            for W in decode_widths:
+                start = max(0, min(W * G, self.max_seq_len) - self.scheduler.lookahead)
+                out = self._run_decode([dummy(start, 1) for _ in range(min(B, self.max_batch))])
         jax.block_until_ready(out)
         return self.compilations - before
 
