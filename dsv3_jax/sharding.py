@@ -189,6 +189,15 @@ def current_mesh():
     return None if mesh.empty else mesh
 
 
+def inner_mesh(mesh):
+    """The mesh a nested `shard_map` takes: inside a pipeline stage (a shard_map manual over 'stage') the
+    context's abstract mesh, which knows that axis is manual; elsewhere `mesh`."""
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and any(t == jax.sharding.AxisType.Manual for t in ctx.axis_types):
+        return ctx
+    return mesh
+
+
 def axis_size(name: str) -> int:
     mesh = current_mesh()
     return 1 if mesh is None or name not in mesh.axis_names else mesh.shape[name]

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsv3_jax import runtime
+from dsv3_jax import runtime, sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.experts import experts_blocks, permute_rows
 from dsv3_jax.fp8.resident import QWeight
@@ -146,7 +146,7 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
                      fp8_weights=fp8_weights)
     with jax.named_scope("expert_parallel"):
-        return jax.shard_map(fn, mesh=mesh, in_specs=(batch, batch, batch, wspec, wspec, dspec),
+        return jax.shard_map(fn, mesh=sharding.inner_mesh(mesh), in_specs=(batch, batch, batch, wspec, wspec, dspec),
                              out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
 
 

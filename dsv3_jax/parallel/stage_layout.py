@@ -1,0 +1,220 @@
+"""Which layers each pipeline stage holds: contiguous runs of any layer kinds, split unevenly where the counts
+do not divide, balanced by a cost model (or given by the user), with the padding it needs counted.
+
+A model is a sequence of blocks (`first_k_dense_replace` dense, then MoE), the embedding before them and the
+final norm, head and MTP modules after them. Stage s holds blocks [bounds[s], bounds[s+1]); stage 0 also the
+embedding, the last stage also the head and the MTP modules. Costs are forward FLOPs per token counted from
+the model's own parameter tree (matmul parameters used per token, routed experts at K/E, x2) plus the
+attention scores at the sequence length (causal: T/2 keys on average):
+
+    block   2 * active params of the block + 2 * N * (dqk + dv) * T / 2
+    head    2 * D * V   (embedding lookups cost nothing)
+    MTP     its own block + eh_proj + the shared head, per module
+
+`balanced(costs, S)` minimises the largest stage cost over all contiguous splits (exact, dynamic programming),
+then, among the splits with that maximum, the padding slots (below). `config.mesh.pipeline_stage_layers`
+("3,4,4,...") gives the split instead.
+
+Padding ("ghost" layers). One SPMD program holds a stack's parameters as one array sharded over 'stage', so
+every stage holds the same number of slots of each kind: slots(kind) = max over stages of its blocks of that
+kind, and a stage with fewer pads the rest with ghost blocks (parameters that are never used). `ghost_params`
+counts them against the model. For DeepSeek-V3 over 16 stages no split can avoid 64 - 58 = 6 MoE slots of
+11.3B parameters each (58 MoE layers do not divide by 16): see the dry run for the figure.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from flax import nnx
+
+from dsv3_jax import param_kinds
+from dsv3_jax.cli import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCosts:
+    """Per-block kinds, forward FLOPs per token and parameters; the extra cost of the first and last stage."""
+
+    kinds: tuple[str, ...]  # 'dense' | 'moe', in model order
+    flops: tuple[float, ...]
+    params: dict  # kind -> parameters of one block of that kind
+    first_extra: float  # embedding
+    last_extra: float  # final norm, head, MTP modules
+    total_params: int  # main model + MTP modules
+
+
+def layer_costs(model, seq_len: int) -> LayerCosts:
+    """From a (possibly abstract) `DeepSeekV3`: each block's kind, FLOPs per token and parameter count."""
+    cfg = model.cfg
+    K, E = cfg.num_experts_per_tok, max(cfg.n_routed_experts, 1)
+    per_kind = {"dense": [0, 0], "moe": [0, 0]}  # [params of the stack, active params of the stack]
+    mtp_active = total = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        n = math.prod(int(d) for d in var.get_value().shape)
+        total += n
+        names = param_kinds.path_names(path)
+        active = n * K // E if param_kinds.param_kind(path) == "routed_experts" else n
+        if param_kinds.in_mtp(path):
+            mtp_active += active if param_kinds.param_kind(path) != "norms" else 0
+        elif names[0] in ("dense_layers", "moe_layers"):
+            kind = "dense" if names[0] == "dense_layers" else "moe"
+            per_kind[kind][0] += n
+            per_kind[kind][1] += active
+    attn = 2 * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
+    counts = {"dense": cfg.num_dense_layers, "moe": cfg.num_moe_layers}
+    kinds = ("dense",) * counts["dense"] + ("moe",) * counts["moe"]
+    flops = tuple(2 * per_kind[k][1] / counts[k] + attn for k in kinds)
+    head = 2 * cfg.hidden_size * cfg.vocab_size
+    mtp = 2 * mtp_active + len(model.mtp) * (head + attn)
+    params = {k: per_kind[k][0] // max(counts[k], 1) for k in per_kind}
+    return LayerCosts(kinds, flops, params, 0.0, head + mtp, total)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """A split of the blocks into S contiguous stages and what it costs."""
+
+    bounds: tuple[int, ...]  # S + 1 block indices, bounds[0] = 0, bounds[-1] = number of blocks
+    costs: LayerCosts
+
+    @property
+    def stages(self) -> int:
+        return len(self.bounds) - 1
+
+    def blocks(self, s: int) -> range:
+        return range(self.bounds[s], self.bounds[s + 1])
+
+    def count(self, s: int, kind: str) -> int:
+        return sum(self.costs.kinds[i] == kind for i in self.blocks(s))
+
+    def slots(self, kind: str) -> int:
+        """Blocks of `kind` every stage has room for (the most any stage holds)."""
+        return max(self.count(s, kind) for s in range(self.stages))
+
+    def stage_cost(self, s: int) -> float:
+        c = sum(self.costs.flops[i] for i in self.blocks(s))
+        return c + (self.costs.first_extra if s == 0 else 0.0) + (self.costs.last_extra if s == self.stages - 1
+                                                                  else 0.0)
+
+    @property
+    def imbalance(self) -> float:
+        """Largest stage cost over the mean: the pipeline runs at the pace of its slowest stage."""
+        costs = [self.stage_cost(s) for s in range(self.stages)]
+        return max(costs) / (sum(costs) / len(costs))
+
+    def ghost_blocks(self, kind: str) -> int:
+        n = sum(k == kind for k in self.costs.kinds)
+        return self.stages * self.slots(kind) - n if n else 0
+
+    @property
+    def ghost_params(self) -> int:
+        return sum(self.ghost_blocks(k) * self.costs.params[k] for k in ("dense", "moe"))
+
+    @property
+    def ghost_fraction(self) -> float:
+        return self.ghost_params / self.costs.total_params
+
+    def describe(self, s: int) -> str:
+        """'layers 3-6 (4 moe)' and the embedding / head + MTP where the stage has them."""
+        r = self.blocks(s)
+        parts = []
+        if s == 0:
+            parts.append("embedding")
+        if len(r):
+            kinds = ", ".join(f"{self.count(s, k)} {k}" for k in ("dense", "moe") if self.count(s, k))
+            parts.append(f"layers {r.start}-{r.stop - 1} ({kinds})" if len(r) > 1 else f"layer {r.start} ({kinds})")
+        if s == self.stages - 1:
+            parts.append("head + MTP")
+        return ", ".join(parts)
+
+
+def balanced(costs: LayerCosts, stages: int) -> StageLayout:
+    """The contiguous split with the smallest largest stage cost; ties: fewest padding slots, then the most
+    even block counts."""
+    n = len(costs.kinds)
+    if stages < 1:
+        raise ConfigError(f"config.mesh.stage={stages} must be >= 1")
+    if stages > n + 1:
+        raise ConfigError(f"config.mesh.stage={stages}: the model has {n} layers; a pipeline of more than "
+                          f"{n + 1} stages leaves a stage empty (lower config.mesh.stage)")
+    prefix = [0.0]
+    for f in costs.flops:
+        prefix.append(prefix[-1] + f)
+
+    def cost(s, a, b):  # stage s holds blocks [a, b)
+        c = prefix[b] - prefix[a]
+        return c + (costs.first_extra if s == 0 else 0.0) + (costs.last_extra if s == stages - 1 else 0.0)
+
+    @functools.cache
+    def best(s, a):  # stages s.. over blocks a..n -> (max cost, bounds tail)
+        if s == stages - 1:
+            return cost(s, a, n), (n,)
+        out = (math.inf, ())
+        for b in range(a + 1, n + 1):  # stage s holds [a, b): at least one block (only the last may hold none:
+            tail_cost, tail = best(s + 1, b)  # it carries the head and the MTP modules)
+            cand = (max(cost(s, a, b), tail_cost), (b,) + tail)
+            if out is None or cand[0] < out[0] - 1e-9:
+                out = cand
+        return out
+
+    top, tail = best(0, 0)
+    # Among splits within 0.1% of the best maximum, prefer fewer ghost slots: enumerate the optimum's neighbours
+    layout = StageLayout((0,) + tail, costs)
+    return _fewest_ghosts(layout, top * 1.001)
+
+
+def _fewest_ghosts(layout: StageLayout, limit: float) -> StageLayout:
+    """Local search: move single boundaries while the largest stage cost stays under `limit` and the ghost
+    parameters drop (or stay, with more even block counts)."""
+    def key(lay):
+        counts = [len(lay.blocks(s)) for s in range(lay.stages)]
+        return (lay.ghost_params, max(counts) - min(counts))
+
+    improved = True
+    while improved:
+        improved = False
+        for i in range(1, layout.stages):
+            for d in (-1, 1):
+                b = list(layout.bounds)
+                b[i] += d
+                if not b[i - 1] <= b[i] <= b[i + 1]:
+                    continue
+                cand = StageLayout(tuple(b), layout.costs)
+                if max(cand.stage_cost(s) for s in range(cand.stages)) <= limit and key(cand) < key(layout):
+                    layout, improved = cand, True
+    return layout
+
+
+def given(costs: LayerCosts, stage_layers: str) -> StageLayout:
+    """`config.mesh.pipeline_stage_layers` ("3,4,4,..."): blocks per stage, in order."""
+    try:
+        counts = [int(x) for x in str(stage_layers).split(",")]
+    except ValueError:
+        counts = None
+    n = len(costs.kinds)
+    if not counts or any(c < 0 for c in counts) or sum(counts) != n:
+        raise ConfigError(f"config.mesh.pipeline_stage_layers={stage_layers!r}: give the layers of each stage as "
+                          f"comma-separated counts that add up to the model's {n} layers (e.g. "
+                          f"'{','.join(map(str, _even(n, 2)))}' for 2 stages)")
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return StageLayout(tuple(bounds), costs)
+
+
+def _even(n, s):
+    return [n // s + (i < n % s) for i in range(s)]
+
+
+def plan(model, stages: int, seq_len: int, stage_layers: str = "") -> StageLayout:
+    """The layout of `model` over `stages`: the user's split when given, else the balanced one."""
+    costs = layer_costs(model, seq_len)
+    if stage_layers:
+        layout = given(costs, stage_layers)
+        if layout.stages != stages:
+            raise ConfigError(f"config.mesh.pipeline_stage_layers={stage_layers!r} names {layout.stages} stages "
+                              f"but config.mesh.stage={stages}")
+        return layout
+    return balanced(costs, stages)
