@@ -208,6 +208,31 @@ class MTPModule(nnx.Module):
         return self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
 
 
+def head_logits(cfg: ModelConfig, lm_head, h: jax.Array) -> jax.Array:
+    """Final-normed hidden [B, T, D] -> float32 logits [B, T, V] (the head shared by the model and MTP)."""
+    dt = cfg.compute_dtype
+    return jnp.einsum("BTD,DV->BTV", h.astype(dt), lm_head[...].astype(dt), preferred_element_type=jnp.float32)
+
+
+def model_tail(m, x: jax.Array, tokens: jax.Array, cos, sin):
+    """What follows the blocks: final norm and head, then the MTP chain. `m` has the model's `cfg`, `embed`,
+    `norm`, `lm_head` and `mtp` (the model itself, or a pipeline's last stage holding just those).
+    -> (logits [B, T, V], mtp_logits (D x [B, T, V]), {MTP MoE path: LayerStats})."""
+    cfg = m.cfg
+    B = tokens.shape[0]
+    h = m.norm(x)
+    logits = head_logits(cfg, m.lm_head, h)
+    mtp_logits, stats = [], {}
+    for k, module in enumerate(m.mtp, start=1):
+        shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
+        with jax.named_scope(f"mtp_{k}"):
+            h, st = module(h, m.embed(shifted), cos, sin)
+        if cfg.has_moe:
+            stats[f"mtp/{k - 1}/block/ffn"] = st
+        mtp_logits.append(head_logits(cfg, m.lm_head, module.norm(h)))
+    return logits, tuple(mtp_logits), stats
+
+
 class DeepSeekV3(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime | None = None):
         self.cfg = cfg
@@ -224,9 +249,7 @@ class DeepSeekV3(nnx.Module):
 
     def head(self, h: jax.Array) -> jax.Array:
         """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
-        dt = self.cfg.compute_dtype
-        return jnp.einsum("BTD,DV->BTV", h.astype(dt), self.lm_head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+        return head_logits(self.cfg, self.lm_head, h)
 
     def __call__(self, tokens: jax.Array) -> ModelOutput:
         cfg = self.cfg
@@ -243,18 +266,8 @@ class DeepSeekV3(nnx.Module):
                     x, stats = run_stack(stack, x, cos, sin)
                 if stack.is_moe:
                     moe_stats[f"{name}/ffn"] = stats
-        h = self.norm(x)
-        logits = self.head(h)
-
-        mtp_logits = []
-        for k, module in enumerate(self.mtp, start=1):
-            shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
-            with jax.named_scope(f"mtp_{k}"):
-                h, stats = module(h, self.embed(shifted), cos, sin)
-            if cfg.has_moe:
-                moe_stats[f"mtp/{k - 1}/block/ffn"] = stats
-            mtp_logits.append(self.head(module.norm(h)))
-        return ModelOutput(logits=logits, mtp_logits=tuple(mtp_logits), moe_stats=moe_stats,
+        logits, mtp_logits, mtp_stats = model_tail(self, x, tokens, cos, sin)
+        return ModelOutput(logits=logits, mtp_logits=mtp_logits, moe_stats=moe_stats | mtp_stats,
                            num_experts=cfg.n_routed_experts)
 
     # ------------------------------------------------------------------ inference (latent cache)

@@ -1,223 +1,180 @@
-"""Pipeline schedules as op lists, and the timeline they execute: bubble and live activations, counted.
+"""Pipeline schedules as lockstep tick tables: what the one SPMD program runs, and its bubble, counted.
 
-Shape legend: S stages, M micro-batches, v chunks per stage (interleaved: virtual stage k = c * S + s runs
-on stage s = k % S, chunk c = k // S; a micro-batch passes virtual stages 0 .. v*S - 1 in order).
+Shape legend: S stages, M micro-batches, v chunks per stage; K = S * v virtual stages, virtual stage
+k = c * S + s running on stage s = k % S as its chunk c = k // S (contiguous layers of the model: a
+micro-batch passes virtual stages 0 .. K-1 in order, so with v > 1 it goes round the stages v times).
 
-An op is (kind, micro-batch, chunk), kind one of
-    'F'  forward of a micro-batch through one (virtual) stage
-    'B'  backward: the input gradient, and the weight gradient too unless the schedule splits it off
-    'W'  the weight gradient alone (zero-bubble schedules split B into B and W, W free to move later)
-Each stage runs its ops in list order, one at a time; an op also waits for its data: F(m) at virtual stage
-k for F(m) at k - 1; B(m) at k for B(m) at k + 1 (the last virtual stage: for its own F(m)); W(m) for B(m)
-on the same stage. `simulate` places every op at its earliest start under those two rules, with op costs
-(default F = B = W = 1, and an unsplit B = B + W), and counts
+One SPMD program runs every stage in lockstep: in each tick a stage runs at most one forward (F: one
+micro-batch through one chunk) and then at most one backward (B: the chunk's input and weight gradients
+for one micro-batch), and at the end of the tick the F outputs move one virtual stage on and the B input
+gradients one back (`lax.ppermute` over 'stage'; from the last stage to the first between chunks). A
+schedule is the tick of every op:
 
-    bubble       idle stage-time / all stage-time, over the makespan       (what the schedule wastes)
-    peak_live    per stage, the most micro-batches whose activations are held at once: F done, and the
-                 op that frees them (B, or W when split) not yet done; chunks count 1/v each
+  gpipe        f(m, k) = m + k                     all F, then all B in mirror order:
+               b(m, k) = (M + K - 1) + (M - 1 - m) + (K - 1 - k)
+  1f1b         f(m, k) = m + k                     each micro-batch's B starts on the last stage in the tick
+               b(m, k) = f(m, K - 1) + (K - 1 - k)  of its F, so F and B alternate from then on and a stage
+                                                   holds at most 2(S - s) - 1 micro-batches (GPipe: all M)
+  interleaved  v chunks per stage, 1f1b order:     micro-batches enter in groups of S (M % S == 0); group g,
+               f(m, k) = g S v + c S + r + s        r = m % S; chunk c of stage s holds virtual stage cS + s
+               b(m, k) = f(m, K - 1) + (K - 1 - k)
 
-The schedules (per stage s; `orders(name, S, M, v)`):
-  gpipe        all F (m = 0..M-1), then all B (reverse order)         bubble (S-1)/(M+S-1), live M
-  1f1b         S-s-1 warm-up F, then one F / one B alternately,       bubble (S-1)/(M+S-1), live <= S - s
-               then the remaining B (PipeDream-flush)
-  interleaved  1f1b over v chunks per stage (Megatron's order:        bubble (S-1)/(v*M+S-1), live <= S
-               groups of S micro-batches per chunk; M % S == 0)        (+ (v-1) chunk warm-up)
-  zb_h1        B split into B and W; list scheduling: the op that     bubble 2(S-1)/(3M+2(S-1)) at F=B=W
-               starts earliest, B before F before W, an F only while  (idle (S-1)(F+B), 1f1b's (S-1)(F+B+W)),
-               fewer than S - s micro-batches are in flight (until W)  live <= S - s
-Tick diagrams: see `diagram` (README and the tests print them for S = 4, M = 8).
+The bubble is counted from the table: each tick lasts as long as its busiest stage (F costs `cost['F']`,
+B `cost['B']`, a chunk's op 1/v of that), and bubble = idle stage-time / all stage-time. Closed forms at
+any costs: gpipe and 1f1b (S-1)/(M+S-1); interleaved (S-1)/(vM+S-1) -- `bubble_formula`; the tests check the
+count against them. Live activations: a stage keeps each micro-batch's chunk input from its F to its B (the
+B recomputes the chunk's forward from it, see pipeline_exec.py), counted by `peak_live` in held chunk inputs
+(each one activation [b, T, D] of a micro-batch).
+
+Tick diagram (`diagram`), S = 4, M = 8; F of micro-batch m is the digit m, its B the letter A + m:
+    gpipe  s0 01234567..........HGFEDCBA      1f1b  s0 01234567......ABCDEFGH
+           s3 ...01234567...HGFEDCBA...             s3 ...0123456789... (F and B in one tick: both shown)
 """
 from __future__ import annotations
 
 import dataclasses
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb_h1")
+import numpy as np
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+FIELDS = ("f_valid", "f_micro", "f_chunk", "f_slot", "f_dyslot", "b_valid", "b_micro", "b_chunk", "b_xslot",
+          "b_dyslot", "recv_f", "recv_b")
 
 
-@dataclasses.dataclass(frozen=True)
-class Op:
-    kind: str  # 'F' | 'B' | 'W'
-    micro: int
-    chunk: int = 0
-
-
-def _gpipe(S, M, v):
-    return [[Op("F", m) for m in range(M)] + [Op("B", m) for m in reversed(range(M))] for _ in range(S)]
-
-
-def _one_f_one_b(S, M, v):
-    out = []
-    for s in range(S):
-        warm = min(S - s - 1, M)
-        ops = [Op("F", m) for m in range(warm)]
-        f, b = warm, 0
-        while f < M:
-            ops += [Op("F", f), Op("B", b)]
-            f, b = f + 1, b + 1
-        ops += [Op("B", m) for m in range(b, M)]
-        out.append(ops)
-    return out
-
-
-def _interleaved(S, M, v):
-    if M % S:
-        raise ValueError(f"interleaved schedule: micro-batches ({M}) must be a multiple of the stages ({S})")
-    total = M * v
-
-    def fwd(i):  # the i-th forward of a stage: groups of S micro-batches per chunk
-        return Op("F", (i // (S * v)) * S + i % S, (i // S) % v)
-
-    def bwd(i):
-        return Op("B", (i // (S * v)) * S + i % S, v - 1 - (i // S) % v)
-
-    out = []
-    for s in range(S):
-        warm = min((S - s - 1) * 2 + (v - 1) * S, total)
-        ops = [fwd(i) for i in range(warm)]
-        f, b = warm, 0
-        while f < total:
-            ops += [fwd(f), bwd(b)]
-            f, b = f + 1, b + 1
-        ops += [bwd(i) for i in range(b, total)]
-        out.append(ops)
-    return out
-
-
-def _zb_h1(S, M, v):
-    """List scheduling (unit costs) over the dependency rules: at each step the op that can start earliest,
-    ties broken B, then F, then W; an F only while fewer than S - s micro-batches are in flight (F done, W not
-    done: 1f1b's activation memory, counted until the weight gradient that still reads them)."""
-    f_done = [[None] * M for _ in range(S)]  # finish times
-    b_done = [[None] * M for _ in range(S)]
-    clock = [0] * S
-    nxt = {"F": [0] * S, "B": [0] * S, "W": [0] * S}
-    out = [[] for _ in range(S)]
-    for _ in range(3 * S * M):
-        best = None  # ((start, priority, stage), stage, op)
-        for s in range(S):
-            cands = []
-            m = nxt["B"][s]
-            if m < M and f_done[s][m] is not None:
-                dep = f_done[s][m] if s == S - 1 else b_done[s + 1][m]
-                if dep is not None:
-                    cands.append((max(clock[s], dep), 0, Op("B", m)))
-            m = nxt["F"][s]
-            if m < M and m - nxt["W"][s] < S - s:
-                dep = 0 if s == 0 else f_done[s - 1][m]
-                if dep is not None:
-                    cands.append((max(clock[s], dep), 1, Op("F", m)))
-            m = nxt["W"][s]
-            if m < nxt["B"][s]:
-                cands.append((max(clock[s], b_done[s][m]), 2, Op("W", m)))
-            for start, prio, op in cands:
-                if best is None or (start, prio, s) < best[0]:
-                    best = ((start, prio, s), s, op)
-        (start, _, _), s, op = best
-        if op.kind == "F":
-            f_done[s][op.micro] = start + 1
-        elif op.kind == "B":
-            b_done[s][op.micro] = start + 1
-        nxt[op.kind][s] += 1
-        clock[s] = start + 1
-        out[s].append(op)
-    return out
-
-
-def orders(name: str, S: int, M: int, v: int = 1) -> list[list[Op]]:
-    """Each stage's op list for schedule `name` (see the module docstring)."""
+def op_ticks(name: str, S: int, M: int, v: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(f, b): the tick of the F and of the B of micro-batch m at virtual stage k, each [M, S*v]."""
     if name not in SCHEDULES:
         raise ValueError(f"pipeline schedule {name!r}: choose from {SCHEDULES}")
     if name != "interleaved" and v != 1:
         raise ValueError(f"pipeline schedule {name!r} runs one chunk per stage (pipeline_chunks=1), got {v}")
-    return {"gpipe": _gpipe, "1f1b": _one_f_one_b, "interleaved": _interleaved, "zb_h1": _zb_h1}[name](S, M, v)
-
-
-def _costs(cost, split):
-    c = {"F": 1.0, "B": 1.0, "W": 1.0} | (cost or {})
-    if not split:
-        c["B"] = c["B"] + c["W"]
-    return c
+    if name == "interleaved" and M % S:
+        raise ValueError(f"interleaved schedule: micro-batches ({M}) must be a multiple of the stages ({S})")
+    K = S * v
+    m = np.arange(M)[:, None]
+    k = np.arange(K)[None, :]
+    if name == "interleaved":
+        f = (m // S) * S * v + (k // S) * S + m % S + k % S
+    else:
+        f = m + k
+    if name == "gpipe":
+        b = (M + K - 1) + (M - 1 - m) + (K - 1 - k)
+    else:
+        b = f[:, K - 1:K] + (K - 1 - k)
+    return f.astype(np.int64), b.astype(np.int64)
 
 
 @dataclasses.dataclass
-class Timeline:
+class TickTable:
+    """Per tick and stage, what to run (`FIELDS`, int32 arrays [ticks, S]; -1 / 0 where nothing):
+    f_valid, f_micro, f_chunk   the F of this tick; f_slot the activation slot holding its input (the first
+                                virtual stage writes the embedding there); f_dyslot where the last virtual
+                                stage puts the loss gradient
+    b_valid, b_micro, b_chunk   the B; b_xslot / b_dyslot the slots of its input and its output gradient
+    recv_f / recv_b             the slot an activation / gradient arriving at the end of the tick goes to
+    Slots are reused once their B is done: `x_slots` / `dy_slots` are the buffer sizes."""
+
+    name: str
     S: int
     M: int
     v: int
-    ops: list[list[tuple[float, float, Op]]]  # per stage: (start, end, op) in execution order
-    makespan: float
+    arrays: dict
+    x_slots: int
+    dy_slots: int
     bubble: float
-    peak_live: list[float]  # per stage, in micro-batches of one stage's activations
+    peak_live: list
+
+    @property
+    def ticks(self) -> int:
+        return int(self.arrays["f_valid"].shape[0])
 
 
-def simulate(stage_ops: list[list[Op]], M: int, v: int = 1, cost: dict | None = None) -> Timeline:
-    """Place each op at its earliest start (stage free, data ready) and count bubble and live activations."""
-    S = len(stage_ops)
-    split = any(op.kind == "W" for ops in stage_ops for op in ops)
-    c = _costs(cost, split)
+def table(name: str, S: int, M: int, v: int = 1, cost: dict | None = None) -> TickTable:
+    """The tick table of schedule `name`, its buffer slots, its bubble and live activations (see the module
+    docstring). `cost`: relative op costs, default F 1, B 2."""
+    c = {"F": 1.0, "B": 2.0} | (cost or {})
+    f, b = op_ticks(name, S, M, v)
     K = S * v
-    done: dict[tuple, float] = {}  # (kind, micro, virtual stage) -> finish time
-    pos = [0] * S
-    clock = [0.0] * S
-    placed: list[list[tuple[float, float, Op]]] = [[] for _ in range(S)]
-    total = sum(map(len, stage_ops))
-    while sum(pos) < total:
-        progressed = False
+    T = int(b.max()) + 1
+    arr = {n: np.full((T, S), 0 if n.endswith("valid") else -1, np.int32) for n in FIELDS}
+    free_x, free_dy = [[] for _ in range(S)], [[] for _ in range(S)]
+    n_x, n_dy = [0] * S, [0] * S
+    x_slot, dy_slot = {}, {}
+
+    def take(free, count, s):
+        if free[s]:
+            return free[s].pop()
+        count[s] += 1
+        return count[s] - 1
+
+    f_at = {(int(f[m, k]), k % S): (m, k) for m in range(M) for k in range(K)}
+    b_at = {(int(b[m, k]), k % S): (m, k) for m in range(M) for k in range(K)}
+    if len(f_at) != M * K or len(b_at) != M * K:
+        raise AssertionError(f"schedule {name}: two ops of one kind on a stage in one tick")
+    live, peak = [0.0] * S, [0.0] * S
+    busy = span = 0.0
+    for t in range(T):
+        arrive_f, arrive_b, release = [], [], []
+        work = [0.0] * S
         for s in range(S):
-            while pos[s] < len(stage_ops[s]):
-                op = stage_ops[s][pos[s]]
-                k = op.chunk * S + s
-                if op.kind == "F":
-                    dep = ("F", op.micro, k - 1) if k > 0 else None
-                elif op.kind == "B":
-                    dep = ("B", op.micro, k + 1) if k < K - 1 else ("F", op.micro, k)
+            if (t, s) in f_at:
+                m, k = f_at[(t, s)]
+                assert k == 0 or f[m, k - 1] < t
+                if k == 0:
+                    x_slot[(m, k)] = take(free_x, n_x, s)
+                arr["f_valid"][t, s], arr["f_micro"][t, s], arr["f_chunk"][t, s] = 1, m, k // S
+                arr["f_slot"][t, s] = x_slot[(m, k)]
+                live[s] += 1.0
+                peak[s] = max(peak[s], live[s])
+                work[s] += c["F"] / v
+                if k == K - 1:
+                    dy_slot[(m, k)] = take(free_dy, n_dy, s)
+                    arr["f_dyslot"][t, s] = dy_slot[(m, k)]
                 else:
-                    dep = ("B", op.micro, k)
-                if dep is not None and dep not in done:
-                    break
-                start = max(clock[s], done[dep] if dep else 0.0)
-                end = start + c[op.kind] / v  # a chunk holds 1/v of the stage's layers
-                done[(op.kind, op.micro, k)] = end
-                clock[s] = end
-                placed[s].append((start, end, op))
-                pos[s] += 1
-                progressed = True
-        if not progressed:
-            raise ValueError("pipeline schedule deadlocks: an op waits for data its producer never computes")
-    makespan = max(clock)
-    busy = sum(e - b for ops in placed for b, e, _ in ops)
-    peak = []
-    for s in range(S):
-        live, best = 0.0, 0.0
-        frees = "W" if split else "B"
-        for _, _, op in placed[s]:  # in execution order: F holds, the freeing op releases
-            live += (1.0 / v) if op.kind == "F" else (-1.0 / v) if op.kind == frees else 0.0
-            best = max(best, live)
-        peak.append(best)
-    return Timeline(S, M, v, placed, makespan, 1.0 - busy / (S * makespan), peak)
+                    arrive_f.append((m, k + 1))
+            if (t, s) in b_at:
+                m, k = b_at[(t, s)]
+                assert (f[m, k] <= t) if k == K - 1 else (b[m, k + 1] < t)
+                arr["b_valid"][t, s], arr["b_micro"][t, s], arr["b_chunk"][t, s] = 1, m, k // S
+                arr["b_xslot"][t, s], arr["b_dyslot"][t, s] = x_slot[(m, k)], dy_slot[(m, k)]
+                work[s] += c["B"] / v
+                release.append((m, k))
+                if k > 0:
+                    arrive_b.append((m, k - 1))
+        for m, k in release:  # end of tick: finished micro-batches free their slots, arrivals take slots
+            s = k % S
+            free_x[s].append(x_slot.pop((m, k)))
+            free_dy[s].append(dy_slot.pop((m, k)))
+            live[s] -= 1.0
+        for m, k in arrive_f:
+            x_slot[(m, k)] = take(free_x, n_x, k % S)
+            arr["recv_f"][t, k % S] = x_slot[(m, k)]
+        for m, k in arrive_b:
+            dy_slot[(m, k)] = take(free_dy, n_dy, k % S)
+            arr["recv_b"][t, k % S] = dy_slot[(m, k)]
+        busy += sum(work)
+        span += (c["F"] / v if arr["f_valid"][t].any() else 0.0) + (c["B"] / v if arr["b_valid"][t].any() else 0.0)
+    return TickTable(name, S, M, v, arr, max(n_x), max(n_dy), 1.0 - busy / (S * span), peak)
 
 
 def bubble_formula(name: str, S: int, M: int, v: int = 1) -> float:
-    """The closed form at F = B = W: GPipe/1F1B (S-1)/(M+S-1), interleaved (S-1)/(vM+S-1), ZB-H1 under
-    1f1b's memory 2(S-1)/(3M+2(S-1)) (the ZB paper's (S-1)/(3M+S-1) needs up to 2S-1 micro-batches live)."""
+    """Closed forms: gpipe and 1f1b (S-1)/(M+S-1), interleaved (S-1)/(vM+S-1)."""
     if name in ("gpipe", "1f1b"):
         return (S - 1) / (M + S - 1)
     if name == "interleaved":
         return (S - 1) / (v * M + S - 1)
-    if name == "zb_h1":  # idle (S-1)(F+B) against 1f1b's (S-1)(F+B+W): W leaves the critical path
-        return 2 * (S - 1) / (3 * M + 2 * (S - 1))
     raise ValueError(name)
 
 
-def diagram(t: Timeline, width: int = 120) -> str:
-    """One line per stage, one character per op tick (1/v of a stage's F): F of micro-batch m as the digit m,
-    B as the letter A + m, W as a + m (m mod 10 / 26), '.' idle."""
+def diagram(t: TickTable, width: int = 120) -> str:
+    """One line per stage, one column per tick: the F's micro-batch as a digit, the B's as a letter (both in one
+    tick: the B's letter after the F's digit, in two columns), '.' idle."""
     lines = []
-    for s, ops in enumerate(t.ops):
-        row = ["."] * int(round(t.makespan * t.v))
-        for b, e, op in ops:
-            ch = {"F": str(op.micro % 10), "B": chr(65 + op.micro % 26), "W": chr(97 + op.micro % 26)}[op.kind]
-            for i in range(int(round(b * t.v)), int(round(e * t.v))):
-                row[i] = ch
+    for s in range(t.S):
+        row = []
+        for k in range(t.ticks):
+            a = t.arrays
+            cell = (str(a["f_micro"][k, s] % 10) if a["f_valid"][k, s] else "") + \
+                   (chr(65 + a["b_micro"][k, s] % 26) if a["b_valid"][k, s] else "")
+            row.append(cell or ".")
         lines.append(f"s{s} " + "".join(row)[:width])
     return "\n".join(lines)

@@ -218,3 +218,20 @@ def plan(model, stages: int, seq_len: int, stage_layers: str = "") -> StageLayou
                               f"but config.mesh.stage={stages}")
         return layout
     return balanced(costs, stages)
+
+
+def slot_index(layout: StageLayout, stages: int, kind: str):
+    """[S, v, k] int: which layer of the `kind` stack (its index in that stack) each slot of chunk c of stage s
+    holds, -1 for a ghost slot. `layout` splits the blocks over the K = S * v virtual stages (virtual stage
+    c * S + s is chunk c of stage s)."""
+    import numpy as np
+
+    K = layout.stages
+    v = K // stages
+    first = layout.costs.kinds.index(kind) if kind in layout.costs.kinds else 0
+    k = layout.slots(kind)
+    out = np.full((stages, v, k), -1, np.int64)
+    for q in range(K):
+        ids = [i - first for i in layout.blocks(q) if layout.costs.kinds[i] == kind]
+        out[q % stages, q // stages, :len(ids)] = ids
+    return out

@@ -45,17 +45,23 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
 def losses(graphdef, params, biases, window: jax.Array):
     """All loss terms for one window [B, T+1]; returns (dict of scalars, moe_stats: MoE module path ->
     LayerStats, see `ModelOutput`)."""
-    inputs, targets = window[:, :-1], window[:, 1:]
-    T = inputs.shape[1]
-    out = nnx.merge(graphdef, params, biases)(inputs)
-    main = cross_entropy(out.logits, targets)
-    mtp_terms = []
-    for k, logits in enumerate(out.mtp_logits, start=1):
-        tk = jnp.concatenate([window[:, k + 1:], jnp.zeros((window.shape[0], k), window.dtype)], axis=1)
-        mtp_terms.append(cross_entropy(logits, tk, mtp_valid_mask(T, k)))
-    mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
+    out = nnx.merge(graphdef, params, biases)(window[:, :-1])
+    main, mtp = prediction_losses(out.logits, out.mtp_logits, window)
     return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
             out.moe_stats)
+
+
+def prediction_losses(logits, mtp_logits, window):
+    """(CE_main, mean_k CE_k) of a window [B, T+1]: logits [B, T, V] predict window[:, 1:], the depth-k MTP
+    logits window[:, k+1:] at the positions that have one."""
+    T = logits.shape[1]
+    main = cross_entropy(logits, window[:, 1:])
+    mtp_terms = []
+    for k, lg in enumerate(mtp_logits, start=1):
+        tk = jnp.concatenate([window[:, k + 1:], jnp.zeros((window.shape[0], k), window.dtype)], axis=1)
+        mtp_terms.append(cross_entropy(lg, tk, mtp_valid_mask(T, k)))
+    mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
+    return main, mtp
 
 
 def max_violation(counts: jax.Array) -> jax.Array:

@@ -1,0 +1,268 @@
+"""A pipeline schedule run as one jitted SPMD program: the train step's loss and gradients over 'stage'.
+
+Shape legend: S stages, v chunks per stage, K = S * v virtual stages, M micro-batches of b rows, T tokens,
+D model; k_dense / k_moe slots per chunk.
+
+Layout (`stage_layout.py`): the blocks are split into K contiguous runs (any mix of dense and MoE blocks,
+uneven where the counts do not divide); chunk c of stage s holds run c * S + s. Each layer stack is held in
+slots, [S, v, k, ...] with dim 0 on 'stage': stage s owns exactly the slots of its own chunks, so no layer
+ever leaves its stage. A slot with no layer (a ghost: stages hold different numbers of blocks of a kind) is
+skipped by a `lax.cond` on the stage's own index, so it costs memory but no compute. `to_slots` /
+`from_slots` convert a stack's [L, ...] arrays (and gradients back). The embedding runs on virtual stage 0;
+the final norm, the head, the MTP modules and the loss on virtual stage K - 1 (their parameters are
+replicated over 'stage'; their gradients are summed over it once, at the end).
+
+Program. `jax.shard_map` is manual over 'stage' only: inside, data, FSDP, expert and tensor parallelism are
+XLA's and expert parallelism's own shard_map as everywhere else. A `lax.scan` runs the ticks of the
+schedule's table (`schedules.table`); in tick t stage s reads its row and
+  F  (if its row has one) takes micro-batch m's input from its activation slot (virtual stage 0: embeds the
+     tokens into it), runs chunk c, and, on the last virtual stage, the head and the loss, whose gradient
+     (1/M of d total) it puts in a gradient slot;
+  B  (if its row has one) recomputes chunk c's forward from the saved input under `jax.vjp` and pulls the
+     output gradient (plus alpha / (MoE layers x M) on each MoE layer's balance loss) back: weight gradients
+     are added to the stage's slots, the input gradient is sent back (virtual stage 0: into the embedding);
+  then the F output moves to stage s + 1 and the B input gradient to stage s - 1 (`lax.ppermute`; the
+  last stage's output goes round to stage 0, the next chunk), into the slots the table names.
+Which ops run is the stage's own row, so the `lax.cond`s skip real work: an idle slot of the schedule costs
+no FLOPs, only its tick. A stage keeps only its chunks' inputs between F and B (the B recomputes the
+chunk's activations), at most `table.x_slots` of them: 1f1b 2(S - s) - 1, GPipe M.
+
+With dropless routing the loss, the gradients and the router loads equal the unpipelined step's
+(tests/test_pipeline_schedules.py): every micro-batch passes every layer once, the loss is the mean over
+equal micro-batches, and per-layer loads are summed over them.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from dsv3_jax import sharding
+from dsv3_jax.layer_stats import LayerStats
+from dsv3_jax.model import model_tail
+from dsv3_jax.moe import RouterBias
+from dsv3_jax.parallel.schedules import FIELDS, TickTable
+from dsv3_jax.rope import rope_tables
+from dsv3_jax.train.step import prediction_losses
+
+KINDS = ("dense", "moe")
+
+
+class Ends(nnx.Module):
+    """The parts of the model outside the blocks (same parameter paths as in the model): embedding, final
+    norm, head and MTP modules."""
+
+    def __init__(self, model):
+        self.cfg = model.cfg
+        self.embed, self.norm, self.lm_head, self.mtp = model.embed, model.norm, model.lm_head, model.mtp
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The static part: schedule table, slot maps ([S, v, k] layer index per kind, -1 ghost), options."""
+
+    table: TickTable
+    index: dict  # kind -> np.ndarray [S, v, k]
+    moe_layers: int  # MoE layers whose balance losses are averaged: the main stack's and the MTP blocks'
+    remat: bool = False
+
+    def __hash__(self):
+        return id(self)
+
+
+def split_model(model):
+    """(graphdefs, state): graphdefs {'ends', 'dense', 'moe'}; state {'ends': (params, biases), kind: (params,
+    biases) stacked [L, ...]} -- kinds the model has."""
+    gds, state = {}, {}
+    gds["ends"], *state["ends"] = nnx.split(Ends(model), nnx.Param, RouterBias)
+    for kind, stack in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if stack is not None:
+            gds[kind], *state[kind] = nnx.split(stack, nnx.Param, RouterBias)
+    state = {k: tuple(v) for k, v in state.items()}
+    return gds, state
+
+
+def to_slots(tree, index: np.ndarray):
+    """[L, ...] leaves -> [S, v, k, ...] (ghost slots hold a copy of layer 0; they are never run)."""
+    idx = np.maximum(index, 0)
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+def from_slots(tree, index: np.ndarray, layers: int):
+    """[S, v, k, ...] leaves (gradients, stats) -> [L, ...], each layer from its one real slot."""
+    flat = index.reshape(-1)
+    real = np.nonzero(flat >= 0)[0]
+    order = real[np.argsort(flat[real])]
+    assert len(order) == layers and (flat[order] == np.arange(layers)).all()
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[3:])[order], tree)
+
+
+def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, *, mesh):
+    """The scheduled pipeline's step: ((total, terms, moe stats {path: LayerStats in model order}), grads) with
+    grads = (d ends params, {kind: d slot params [S, v, k, ...]}).
+
+    ends = (params, biases) of `Ends`; slots = {kind: (params, biases) in slot layout}; window [B, T+1]."""
+    tbl = program.table
+    S, M, v = tbl.S, tbl.M, tbl.v
+    K = S * v
+    kinds = [k for k in KINDS if k in slots]
+    E = cfg.n_routed_experts
+    B, T1 = window.shape
+    T, b = T1 - 1, B // M
+    rows = {f: jnp.asarray(tbl.arrays[f]) for f in FIELDS}  # [ticks, S]
+    real_all = {k: jnp.asarray(program.index[k] >= 0) for k in kinds}  # [S, v, k]
+    bal_cot = alpha / (program.moe_layers * M)
+
+    def body(ends_params, ends_biases, slot_params, slot_biases, window, lam):
+        s = jax.lax.axis_index("stage")
+        sp = jax.tree.map(lambda a: a[0], slot_params)  # [v, k, ...]: this stage's chunks
+        sb = jax.tree.map(lambda a: a[0], slot_biases)
+        real = {k: real_all[k][s] for k in kinds}  # [v, k]
+        micro = window.reshape(b, M, T1).swapaxes(0, 1)  # micro-batch m = rows m, m + M, ...
+        micro = sharding.constrain(micro, (None, "batch", None))
+        cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
+
+        def first_fn(ep, tokens):
+            return nnx.merge(gds["ends"], ep, ends_biases).embed(tokens)
+
+        def last_fn(ep, x, win):
+            m = nnx.merge(gds["ends"], ep, ends_biases)
+            logits, mtp_logits, mtp_stats = model_tail(m, x, win[:, :-1], cos, sin)
+            ce, mtp = prediction_losses(logits, mtp_logits, win)
+            bal = sum((st.balance for st in mtp_stats.values()), jnp.zeros((), jnp.float32))
+            loss = ce + lam * mtp + alpha * bal / program.moe_layers
+            return loss, (ce, mtp, mtp_stats)
+
+        def chunk_fn(p, x, c):  # p: {kind: params [k, ...]} of chunk c -> (y, {kind: LayerStats [k]})
+            h, out = x, {}
+            for kind in kinds:
+                gd, lb = gds[kind], jax.tree.map(lambda a: a[c], sb[kind])
+
+                def layer(h, xs, gd=gd):
+                    lp, lbias, r = xs
+
+                    def run(h):
+                        return nnx.merge(gd, lp, lbias)(h, cos, sin)
+
+                    if program.remat:
+                        run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
+                    h, st = jax.lax.cond(r, run, lambda h: (h, LayerStats.zeros(E)), h)
+                    return sharding.constrain(h, ("batch", None, None)), st
+
+                h, out[kind] = jax.lax.scan(layer, h, (p[kind], lb, real[kind][c]))
+            return h, out
+
+        def chunk_params(c):
+            return {k: jax.tree.map(lambda a: a[c], sp[k]) for k in kinds}
+
+        x_shape = jax.eval_shape(first_fn, ends_params, micro[0, :, :-1])
+        zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
+        mtp_stats0 = jax.eval_shape(lambda ep: last_fn(ep, zeros_x, micro[0])[1][2], ends_params)
+        acc0 = {"ce": jnp.zeros((), jnp.float32), "mtp": jnp.zeros((), jnp.float32),
+                "mtp_stats": jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), mtp_stats0),
+                "stats": {k: LayerStats.zeros(E, real[k].shape) for k in kinds}}
+        carry0 = (jnp.zeros((tbl.x_slots,) + x_shape.shape, x_shape.dtype),
+                  jnp.zeros((tbl.dy_slots,) + x_shape.shape, x_shape.dtype),
+                  jax.tree.map(jnp.zeros_like, sp), jax.tree.map(jnp.zeros_like, ends_params), acc0)
+
+        def tick(carry, row):
+            xbuf, dybuf, g_slots, g_ends, acc = carry
+            row = {f: row[f][s] for f in FIELDS}
+
+            def do_f(args):
+                xbuf, dybuf, g_ends, acc = args
+                m, c = row["f_micro"], row["f_chunk"]
+                k = c * S + s
+                win = micro[m]
+                x = jax.lax.cond(k == 0, lambda: first_fn(ends_params, win[:, :-1]), lambda: xbuf[row["f_slot"]])
+                xbuf = xbuf.at[row["f_slot"]].set(x)
+                y, st = chunk_fn(chunk_params(c), x, c)
+                stats = {kk: jax.tree.map(lambda a, n: a.at[c].add(n), acc["stats"][kk], st[kk]) for kk in kinds}
+                acc = acc | {"stats": stats}
+
+                def last(args):
+                    dybuf, g_ends, acc = args
+                    (_, (ce, mtp, mst)), vjp = _vjp_aux(last_fn, ends_params, y, win)
+                    dep, dy = vjp(jnp.float32(1.0 / M))
+                    dybuf = dybuf.at[row["f_dyslot"]].set(dy.astype(dybuf.dtype))
+                    acc = acc | {"ce": acc["ce"] + ce / M, "mtp": acc["mtp"] + mtp / M,
+                                 "mtp_stats": jax.tree.map(jnp.add, acc["mtp_stats"], mst)}
+                    return dybuf, jax.tree.map(jnp.add, g_ends, dep), acc
+
+                dybuf, g_ends, acc = jax.lax.cond(k == K - 1, last, lambda a: a, (dybuf, g_ends, acc))
+                return xbuf, dybuf, g_ends, acc, y
+
+            xbuf, dybuf, g_ends, acc, send_f = jax.lax.cond(
+                row["f_valid"] == 1, do_f, lambda a: a + (zeros_x,), (xbuf, dybuf, g_ends, acc))
+
+            def do_b(args):
+                g_slots, g_ends = args
+                m, c = row["b_micro"], row["b_chunk"]
+                k = c * S + s
+                x, dy = xbuf[row["b_xslot"]], dybuf[row["b_dyslot"]]
+                (_, st), vjp = jax.vjp(lambda p, x: chunk_fn(p, x, c), chunk_params(c), x)
+                dst = {kk: LayerStats(counts=jnp.zeros_like(st[kk].counts),
+                                      balance=jnp.full_like(st[kk].balance, bal_cot if kk == "moe" else 0.0),
+                                      dropped=jnp.zeros_like(st[kk].dropped)) for kk in kinds}
+                dp, dx = vjp((dy, dst))
+                g_slots = {kk: jax.tree.map(lambda g, d: g.at[c].add(d), g_slots[kk], dp[kk]) for kk in kinds}
+
+                def embed_grad(g_ends):
+                    _, vjp_e = jax.vjp(lambda ep: first_fn(ep, micro[m][:, :-1]), ends_params)
+                    return jax.tree.map(jnp.add, g_ends, vjp_e(dx)[0])
+
+                g_ends = jax.lax.cond(k == 0, embed_grad, lambda g: g, g_ends)
+                return g_slots, g_ends, dx
+
+            g_slots, g_ends, send_b = jax.lax.cond(row["b_valid"] == 1, do_b, lambda a: a + (zeros_x,),
+                                                   (g_slots, g_ends))
+            fwd = jax.lax.ppermute(send_f, "stage", [(i, (i + 1) % S) for i in range(S)])
+            bwd = jax.lax.ppermute(send_b, "stage", [(i, (i - 1) % S) for i in range(S)])
+
+            def store(buf, slot, val):
+                i = jnp.maximum(slot, 0)
+                return buf.at[i].set(jnp.where(slot >= 0, val.astype(buf.dtype), buf[i]))
+
+            xbuf, dybuf = store(xbuf, row["recv_f"], fwd), store(dybuf, row["recv_b"], bwd)
+            return (xbuf, dybuf, g_slots, g_ends, acc), None
+
+        (_, _, g_slots, g_ends, acc), _ = jax.lax.scan(tick, carry0, rows)
+        g_ends = jax.lax.psum(g_ends, "stage")
+        ce, mtp = jax.lax.psum(acc["ce"], "stage"), jax.lax.psum(acc["mtp"], "stage")
+        mtp_stats = jax.tree.map(lambda a: jax.lax.psum(a, "stage"), acc["mtp_stats"])
+        lead = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
+        return ce, mtp, mtp_stats, lead(acc["stats"]), g_ends, lead(g_slots)
+
+    ends_params, ends_biases = ends
+    slot_params = {k: slots[k][0] for k in kinds}
+    slot_biases = {k: slots[k][1] for k in kinds}
+    on_stage = lambda t: jax.tree.map(lambda _: P("stage"), t)  # noqa: E731
+    rep = lambda t: jax.tree.map(lambda _: P(), t)  # noqa: E731
+    fn = jax.shard_map(body, mesh=mesh, axis_names={"stage"}, check_vma=False,
+                       in_specs=(rep(ends_params), rep(ends_biases), on_stage(slot_params), on_stage(slot_biases),
+                                 P(), P()),
+                       out_specs=(P(), P(), P(), P("stage"), P(), P("stage")))
+    with jax.named_scope("pipeline"):
+        ce, mtp, mtp_stats, slot_stats, g_ends, g_slots = fn(ends_params, ends_biases, slot_params, slot_biases,
+                                                              window, lam)
+    moe_stats = {}
+    if "moe" in kinds:
+        main = from_slots(slot_stats["moe"], program.index["moe"], cfg.num_moe_layers).per_microbatch(M)
+        moe_stats["moe_layers/ffn"] = main
+    moe_stats |= {k: st.per_microbatch(M) for k, st in mtp_stats.items()}
+    from dsv3_jax import layer_stats
+
+    terms = {"loss": ce, "mtp_loss": mtp, "balance_loss": layer_stats.mean_balance(moe_stats),
+             "dropped_tokens": layer_stats.total_dropped(moe_stats)}
+    total = ce + lam * mtp + alpha * terms["balance_loss"]
+    return (total, terms, moe_stats), (g_ends, g_slots)
+
+
+def _vjp_aux(last_fn, ends_params, y, win):
+    """jax.vjp of last_fn(ends_params, y, win) with its aux: ((loss, aux), vjp)."""
+    loss, vjp, aux = jax.vjp(lambda ep, y: last_fn(ep, y, win), ends_params, y, has_aux=True)
+    return (loss, aux), vjp
