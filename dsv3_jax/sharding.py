@@ -189,13 +189,16 @@ def current_mesh():
     return None if mesh.empty else mesh
 
 
+def in_manual_region() -> bool:
+    """True inside a `shard_map` that is manual over some mesh axes (a pipeline stage)."""
+    ctx = jax.sharding.get_abstract_mesh()
+    return not ctx.empty and any(t == jax.sharding.AxisType.Manual for t in ctx.axis_types)
+
+
 def inner_mesh(mesh):
     """The mesh a nested `shard_map` takes: inside a pipeline stage (a shard_map manual over 'stage') the
     context's abstract mesh, which knows that axis is manual; elsewhere `mesh`."""
-    ctx = jax.sharding.get_abstract_mesh()
-    if not ctx.empty and any(t == jax.sharding.AxisType.Manual for t in ctx.axis_types):
-        return ctx
-    return mesh
+    return jax.sharding.get_abstract_mesh() if in_manual_region() else mesh
 
 
 def axis_size(name: str) -> int:

@@ -101,6 +101,38 @@ def from_slots(tree, index: np.ndarray, layers: int):
     return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[3:])[order], tree)
 
 
+def plan(model, stages: int, microbatches: int, schedule: str, chunks: int = 1, seq_len: int = 4096,
+         stage_layers: str = "", remat: bool = False) -> Program:
+    """The Program of `model` over `stages`: layout (balanced over stages x chunks virtual stages, or the
+    user's), slot maps and the schedule's tick table."""
+    from dsv3_jax.parallel import schedules, stage_layout
+
+    layout = stage_layout.plan(model, stages * chunks, seq_len, stage_layers)
+    index = {k: stage_layout.slot_index(layout, stages, k) for k in KINDS if k in layout.costs.kinds}
+    cfg = model.cfg
+    moe_layers = cfg.num_moe_layers + (cfg.num_nextn_predict_layers if cfg.has_moe else 0)
+    return Program(schedules.table(schedule, stages, microbatches, chunks), index, moe_layers, remat)
+
+
+def place(program: Program, state: dict, mesh) -> tuple:
+    """(ends, slots) on `mesh`: the ends as the rules table says (replicated over 'stage'); each stack's
+    [L, ...] arrays moved to slots [S, v, k, ...] with dim 0 on 'stage' and the rest as for the stack."""
+    from jax.sharding import NamedSharding
+
+    def put(tree, stacked):
+        def one(spec, var):
+            spec = tuple(spec)
+            if stacked:  # [L, ...] ('layers' first) -> [S, v, k, ...]
+                spec = ("stage", None, None) + spec[1:]
+            return var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, P(*spec))))
+
+        return jax.tree.map(one, sharding.state_specs(tree), tree, is_leaf=lambda x: isinstance(x, P))
+
+    ends = tuple(put(t, False) for t in state["ends"])
+    slots = {k: tuple(put(to_slots(t, program.index[k]), True) for t in state[k]) for k in program.index}
+    return ends, slots
+
+
 def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, *, mesh):
     """The scheduled pipeline's step: ((total, terms, moe stats {path: LayerStats in model order}), grads) with
     grads = (d ends params, {kind: d slot params [S, v, k, ...]}).
@@ -114,6 +146,13 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
     B, T1 = window.shape
     T, b = T1 - 1, B // M
     rows = {f: jnp.asarray(tbl.arrays[f]) for f in FIELDS}  # [ticks, S]
+    a = tbl.arrays
+    first = (a["f_chunk"] * S + np.arange(S)) == 0
+    last = (a["f_chunk"] * S + np.arange(S)) == K - 1
+    first_b = (a["b_chunk"] * S + np.arange(S)) == 0
+    any_op = {"f": a["f_valid"].any(1), "b": a["b_valid"].any(1), "first_f": (first & (a["f_valid"] == 1)).any(1),
+              "last_f": (last & (a["f_valid"] == 1)).any(1), "first_b": (first_b & (a["b_valid"] == 1)).any(1)}
+    any_op = {k: jnp.asarray(v) for k, v in any_op.items()}  # per tick, the same on every stage
     real_all = {k: jnp.asarray(program.index[k] >= 0) for k in kinds}  # [S, v, k]
     bal_cot = alpha / (program.moe_layers * M)
 
@@ -126,12 +165,20 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         micro = sharding.constrain(micro, (None, "batch", None))
         cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
 
+        def gatherable(ep):  # XLA's partitioner cannot split a gather inside a manual subgroup (it aborts): the
+            # embedding table, which token lookups gather from, is gathered whole within the stage first
+            emb = ep["embed"]["embedding"]
+            return ep | {"embed": ep["embed"] | {"embedding": emb.replace(sharding.constrain(emb.get_value(),
+                                                                                             (None, None)))}}
+
         def first_fn(ep, tokens):
-            return nnx.merge(gds["ends"], ep, ends_biases).embed(tokens)
+            return nnx.merge(gds["ends"], gatherable(ep), ends_biases).embed(tokens)
 
         def last_fn(ep, x, win):
-            m = nnx.merge(gds["ends"], ep, ends_biases)
+            m = nnx.merge(gds["ends"], gatherable(ep), ends_biases)
             logits, mtp_logits, mtp_stats = model_tail(m, x, win[:, :-1], cos, sin)
+            logits = sharding.constrain(logits, ("batch", None, None))  # the loss gathers the target logits
+            mtp_logits = [sharding.constrain(lg, ("batch", None, None)) for lg in mtp_logits]
             ce, mtp = prediction_losses(logits, mtp_logits, win)
             bal = sum((st.balance for st in mtp_stats.values()), jnp.zeros((), jnp.float32))
             loss = ce + lam * mtp + alpha * bal / program.moe_layers
@@ -150,8 +197,9 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
 
                     if program.remat:
                         run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
-                    h, st = jax.lax.cond(r, run, lambda h: (h, LayerStats.zeros(E)), h)
-                    return sharding.constrain(h, ("batch", None, None)), st
+                    h_new, st = run(h)  # a ghost slot runs too, and is masked: see the module docstring
+                    h = jnp.where(r, h_new, h)
+                    return sharding.constrain(h, ("batch", None, None)), jax.tree.map(lambda a: jnp.where(r, a, 0), st)
 
                 h, out[kind] = jax.lax.scan(layer, h, (p[kind], lb, real[kind][c]))
             return h, out
@@ -169,57 +217,67 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                   jnp.zeros((tbl.dy_slots,) + x_shape.shape, x_shape.dtype),
                   jax.tree.map(jnp.zeros_like, sp), jax.tree.map(jnp.zeros_like, ends_params), acc0)
 
-        def tick(carry, row):
+        def masked(ok, new, old):
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        def tick(carry, xs):
             xbuf, dybuf, g_slots, g_ends, acc = carry
+            row, anyop = xs
             row = {f: row[f][s] for f in FIELDS}
 
             def do_f(args):
                 xbuf, dybuf, g_ends, acc = args
-                m, c = row["f_micro"], row["f_chunk"]
+                ok = row["f_valid"] == 1
+                m, c, slot = (jnp.maximum(row[f], 0) for f in ("f_micro", "f_chunk", "f_slot"))
                 k = c * S + s
                 win = micro[m]
-                x = jax.lax.cond(k == 0, lambda: first_fn(ends_params, win[:, :-1]), lambda: xbuf[row["f_slot"]])
-                xbuf = xbuf.at[row["f_slot"]].set(x)
+                x = jax.lax.cond(anyop["first_f"], lambda: first_fn(ends_params, win[:, :-1]), lambda: xbuf[slot])
+                x = jnp.where(ok & (k == 0), x, xbuf[slot])
+                xbuf = xbuf.at[slot].set(jnp.where(ok, x, xbuf[slot]))
                 y, st = chunk_fn(chunk_params(c), x, c)
-                stats = {kk: jax.tree.map(lambda a, n: a.at[c].add(n), acc["stats"][kk], st[kk]) for kk in kinds}
+                stats = {kk: jax.tree.map(lambda a, n: a.at[c].add(jnp.where(ok, n, 0)), acc["stats"][kk], st[kk])
+                         for kk in kinds}
                 acc = acc | {"stats": stats}
 
                 def last(args):
                     dybuf, g_ends, acc = args
+                    mine = ok & (k == K - 1)
                     (_, (ce, mtp, mst)), vjp = _vjp_aux(last_fn, ends_params, y, win)
                     dep, dy = vjp(jnp.float32(1.0 / M))
-                    dybuf = dybuf.at[row["f_dyslot"]].set(dy.astype(dybuf.dtype))
-                    acc = acc | {"ce": acc["ce"] + ce / M, "mtp": acc["mtp"] + mtp / M,
+                    dslot = jnp.maximum(row["f_dyslot"], 0)
+                    dybuf = dybuf.at[dslot].set(jnp.where(mine, dy.astype(dybuf.dtype), dybuf[dslot]))
+                    new = acc | {"ce": acc["ce"] + ce / M, "mtp": acc["mtp"] + mtp / M,
                                  "mtp_stats": jax.tree.map(jnp.add, acc["mtp_stats"], mst)}
-                    return dybuf, jax.tree.map(jnp.add, g_ends, dep), acc
+                    return dybuf, masked(mine, jax.tree.map(jnp.add, g_ends, dep), g_ends), masked(mine, new, acc)
 
-                dybuf, g_ends, acc = jax.lax.cond(k == K - 1, last, lambda a: a, (dybuf, g_ends, acc))
-                return xbuf, dybuf, g_ends, acc, y
+                dybuf, g_ends, acc = jax.lax.cond(anyop["last_f"], last, lambda a: a, (dybuf, g_ends, acc))
+                return xbuf, dybuf, g_ends, acc, jnp.where(ok, y, 0)
 
             xbuf, dybuf, g_ends, acc, send_f = jax.lax.cond(
-                row["f_valid"] == 1, do_f, lambda a: a + (zeros_x,), (xbuf, dybuf, g_ends, acc))
+                anyop["f"], do_f, lambda a: a + (zeros_x,), (xbuf, dybuf, g_ends, acc))
 
             def do_b(args):
                 g_slots, g_ends = args
-                m, c = row["b_micro"], row["b_chunk"]
+                ok = row["b_valid"] == 1
+                m, c, xs_, ds_ = (jnp.maximum(row[f], 0) for f in ("b_micro", "b_chunk", "b_xslot", "b_dyslot"))
                 k = c * S + s
-                x, dy = xbuf[row["b_xslot"]], dybuf[row["b_dyslot"]]
+                x, dy = xbuf[xs_], dybuf[ds_]
                 (_, st), vjp = jax.vjp(lambda p, x: chunk_fn(p, x, c), chunk_params(c), x)
                 dst = {kk: LayerStats(counts=jnp.zeros_like(st[kk].counts),
                                       balance=jnp.full_like(st[kk].balance, bal_cot if kk == "moe" else 0.0),
                                       dropped=jnp.zeros_like(st[kk].dropped)) for kk in kinds}
                 dp, dx = vjp((dy, dst))
-                g_slots = {kk: jax.tree.map(lambda g, d: g.at[c].add(d), g_slots[kk], dp[kk]) for kk in kinds}
+                g_slots = {kk: jax.tree.map(lambda g, d: g.at[c].add(jnp.where(ok, d, 0)), g_slots[kk], dp[kk])
+                           for kk in kinds}
 
                 def embed_grad(g_ends):
                     _, vjp_e = jax.vjp(lambda ep: first_fn(ep, micro[m][:, :-1]), ends_params)
-                    return jax.tree.map(jnp.add, g_ends, vjp_e(dx)[0])
+                    return masked(ok & (k == 0), jax.tree.map(jnp.add, g_ends, vjp_e(dx)[0]), g_ends)
 
-                g_ends = jax.lax.cond(k == 0, embed_grad, lambda g: g, g_ends)
-                return g_slots, g_ends, dx
+                g_ends = jax.lax.cond(anyop["first_b"], embed_grad, lambda g: g, g_ends)
+                return g_slots, g_ends, jnp.where(ok & (k > 0), dx, 0)
 
-            g_slots, g_ends, send_b = jax.lax.cond(row["b_valid"] == 1, do_b, lambda a: a + (zeros_x,),
-                                                   (g_slots, g_ends))
+            g_slots, g_ends, send_b = jax.lax.cond(anyop["b"], do_b, lambda a: a + (zeros_x,), (g_slots, g_ends))
             fwd = jax.lax.ppermute(send_f, "stage", [(i, (i + 1) % S) for i in range(S)])
             bwd = jax.lax.ppermute(send_b, "stage", [(i, (i - 1) % S) for i in range(S)])
 
@@ -230,7 +288,7 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
             xbuf, dybuf = store(xbuf, row["recv_f"], fwd), store(dybuf, row["recv_b"], bwd)
             return (xbuf, dybuf, g_slots, g_ends, acc), None
 
-        (_, _, g_slots, g_ends, acc), _ = jax.lax.scan(tick, carry0, rows)
+        (_, _, g_slots, g_ends, acc), _ = jax.lax.scan(tick, carry0, (rows, any_op))
         g_ends = jax.lax.psum(g_ends, "stage")
         ce, mtp = jax.lax.psum(acc["ce"], "stage"), jax.lax.psum(acc["mtp"], "stage")
         mtp_stats = jax.tree.map(lambda a: jax.lax.psum(a, "stage"), acc["mtp_stats"])

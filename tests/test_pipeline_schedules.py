@@ -1,0 +1,196 @@
+"""Pipeline schedules (parallel/schedules.py), stage layouts (parallel/stage_layout.py) and the scheduled pipeline
+run as one SPMD program (parallel/pipeline_exec.py), on 8 fake CPU devices.
+
+References: the closed-form bubbles and hand-drawn tick diagrams; a brute-force search over all contiguous splits;
+hand-counted ghost slots; the unpipelined one-device step (jax.value_and_grad of `step.losses`) for loss,
+gradients and router loads."""
+import itertools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dsv3_jax import runtime, sharding
+from dsv3_jax.analysis import load_config
+from dsv3_jax.cli import ConfigError
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.model import DeepSeekV3, abstract_model
+from dsv3_jax.moe import RouterBias
+from dsv3_jax.parallel import pipeline_exec, schedules, stage_layout
+from dsv3_jax.runtime import split_model_section
+from dsv3_jax.train.step import losses
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=7,
+                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                  v_head_dim=8, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  first_k_dense_replace=1, dtype="float32", num_nextn_predict_layers=1)  # 1 dense + 6 MoE + MTP
+LAM, ALPHA = 0.3, 0.01
+
+
+# ---------------------------------------------------------------------------------------------- tick tables
+@pytest.mark.parametrize("name,S,M,v", [("gpipe", 2, 4, 1), ("gpipe", 4, 8, 1), ("1f1b", 4, 8, 1), ("1f1b", 4, 16, 1),
+                                        ("1f1b", 16, 32, 1), ("interleaved", 2, 4, 2), ("interleaved", 4, 8, 2),
+                                        ("interleaved", 4, 8, 3), ("interleaved", 16, 32, 2)])
+def test_counted_bubble_is_the_formula(name, S, M, v):
+    for cost in ({"F": 1, "B": 2}, {"F": 1, "B": 3}):
+        t = schedules.table(name, S, M, v, cost)
+        assert t.bubble == pytest.approx(schedules.bubble_formula(name, S, M, v), abs=1e-12)
+    f, b = schedules.op_ticks(name, S, M, v)
+    assert (b >= f).all() and (f[:, 1:] > f[:, :-1]).all() and (b[:, :-1] > b[:, 1:]).all()  # data dependencies
+    a = t.arrays
+    assert a["f_valid"].sum() == a["b_valid"].sum() == M * S * v  # every op exactly once
+    if name == "1f1b":  # a stage holds 2(S - s) - 1 micro-batches, GPipe all M
+        assert t.peak_live == [min(2 * (S - s) - 1, M) for s in range(S)]
+    if name == "gpipe":
+        assert t.peak_live == [M] * S
+    if name == "interleaved":
+        assert t.bubble < schedules.bubble_formula("gpipe", S, M)
+
+
+def test_tick_diagrams_by_hand():
+    assert schedules.diagram(schedules.table("1f1b", 2, 3)) == "s0 012ABC\ns1 .0A1B2C."
+    assert schedules.diagram(schedules.table("gpipe", 2, 3)) == "s0 012..CBA\ns1 .012CBA."
+    with pytest.raises(ValueError, match="multiple of the stages"):
+        schedules.table("interleaved", 4, 6, 2)
+
+
+# ---------------------------------------------------------------------------------------------- layouts
+def _costs(kinds, flops, first=0.0, last=0.0):
+    return stage_layout.LayerCosts(tuple(kinds), tuple(flops), {"dense": 10, "moe": 100}, first, last, 1000)
+
+
+def test_balanced_split_is_optimal_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n, S = int(rng.integers(3, 9)), int(rng.integers(2, 5))
+        c = _costs(["dense"] * 2 + ["moe"] * (n - 2), rng.uniform(1, 3, n), rng.uniform(0, 2), rng.uniform(0, 4))
+        lay = stage_layout.balanced(c, S)
+        assert lay.bounds[0] == 0 and lay.bounds[-1] == n and len(lay.bounds) == S + 1
+        best = min(max(stage_layout.StageLayout((0,) + cut + (n,), c).stage_cost(s) for s in range(S))
+                   for cut in itertools.combinations_with_replacement(range(1, n + 1), S - 1)
+                   if all(cut[i] < cut[i + 1] for i in range(len(cut) - 1)))
+        assert max(lay.stage_cost(s) for s in range(S)) <= best * 1.001 + 1e-12
+
+
+def test_ghost_slots_by_hand_and_bad_splits():
+    c = _costs(["dense"] + ["moe"] * 3, [1, 1, 1, 1])
+    lay = stage_layout.given(c, "1,3")  # stage 0: the dense block, stage 1: three MoE blocks
+    assert (lay.slots("dense"), lay.slots("moe")) == (1, 3)
+    assert lay.ghost_blocks("dense") == 1 and lay.ghost_blocks("moe") == 3 and lay.ghost_params == 310
+    np.testing.assert_array_equal(stage_layout.slot_index(lay, 2, "moe")[:, 0], [[-1, -1, -1], [0, 1, 2]])
+    for bad in ("1,2", "a,b", "5,-1"):
+        with pytest.raises(ConfigError, match="pipeline_stage_layers"):
+            stage_layout.given(c, bad)
+    with pytest.raises(ConfigError, match="leaves a stage empty"):
+        stage_layout.balanced(c, 6)
+
+
+def _model_cfg(name):
+    return ModelConfig.from_dict(split_model_section(load_config(name).model)[0])
+
+
+def test_deepseek_v3_layout_over_16_stages():
+    model = abstract_model(_model_cfg("deepseek_v3"))
+    lay = stage_layout.plan(model, 16, 4096)
+    assert lay.stages == 16 and lay.bounds[-1] == 61
+    assert [len(lay.blocks(s)) for s in range(16)] == [4] * 15 + [1]  # the head and MTP weigh ~3 layers
+    assert lay.imbalance < 1.25
+    c = lay.costs
+    # ghosts by hand: stage 0 holds the 3 dense layers, every stage 4 MoE slots (58 MoE layers)
+    assert lay.ghost_params == (16 * 3 - 3) * c.params["dense"] + (16 * 4 - 58) * c.params["moe"]
+    tiny = abstract_model(_model_cfg("tiny"))
+    for S in (2, 4):
+        assert stage_layout.plan(tiny, S, 256).bounds[-1] == 4
+
+
+# ---------------------------------------------------------------------------------------------- the program
+WINDOW = np.asarray(jax.random.randint(jax.random.key(1), (16, 17), 0, CFG.vocab_size))
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    model = DeepSeekV3(CFG, rngs=nnx.Rngs(0), runtime=runtime.resolve(moe_block_size=8))
+    gd, params, biases = nnx.split(model, nnx.Param, RouterBias)
+
+    def objective(p):
+        terms, stats = losses(gd, p, biases, jnp.asarray(WINDOW))
+        return terms["loss"] + LAM * terms["mtp_loss"] + ALPHA * terms["balance_loss"], (terms, stats)
+
+    (total, (terms, stats)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    return total, terms, stats, nnx.to_pure_dict(grads)
+
+
+def _scheduled(layout, name, M, v):
+    mesh = sharding.make_mesh(layout)
+    with jax.set_mesh(mesh):
+        model = DeepSeekV3(CFG, rngs=nnx.Rngs(0), runtime=runtime.resolve(mesh=mesh, moe_block_size=8))
+        program = pipeline_exec.plan(model, layout["stage"], M, name, v, seq_len=16)
+        gds, state = pipeline_exec.split_model(model)
+        ends, slots = pipeline_exec.place(program, state, mesh)
+        window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
+        step = jax.jit(lambda e, s, w: pipeline_exec.value_and_grad(program, gds, CFG, e, s, w, jnp.float32(LAM),
+                                                                      jnp.float32(ALPHA), mesh=mesh))
+        (total, terms, stats), (g_ends, g_slots) = step(ends, slots, window)
+        grads = nnx.to_pure_dict(g_ends) | {
+            f"{k}_layers": nnx.to_pure_dict(pipeline_exec.from_slots(g_slots[k], program.index[k],
+                                                                     getattr(CFG, f"num_{k}_layers")))
+            for k in g_slots}
+    return total, terms, stats, grads, step, (ends, slots, window), mesh
+
+
+CASES = [(dict(stage=2, expert=2, data=2), 4), (dict(stage=4, data=2), 4), (dict(stage=2, fsdp=2, tensor=2), 4)]
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
+@pytest.mark.parametrize("layout,M", CASES, ids=lambda v: "x".join(f"{k}{s}" for k, s in v.items())
+                         if isinstance(v, dict) else f"m{v}")
+def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device):
+    """Loss terms 1e-5, every gradient 1e-4 relative, router loads (so the bias updates) identical, for an uneven
+    split of 1 dense + 6 MoE layers + MTP (interleaved: 2 chunks per stage)."""
+    ref_total, ref_terms, ref_stats, ref_grads = one_device
+    total, terms, stats, grads, *_ = _scheduled(layout, name, M, 2 if name == "interleaved" else 1)
+    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5)
+    for k in ("loss", "mtp_loss", "balance_loss", "dropped_tokens"):
+        np.testing.assert_allclose(float(terms[k]), float(ref_terms[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ref_grads)[0], jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4 * float(np.abs(a).max()) + 1e-9,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert sorted(stats) == sorted(ref_stats)
+    for key in stats:
+        np.testing.assert_array_equal(np.asarray(stats[key].counts), np.asarray(ref_stats[key].counts))
+
+
+def _replica_groups(text):
+    """Device groups of every all-gather in compiled HLO text (explicit {{..}} or iota [G,N]<=[dims]T(perm))."""
+    out = []
+    for line in text.splitlines():
+        if " all-gather(" not in line and " all-gather-start(" not in line:
+            continue
+        m = re.search(r"replica_groups=\{(\{[^=]*?\})\}", line)
+        if m:
+            out += [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+            continue
+        m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
+        if m:
+            dims = [int(x) for x in m.group(3).split(",")]
+            ids = np.arange(int(np.prod(dims))).reshape(dims)
+            if m.group(4):
+                ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+            out += ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+    return out
+
+
+def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers():
+    """The compiled 1f1b step on stage 2 x fsdp 2 x tensor 2 moves activations with collective-permutes, and every
+    all-gather (FSDP's) stays inside one stage's devices: no stage ever receives another stage's layers."""
+    *_, step, args, mesh = _scheduled(dict(stage=2, fsdp=2, tensor=2), "1f1b", 4, 1)
+    text = step.lower(*args).compile().as_text()
+    assert "collective-permute" in text
+    stage_of = {int(d.id): s for s in range(2) for d in np.asarray(mesh.devices).take(s, axis=1).reshape(-1)}
+    groups = _replica_groups(text)
+    assert groups, "FSDP should all-gather weights within a stage"
+    for g in groups:
+        assert len({stage_of[d] for d in g}) == 1, g
