@@ -52,9 +52,11 @@ def main(argv):
     if FLAGS.dry_run:
         from dsv3_jax.train.loop import microbatches
 
+        m = FLAGS.config.mesh
         plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat,
                      microbatches=microbatches(FLAGS.config, sizes["stage"]),
-                     grad_accum=t.get("grad_accum_steps", 1))
+                     grad_accum=t.get("grad_accum_steps", 1), schedule=m.get("pipeline_schedule", "gpipe"),
+                     chunks=m.get("pipeline_chunks", 1), stage_layers=m.get("pipeline_stage_layers", ""))
         return
     train(FLAGS.config, FLAGS.workdir)
 

@@ -30,7 +30,8 @@ from dsv3_jax.cli import UserError
 
 MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
-MESH_OPTIONS = ("microbatches", "pipeline_schedule")  # keys of config.mesh that are not axes
+MESH_OPTIONS = ("microbatches", "pipeline_schedule", "pipeline_chunks",  # keys of config.mesh that are not axes
+                "pipeline_stage_layers")
 
 # logical name -> mesh axis (None: replicated)
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (

@@ -98,10 +98,11 @@ class StageLayout:
         return c + (self.costs.first_extra if s == 0 else 0.0) + (self.costs.last_extra if s == self.stages - 1
                                                                   else 0.0)
 
-    @property
-    def imbalance(self) -> float:
-        """Largest stage cost over the mean: the pipeline runs at the pace of its slowest stage."""
-        costs = [self.stage_cost(s) for s in range(self.stages)]
+    def imbalance(self, stages: int | None = None) -> float:
+        """Largest stage cost over the mean: the pipeline runs at the pace of its slowest stage. With `stages`
+        (< self.stages: the virtual stages of an interleaved layout), a stage's cost sums its chunks."""
+        S = stages or self.stages
+        costs = [sum(self.stage_cost(q) for q in range(s, self.stages, S)) for s in range(S)]
         return max(costs) / (sum(costs) / len(costs))
 
     def ghost_blocks(self, kind: str) -> int:
@@ -131,8 +132,8 @@ class StageLayout:
 
 
 def balanced(costs: LayerCosts, stages: int) -> StageLayout:
-    """The contiguous split with the smallest largest stage cost; ties: fewest padding slots, then the most
-    even block counts."""
+    """The contiguous split with the smallest largest stage cost; among those (within 0.1%), the most even costs
+    (smallest sum of squares), then the fewest padding slots."""
     n = len(costs.kinds)
     if stages < 1:
         raise ConfigError(f"config.mesh.stage={stages} must be >= 1")
@@ -159,10 +160,26 @@ def balanced(costs: LayerCosts, stages: int) -> StageLayout:
                 out = cand
         return out
 
-    top, tail = best(0, 0)
-    # Among splits within 0.1% of the best maximum, prefer fewer ghost slots: enumerate the optimum's neighbours
-    layout = StageLayout((0,) + tail, costs)
-    return _fewest_ghosts(layout, top * 1.001)
+    top, _ = best(0, 0)
+    limit = top * 1.001
+
+    @functools.cache
+    def even(s, a):  # the split with every stage under `limit` and the smallest sum of squared stage costs
+        if s == stages - 1:
+            c = cost(s, a, n)
+            return (c * c, (n,)) if c <= limit else (math.inf, ())
+        out = (math.inf, ())
+        for b in range(a + 1, n + 1):
+            c = cost(s, a, b)
+            if c > limit:
+                break
+            sq, tail = even(s + 1, b)
+            if c * c + sq < out[0]:
+                out = (c * c + sq, (b,) + tail)
+        return out
+
+    layout = StageLayout((0,) + even(0, 0)[1], costs)
+    return _fewest_ghosts(layout, limit)
 
 
 def _fewest_ghosts(layout: StageLayout, limit: float) -> StageLayout:

@@ -31,9 +31,10 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
 
 
 def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 1, seq_len: int = 1,
-            remat: bool = False, microbatches: int = 1, grad_accum: int = 1) -> dict:
-    """Print the parameter table, the per-device memory plan (with `mesh_sizes`) and, as the final
-    line, the counts as JSON."""
+            remat: bool = False, microbatches: int = 1, grad_accum: int = 1, schedule: str = "gpipe", chunks: int = 1,
+            stage_layers: str = "") -> dict:
+    """Print the parameter table, the per-device memory plan (with `mesh_sizes`), the pipeline plan (with a
+    'stage' axis > 1) and, as the final line, the counts (and the pipeline's figures) as JSON."""
     model = abstract_model(cfg)
     counts = param_counts(model)
     parts = component_counts(model)
@@ -47,8 +48,81 @@ def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 
         print(f"{k:<28}{v:>20,}  ({v / 1e9:.1f}B)")
     if mesh_sizes is not None:
         print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat, microbatches, grad_accum)
+        if mesh_sizes["stage"] > 1:
+            counts |= print_pipeline_plan(model, mesh_sizes, batch_size, seq_len, microbatches, schedule, chunks,
+                                          stage_layers, remat)
     print(json.dumps(counts))
     return counts
+
+
+def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatches: int, schedule: str,
+                  chunks: int = 1, stage_layers: str = "", remat: bool = False) -> dict:
+    """The scheduled pipeline of `model` on a mesh of `sizes` (parallel/pipeline_exec.py): layout, FLOP
+    imbalance, counted bubble, and per-device parameter and activation bytes (the slot layout: every stage
+    holds `slots(kind)` blocks of each kind, its ghosts included; embedding, head and MTP on every stage)."""
+    from dsv3_jax.parallel import schedules, stage_layout
+
+    S = sizes["stage"]
+    layout = stage_layout.plan(model, S * chunks, seq_len, stage_layers)
+    table = schedules.table(schedule, S, microbatches, chunks)
+    state = nnx.state(model, nnx.Param)
+    specs = sharding.pure_specs(state)
+    per_block = {"dense": 0, "moe": 0}
+    ends = 0
+    for path, var in nnx.to_flat_state(state):
+        spec = specs
+        for k in path:
+            spec = spec[k]
+        a = var.get_value()
+        item = jnp.dtype(a.dtype).itemsize
+        names = [str(getattr(k, "key", k)) for k in path]
+        if names[0] in ("dense_layers", "moe_layers"):
+            per_block[names[0].split("_")[0]] += sharding.shard_numel(a.shape[1:], tuple(spec)[1:], sizes) * item
+        else:
+            ends += sharding.shard_numel(a.shape, spec, sizes) * item
+    slots = {k: layout.slots(k) * chunks for k in per_block if k in layout.costs.kinds}
+    params = ends + sum(per_block[k] * n for k, n in slots.items())
+    dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
+    micro_tokens = -(-batch_size // (microbatches * dp)) * seq_len
+    act_item = jnp.dtype(model.cfg.compute_dtype).itemsize
+    held = (table.x_slots + table.dy_slots) * micro_tokens * model.cfg.hidden_size * act_item
+    cfg = model.cfg
+    working_per_layer = (24 * cfg.hidden_size + 2 * cfg.num_attention_heads * seq_len
+                         + 3 * cfg.num_experts_per_tok * cfg.moe_intermediate_size) * act_item * micro_tokens
+    chunk_layers = max(len(layout.blocks(q)) for q in range(layout.stages))
+    working = working_per_layer * (1 if remat else chunk_layers)  # one chunk's recompute during a B
+    costs = [layout.stage_cost(q) for q in range(layout.stages)]
+    return {"layout": layout, "table": table, "params": params, "grads": params, "adam_moments": 2 * params,
+            "activations": held + working, "held_inputs": max(table.peak_live), "imbalance": layout.imbalance(S),
+            "costs": costs}
+
+
+def print_pipeline_plan(model, sizes, batch_size, seq_len, microbatches, schedule, chunks=1, stage_layers="",
+                        remat=False) -> dict:
+    from dsv3_jax.parallel import schedules
+
+    p = pipeline_plan(model, sizes, batch_size, seq_len, microbatches, schedule, chunks, stage_layers, remat)
+    lay, tbl = p["layout"], p["table"]
+    S = sizes["stage"]
+    gib = 1024 ** 3
+    print(f"\npipeline: schedule {schedule}, {S} stages x {chunks} chunk(s), {microbatches} micro-batches "
+          f"(parallel/pipeline_exec.py)")
+    for q in range(lay.stages):
+        where = f"stage {q % S}" + (f" chunk {q // S}" if chunks > 1 else "")
+        print(f"  {where:<16} {lay.describe(q):<48} {p['costs'][q] / 1e9:8.2f} GFLOP/token")
+    print(f"  FLOP imbalance (max / mean over stages): {p['imbalance']:.3f}")
+    print(f"  ghost slots: {lay.ghost_blocks('dense')} dense + {lay.ghost_blocks('moe')} MoE blocks = "
+          f"{lay.ghost_params / 1e9:.1f}B parameters ({lay.ghost_fraction:.1%} of the model): a stack is one array "
+          f"sharded over 'stage', so every stage has room for its largest count of each kind")
+    print(f"  bubble: {tbl.bubble:.1%} counted from the {tbl.ticks}-tick schedule (formula "
+          f"{schedules.bubble_formula(schedule, S, microbatches, chunks):.1%}); stage inputs held per stage: "
+          f"{', '.join(str(int(x)) for x in tbl.peak_live)}")
+    for k in ("params", "grads", "adam_moments", "activations"):
+        print(f"  {k:<20}{p[k] / gib:>12.2f} GiB per device")
+    return {"pipeline_schedule": schedule, "pipeline_bubble": round(tbl.bubble, 6),
+            "pipeline_imbalance": round(p["imbalance"], 6), "pipeline_ghost_params": lay.ghost_params,
+            "pipeline_stage_layers": [len(lay.blocks(q)) for q in range(lay.stages)],
+            "pipeline_param_bytes_per_device": p["params"], "pipeline_activation_bytes_per_device": p["activations"]}
 
 
 # ----------------------------------------------------------------------------- memory plan
