@@ -49,7 +49,7 @@ from dsv3_jax.cli import ConfigError, UserError
 
 EXPERT_IMPLS = ("dense", "blocks", "ragged")
 DISPATCHES = ("padded", "ragged")
-SCHEDULES = ("gpipe",)
+SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/schedules.py
 PAGED_ATTENTION = ("jnp", "pallas")
 FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
 # keys of a config's `model` section that describe the run, with their defaults
@@ -168,6 +168,8 @@ class Runtime:
     remat: bool = False
     microbatches: int = 1
     pipeline_schedule: str = "gpipe"
+    pipeline_chunks: int = 1
+    pipeline_stage_layers: str = ""
     fp8: bool = False
     fp8_options: Fp8Options = Fp8Options()
     fp8_weights: str | None = None  # None | 'w8a8' | 'weight_only': projections and experts held in FP8
@@ -192,6 +194,12 @@ class Runtime:
                             "expert_dispatch='padded'.")
         if self.microbatches < 1:
             raise UserError(f"Runtime.microbatches={self.microbatches} must be >= 1.")
+        if self.pipeline_chunks < 1 or (self.pipeline_chunks > 1 and self.pipeline_schedule != "interleaved"):
+            raise UserError(f"pipeline_chunks={self.pipeline_chunks}: chunks per stage are >= 1, and > 1 only with "
+                            f"pipeline_schedule='interleaved'.")
+        if self.pipeline_schedule == "interleaved" and self.stages > 1 and self.microbatches % self.stages:
+            raise UserError(f"microbatches={self.microbatches}: the interleaved schedule feeds micro-batches in "
+                            f"groups of the {self.stages} stages; choose a multiple of {self.stages}.")
         if self.fp8 and self.expert_impl == "ragged":
             raise UserError("fp8 runs the routed experts in the 'blocks' layout; resolve the Runtime with "
                             "moe_impl='auto' or 'blocks'.")
@@ -211,6 +219,12 @@ class Runtime:
     @property
     def stages(self) -> int:
         return self.axis("stage")
+
+    @property
+    def scheduled_pipeline(self) -> bool:
+        """The train step runs a tick-table schedule (parallel/pipeline_exec.py) rather than GPipe over the
+        stacks (parallel/pipeline.py, the reference)."""
+        return self.stages > 1 and self.pipeline_schedule != "gpipe"
 
     @property
     def expert_parallel(self) -> bool:
@@ -262,7 +276,8 @@ class Runtime:
             experts = (f"expert-parallel ({self.expert_dispatch} dispatch, {cf}, local blocks of {self.block_size})")
         else:
             experts = self.expert_impl + (f" (blocks of {self.block_size})" if self.expert_impl == "blocks" else "")
-        stack = (f"pipeline {self.pipeline_schedule} {self.stages} stages x {self.microbatches} micro-batches"
+        chunks = f" x {self.pipeline_chunks} chunks" if self.pipeline_chunks > 1 else ""
+        stack = (f"pipeline {self.pipeline_schedule} {self.stages} stages{chunks} x {self.microbatches} micro-batches"
                  if self.stages > 1 else "scan")
         fp8 = "off"
         if self.fp8:
@@ -279,7 +294,8 @@ class Runtime:
 
 def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", moe_block_size: int = 64,
             expert_capacity_factor: float = 0.0, expert_dispatch: str = "auto", decode_moe_impl: str = "auto",
-            remat: bool = False, microbatches: int = 0, pipeline_schedule: str = "gpipe", fp8: bool = False,
+            remat: bool = False, microbatches: int = 0, pipeline_schedule: str = "gpipe", pipeline_chunks: int = 1,
+            pipeline_stage_layers: str = "", fp8: bool = False,
             fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None,
             fp8_weights: str | None = None) -> Runtime:
     """A concrete Runtime for this backend. 'auto' means:
@@ -315,7 +331,9 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                    emulate_ragged_all_to_all=(p == "cpu") if emulate_ragged_all_to_all is None
                    else emulate_ragged_all_to_all,
                    remat=bool(remat), microbatches=int(microbatches) or default_microbatches(stages),
-                   pipeline_schedule=pipeline_schedule, fp8=bool(fp8), fp8_options=resolve_fp8(fp8_options),
+                   pipeline_schedule=pipeline_schedule, pipeline_chunks=int(pipeline_chunks),
+                   pipeline_stage_layers=str(pipeline_stage_layers or ""), fp8=bool(fp8),
+                   fp8_options=resolve_fp8(fp8_options),
                    fp8_weights=fp8_weights or None, attention_f32_core=p == "cpu")
 
 
@@ -363,6 +381,8 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
                        expert_capacity_factor=run["expert_capacity_factor"], expert_dispatch=run["expert_dispatch"],
                        remat=bool(train.get("remat", False)), microbatches=int(mesh_section.get("microbatches", 0)),
                        pipeline_schedule=mesh_section.get("pipeline_schedule", "gpipe"),
+                       pipeline_chunks=int(mesh_section.get("pipeline_chunks", 1)),
+                       pipeline_stage_layers=mesh_section.get("pipeline_stage_layers", ""),
                        fp8_options=fp8_options_from(config.get("fp8")))
     except ConfigError:
         raise
@@ -373,7 +393,8 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
 def _config_key_message(msg: str) -> str:
     """Name the config key a resolver message is about (model.*, mesh.*, train.*)."""
     for key, section in (("moe_impl", "model"), ("moe_block_size", "model"), ("expert_capacity_factor", "model"),
-                         ("expert_dispatch", "model"), ("microbatches", "mesh"), ("pipeline_schedule", "mesh")):
+                         ("expert_dispatch", "model"), ("microbatches", "mesh"), ("pipeline_schedule", "mesh"),
+                         ("pipeline_chunks", "mesh")):
         if msg.startswith(key + "=") or msg.startswith(f"Runtime.{key}="):
             return f"config.{section}.{msg.removeprefix('Runtime.')}"
     if msg.startswith("fp8"):

@@ -168,8 +168,11 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         def gatherable(ep):  # XLA's partitioner cannot split a gather inside a manual subgroup (it aborts): the
             # embedding table, which token lookups gather from, is gathered whole within the stage first
             emb = ep["embed"]["embedding"]
-            return ep | {"embed": ep["embed"] | {"embedding": emb.replace(sharding.constrain(emb.get_value(),
-                                                                                             (None, None)))}}
+            if hasattr(emb, "get_value"):  # an nnx.State (else a pure dict, as in the train state)
+                emb = emb.replace(sharding.constrain(emb.get_value(), (None, None)))
+            else:
+                emb = sharding.constrain(emb, (None, None))
+            return ep | {"embed": ep["embed"] | {"embedding": emb}}
 
         def first_fn(ep, tokens):
             return nnx.merge(gds["ends"], gatherable(ep), ends_biases).embed(tokens)
@@ -324,3 +327,50 @@ def _vjp_aux(last_fn, ends_params, y, win):
     """jax.vjp of last_fn(ends_params, y, win) with its aux: ((loss, aux), vjp)."""
     loss, vjp, aux = jax.vjp(lambda ep, y: last_fn(ep, y, win), ends_params, y, has_aux=True)
     return (loss, aux), vjp
+
+
+# ---------------------------------------------------------------------------------------------- train step
+ENDS = ("embed", "norm", "lm_head", "mtp")  # the parameter paths of `Ends`
+
+
+def canonical_specs(specs):
+    """Shardings of a train state under a scheduled pipeline: the stacks' 'layers' axis is not split over 'stage'
+    (the step moves each stage's layers into its slots; see `step_grads`)."""
+    return jax.tree.map(lambda sp: P(*(None if a == "stage" else a for a in tuple(sp))), specs,
+                        is_leaf=lambda x: isinstance(x, P))
+
+
+def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, lam, alpha, *, mesh):
+    """`value_and_grad` on the train state's pure dicts: ((total, (terms, moe stats)), grads shaped like params),
+    the form `step.make_train_step` takes from `jax.value_and_grad`. Each stack goes to its slots here, placed
+    with dim 0 on 'stage', and its gradients come back to [L, ...]."""
+    from jax.sharding import NamedSharding
+
+    ends = ({k: params[k] for k in ENDS if k in params}, {k: biases[k] for k in ENDS if k in biases})
+    slots = {}
+    for kind in program.index:
+        name = f"{kind}_layers"
+
+        def slotted(tree, kind=kind):
+            out = to_slots(tree, program.index[kind])
+            return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+                a, NamedSharding(mesh, P("stage"))), out)
+
+        slots[kind] = (slotted(params[name]), slotted(biases.get(name, {})))
+    (total, terms, stats), (g_ends, g_slots) = value_and_grad(program, gds, cfg, ends, slots, window, lam, alpha,
+                                                               mesh=mesh)
+    grads = dict(g_ends)
+    for kind, g in g_slots.items():
+        grads[f"{kind}_layers"] = from_slots(g, program.index[kind], getattr(cfg, f"num_{kind}_layers"))
+    return (total, (terms, stats)), grads
+
+
+def for_training(model_cfg, rt, seq_len: int):
+    """(program, graphdefs) of a train step under `rt`'s scheduled pipeline, from the abstract model."""
+    from dsv3_jax.model import DeepSeekV3
+
+    model = nnx.eval_shape(lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(0), runtime=rt))
+    program = plan(model, rt.stages, rt.microbatches, rt.pipeline_schedule, rt.pipeline_chunks, seq_len,
+                   rt.pipeline_stage_layers, rt.remat)
+    gds, _ = split_model(model)
+    return program, gds

@@ -36,7 +36,7 @@ from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.parallel.pipeline import bubble_fraction, check_microbatches
+from dsv3_jax.parallel.pipeline import check_microbatches
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.metrics import MetricsWriter
@@ -107,9 +107,10 @@ def validate_train_config(config) -> ModelConfig:
                           f"{model_cfg.max_position_embeddings}; shorten the sequences or raise the limit.")
     try:
         sizes = sharding.mesh_sizes(config.mesh.to_dict(), jax.device_count())
-        sharding.validate_mesh(sizes, model_cfg, t.batch_size)
+        uneven = config.mesh.get("pipeline_schedule", "gpipe") != "gpipe"  # scheduled pipelines split any layer mix
+        sharding.validate_mesh(sizes, model_cfg, t.batch_size, allow_uneven_stages=uneven)
         if t.batch_size_start > 0:
-            sharding.validate_mesh(sizes, model_cfg, t.batch_size_start)
+            sharding.validate_mesh(sizes, model_cfg, t.batch_size_start, allow_uneven_stages=uneven)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     accum = t.get("grad_accum_steps", 1)
@@ -211,6 +212,10 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None)
     abstract = nnx.eval_shape(build)
     graphdef, _, _ = split_model(abstract)
     specs = [sharding.pure_specs(nnx.state(abstract, kind)) for kind in (nnx.Param, RouterBias)]
+    if rt.scheduled_pipeline:  # layers are moved into per-stage slots by the step (parallel/pipeline_exec.py)
+        from dsv3_jax.parallel.pipeline_exec import canonical_specs
+
+        specs = [canonical_specs(s) for s in specs]
     out = tuple(jax.tree.map(lambda p: NamedSharding(mesh, p), s) for s in specs)
     params, biases = jax.jit(lambda: split_model(build())[1:], out_shardings=out)()
     replicated = NamedSharding(mesh, P())
@@ -256,8 +261,11 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     if not quiet:
         print(rt.describe())
         if rt.stages > 1:
-            print(f"pipeline: {rt.stages} stages x {rt.microbatches} micro-batches (GPipe), bubble fraction "
-                  f"{bubble_fraction(rt.stages, rt.microbatches):.1%}")
+            from dsv3_jax.parallel import schedules
+
+            table = schedules.table(rt.pipeline_schedule, rt.stages, rt.microbatches, rt.pipeline_chunks)
+            print(f"pipeline: {rt.pipeline_schedule}, {rt.stages} stages x {rt.microbatches} micro-batches, bubble "
+                  f"fraction {table.bubble:.1%} (counted from its {table.ticks}-tick schedule)")
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
     start, tokens_total = 0, 0  # tokens_total: input tokens of every step so far (metrics: tokens_seen)
@@ -305,9 +313,14 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet, enabled=main)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    pipeline = None
+    if rt.scheduled_pipeline:
+        from dsv3_jax.parallel import pipeline_exec
+
+        pipeline = pipeline_exec.for_training(model_cfg, rt, t.seq_len) + (model_cfg,)
     train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings,
-                                 grad_accum_steps=t.get("grad_accum_steps", 1))
-    eval_step = make_eval_step(graphdef, mesh)
+                                 grad_accum_steps=t.get("grad_accum_steps", 1), pipeline=pipeline)
+    eval_step = make_eval_step(graphdef, mesh, pipeline)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
     history, tokens_seen, t0 = [], 0, time.perf_counter()  # tokens_seen: since the last log line

@@ -179,13 +179,8 @@ def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: i
     per_seq = plan["activations_est"] / max(plan["live_tokens_per_device"] // seq_len, 1)
     print(f"  (activations per sequence of {seq_len} tokens: {per_seq / gib:.2f} GiB; "
           f"{plan['live_tokens_per_device'] // seq_len} sequences live at once per device with "
-          f"train.grad_accum_steps={grad_accum}; within one, GPipe keeps every pipeline micro-batch's activations "
+          f"train.grad_accum_steps={grad_accum}; within one, a GPipe pipeline keeps every micro-batch's activations "
           f"until the backward)")
-    if sizes["stage"] > 1:
-        from dsv3_jax.parallel.pipeline import bubble_fraction
-
-        print(f"  pipeline: {sizes['stage']} stages x {microbatches} micro-batches (GPipe), bubble fraction "
-              f"{bubble_fraction(sizes['stage'], microbatches):.1%}")
     return plan
 
 

@@ -84,7 +84,7 @@ def update_biases(biases, moe_stats, gamma):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, mesh=None,
-                    state_shardings=None, grad_accum_steps: int = 1) -> Callable:
+                    state_shardings=None, grad_accum_steps: int = 1, pipeline=None) -> Callable:
     """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated.
 
     With a mesh, the step is traced and run under `jax.set_mesh(mesh)` (activation constraints and
@@ -95,15 +95,30 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     averaged and expert counts summed, so with dropless routing the update equals the whole-batch one
     while only one micro-batch's activations are live (with an expert capacity factor, capacity is per
     micro-batch, so which rows drop can differ).
+
+    `pipeline` = (program, graphdefs, model config) of a scheduled pipeline (`parallel/pipeline_exec.py`,
+    `for_training`): the loss and gradients then come from its program, which interleaves forwards and
+    backwards itself, instead of `jax.value_and_grad` of the model.
     """
 
     def grads_and_terms(params, biases, window, lam, alpha):
-        def objective(params, w):
-            terms, counts = losses(graphdef, params, biases, w)
-            total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
-            return total, (terms, counts)
+        if pipeline is not None:
+            from dsv3_jax.parallel import pipeline_exec
 
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
+            program, gds, cfg = pipeline
+
+            def grad_fn(params, w):
+                return pipeline_exec.step_grads(program, gds, cfg, params, biases, w, lam, alpha, mesh=mesh)
+        else:
+            def objective(params, w):
+                terms, counts = losses(graphdef, params, biases, w)
+                total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
+                return total, (terms, counts)
+
+            grad_fn = jax.value_and_grad(objective, has_aux=True)
+        return _accumulate(grad_fn, params, window)
+
+    def _accumulate(grad_fn, params, window):
         k = grad_accum_steps
         if k == 1:
             return grad_fn(params, window)
@@ -156,8 +171,17 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def make_eval_step(graphdef, mesh=None) -> Callable:
+def make_eval_step(graphdef, mesh=None, pipeline=None) -> Callable:
+    """The main loss of a window. With a scheduled pipeline (see `make_train_step`) its program computes it
+    (and gradients, which are dropped: evaluation is rare)."""
     def evaluate(params, biases, window):
+        if pipeline is not None:
+            from dsv3_jax.parallel import pipeline_exec
+
+            program, gds, cfg = pipeline
+            (_, (terms, _)), _ = pipeline_exec.step_grads(program, gds, cfg, params, biases, window,
+                                                          jnp.float32(0.0), jnp.float32(0.0), mesh=mesh)
+            return terms["loss"]
         terms, _ = losses(graphdef, params, biases, window)
         return terms["loss"]
 
