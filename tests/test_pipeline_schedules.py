@@ -194,3 +194,28 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
     assert groups, "FSDP should all-gather weights within a stage"
     for g in groups:
         assert len({stage_of[d] for d in g}) == 1, g
+
+
+def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
+    """train() on configs/tiny.py (1 dense + 3 MoE layers + MTP, shorter windows) for 5 steps: over stage 2 x
+    expert 2 x data 2 with the 1f1b schedule (uneven stages: 3 layers, then 1 and the head) the logged losses,
+    MaxVio and the final evaluation are the one-device run's."""
+    from test_train import tiny_config
+
+    from dsv3_jax.train import loop
+
+    def run(name, **mesh):
+        c = tiny_config()
+        c.train.steps, c.train.seq_len, c.train.log_every, c.train.sample_tokens = 5, 32, 1, 0
+        c.mesh.data = 1
+        for k, v in mesh.items():
+            c.mesh[k] = v
+        return loop.train(c, str(tmp_path / name), quiet=True).history
+
+    ref = run("one")
+    got = run("piped", stage=2, expert=2, data=2, pipeline_schedule="1f1b")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] and len(ref) >= 5
+    for a, b in zip(ref, got):
+        for k in ("loss", "mtp_loss", "max_vio", "val_loss"):
+            if k in a:
+                np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {k}")
