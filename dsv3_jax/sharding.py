@@ -191,15 +191,21 @@ def current_mesh():
 
 
 def in_manual_region() -> bool:
-    """True inside a `shard_map` that is manual over some mesh axes (a pipeline stage)."""
+    """True inside a `shard_map` that is manual over 'stage' only (a pipeline stage of pipeline_exec.py), where
+    XLA still partitions the other axes; False outside and inside a shard_map manual over every axis."""
     ctx = jax.sharding.get_abstract_mesh()
-    return not ctx.empty and any(t == jax.sharding.AxisType.Manual for t in ctx.axis_types)
+    if ctx.empty:
+        return False
+    manual = {a for a, t in zip(ctx.axis_names, ctx.axis_types) if t == jax.sharding.AxisType.Manual}
+    return bool(manual) and len(manual) < len(ctx.axis_names)
 
 
 def inner_mesh(mesh):
     """The mesh a nested `shard_map` takes: inside a pipeline stage (a shard_map manual over 'stage') the
     context's abstract mesh, which knows that axis is manual; elsewhere `mesh`."""
-    return jax.sharding.get_abstract_mesh() if in_manual_region() else mesh
+    ctx = jax.sharding.get_abstract_mesh()
+    manual = not ctx.empty and any(t == jax.sharding.AxisType.Manual for t in ctx.axis_types)
+    return ctx if manual else mesh
 
 
 def axis_size(name: str) -> int:

@@ -78,8 +78,12 @@ def test_bad_fp8_and_schedule_keys():
     with pytest.raises(ConfigError, match="fp8 gemm impl='cuda'"):
         runtime.from_config(c)
     c = _config()
-    c.mesh.pipeline_schedule = "1f1b"
-    with pytest.raises(ConfigError, match="config.mesh.pipeline_schedule='1f1b'"):
+    c.mesh.pipeline_schedule = "dualpipe"
+    with pytest.raises(ConfigError, match="config.mesh.pipeline_schedule='dualpipe'"):
+        runtime.from_config(c)
+    c = _config()
+    c.mesh.pipeline_schedule, c.mesh.pipeline_chunks = "1f1b", 2
+    with pytest.raises(ConfigError, match="config.mesh.pipeline_chunks=2.*only with pipeline_schedule='interleaved'"):
         runtime.from_config(c)
     with pytest.raises(ValueError, match="choose from"):
         runtime.Runtime(backend="cpu", expert_impl="auto")  # a Runtime is concrete: 'auto' is the resolver's
