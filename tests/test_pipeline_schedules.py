@@ -51,8 +51,8 @@ def test_counted_bubble_is_the_formula(name, S, M, v):
 
 
 def test_tick_diagrams_by_hand():
-    assert schedules.diagram(schedules.table("1f1b", 2, 3)) == "s0 012ABC\ns1 .0A1B2C."
-    assert schedules.diagram(schedules.table("gpipe", 2, 3)) == "s0 012..CBA\ns1 .012CBA."
+    assert schedules.diagram(schedules.table("1f1b", 2, 3)) == "s0 0. 1. 2A .B .C\ns1 .. 0A 1B 2C .."
+    assert schedules.diagram(schedules.table("gpipe", 2, 3)) == "s0 0. 1. 2. .. .. .C .B .A\ns1 .. 0. 1. 2. .C .B .A .."
     with pytest.raises(ValueError, match="multiple of the stages"):
         schedules.table("interleaved", 4, 6, 2)
 

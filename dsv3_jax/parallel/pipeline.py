@@ -28,11 +28,31 @@ Per-layer expert counts and balance losses are summed over the micro-batches eac
 processed, so the router-bias update and MaxVio see exactly the global-batch loads; with dropless
 routing the loss equals the unpipelined model's (tests/test_parallel.py).
 
-What this is not: DeepSeek-V3's DualPipe (bidirectional, overlapping forward/backward chunks with
-the all_to_all traffic) or 1F1B. GPipe keeps the activations of all M micro-batches of a stage's
-layers until the backward (use `train.remat` to keep only block inputs). Embedding, head and the MTP
-modules run outside the pipeline, replicated over 'stage' (each stage group computes them on its
-data shard); the dense and MoE stacks are pipelined one after the other.
+What this is not: GPipe keeps the activations of all M micro-batches of a stage's layers until the
+backward (use `train.remat` to keep only block inputs); each stack must divide by S; embedding, head and
+the MTP modules run outside the pipeline, replicated over 'stage' (each stage group computes them on its
+data shard); the dense and MoE stacks are pipelined one after the other. This is the reference schedule
+(`config.mesh.pipeline_schedule=gpipe`).
+
+The other schedules -- `1f1b` and `interleaved` (v = `config.mesh.pipeline_chunks` chunks per stage) -- run
+as one SPMD program that owns the whole step's loss and gradients (`pipeline_exec.py`), over any layer mix
+split unevenly into contiguous stages (`stage_layout.py`), following the tick tables of `schedules.py`.
+S = 4, M = 8, stages 0 and 3, one cell per tick (forward: the micro-batch digit; backward: letter A + m):
+
+    gpipe        s0 0. 1. 2. 3. 4. 5. 6. 7. .. .. .. .. .. .. .H .G .F .E .D .C .B .A
+                 s3 .. .. .. 0. 1. 2. 3. 4. 5. 6. 7. .H .G .F .E .D .C .B .A .. .. ..
+    1f1b         s0 0. 1. 2. 3. 4. 5. 6A 7B .C .D .E .F .G .H
+                 s3 .. .. .. 0A 1B 2C 3D 4E 5F 6G 7H .. .. ..
+    interleaved  s0 0. 1. 2. 3. 0. 1. 2. 3. 4. 5. 6A 7B 4C 5D 6A 7B .C .D .E .F .G .H .E .F .G .H
+                 s3 .. .. .. 0. 1. 2. 3. 0A 1B 2C 3D 4A 5B 6C 7D 4E 5F 6G 7H .E .F .G .H .. .. ..
+
+Counted bubble (F 1, B 2; each tick as long as its busiest stage) and stage inputs held by stage 0
+(`benchmarks/pipeline_schedules.py`):
+
+    S   M   gpipe          1f1b           interleaved v=2
+    2   4   20.0%, 4       20.0%, 3       11.1%, 5
+    4   8   27.3%, 8       27.3%, 7       15.8%, 11
+    16  32  31.9%, 32      31.9%, 31      19.0%, 47
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ D model; k_dense / k_moe slots per chunk.
 Layout (`stage_layout.py`): the blocks are split into K contiguous runs (any mix of dense and MoE blocks,
 uneven where the counts do not divide); chunk c of stage s holds run c * S + s. Each layer stack is held in
 slots, [S, v, k, ...] with dim 0 on 'stage': stage s owns exactly the slots of its own chunks, so no layer
-ever leaves its stage. A slot with no layer (a ghost: stages hold different numbers of blocks of a kind) is
-skipped by a `lax.cond` on the stage's own index, so it costs memory but no compute. `to_slots` /
+ever leaves its stage. A slot with no layer (a ghost: stages hold different numbers of blocks of a kind) runs
+masked (its output and gradients discarded), so it costs memory, not tick time. `to_slots` /
 `from_slots` convert a stack's [L, ...] arrays (and gradients back). The embedding runs on virtual stage 0;
 the final norm, the head, the MTP modules and the loss on virtual stage K - 1 (their parameters are
 replicated over 'stage'; their gradients are summed over it once, at the end).
@@ -23,13 +23,23 @@ schedule's table (`schedules.table`); in tick t stage s reads its row and
      are added to the stage's slots, the input gradient is sent back (virtual stage 0: into the embedding);
   then the F output moves to stage s + 1 and the B input gradient to stage s - 1 (`lax.ppermute`; the
   last stage's output goes round to stage 0, the next chunk), into the slots the table names.
-Which ops run is the stage's own row, so the `lax.cond`s skip real work: an idle slot of the schedule costs
-no FLOPs, only its tick. A stage keeps only its chunks' inputs between F and B (the B recomputes the
-chunk's activations), at most `table.x_slots` of them: 1f1b 2(S - s) - 1, GPipe M.
+A tick where no stage runs an F (or a B) skips that part; a stage idle while others work runs it masked (see
+below). A stage keeps only its chunks' inputs between F and B (the B recomputes the chunk's activations),
+at most `table.x_slots` of them: 1f1b 2(S - s) - 1, GPipe M.
 
 With dropless routing the loss, the gradients and the router loads equal the unpipelined step's
 (tests/test_pipeline_schedules.py): every micro-batch passes every layer once, the loss is the mean over
 equal micro-batches, and per-layer loads are summed over them.
+
+Collectives inside a branch. Every stage runs the same ticks, and a `lax.cond` is taken only on a predicate
+that is the same on every stage (does any stage run an F, a B, the first or last virtual stage, in this
+tick); which stage really runs what is masked with `jnp.where`. A branch taken by some stages only would
+leave the collectives XLA places in it (e.g. a collective-permute that reshards within a stage) waiting for
+devices that never arrive. A masked op costs no tick time: every stage of a tick waits for the busiest.
+
+In train.py (`step_grads`) the train state keeps each stack's [L, ...] arrays whole on every stage group
+(not split over 'stage'); the step moves each stage's layers into its slots and the gradients back. Keeping
+the state itself in the slot layout (and converting at checkpoints) is what would cut that memory.
 """
 from __future__ import annotations
 

@@ -26,9 +26,15 @@ count against them. Live activations: a stage keeps each micro-batch's chunk inp
 B recomputes the chunk's forward from it, see pipeline_exec.py), counted by `peak_live` in held chunk inputs
 (each one activation [b, T, D] of a micro-batch).
 
-Tick diagram (`diagram`), S = 4, M = 8; F of micro-batch m is the digit m, its B the letter A + m:
-    gpipe  s0 01234567..........HGFEDCBA      1f1b  s0 01234567......ABCDEFGH
-           s3 ...01234567...HGFEDCBA...             s3 ...0123456789... (F and B in one tick: both shown)
+Tick diagrams (`diagram`), S = 4, M = 8: one cell per tick, the F's micro-batch m as a digit, its B as the
+letter A + m ('.': none). gpipe, then 1f1b (same ticks of work, fewer of them, F and B of different
+micro-batches sharing a tick), then interleaved with v = 2 (each op a chunk, half a stage):
+    gpipe        s0 0. 1. 2. 3. 4. 5. 6. 7. .. .. .. .. .. .. .H .G .F .E .D .C .B .A
+                 s3 .. .. .. 0. 1. 2. 3. 4. 5. 6. 7. .H .G .F .E .D .C .B .A .. .. ..
+    1f1b         s0 0. 1. 2. 3. 4. 5. 6A 7B .C .D .E .F .G .H
+                 s3 .. .. .. 0A 1B 2C 3D 4E 5F 6G 7H .. .. ..
+    interleaved  s0 0. 1. 2. 3. 0. 1. 2. 3. 4. 5. 6A 7B 4C 5D 6A 7B .C .D .E .F .G .H .E .F .G .H
+                 s3 .. .. .. 0. 1. 2. 3. 0A 1B 2C 3D 4A 5B 6C 7D 4E 5F 6G 7H .E .F .G .H .. .. ..
 """
 from __future__ import annotations
 
@@ -165,16 +171,13 @@ def bubble_formula(name: str, S: int, M: int, v: int = 1) -> float:
     raise ValueError(name)
 
 
-def diagram(t: TickTable, width: int = 120) -> str:
-    """One line per stage, one column per tick: the F's micro-batch as a digit, the B's as a letter (both in one
-    tick: the B's letter after the F's digit, in two columns), '.' idle."""
+def diagram(t: TickTable, width: int = 200) -> str:
+    """One line per stage, one two-character cell per tick: the F's micro-batch as a digit (m mod 10) or '.',
+    then the B's as a letter (A + m) or '.'."""
+    a = t.arrays
     lines = []
     for s in range(t.S):
-        row = []
-        for k in range(t.ticks):
-            a = t.arrays
-            cell = (str(a["f_micro"][k, s] % 10) if a["f_valid"][k, s] else "") + \
-                   (chr(65 + a["b_micro"][k, s] % 26) if a["b_valid"][k, s] else "")
-            row.append(cell or ".")
-        lines.append(f"s{s} " + "".join(row)[:width])
+        cells = [(str(a["f_micro"][k, s] % 10) if a["f_valid"][k, s] else ".")
+                 + (chr(65 + a["b_micro"][k, s] % 26) if a["b_valid"][k, s] else ".") for k in range(t.ticks)]
+        lines.append(f"s{s} " + " ".join(cells)[:width])
     return "\n".join(lines)
