@@ -15,7 +15,7 @@ from flax import nnx
 
 from dsv3_jax import runtime, sharding
 from dsv3_jax.analysis import load_config
-from dsv3_jax.cli import ConfigError
+from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, abstract_model
 from dsv3_jax.moe import RouterBias
@@ -219,3 +219,16 @@ def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
         for k in ("loss", "mtp_loss", "max_vio", "val_loss"):
             if k in a:
                 np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {k}")
+
+
+def test_bad_pipeline_configs_fail_before_anything_is_built():
+    tiny = _model_cfg("tiny")  # 4 layers
+    with pytest.raises(ConfigError, match="= 8 pipeline stages, but the model has 4 layers"):
+        pipeline_exec.check_config(tiny, 4, 8, "interleaved", 2, "", 32)
+    with pytest.raises(ConfigError, match="pipeline_stage_layers='1,2'"):
+        pipeline_exec.check_config(tiny, 2, 4, "1f1b", 1, "1,2", 32)
+    with pytest.raises(ConfigError, match="names 3 stages but config.mesh.stage=2"):
+        pipeline_exec.check_config(tiny, 2, 4, "1f1b", 1, "1,1,2", 32)
+    mesh = sharding.make_mesh(dict(stage=4, data=2))
+    with pytest.raises(UserError, match="microbatches=6: the interleaved schedule"):
+        runtime.resolve(mesh=mesh, microbatches=6, pipeline_schedule="interleaved", pipeline_chunks=2)

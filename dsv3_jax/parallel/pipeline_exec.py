@@ -375,6 +375,16 @@ def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, l
     return (total, (terms, stats)), grads
 
 
+def check_config(model_cfg, stages: int, microbatches: int, schedule: str, chunks: int, stage_layers: str,
+                 seq_len: int) -> None:
+    """The layout and the schedule's table from the abstract model, so a bad split or schedule fails (with
+    ConfigError) before anything is built or written."""
+    from dsv3_jax.model import DeepSeekV3
+
+    model = nnx.eval_shape(lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(0)))
+    plan(model, stages, microbatches, schedule, chunks, seq_len, stage_layers)
+
+
 def for_training(model_cfg, rt, seq_len: int):
     """(program, graphdefs) of a train step under `rt`'s scheduled pipeline, from the abstract model."""
     from dsv3_jax.model import DeepSeekV3

@@ -136,10 +136,10 @@ def balanced(costs: LayerCosts, stages: int) -> StageLayout:
     (smallest sum of squares), then the fewest padding slots."""
     n = len(costs.kinds)
     if stages < 1:
-        raise ConfigError(f"config.mesh.stage={stages} must be >= 1")
+        raise ConfigError(f"config.mesh.stage={stages} must be >= 1")  # (checked by the mesh parser first)
     if stages > n + 1:
-        raise ConfigError(f"config.mesh.stage={stages}: the model has {n} layers; a pipeline of more than "
-                          f"{n + 1} stages leaves a stage empty (lower config.mesh.stage)")
+        raise ConfigError(f"config.mesh.stage x config.mesh.pipeline_chunks = {stages} pipeline stages, but the model "
+                          f"has {n} layers: more than {n + 1} stages leave one empty (lower either)")
     prefix = [0.0]
     for f in costs.flops:
         prefix.append(prefix[-1] + f)

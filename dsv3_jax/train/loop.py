@@ -126,6 +126,13 @@ def validate_train_config(config) -> ModelConfig:
                 check_microbatches(b // accum, microbatches(config, sizes["stage"]), shards)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
+    if sizes["stage"] > 1 and config.mesh.get("pipeline_schedule", "gpipe") != "gpipe":
+        from dsv3_jax.parallel import pipeline_exec
+
+        m = config.mesh
+        pipeline_exec.check_config(model_cfg, sizes["stage"], microbatches(config, sizes["stage"]),
+                                   m.pipeline_schedule, m.get("pipeline_chunks", 1), m.get("pipeline_stage_layers", ""),
+                                   t.seq_len)
     if config.data.path and not os.path.exists(config.data.path):
         raise ConfigError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                           f"file or directory, or set it to '' for the embedded corpus.")
