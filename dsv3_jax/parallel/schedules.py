@@ -26,15 +26,7 @@ count against them. Live activations: a stage keeps each micro-batch's chunk inp
 B recomputes the chunk's forward from it, see pipeline_exec.py), counted by `peak_live` in held chunk inputs
 (each one activation [b, T, D] of a micro-batch).
 
-Tick diagrams (`diagram`), S = 4, M = 8: one cell per tick, the F's micro-batch m as a digit, its B as the
-letter A + m ('.': none). gpipe, then 1f1b (same ticks of work, fewer of them, F and B of different
-micro-batches sharing a tick), then interleaved with v = 2 (each op a chunk, half a stage):
-    gpipe        s0 0. 1. 2. 3. 4. 5. 6. 7. .. .. .. .. .. .. .H .G .F .E .D .C .B .A
-                 s3 .. .. .. 0. 1. 2. 3. 4. 5. 6. 7. .H .G .F .E .D .C .B .A .. .. ..
-    1f1b         s0 0. 1. 2. 3. 4. 5. 6A 7B .C .D .E .F .G .H
-                 s3 .. .. .. 0A 1B 2C 3D 4E 5F 6G 7H .. .. ..
-    interleaved  s0 0. 1. 2. 3. 0. 1. 2. 3. 4. 5. 6A 7B 4C 5D 6A 7B .C .D .E .F .G .H .E .F .G .H
-                 s3 .. .. .. 0. 1. 2. 3. 0A 1B 2C 3D 4A 5B 6C 7D 4E 5F 6G 7H .E .F .G .H .. .. ..
+Tick diagrams of each schedule: `diagram`, drawn for S = 4, M = 8 in parallel/pipeline.py's docstring.
 """
 from __future__ import annotations
 
