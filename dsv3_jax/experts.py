@@ -26,7 +26,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.fp8 import resident
 from dsv3_jax.fp8.linear import fp8_expert_blocks
@@ -109,8 +108,6 @@ def permute_rows(x: jax.Array, src: jax.Array, inv: jax.Array) -> jax.Array:
     backward pass is then another gather, grad_x = grad_out[inv], instead of the scatter-add that
     XLA would emit for the transpose of a gather (a serial loop on XLA:CPU).
     """
-    if sharding.in_manual_region():  # inside a pipeline stage XLA's partitioner aborts on a gather from a sharded
-        x = sharding.constrain(x, (None,) * x.ndim)  # operand: gather the rows whole within the stage first
     return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])[src]
 
 

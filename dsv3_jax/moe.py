@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax import runtime as runtime_lib
-from dsv3_jax import strategies
+from dsv3_jax import sharding, strategies
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8.resident import SCALE_SUFFIX, QWeight
 from dsv3_jax.layer_stats import LayerStats
@@ -112,6 +112,10 @@ class MoE(nnx.Module):
         dt = cfg.compute_dtype
         weights = self.expert_weights()
         xf = x.reshape(B * T, D).astype(dt)
+        if sharding.in_manual_region() and not rt.expert_parallel:
+            # inside a scheduled pipeline's stage XLA's partitioner aborts on the block layout's row gathers
+            # from a sharded operand: the local experts get the stage's rows whole
+            xf, idx, w = (sharding.constrain(a, (None,) * a.ndim) for a in (xf, idx, w))
         with jax.named_scope("routed_experts"):
             y, dropped = strategies.experts(rt)(xf, idx, w, *weights)
         y = y.astype(x.dtype).reshape(B, T, D)

@@ -84,7 +84,7 @@ def test_ghost_slots_by_hand_and_bad_splits():
     for bad in ("1,2", "a,b", "5,-1"):
         with pytest.raises(ConfigError, match="pipeline_stage_layers"):
             stage_layout.given(c, bad)
-    with pytest.raises(ConfigError, match="leaves a stage empty"):
+    with pytest.raises(ConfigError, match="more than 5 stages leave one empty"):
         stage_layout.balanced(c, 6)
 
 

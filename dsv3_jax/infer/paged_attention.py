@@ -32,17 +32,24 @@ from jax.experimental import pallas as pl
 
 from dsv3_jax import runtime
 from dsv3_jax.cli import UserError
-from dsv3_jax.infer.paged_cache import PagedLatentCache
 from dsv3_jax.mla import latent_attention
 
 _NEG = -1e30  # masked score: finite, so a block whose slots are all masked gives exp(0) = 1, never NaN
 
 
+def gather_pages(pool, page_table):
+    """[P, G, X] pool, [B, M] table -> [B, M * G, X]: each row's pages in table order, so gathered slot s is the
+    row's position s (the plain-jnp read: a copy per layer and step)."""
+    B, M = page_table.shape
+    return pool[page_table].reshape(B, M * pool.shape[-2], pool.shape[-1])
+
+
 def reference(q_abs, q_pe, c_pool, pe_pool, page_table, positions, *, scale, layer=None):
     """The plain-jnp read: gather the pages in table order, dense masked softmax. -> o_lat [B, T, N, R] f32."""
-    cache = PagedLatentCache(c_pool, pe_pool, page_table)
-    c_kv, k_pe = cache.layer(layer)  # [B, M*G, *], slot s = the row's position s
-    mask = jnp.arange(cache.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
+    if layer is not None:
+        c_pool, pe_pool = c_pool[layer], pe_pool[layer]
+    c_kv, k_pe = gather_pages(c_pool, page_table), gather_pages(pe_pool, page_table)
+    mask = jnp.arange(c_kv.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
     return latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale)
 
 

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from dsv3_jax.infer.paged_attention import gather_pages, paged_attention
+
 TRASH_PAGE = 0
 
 
@@ -76,18 +78,11 @@ class PagedLatentCache:
 
     def layer(self, layer=None) -> tuple[jax.Array, jax.Array]:
         c_kv, k_pe = (self.c_kv, self.k_pe) if layer is None else (self.c_kv[layer], self.k_pe[layer])
-        B, M = self.page_table.shape
-
-        def gather(pool):  # [P, G, X] -> [B, M * G, X]
-            return pool[self.page_table].reshape(B, M * self.page_size, pool.shape[-1])
-
-        return gather(c_kv), gather(k_pe)
+        return gather_pages(c_kv, self.page_table), gather_pages(k_pe, self.page_table)
 
     def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp") -> jax.Array:
         """The absorbed core read through the page table -> o_lat [B, T, N, R] f32 (`paged_attention`:
         'jnp' gathers the pages, 'pallas' is the kernel)."""
-        from dsv3_jax.infer.paged_attention import paged_attention
-
         return paged_attention(q_abs, q_pe, self.c_kv, self.k_pe, self.page_table, positions, scale=scale,
                                layer=layer, impl=impl)
 

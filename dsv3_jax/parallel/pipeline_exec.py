@@ -55,9 +55,9 @@ from dsv3_jax import sharding
 from dsv3_jax.layer_stats import LayerStats
 from dsv3_jax.model import model_tail
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.objective import prediction_losses
 from dsv3_jax.parallel.schedules import FIELDS, TickTable
 from dsv3_jax.rope import rope_tables
-from dsv3_jax.train.step import prediction_losses
 
 KINDS = ("dense", "moe")
 

@@ -29,17 +29,8 @@ import optax
 from flax import nnx
 
 from dsv3_jax import layer_stats
-from dsv3_jax.model import mtp_valid_mask
+from dsv3_jax.objective import cross_entropy, prediction_losses  # noqa: F401  (cross_entropy: public here too)
 from dsv3_jax.sharding import constrain
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """Mean token cross-entropy in float32; `mask` [B, T] or [T] selects the counted positions."""
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    if mask is None:
-        return ce.mean()
-    mask = jnp.broadcast_to(mask, ce.shape).astype(jnp.float32)
-    return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
 def losses(graphdef, params, biases, window: jax.Array):
@@ -49,19 +40,6 @@ def losses(graphdef, params, biases, window: jax.Array):
     main, mtp = prediction_losses(out.logits, out.mtp_logits, window)
     return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
             out.moe_stats)
-
-
-def prediction_losses(logits, mtp_logits, window):
-    """(CE_main, mean_k CE_k) of a window [B, T+1]: logits [B, T, V] predict window[:, 1:], the depth-k MTP
-    logits window[:, k+1:] at the positions that have one."""
-    T = logits.shape[1]
-    main = cross_entropy(logits, window[:, 1:])
-    mtp_terms = []
-    for k, lg in enumerate(mtp_logits, start=1):
-        tk = jnp.concatenate([window[:, k + 1:], jnp.zeros((window.shape[0], k), window.dtype)], axis=1)
-        mtp_terms.append(cross_entropy(lg, tk, mtp_valid_mask(T, k)))
-    mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
-    return main, mtp
 
 
 def max_violation(counts: jax.Array) -> jax.Array:

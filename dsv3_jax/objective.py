@@ -1,0 +1,31 @@
+"""The prediction terms of the objective (REFERENCE.md sections 3-4), shared by the train step and the
+scheduled pipeline's last stage: the main cross-entropy and the MTP cross-entropies of a window."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsv3_jax.model import mtp_valid_mask
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Mean token cross-entropy in float32; `mask` [B, T] or [T] selects the counted positions."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    if mask is None:
+        return ce.mean()
+    mask = jnp.broadcast_to(mask, ce.shape).astype(jnp.float32)
+    return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def prediction_losses(logits, mtp_logits, window):
+    """(CE_main, mean_k CE_k) of a window [B, T+1]: logits [B, T, V] predict window[:, 1:], the depth-k MTP
+    logits window[:, k+1:] at the positions that have one."""
+    T = logits.shape[1]
+    main = cross_entropy(logits, window[:, 1:])
+    mtp_terms = []
+    for k, lg in enumerate(mtp_logits, start=1):
+        tk = jnp.concatenate([window[:, k + 1:], jnp.zeros((window.shape[0], k), window.dtype)], axis=1)
+        mtp_terms.append(cross_entropy(lg, tk, mtp_valid_mask(T, k)))
+    mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
+    return main, mtp
