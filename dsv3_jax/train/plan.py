@@ -75,7 +75,7 @@ def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatche
             spec = spec[k]
         a = var.get_value()
         item = jnp.dtype(a.dtype).itemsize
-        names = [str(getattr(k, "key", k)) for k in path]
+        names = param_kinds.path_names(path)
         if names[0] in ("dense_layers", "moe_layers"):
             per_block[names[0].split("_")[0]] += sharding.shard_numel(a.shape[1:], tuple(spec)[1:], sizes) * item
         else:
