@@ -65,6 +65,7 @@ newest step that reads cleanly (``restore_latest_good``), a given step restores 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -85,7 +86,7 @@ from dsv3_jax.cli import UserError
 from dsv3_jax.model import abstract_model, split_model
 from dsv3_jax.moe import RouterBias
 
-__all__ = ["Checkpointer", "CheckpointMismatch", "NoUsableCheckpoint", "weights_target"]
+__all__ = ["Checkpointer", "CheckpointMismatch", "NoUsableCheckpoint", "Reshaped", "weights_target"]
 
 
 class CheckpointMismatch(UserError):
@@ -97,12 +98,22 @@ class NoUsableCheckpoint(UserError):
 
 PyTree = Any
 
+
+@dataclasses.dataclass(frozen=True)
+class Reshaped:
+    """A restore target read in the layout the checkpoint was saved in (`read`) and handed back converted
+    (`convert(state)`), e.g. a pipeline's slot layout read as the layer layout (`parallel/slot_state.py`)."""
+
+    read: PyTree
+    convert: Callable[[PyTree], PyTree]
+
+
 _STATE = "state"
 _META = "meta"
 _MAX_LISTED = 8  # how many mismatching keys an error message lists per category
 
 
-def _to_abstract(x):
+def abstract_leaf(x):
     """Leaf of the restore target -> ShapeDtypeStruct with a sharding."""
     if isinstance(x, jax.ShapeDtypeStruct):
         if getattr(x, "sharding", None) is None:
@@ -111,7 +122,7 @@ def _to_abstract(x):
             )
         return x
     if hasattr(x, "shape") and hasattr(x, "dtype"):
-        return _to_abstract(ocp.utils.to_shape_dtype_struct(x))
+        return abstract_leaf(ocp.utils.to_shape_dtype_struct(x))
     return x
 
 
@@ -308,7 +319,8 @@ class Checkpointer:
                 partial: bool = False) -> tuple[int, PyTree, dict]:
         """Restore ``(step, state, meta)``; ``step=None`` means the latest finalized step.
 
-        ``abstract_state`` gives the tree, shapes, dtypes and *shardings* to restore into.
+        ``abstract_state`` gives the tree, shapes, dtypes and *shardings* to restore into (or is a
+        `Reshaped`: its ``read`` tree is read and ``convert`` applied to what comes back).
         Raises FileNotFoundError if there is no such checkpoint and ValueError if its tree or
         shapes do not match ``abstract_state``. ``partial``: ``abstract_state`` is a dict naming some
         of the saved top-level entries; only those come back (the others are read onto the first
@@ -321,6 +333,9 @@ class Checkpointer:
             if step is None:
                 raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
         step = int(step)
+        convert = None
+        if isinstance(abstract_state, Reshaped):
+            abstract_state, convert = abstract_state.read, abstract_state.convert
         if step not in steps:
             raise FileNotFoundError(
                 f"no finalized checkpoint for step {step} in {self.directory}; available: {sorted(steps)}"
@@ -329,7 +344,7 @@ class Checkpointer:
         if partial:
             wanted = set(abstract_state)
             abstract_state = {**self._saved_abstract(step), **abstract_state}
-        abstract_state = jax.tree.map(_to_abstract, abstract_state)
+        abstract_state = jax.tree.map(abstract_leaf, abstract_state)
         self._check_matches(step, abstract_state)
         out = self._mngr.restore(
             step,
@@ -341,6 +356,8 @@ class Checkpointer:
         state = out[_STATE]
         if wanted is not None:
             state = {k: v for k, v in state.items() if k in wanted}
+        if convert is not None:
+            state = convert(state)
         return step, state, ({} if meta is None else dict(meta))
 
     def _saved_abstract(self, step: int) -> dict:
@@ -349,7 +366,7 @@ class Checkpointer:
         tree = getattr(md, "tree", md)
         if tree is None:
             raise NoUsableCheckpoint(f"checkpoint step {step} in {self.directory} has no readable metadata")
-        return jax.tree.map(lambda m: _to_abstract(jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)), dict(tree))
+        return jax.tree.map(lambda m: abstract_leaf(jax.ShapeDtypeStruct(tuple(m.shape), m.dtype)), dict(tree))
 
     def load(self, target: Callable[[dict], PyTree], step: int | None = None, *, partial: bool = False,
              move_aside: bool = False, log: Callable[[str], None] = print) -> tuple[int, PyTree, dict] | None:

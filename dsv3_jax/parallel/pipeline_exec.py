@@ -37,9 +37,10 @@ tick); which stage really runs what is masked with `jnp.where`. A branch taken b
 leave the collectives XLA places in it (e.g. a collective-permute that reshards within a stage) waiting for
 devices that never arrive. A masked op costs no tick time: every stage of a tick waits for the busiest.
 
-In train.py (`step_grads`) the train state keeps each stack's [L, ...] arrays whole on every stage group
-(not split over 'stage'); the step moves each stage's layers into its slots and the gradients back. Keeping
-the state itself in the slot layout (and converting at checkpoints) is what would cut that memory.
+In train.py (`step_grads`) the train state itself holds the stacks, and their AdamW moments, in the slot
+layout (`slot_state.py`): the program takes them as they are, its gradients come back in that layout, and the
+optimizer updates each stage's layers where they live. Checkpoints record the layout and are converted on
+restore when the reader's differs.
 """
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ from dsv3_jax.model import model_tail
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.objective import prediction_losses
 from dsv3_jax.parallel.schedules import FIELDS, TickTable
+from dsv3_jax.parallel.slot_state import slot_spec
 from dsv3_jax.rope import rope_tables
 
 KINDS = ("dense", "moe")
@@ -131,10 +133,8 @@ def place(program: Program, state: dict, mesh) -> tuple:
 
     def put(tree, stacked):
         def one(spec, var):
-            spec = tuple(spec)
-            if stacked:  # [L, ...] ('layers' first) -> [S, v, k, ...]
-                spec = ("stage", None, None) + spec[1:]
-            return var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, P(*spec))))
+            spec = slot_spec(spec) if stacked else spec  # [L, ...] ('layers' first) -> [S, v, k, ...]
+            return var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
 
         return jax.tree.map(one, sharding.state_specs(tree), tree, is_leaf=lambda x: isinstance(x, P))
 
@@ -343,35 +343,17 @@ def _vjp_aux(last_fn, ends_params, y, win):
 ENDS = ("embed", "norm", "lm_head", "mtp")  # the parameter paths of `Ends`
 
 
-def canonical_specs(specs):
-    """Shardings of a train state under a scheduled pipeline: the stacks' 'layers' axis is not split over 'stage'
-    (the step moves each stage's layers into its slots; see `step_grads`)."""
-    return jax.tree.map(lambda sp: P(*(None if a == "stage" else a for a in tuple(sp))), specs,
-                        is_leaf=lambda x: isinstance(x, P))
-
-
 def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, lam, alpha, *, mesh):
     """`value_and_grad` on the train state's pure dicts: ((total, (terms, moe stats)), grads shaped like params),
-    the form `step.make_train_step` takes from `jax.value_and_grad`. Each stack goes to its slots here, placed
-    with dim 0 on 'stage', and its gradients come back to [L, ...]."""
-    from jax.sharding import NamedSharding
-
+    the form `step.make_train_step` takes from `jax.value_and_grad`. `params` hold the stacks in the slot
+    layout (`slot_state.py`), so they go to the program as they are and their gradients come back in it;
+    the router biases ([L, E], replicated) are put into slots here."""
     ends = ({k: params[k] for k in ENDS if k in params}, {k: biases[k] for k in ENDS if k in biases})
-    slots = {}
-    for kind in program.index:
-        name = f"{kind}_layers"
-
-        def slotted(tree, kind=kind):
-            out = to_slots(tree, program.index[kind])
-            return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
-                a, NamedSharding(mesh, P("stage"))), out)
-
-        slots[kind] = (slotted(params[name]), slotted(biases.get(name, {})))
+    slots = {kind: (params[f"{kind}_layers"], to_slots(biases.get(f"{kind}_layers", {}), program.index[kind]))
+             for kind in program.index}
     (total, terms, stats), (g_ends, g_slots) = value_and_grad(program, gds, cfg, ends, slots, window, lam, alpha,
                                                                mesh=mesh)
-    grads = dict(g_ends)
-    for kind, g in g_slots.items():
-        grads[f"{kind}_layers"] = from_slots(g, program.index[kind], getattr(cfg, f"num_{kind}_layers"))
+    grads = dict(g_ends) | {f"{kind}_layers": g for kind, g in g_slots.items()}
     return (total, (terms, stats)), grads
 
 

@@ -25,6 +25,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -36,6 +37,7 @@ from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
 from dsv3_jax.moe import RouterBias
+from dsv3_jax.parallel import slot_state
 from dsv3_jax.parallel.pipeline import check_microbatches
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train import data as data_lib
@@ -51,6 +53,7 @@ class TrainResult:
     tokenizer: object
     history: list  # metrics records written during this call
     sample: str
+    slots: dict | None = None  # a scheduled pipeline's slot layout of the state (slot_state.to_layers undoes it)
 
 
 def _check_hyperparameters(config) -> None:
@@ -208,30 +211,38 @@ def schedule_change(saved_config_json: str | None, config, step: int) -> str | N
             f"was {before:.4g}, is now {after:.4g}")
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None):
+def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None, slots: dict | None = None):
     """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
     the rules table (no device ever holds the whole model); the optimizer state inherits the
     parameters' shardings. The model runs with `rt` (default: `runtime.default()`); without a mesh in
-    it, the state is placed on a one-device mesh."""
+    it, the state is placed on a one-device mesh. `slots` (a scheduled pipeline's `Program.index`): the
+    stacks of the parameters and of the optimizer state are held in that slot layout (`slot_state.py`)."""
     rt = rt or runtime.default()
     mesh = rt.mesh if rt.mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
     build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), runtime=rt)  # noqa: E731
     abstract = nnx.eval_shape(build)
     graphdef, _, _ = split_model(abstract)
-    specs = [sharding.pure_specs(nnx.state(abstract, kind)) for kind in (nnx.Param, RouterBias)]
-    if rt.scheduled_pipeline:  # layers are moved into per-stage slots by the step (parallel/pipeline_exec.py)
-        from dsv3_jax.parallel.pipeline_exec import canonical_specs
-
-        specs = [canonical_specs(s) for s in specs]
-    out = tuple(jax.tree.map(lambda p: NamedSharding(mesh, p), s) for s in specs)
-    params, biases = jax.jit(lambda: split_model(build())[1:], out_shardings=out)()
+    specs = {"params": sharding.pure_specs(nnx.state(abstract, nnx.Param)),
+             "biases": sharding.pure_specs(nnx.state(abstract, RouterBias))}
+    relaid = lambda st: st  # noqa: E731
+    if slots is not None:
+        specs = slot_state.slot_specs(specs)
+        relaid = lambda st: slot_state.to_slots(st, slots)  # noqa: E731
+    out = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
+    params_biases = jax.jit(lambda: relaid(dict(zip(("params", "biases"), split_model(build())[1:]))),
+                            out_shardings=out)()
+    params, biases = params_biases["params"], params_biases["biases"]
     replicated = NamedSharding(mesh, P())
 
     def on_mesh(x):  # scalars created from constants (e.g. Adam's count) land on one device: replicate
         ok = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         return x if ok else jax.device_put(x, replicated)
 
-    state = {"params": params, "biases": biases, "opt_state": jax.tree.map(on_mesh, jax.jit(tx.init)(params)),
+    # the moments take their parameter's sharding (jit alone would replicate the zeros it creates)
+    moments = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params),
+                                    jax.tree.map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
+    opt_state = jax.tree.map(on_mesh, jax.jit(tx.init, out_shardings=moments)(params))
+    state = {"params": params, "biases": biases, "opt_state": opt_state,
              "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
              "skipped": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
     return graphdef, state
@@ -264,7 +275,13 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rt = runtime.from_config(config, mesh)
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
-    graphdef, state = init_state(model_cfg, tx, t.seed, rt)
+    pipeline, slots = None, None
+    if rt.scheduled_pipeline:  # the step runs the schedule's program on a state in its slot layout
+        from dsv3_jax.parallel import pipeline_exec
+
+        pipeline = pipeline_exec.for_training(model_cfg, rt, t.seq_len) + (model_cfg,)
+        slots = pipeline[0].index
+    graphdef, state = init_state(model_cfg, tx, t.seed, rt, slots)
     if not quiet:
         print(rt.describe())
         if rt.stages > 1:
@@ -279,15 +296,16 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     weights_only = lambda meta: meta.get("format") == "dsv3_jax.params"  # noqa: E731 (the converter's output)
 
-    def target(meta):
+    def target(meta):  # the state as this run holds it, read from the layout the checkpoint was written in
         if weights_only(meta):
-            return {"params": abstract["params"], "biases": abstract["biases"]}
+            return slot_state.restore_target({"params": abstract["params"], "biases": abstract["biases"]}, slots,
+                                             meta)
         saved = meta.get("tokenizer_sha256")
         if saved is not None and saved != tokenizer_hash:
             raise UserError(f"the tokenizer of this run differs from the one {workdir} was trained with (token "
                             f"ids would change under the checkpoint); resume with the run's own tokenizer.json "
                             f"(leave --config.data.tokenizer_path empty) or use another --workdir")
-        return abstract
+        return slot_state.restore_target(abstract, slots, meta)
 
     try:  # multi-host: every process restores, only the first moves a damaged step aside
         restored = ckpt.load(target, log=lambda msg: print(msg, file=sys.stderr), move_aside=main)
@@ -320,11 +338,6 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet, enabled=main)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    pipeline = None
-    if rt.scheduled_pipeline:
-        from dsv3_jax.parallel import pipeline_exec
-
-        pipeline = pipeline_exec.for_training(model_cfg, rt, t.seq_len) + (model_cfg,)
     train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings,
                                  grad_accum_steps=t.get("grad_accum_steps", 1), pipeline=pipeline)
     eval_step = make_eval_step(graphdef, mesh, pipeline)
@@ -360,7 +373,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
             break
         if done % config.checkpoint.every_steps == 0 or done == t.steps:
             ckpt.save(done, state, {"loader": data.train.state(), "config": config.to_json(),
-                                    "tokenizer_sha256": tokenizer_hash, "tokens_seen": tokens_total}, force=True)
+                                    "tokenizer_sha256": tokenizer_hash, "tokens_seen": tokens_total}
+                      | slot_state.save_meta(slots), force=True)
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -372,8 +386,10 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         from dsv3_jax.infer.simple import greedy_text
 
         # one prompt on this process's devices: the training runtime without its mesh (no pipeline, local experts)
-        model = with_runtime(nnx.merge(graphdef, state["params"], state["biases"]), rt.replace(mesh=None))
+        params = slot_state.relayout({"params": state["params"]}, slots, None)["params"]
+        model = with_runtime(nnx.merge(graphdef, params, state["biases"]), rt.replace(mesh=None))
         sample = greedy_text(model, data.tokenizer, prompt="The", max_new_tokens=t.sample_tokens)
         if not quiet:
             print(f"\nsample (greedy, {t.sample_tokens} tokens):\n{sample}\n")
-    return TrainResult(state=state, graphdef=graphdef, tokenizer=data.tokenizer, history=history, sample=sample)
+    return TrainResult(state=state, graphdef=graphdef, tokenizer=data.tokenizer, history=history, sample=sample,
+                       slots=slots)
