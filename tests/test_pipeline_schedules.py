@@ -123,11 +123,11 @@ def one_device():
     return total, terms, stats, nnx.to_pure_dict(grads)
 
 
-def _scheduled(layout, name, M, v):
+def _scheduled(layout, name, M, v, remat=False):
     mesh = sharding.make_mesh(layout)
     with jax.set_mesh(mesh):
         model = DeepSeekV3(CFG, rngs=nnx.Rngs(0), runtime=runtime.resolve(mesh=mesh, moe_block_size=8))
-        program = pipeline_exec.plan(model, layout["stage"], M, name, v, seq_len=16)
+        program = pipeline_exec.plan(model, layout["stage"], M, name, v, seq_len=16, remat=remat)
         gds, state = pipeline_exec.split_model(model)
         ends, slots = pipeline_exec.place(program, state, mesh)
         window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
@@ -150,8 +150,17 @@ CASES = [(dict(stage=2, expert=2, data=2), 4), (dict(stage=4, data=2), 4), (dict
 def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device):
     """Loss terms 1e-5, every gradient 1e-4 relative, router loads (so the bias updates) identical, for an uneven
     split of 1 dense + 6 MoE layers + MTP (interleaved: 2 chunks per stage)."""
+    _check_matches_one_device(one_device, *_scheduled(layout, name, M, 2 if name == "interleaved" else 1))
+
+
+def test_scheduled_pipeline_with_remat_matches_one_device(one_device):
+    """`remat` (each layer's activations recomputed inside the B's recompute) changes no number: 1f1b over stage 2
+    x expert 2 x data 2."""
+    _check_matches_one_device(one_device, *_scheduled(CASES[0][0], "1f1b", CASES[0][1], 1, remat=True))
+
+
+def _check_matches_one_device(one_device, total, terms, stats, grads, *_):
     ref_total, ref_terms, ref_stats, ref_grads = one_device
-    total, terms, stats, grads, *_ = _scheduled(layout, name, M, 2 if name == "interleaved" else 1)
     np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5)
     for k in ("loss", "mtp_loss", "balance_loss", "dropped_tokens"):
         np.testing.assert_allclose(float(terms[k]), float(ref_terms[k]), rtol=1e-5, atol=1e-7, err_msg=k)
@@ -163,15 +172,18 @@ def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device):
         np.testing.assert_array_equal(np.asarray(stats[key].counts), np.asarray(ref_stats[key].counts))
 
 
-def _replica_groups(text):
-    """Device groups of every all-gather in compiled HLO text (explicit {{..}} or iota [G,N]<=[dims]T(perm))."""
+def _all_gathers(text):
+    """(result elements, device groups) of every all-gather in compiled HLO text (groups explicit {{..}} or iota
+    [G,N]<=[dims]T(perm))."""
     out = []
     for line in text.splitlines():
         if " all-gather(" not in line and " all-gather-start(" not in line:
             continue
+        shape = re.search(r"= \(?[a-z0-9]+\[([\d,]*)\]", line)
+        size = int(np.prod([int(x) for x in shape.group(1).split(",") if x])) if shape else 0
         m = re.search(r"replica_groups=\{(\{[^=]*?\})\}", line)
         if m:
-            out += [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]
+            out.append((size, [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m.group(1))]))
             continue
         m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", line)
         if m:
@@ -179,21 +191,35 @@ def _replica_groups(text):
             ids = np.arange(int(np.prod(dims))).reshape(dims)
             if m.group(4):
                 ids = ids.transpose([int(x) for x in m.group(4).split(",")])
-            out += ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+            out.append((size, ids.reshape(int(m.group(1)), int(m.group(2))).tolist()))
     return out
 
 
 def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers():
-    """The compiled 1f1b step on stage 2 x fsdp 2 x tensor 2 moves activations with collective-permutes, and every
-    all-gather (FSDP's) stays inside one stage's devices: no stage ever receives another stage's layers."""
-    *_, step, args, mesh = _scheduled(dict(stage=2, fsdp=2, tensor=2), "1f1b", 4, 1)
-    text = step.lower(*args).compile().as_text()
+    """train.py's compiled 1f1b step (state in the slot layout, AdamW update included) on stage 2 x fsdp 2 x
+    tensor 2 moves activations with collective-permutes, and every all-gather (FSDP's weight gathers) stays inside
+    one stage's devices: no stage ever receives another stage's layers, in the program or the optimizer update."""
+    import optax
+
+    from dsv3_jax.train.loop import init_state
+    from dsv3_jax.train.step import make_train_step
+
+    mesh = sharding.make_mesh(dict(stage=2, fsdp=2, tensor=2))
+    rt = runtime.resolve(mesh=mesh, moe_block_size=8, microbatches=4, pipeline_schedule="1f1b")
+    program, gds = pipeline_exec.for_training(CFG, rt, WINDOW.shape[1] - 1)
+    tx = optax.adamw(1e-3)
+    graphdef, state = init_state(CFG, tx, 0, rt, program.index)
+    step = make_train_step(graphdef, tx, lambda s: 1e-3, mesh, jax.tree.map(lambda x: x.sharding, state),
+                           pipeline=(program, gds, CFG))
+    window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
+    text = step.lower(state, window, jnp.float32(LAM), jnp.float32(ALPHA), jnp.float32(1e-3)).compile().as_text()
     assert "collective-permute" in text
     stage_of = {int(d.id): s for s in range(2) for d in np.asarray(mesh.devices).take(s, axis=1).reshape(-1)}
-    groups = _replica_groups(text)
-    assert groups, "FSDP should all-gather weights within a stage"
-    for g in groups:
-        assert len({stage_of[d] for d in g}) == 1, g
+    gathers = _all_gathers(text)
+    assert gathers, "FSDP should all-gather weights within a stage"
+    for size, groups in gathers:
+        for g in groups:
+            assert len({stage_of[d] for d in g}) == 1, (size, g)
 
 
 def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
