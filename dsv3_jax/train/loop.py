@@ -240,7 +240,8 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None,
 
     # the moments take their parameter's sharding (jit alone would replicate the zeros it creates)
     moments = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params),
-                                    jax.tree.map(lambda x: x.sharding, params), transform_non_params=lambda _: replicated)
+                                    jax.tree.map(lambda x: x.sharding, params),
+                                    transform_non_params=lambda _: replicated)
     opt_state = jax.tree.map(on_mesh, jax.jit(tx.init, out_shardings=moments)(params))
     state = {"params": params, "biases": biases, "opt_state": opt_state,
              "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
