@@ -175,3 +175,38 @@ def versions(torch=None) -> str:
     if torch is not None:
         parts.append(f"torch {torch.__version__}")
     return ", ".join(parts)
+
+
+# ------------------------------------------------------------------ profiles
+
+def top_ops(trace_dir: str, n: int = 15) -> list[dict]:
+    """The ops that took the most time in a `jax.profiler.trace(trace_dir, create_perfetto_trace=True)`:
+    [{name, ms, share}], summed over the trace, largest first. On an accelerator: the kernels on the device's
+    streams (processes named /device:...); on CPU: the XLA ops run on XLA's threads."""
+    import collections
+    import glob
+    import gzip
+    import json
+
+    paths = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
+    with gzip.open(paths[-1]) as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    meta = [e for e in events if e.get("ph") == "M"]
+    procs = {e["pid"]: e["args"].get("name", "") for e in meta if e.get("name") == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"].get("name", "") for e in meta if e.get("name") == "thread_name"}
+    device = {p for p, name in procs.items() if name.startswith("/device:")}
+
+    def counted(e):
+        if device:
+            return e["pid"] in device
+        return threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA") and "::" not in e["name"]
+
+    total = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and counted(e):
+            total[e["name"]] += float(e.get("dur", 0.0))
+    whole = sum(total.values()) or 1.0
+    return [{"name": k, "ms": v / 1e3, "share": v / whole} for k, v in total.most_common(n)]

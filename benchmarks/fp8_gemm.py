@@ -135,6 +135,7 @@ def accelerator_table(M, iters, quick):
     hdr = (f"{'M':>5} {'K':>6} {'N':>6} | {'fp8 kernel':>10} {'+quant x':>9} | {'jnp blocked':>11} "
            f"{'fp8 XLA 1x':>10} {'deq bf16':>8} | {'bf16 XLA':>9} | {'ratio':>5} | {'rel err':>8} | best config")
     print(hdr + "\n" + "-" * len(hdr))
+    rows = []
     for K, N in SHAPES:
         x, w = operands(M, K, N)
         qx, sx = jax.jit(Q.quantize_tiles)(x)
@@ -172,10 +173,16 @@ def accelerator_table(M, iters, quick):
         print(f"{M:>5} {K:>6} {N:>6} | {flops / t / 1e12:>10.1f} {flops / t_e2e / 1e12:>9.1f} | "
               f"{flops / t_blk / 1e12:>11.1f} {flops / t_x8 / 1e12:>10.1f} {flops / t_deq / 1e12:>8.1f} | "
               f"{flops / t_bf16 / 1e12:>9.1f} | {t_bf16 / t:>5.2f} | {err:>8.1e} | {cfg}")
+        rows.append({"M": M, "K": K, "N": N, "fp8_tflops": flops / t / 1e12, "fp8_quant_x_tflops": flops / t_e2e / 1e12,
+                     "bf16_tflops": flops / t_bf16 / 1e12, "speedup_vs_bf16": t_bf16 / t, "max_rel_err": err,
+                     "config": cfg})
         del ref_bf16
+    return rows
 
 
-def cpu_check():
+def cpu_check(quick=False):
+    """The kernel in interpret mode against fp64 ({backend/dtype: max rel err}); unless `quick`, then the CPU
+    cost of the jnp formulations."""
     M, K, N = 256, 384, 200
     x, w = operands(M, K, N)
     qx, sx = Q.quantize_tiles(x)
@@ -185,11 +192,15 @@ def cpu_check():
     ref = A @ B.T
     print(f"CPU interpret-mode check, M={M} K={K} N={N} (max |err| / max |ref|, fp64 reference on the "
           f"dequantised operands):")
+    errors = {}
     for backend in ("triton", "mosaic_tpu"):
         for dt in (jnp.float32, jnp.bfloat16):
             out = gemm(qx, sx, qw, sw, impl="pallas", backend=backend, interpret=True, out_dtype=dt)[:, :N]
             err = np.abs(np.asarray(out.astype(jnp.float32), np.float64) - ref).max() / np.abs(ref).max()
             print(f"  pallas {backend:<10} out {jnp.dtype(dt).name:<8} {err:.1e}")
+            errors[f"{backend}/{jnp.dtype(dt).name}"] = float(err)
+    if quick:
+        return errors
 
     M, K, N = 1024, 1024, 1024
     x, w = operands(M, K, N)
@@ -204,6 +215,7 @@ def cpu_check():
         t_q, _ = bench(jax.jit(lambda x, w, impl=impl: gemm(*Q.quantize_tiles(x), *Q.quantize_blocks(w),
                                                               impl=impl, out_dtype=jnp.float32)), x, w, iters=5)
         print(f"  {impl:<8} GEMM {t / t32:5.2f}x   with quantisation of both operands {t_q / t32:5.2f}x")
+    return errors
 
 
 def main():
@@ -213,20 +225,33 @@ def main():
     p.add_argument("--quick", action="store_true", help="one tile configuration per shape")
     p.add_argument("--no-cpu-check", action="store_true")
     p.add_argument("--no-gpu-check", action="store_true", help="skip the compiled-kernel correctness check")
+    p.add_argument("--json", default="", help="also write the table (or the CPU check's errors) to this file")
     a = p.parse_args()
+    out = {"backend": runtime.platform(), "device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    code = _run(a, out)
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return code
+
+
+def _run(a, out) -> int:
     if runtime.platform() == "gpu" and not a.no_gpu_check:
         print(f"compiled-kernel check on {jax.devices()[0].device_kind}, jax {jax.__version__} "
               f"(max |err| / max |ref| against fp64 on the dequantised operands):")
-        if not gpu_check():
+        out["compiled_check_passed"] = gpu_check()
+        if not out["compiled_check_passed"]:
             print("FAILED: a compiled kernel disagrees with the reference")
             return 1
     if runtime.platform() in ("gpu", "tpu"):
-        accelerator_table(a.m, a.iters, a.quick)
+        out["rows"] = accelerator_table(a.m, a.iters, a.quick)
         return 0
     print(f"skipped: no GPU or TPU (jax backend '{runtime.platform()}'); the kernel TFLOP/s table needs "
           f"an accelerator.")
     if not a.no_cpu_check:
-        cpu_check()
+        out["interpret_errors"] = cpu_check(quick=a.quick)
     return 0
 
 

@@ -60,8 +60,9 @@ from dsv3_jax.train.loop import init_state, make_schedules  # noqa: E402
 from dsv3_jax.train.step import make_train_step  # noqa: E402
 
 
-def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, steps: int):
-    """Per-step seconds of the real dsv3_jax train step; also the compile + first-step time."""
+def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, steps: int, profile: str = ""):
+    """Per-step seconds of the real dsv3_jax train step; also the compile + first-step time. `profile`: a
+    directory where 3 more steps are traced (jax.profiler, perfetto) after the timed ones."""
     tx, schedule, lam, gamma, _ = make_schedules(config)
     graphdef, state = init_state(cfg, tx, config.train.seed, runtime.from_config(config))
     train_step = make_train_step(graphdef, tx, schedule)
@@ -77,6 +78,11 @@ def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, st
             first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    if profile:
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            for i in range(3):
+                state, metrics = train_step(state, w, jnp.float32(lam(i)), alpha, jnp.float32(gamma(i)))
+            jax.block_until_ready((state, metrics))
     loss = float(metrics["loss"])
     del state
     return times, first, loss
@@ -146,6 +152,11 @@ def main():
                    help="torch intra-op threads, comma-separated for one transformers row each (default: usable cores)")
     p.add_argument("--matmul_n", type=int, default=None, help="roofline matmul size (default 2048 CPU, 8192 GPU)")
     p.add_argument("--skip", default="", help="comma-separated rows to skip: mtp, nomtp, torch")
+    p.add_argument("--fp8", action="store_true", help="also the step with model.fp8=True (the FP8 recipe), MTP as "
+                                                       "configured: the BF16 / FP8 ratio")
+    p.add_argument("--profile", default="", help="trace 3 steps of the first dsv3_jax row into this directory and "
+                                                 "print the top ops by time")
+    p.add_argument("--json", default="", help="also write the rows (and the profile's top ops) to this file")
     a = p.parse_args()
 
     config = C.load_config(a.config)
@@ -184,12 +195,21 @@ def main():
           f"(+{sum(counts['mtp']):,} params/token)")
 
     rows = []  # (name, seconds/step, flops/token, first-step seconds, final loss, note)
+    profile = a.profile
     if cfg.num_nextn_predict_layers and "mtp" not in skip:
-        t, first, loss = jax_step_times(config, cfg, window, a.warmup, a.steps)
+        t, first, loss = jax_step_times(config, cfg, window, a.warmup, a.steps, profile)
+        profile = ""
         rows.append((f"dsv3_jax (MTP depth {cfg.num_nextn_predict_layers})", C.median(t), flops_mtp, first, loss,
                      f"moe_impl={rt.expert_impl}"))
+    if a.fp8:
+        fp8_config = config.copy_and_resolve_references()
+        fp8_config.model.fp8 = True
+        t, first, loss = jax_step_times(fp8_config, cfg, window, a.warmup, a.steps)
+        rows.append((f"dsv3_jax FP8 (MTP depth {cfg.num_nextn_predict_layers})", C.median(t), flops_mtp, first,
+                     loss, "model.fp8=True: block-scaled FP8 GEMMs"))
     if "nomtp" not in skip:
-        t, first, loss = jax_step_times(config, cfg0, window, a.warmup, a.steps)
+        t, first, loss = jax_step_times(config, cfg0, window, a.warmup, a.steps, profile)
+        profile = ""
         rows.append(("dsv3_jax (MTP off)", C.median(t), flops0, first, loss, f"moe_impl={rt.expert_impl}"))
     if "torch" not in skip:
         modes = ["float32"] if dtype == "float32" else [m for m in a.torch_bf16.split(",") if m]
@@ -222,6 +242,26 @@ def main():
           "same network.")
     for name, _, _, first, loss, note in rows:
         print(f"  {name}: first step {first:.1f}s (jax: includes compilation), loss after the run {loss:.3f}, {note}")
+    ops = []
+    if a.profile:
+        ops = C.top_ops(a.profile)
+        print(f"\ntop ops by time over 3 traced steps of the first dsv3_jax row ({a.profile}):")
+        print("| op | ms | share |")
+        print("|---|---|---|")
+        for o in ops:
+            print(f"| {o['name'][:90]} | {o['ms']:.2f} | {o['share']:.1%} |")
+    if a.json:
+        import json
+
+        out = {"backend": runtime.platform(), "device": runtime.device_kind(), "versions": C.versions(torch),
+               "config": a.config, "batch": B, "seq": T, "dtype": dtype, "matmul_peak_flops": peak,
+               "rows": [{"name": name, "ms_per_step": s * 1e3, "tokens_per_sec": tokens / s, "flops_per_token": f,
+                         "model_flops_per_sec": f * tokens / s, "mfu": f * tokens / s / peak,
+                         "vs_transformers": (ref / s) if ref else None, "first_step_s": first, "loss": loss,
+                         "note": note} for name, s, f, first, loss, note in rows],
+               "top_ops": ops}
+        with open(a.json, "w") as fh:
+            json.dump(out, fh, indent=1)
 
 
 if __name__ == "__main__":
