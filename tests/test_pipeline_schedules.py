@@ -80,6 +80,7 @@ def test_ghost_slots_by_hand_and_bad_splits():
     lay = stage_layout.given(c, "1,3")  # stage 0: the dense block, stage 1: three MoE blocks
     assert (lay.slots("dense"), lay.slots("moe")) == (1, 3)
     assert lay.ghost_blocks("dense") == 1 and lay.ghost_blocks("moe") == 3 and lay.ghost_params == 310
+    assert lay.ghost_floor == 2 * 300 - 310  # every stage holds what stage 1 does (3 x 100), of 310 in all
     np.testing.assert_array_equal(stage_layout.slot_index(lay, 2, "moe")[:, 0], [[-1, -1, -1], [0, 1, 2]])
     for bad in ("1,2", "a,b", "5,-1"):
         with pytest.raises(ConfigError, match="pipeline_stage_layers"):

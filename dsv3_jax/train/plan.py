@@ -113,7 +113,9 @@ def print_pipeline_plan(model, sizes, batch_size, seq_len, microbatches, schedul
     print(f"  FLOP imbalance (max / mean over stages): {p['imbalance']:.3f}")
     print(f"  ghost slots: {lay.ghost_blocks('dense')} dense + {lay.ghost_blocks('moe')} MoE blocks = "
           f"{lay.ghost_params / 1e9:.1f}B parameters ({lay.ghost_fraction:.1%} of the model): a stack is one array "
-          f"sharded over 'stage', so every stage has room for its largest count of each kind")
+          f"sharded over 'stage', so every stage has room for its largest count of each kind; no storage of whole "
+          f"layers per stage goes below {lay.ghost_floor / 1e9:.1f}B "
+          f"({lay.ghost_floor / lay.costs.total_params:.1%}: S x the fullest stage's parameters - all)")
     print(f"  bubble: {tbl.bubble:.1%} counted from the {tbl.ticks}-tick schedule (formula "
           f"{schedules.bubble_formula(schedule, S, microbatches, chunks):.1%}); stage inputs held per stage: "
           f"{', '.join(str(int(x)) for x in tbl.peak_live)}")
