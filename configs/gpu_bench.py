@@ -45,6 +45,7 @@ def get_config():
     m.fp8 = False  # the suite also runs the step with True
     m.expert_capacity_factor = 0.0
     m.expert_dispatch = "auto"
+    m.attention = "auto"  # cuDNN flash attention on GPU
 
     c.train.batch_size = 4
     c.train.seq_len = 4096

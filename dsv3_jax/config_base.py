@@ -1,7 +1,7 @@
 """Defaults for every non-model section of a training config (ml-collections).
 
 `configs/*.py` call `base_config()` and fill in `config.model` (the fields of `ModelConfig`, plus the run
-keys `moe_impl`, `moe_block_size`, `fp8`, `expert_capacity_factor`, `expert_dispatch` that the Runtime
+keys `moe_impl`, `moe_block_size`, `fp8`, `expert_capacity_factor`, `expert_dispatch`, `attention` that the Runtime
 resolver reads, see `dsv3_jax/runtime.py`) and any section they change. Every key here is an interface:
 users override it as `--config.SECTION.KEY=V`. Shared by train.py, infer.py (a checkpoint's saved config)
 and the converter (the config it records).

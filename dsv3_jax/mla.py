@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dsv3_jax import runtime as runtime_lib
+from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.layers import Einsum, RMSNorm
@@ -154,9 +155,14 @@ class MLA(nnx.Module):
 
     # ------------------------------------------------------------------ training path / prefill
     def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype) -> jax.Array:
-        """Causal attention with K/V expanded from the latent: [B, T, *] -> [B, T, D]."""
+        """Causal attention with K/V expanded from the latent: [B, T, *] -> [B, T, D]. The core is the einsum
+        below (the reference) or, per `Runtime.attention`, `jax.nn.dot_product_attention` ('xla', 'cudnn')."""
         cfg = self.cfg
         k_nope, v = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)  # [B, S, N, dn], [B, S, N, dv]
+        if self.runtime.attention != "einsum":
+            out = self.fused_core(q_nope, q_pe, k_nope, k_pe, v)
+            if out is not None:
+                return self.wo(out.astype(dtype))
         f32 = jnp.float32
         scores = jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=f32)
         scores += jnp.einsum("BTNH,BSH->BNTS", q_pe, k_pe, preferred_element_type=f32)
@@ -167,6 +173,33 @@ class MLA(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(f32)).astype(dtype)  # [B, T, N, dv]
         return self.wo(out)
+
+    def fused_core(self, q_nope, q_pe, k_nope, k_pe, v) -> jax.Array | None:
+        """softmax(q.k * scale, causal) v by `jax.nn.dot_product_attention` (cuDNN: flash attention, no [T, T]
+        scores in memory; MLA's qk head dim 192 differs from v's 128, which cuDNN runs from Hopper and 9.10 on):
+        q = [q_nope, q_pe], k = [k_nope, k_pe shared by the heads] -> [B, T, N, dv]. None when 'auto' chose
+        cuDNN and cuDNN refuses these shapes or dtype (the einsum runs); an explicit 'cudnn' raises."""
+        rt, N = self.runtime, self.cfg.num_attention_heads
+        q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
+        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (N, k_pe.shape[-1])).astype(k_nope.dtype)
+        k = jnp.concatenate([k_nope, k_pe], axis=-1)
+        def core(v):
+            return jax.nn.dot_product_attention(q, k, v, scale=self.cfg.softmax_scale, is_causal=True,
+                                                implementation=rt.attention)
+
+        try:
+            try:
+                return core(v)
+            except ValueError:  # a jax whose API wants one head dim for q, k and v: v padded with zeros
+                dv = v.shape[-1]
+                if dv >= q.shape[-1]:
+                    raise
+                return core(jnp.pad(v, ((0, 0),) * 3 + ((0, q.shape[-1] - dv),)))[..., :dv]
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            if rt.attention_fallback:
+                return None
+            raise UserError(f"attention={rt.attention!r} cannot run here ({' '.join(str(e).split())[:200]}); use "
+                            f"config.model.attention='auto' or 'einsum'") from None
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
         """Causal self-attention over the whole sequence: x [B, T, D] -> [B, T, D]."""

@@ -28,10 +28,15 @@ What it holds, and who reads it:
     paged_attention                                          how decode reads a paged latent cache: 'jnp'
                                                              (gather, the reference) or 'pallas' (the kernel
                                                              of `infer.paged_attention`)
+    attention, attention_fallback                            the causal attention core of training and prefill:
+                                                             'einsum' (scores materialised, the reference),
+                                                             'xla' or 'cudnn' (jax.nn.dot_product_attention;
+                                                             cudnn: flash attention, MLA's 192/128 head dims on
+                                                             Hopper); fallback: einsum where cuDNN refuses
     backend                                                  what the above was resolved for
 
 The config keys users type keep their sections: `model.moe_impl`, `model.moe_block_size`, `model.fp8`,
-`model.expert_capacity_factor`, `model.expert_dispatch` (HF-style configs have always carried them
+`model.expert_capacity_factor`, `model.expert_dispatch`, `model.attention` (HF-style configs have always carried them
 there), `train.remat`, `mesh.*` (axes, `mesh.microbatches`, `mesh.pipeline_schedule`) and the `fp8`
 section (the fields of `Fp8Options`). `ModelConfig.from_dict` skips the run keys: `split_model_section`
 takes them out first.
@@ -51,10 +56,11 @@ EXPERT_IMPLS = ("dense", "blocks", "ragged")
 DISPATCHES = ("padded", "ragged")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/schedules.py
 PAGED_ATTENTION = ("jnp", "pallas")
+ATTENTION = ("einsum", "xla", "cudnn")  # the training / prefill attention core (mla.MLA.expanded)
 FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
 # keys of a config's `model` section that describe the run, with their defaults
 MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8": False,
-                                  "expert_capacity_factor": 0.0, "expert_dispatch": "auto"}
+                                  "expert_capacity_factor": 0.0, "expert_dispatch": "auto", "attention": "auto"}
 
 
 # ----------------------------------------------------------------------------- the one backend query
@@ -175,13 +181,16 @@ class Runtime:
     fp8_weights: str | None = None  # None | 'w8a8' | 'weight_only': projections and experts held in FP8
     attention_f32_core: bool = False
     paged_attention: str = "jnp"
+    attention: str = "einsum"
+    attention_fallback: bool = False  # 'auto' chose cudnn: einsum where cuDNN refuses the shapes or dtype
 
     def __post_init__(self):
         for name, value, choices in (("expert_impl", self.expert_impl, EXPERT_IMPLS),
                                      ("decode_expert_impl", self.decode_expert_impl, EXPERT_IMPLS),
                                      ("expert_dispatch", self.expert_dispatch, DISPATCHES),
                                      ("pipeline_schedule", self.pipeline_schedule, SCHEDULES),
-                                     ("paged_attention", self.paged_attention, PAGED_ATTENTION)):
+                                     ("paged_attention", self.paged_attention, PAGED_ATTENTION),
+                                     ("attention", self.attention, ATTENTION)):
             if value not in choices:
                 raise UserError(f"Runtime.{name}={value!r}: choose from {choices} (build a Runtime with "
                                 f"dsv3_jax.runtime.resolve, which also accepts 'auto').")
@@ -288,8 +297,10 @@ class Runtime:
             fp8 = (f"weights resident ({self.fp8_weights}, {o.impl}" + (f", {o.backend}" if o.impl == "pallas" else "")
                    + ")")
         paged = "; paged attention pallas" if self.paged_attention == "pallas" else ""
+        attn = "" if self.attention == "einsum" else (
+            f"; attention {self.attention}" + (" (einsum where cuDNN refuses)" if self.attention_fallback else ""))
         return (f"runtime: {self.backend}, {mesh}; experts {experts}, decode {self.decode_expert_impl}; "
-                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}{paged}")
+                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}{paged}{attn}")
 
 
 def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", moe_block_size: int = 64,
@@ -297,13 +308,15 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
             remat: bool = False, microbatches: int = 0, pipeline_schedule: str = "gpipe", pipeline_chunks: int = 1,
             pipeline_stage_layers: str = "", fp8: bool = False,
             fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None,
-            fp8_weights: str | None = None) -> Runtime:
+            fp8_weights: str | None = None, attention: str = "auto") -> Runtime:
     """A concrete Runtime for this backend. 'auto' means:
       moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere;
                        'blocks' with fp8 or fp8_weights (the FP8 grouped GEMM uses the block layout)
       decode_moe_impl  'dense' on CPU (cheapest at decode sizes there), else the training layout
       expert_dispatch  'ragged' (ragged_all_to_all) on GPU/TPU when dropless, else 'padded' (all_to_all)
       microbatches 0   twice the pipeline stages (1 without a pipeline)
+      attention        'cudnn' on GPU (flash attention; einsum where cuDNN refuses the shapes or dtype), else
+                       'einsum'
     """
     p = platform()
     choices = ("auto",) + EXPERT_IMPLS
@@ -316,6 +329,11 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
         raise UserError(f"pipeline_schedule={pipeline_schedule!r}: choose from {SCHEDULES}.")
     if microbatches < 0:
         raise UserError(f"microbatches={microbatches} must be >= 0 (0: twice the number of stages).")
+    if attention not in ("auto",) + ATTENTION:
+        raise UserError(f"attention={attention!r}: choose from {('auto',) + ATTENTION}.")
+    fallback = attention == "auto" and p == "gpu"
+    if attention == "auto":
+        attention = "cudnn" if p == "gpu" else "einsum"
     impl = ("blocks" if p == "cpu" else "ragged") if moe_impl == "auto" else moe_impl
     grouped_fp8 = fp8 or fp8_weights  # the FP8 grouped GEMM uses the block layout
     if grouped_fp8 and impl == "ragged":
@@ -334,7 +352,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                    pipeline_schedule=pipeline_schedule, pipeline_chunks=int(pipeline_chunks),
                    pipeline_stage_layers=str(pipeline_stage_layers or ""), fp8=bool(fp8),
                    fp8_options=resolve_fp8(fp8_options),
-                   fp8_weights=fp8_weights or None, attention_f32_core=p == "cpu")
+                   fp8_weights=fp8_weights or None, attention_f32_core=p == "cpu", attention=attention,
+                   attention_fallback=fallback)
 
 
 def default_microbatches(stages: int) -> int:
@@ -383,7 +402,7 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
                        pipeline_schedule=mesh_section.get("pipeline_schedule", "gpipe"),
                        pipeline_chunks=int(mesh_section.get("pipeline_chunks", 1)),
                        pipeline_stage_layers=mesh_section.get("pipeline_stage_layers", ""),
-                       fp8_options=fp8_options_from(config.get("fp8")))
+                       fp8_options=fp8_options_from(config.get("fp8")), attention=run["attention"])
     except ConfigError:
         raise
     except UserError as e:
@@ -393,7 +412,8 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
 def _config_key_message(msg: str) -> str:
     """Name the config key a resolver message is about (model.*, mesh.*, train.*)."""
     for key, section in (("moe_impl", "model"), ("moe_block_size", "model"), ("expert_capacity_factor", "model"),
-                         ("expert_dispatch", "model"), ("microbatches", "mesh"), ("pipeline_schedule", "mesh"),
+                         ("expert_dispatch", "model"), ("attention", "model"), ("microbatches", "mesh"),
+                         ("pipeline_schedule", "mesh"),
                          ("pipeline_chunks", "mesh")):
         if msg.startswith(key + "=") or msg.startswith(f"Runtime.{key}="):
             return f"config.{section}.{msg.removeprefix('Runtime.')}"

@@ -5,6 +5,7 @@ absorbed-attention formulation that only reads the latent cache.
 Tolerance: float32 module (matmul precision 'highest') against a float64 reference:
 max |got - want| <= 1e-5 * max |want| (+1e-5 relative per element)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -94,3 +95,30 @@ def test_latent_and_absorbed_attention(q_lora):
     assert_close(k_pe, want_k)
     absorbed = ref.mla_absorbed(q_nope, q_pe, c_kv, k_pe, p["wkv_b"]["kernel"], p["wo"]["kernel"], cfg)
     assert_close(out, absorbed)
+
+
+def test_fused_attention_core_matches_numpy_and_its_gradients():
+    """attention='xla' (jax.nn.dot_product_attention: the path cuDNN flash attention takes on a GPU) gives the
+    numpy reference's output and the einsum core's input and weight gradients; 'auto' on CPU is the einsum,
+    and an explicit 'cudnn' without cuDNN fails in one line naming the key."""
+    from dsv3_jax import runtime
+    from dsv3_jax.cli import UserError
+
+    cfg = tiny_config(num_attention_heads=4, qk_nope_head_dim=8, v_head_dim=4, kv_lora_rank=12, rope_scaling=YARN)
+    assert runtime.resolve().attention == ("cudnn" if runtime.platform() == "gpu" else "einsum")
+    mla, x, pos, cos, sin = _setup(cfg, seed=5)
+    fused = build(lambda r: MLA(cfg, rngs=r, runtime=runtime.resolve(attention="xla")), seed=5)
+    assert_close(nnx.jit(lambda m, x: m(x, cos, sin))(fused, jnp.asarray(x)),
+                 ref.mla(x, to_numpy(mla), cfg, positions=pos))
+
+    def grads(m):
+        return nnx.grad(lambda m, x: (m(x, cos, sin) ** 2).sum(), argnums=(0, 1))(m, jnp.asarray(x))
+
+    (g_ref, gx_ref), (g, gx) = grads(mla), grads(fused)
+    assert_close(gx, gx_ref)
+    for a, b in zip(jax.tree.leaves(nnx.state(g_ref)), jax.tree.leaves(nnx.state(g))):
+        assert_close(b, a)
+    if runtime.platform() != "gpu":
+        strict = build(lambda r: MLA(cfg, rngs=r, runtime=runtime.resolve(attention="cudnn")), seed=5)
+        with pytest.raises(UserError, match="attention='cudnn' cannot run here"):
+            strict(jnp.asarray(x), cos, sin)

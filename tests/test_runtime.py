@@ -66,6 +66,7 @@ def test_config_keys_keep_their_spellings():
     ("moe_block_size", 0, "config.model.moe_block_size=0"),
     ("expert_dispatch", "fast", "config.model.expert_dispatch='fast'"),
     ("expert_capacity_factor", -1.0, "expert_capacity_factor=-1.0"),
+    ("attention", "flash", "config.model.attention='flash'"),
 ])
 def test_bad_run_keys_name_the_key(key, value, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(".", r"\.")):
