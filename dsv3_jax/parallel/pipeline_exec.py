@@ -9,8 +9,10 @@ slots, [S, v, k, ...] with dim 0 on 'stage': stage s owns exactly the slots of i
 ever leaves its stage. A slot with no layer (a ghost: stages hold different numbers of blocks of a kind) runs
 masked (its output and gradients discarded), so it costs memory, not tick time. `to_slots` /
 `from_slots` convert a stack's [L, ...] arrays (and gradients back). The embedding runs on virtual stage 0;
-the final norm, the head, the MTP modules and the loss on virtual stage K - 1 (their parameters are
-replicated over 'stage'; their gradients are summed over it once, at the end).
+the final norm, the head, the MTP modules and the loss on virtual stage K - 1 (their parameters
+enter the program whole on every stage -- train.py stores them split over 'stage' too, so this is where they
+are gathered, once per step; their gradients are summed over 'stage' once, at the end). The router loads come
+out summed over stages in model order ([L, E]: a psum, so nothing of a stage's layers is gathered).
 
 Program. `jax.shard_map` is manual over 'stage' only: inside, data, FSDP, expert and tensor parallelism are
 XLA's and expert parallelism's own shard_map as everywhere else. A `lax.scan` runs the ticks of the
@@ -306,7 +308,18 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         ce, mtp = jax.lax.psum(acc["ce"], "stage"), jax.lax.psum(acc["mtp"], "stage")
         mtp_stats = jax.tree.map(lambda a: jax.lax.psum(a, "stage"), acc["mtp_stats"])
         lead = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
-        return ce, mtp, mtp_stats, lead(acc["stats"]), g_ends, lead(g_slots)
+        moe_stats = None
+        if "moe" in kinds:  # [v, k] slots -> the MoE layers in model order, summed over stages (a psum of [L, E]
+            idx = jnp.asarray(program.index["moe"])[s].reshape(-1)  # loads, not a gather of other stages' slots)
+            real_slot = idx >= 0
+
+            def to_layers(a):
+                a = a.reshape((-1,) + a.shape[2:])
+                a = jnp.where(real_slot.reshape((-1,) + (1,) * (a.ndim - 1)), a, 0)
+                return jnp.zeros((cfg.num_moe_layers,) + a.shape[1:], a.dtype).at[jnp.maximum(idx, 0)].add(a)
+
+            moe_stats = jax.tree.map(lambda a: jax.lax.psum(to_layers(a), "stage"), acc["stats"]["moe"])
+        return ce, mtp, mtp_stats, moe_stats, g_ends, lead(g_slots)
 
     ends_params, ends_biases = ends
     slot_params = {k: slots[k][0] for k in kinds}
@@ -316,13 +329,13 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
     fn = jax.shard_map(body, mesh=mesh, axis_names={"stage"}, check_vma=False,
                        in_specs=(rep(ends_params), rep(ends_biases), on_stage(slot_params), on_stage(slot_biases),
                                  P(), P()),
-                       out_specs=(P(), P(), P(), P("stage"), P(), P("stage")))
+                       out_specs=(P(), P(), P(), P(), P(), P("stage")))
     with jax.named_scope("pipeline"):
-        ce, mtp, mtp_stats, slot_stats, g_ends, g_slots = fn(ends_params, ends_biases, slot_params, slot_biases,
+        ce, mtp, mtp_stats, main_stats, g_ends, g_slots = fn(ends_params, ends_biases, slot_params, slot_biases,
                                                               window, lam)
     moe_stats = {}
     if "moe" in kinds:
-        main = from_slots(slot_stats["moe"], program.index["moe"], cfg.num_moe_layers).per_microbatch(M)
+        main = main_stats.per_microbatch(M)
         moe_stats["moe_layers/ffn"] = main
     moe_stats |= {k: st.per_microbatch(M) for k, st in mtp_stats.items()}
     from dsv3_jax import layer_stats

@@ -3,8 +3,10 @@
 Under a scheduled pipeline (`pipeline_exec.py`) train.py keeps the layer stacks of the parameters and of the
 optimizer state in the program's slot layout: each stack leaf [L, ...] is held as [S, v, k, ...] with dim 0 on
 'stage', so a device stores only its own stage's layers (plus its ghost slots) and the step hands them to the
-program as they are: no layer crosses a stage, in the step or in the optimizer update. The router biases
-([L, E], replicated) and the parts outside the stacks (embedding, head, MTP) keep their ordinary layout.
+program as they are: no layer crosses a stage, in the step or in the optimizer update. The parts outside the
+stacks (embedding, final norm, head, MTP modules) keep their shape and are stored split over 'stage' as well
+(`end_spec`: 1/S per device, with their AdamW moments; the program gathers them at the start of the step).
+The router biases ([L, E]) stay replicated.
 
     layer layout   params["moe_layers"]...w  [L, ...]            (the model's, and every reader's)
     slot layout    params["moe_layers"]...w  [S, v, k, ...]      slot (s, c, j) holds layer index[s, c, j]
@@ -18,6 +20,8 @@ stage count or without a pipeline, and infer.py / `load_trained`, which read the
 without the key holds the layer layout.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import numpy as np
@@ -89,18 +93,39 @@ def slot_spec(spec: P) -> P:
     return P("stage", None, None, *inner)
 
 
-def slot_specs(state_specs: dict) -> dict:
-    """PartitionSpecs of a train state (or its params/biases) in the slot layout, from the rules table's."""
+def end_spec(shape, spec, sizes: dict) -> P:
+    """A parameter outside the stacks (embedding, final norm, head, MTP modules): stored split over 'stage' too,
+    on its largest dim that divides by the stages times the axes already there (each device keeps 1/S of it;
+    the program gathers it whole at the start of the step, see `pipeline_exec.value_and_grad`), else as the
+    rules table says. Without this every stage group would store, and update, a whole copy."""
+    spec = [None if a == "stage" else a for a in tuple(spec)] + [None] * (len(shape) - len(tuple(spec)))
+    S = sizes.get("stage", 1)
+
+    def axes(d):
+        a = spec[d]
+        return () if a is None else (a if isinstance(a, tuple) else (a,))
+
+    fits = [d for d, n in enumerate(shape) if n % (S * math.prod(sizes[a] for a in axes(d))) == 0]
+    if S > 1 and fits:
+        d = max(fits, key=lambda i: shape[i])
+        spec[d] = axes(d) + ("stage",) if axes(d) else "stage"
+    return P(*spec)
+
+
+def slot_specs(state_specs: dict, shapes: dict, sizes: dict) -> dict:
+    """PartitionSpecs of a train state's params and biases under a scheduled pipeline, from the rules table's
+    (`shapes`: the same trees of ShapeDtypeStructs, `sizes`: the mesh): the stacks in the slot layout, the
+    other parameters split over 'stage' as well (`end_spec`), the router biases ([L, E]) replicated over it."""
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
 
-    def fix(path, sp):
-        if _kind(path) is None:
-            return P(*(None if a == "stage" else a for a in tuple(sp)))
-        return slot_spec(sp)
+    def param(path, sp, shape):
+        return end_spec(shape.shape, sp, sizes) if _kind(path) is None else slot_spec(sp)
 
-    return {k: (jax.tree_util.tree_map_with_path(fix, v, is_leaf=is_spec) if k in SLOTTED else
-                jax.tree.map(lambda sp: P(*(None if a == "stage" else a for a in tuple(sp))), v, is_leaf=is_spec))
-            for k, v in state_specs.items()}
+    out = {"params": jax.tree_util.tree_map_with_path(param, state_specs["params"], shapes["params"],
+                                                       is_leaf=is_spec)}
+    out["biases"] = jax.tree.map(lambda sp: P(*(None if a == "stage" else a for a in tuple(sp))),
+                                 state_specs["biases"], is_leaf=is_spec)
+    return out
 
 
 def save_meta(index: dict | None) -> dict:

@@ -221,12 +221,12 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None,
     mesh = rt.mesh if rt.mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
     build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), runtime=rt)  # noqa: E731
     abstract = nnx.eval_shape(build)
-    graphdef, _, _ = split_model(abstract)
+    graphdef, abstract_params, abstract_biases = split_model(abstract)
     specs = {"params": sharding.pure_specs(nnx.state(abstract, nnx.Param)),
              "biases": sharding.pure_specs(nnx.state(abstract, RouterBias))}
     relaid = lambda st: st  # noqa: E731
     if slots is not None:
-        specs = slot_state.slot_specs(specs)
+        specs = slot_state.slot_specs(specs, {"params": abstract_params, "biases": abstract_biases}, dict(mesh.shape))
         relaid = lambda st: slot_state.to_slots(st, slots)  # noqa: E731
     out = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
     params_biases = jax.jit(lambda: relaid(dict(zip(("params", "biases"), split_model(build())[1:]))),

@@ -16,6 +16,7 @@ from flax import nnx
 from dsv3_jax import param_kinds, sharding
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, abstract_model, param_counts
+from dsv3_jax.parallel import slot_state
 
 
 def component_counts(model: DeepSeekV3) -> dict[str, int]:
@@ -59,7 +60,8 @@ def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatche
                   chunks: int = 1, stage_layers: str = "", remat: bool = False) -> dict:
     """The scheduled pipeline of `model` on a mesh of `sizes` (parallel/pipeline_exec.py): layout, FLOP
     imbalance, counted bubble, and per-device parameter and activation bytes (the slot layout: every stage
-    holds `slots(kind)` blocks of each kind, its ghosts included; embedding, head and MTP on every stage)."""
+    holds `slots(kind)` blocks of each kind, its ghosts included; embedding, head and MTP split over 'stage'
+    as train.py stores them, `slot_state.end_spec`, and gathered whole during the step)."""
     from dsv3_jax.parallel import schedules, stage_layout
 
     S = sizes["stage"]
@@ -68,7 +70,7 @@ def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatche
     state = nnx.state(model, nnx.Param)
     specs = sharding.pure_specs(state)
     per_block = {"dense": 0, "moe": 0}
-    ends = 0
+    ends = ends_whole = 0  # stored (split over 'stage' too) / gathered during the step
     for path, var in nnx.to_flat_state(state):
         spec = specs
         for k in path:
@@ -79,7 +81,8 @@ def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatche
         if names[0] in ("dense_layers", "moe_layers"):
             per_block[names[0].split("_")[0]] += sharding.shard_numel(a.shape[1:], tuple(spec)[1:], sizes) * item
         else:
-            ends += sharding.shard_numel(a.shape, spec, sizes) * item
+            ends += sharding.shard_numel(a.shape, slot_state.end_spec(a.shape, spec, sizes), sizes) * item
+            ends_whole += sharding.shard_numel(a.shape, tuple(None if x == "stage" else x for x in spec), sizes) * item
     slots = {k: layout.slots(k) * chunks for k in per_block if k in layout.costs.kinds}
     params = ends + sum(per_block[k] * n for k, n in slots.items())
     dp = sizes["data"] * sizes["fsdp"] * sizes["expert"]
@@ -93,8 +96,8 @@ def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatche
     working = working_per_layer * (1 if remat else chunk_layers)  # one chunk's recompute during a B
     costs = [layout.stage_cost(q) for q in range(layout.stages)]
     return {"layout": layout, "table": table, "params": params, "grads": params, "adam_moments": 2 * params,
-            "activations": held + working, "held_inputs": max(table.peak_live), "imbalance": layout.imbalance(S),
-            "costs": costs}
+            "activations": held + working, "ends_gathered": 2 * ends_whole, "held_inputs": max(table.peak_live),
+            "imbalance": layout.imbalance(S), "costs": costs}
 
 
 def print_pipeline_plan(model, sizes, batch_size, seq_len, microbatches, schedule, chunks=1, stage_layers="",
@@ -119,12 +122,15 @@ def print_pipeline_plan(model, sizes, batch_size, seq_len, microbatches, schedul
     print(f"  bubble: {tbl.bubble:.1%} counted from the {tbl.ticks}-tick schedule (formula "
           f"{schedules.bubble_formula(schedule, S, microbatches, chunks):.1%}); stage inputs held per stage: "
           f"{', '.join(str(int(x)) for x in tbl.peak_live)}")
-    for k in ("params", "grads", "adam_moments", "activations"):
+    for k in ("params", "grads", "adam_moments", "activations", "ends_gathered"):
         print(f"  {k:<20}{p[k] / gib:>12.2f} GiB per device")
+    print("  (params, grads and AdamW: each stage's own layer slots, and embedding, head and MTP split over 'stage' "
+          "too; ends_gathered: those gathered whole for the step, with their gradient sums)")
     return {"pipeline_schedule": schedule, "pipeline_bubble": round(tbl.bubble, 6),
             "pipeline_imbalance": round(p["imbalance"], 6), "pipeline_ghost_params": lay.ghost_params,
             "pipeline_stage_layers": [len(lay.blocks(q)) for q in range(lay.stages)],
-            "pipeline_param_bytes_per_device": p["params"], "pipeline_activation_bytes_per_device": p["activations"]}
+            "pipeline_param_bytes_per_device": p["params"], "pipeline_activation_bytes_per_device": p["activations"],
+            "pipeline_ends_gathered_bytes_per_device": p["ends_gathered"]}
 
 
 # ----------------------------------------------------------------------------- memory plan
