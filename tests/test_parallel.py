@@ -276,3 +276,20 @@ def test_grad_accumulation_matches_whole_batch(layout, accum, one_device_step):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
     for a, b in zip(jax.tree.leaves(ref_state["biases"]), jax.tree.leaves(state["biases"])):
         np.testing.assert_array_equal(np.asarray(b), np.asarray(a))
+
+
+def test_adamw_moments_take_their_parameters_shardings():
+    """The optimizer state built by init_state is sharded like the parameters (jit alone replicated the moments on
+    every device)."""
+    tx = optax.adamw(1e-3)
+    mesh = sharding.make_mesh(dict(fsdp=4, expert=2))
+    _, state = init_state(CFG, tx, 0, runtime.resolve(mesh=mesh, **RUN))
+    params = jax.tree_util.tree_leaves_with_path(state["params"])
+    by_path = {jax.tree_util.keystr(p): a.sharding for p, a in params}
+    moments = [(jax.tree_util.keystr(p), a) for p, a in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+               if a.ndim > 0]
+    assert len(moments) == 2 * len(params)  # mu and nu
+    for key, a in moments:
+        owner = next(k for k in by_path if key.endswith(k))
+        assert a.sharding.is_equivalent_to(by_path[owner], a.ndim), key
+    assert any(sh.spec != jax.sharding.PartitionSpec() for sh in by_path.values())
