@@ -61,6 +61,8 @@ from dsv3_jax.moe import RouterBias
 from dsv3_jax.objective import prediction_losses
 from dsv3_jax.parallel.schedules import FIELDS, TickTable
 from dsv3_jax.parallel.slot_state import slot_spec
+from dsv3_jax.parallel.slot_state import stack_from_slots as from_slots  # noqa: F401  (tests read gradients back)
+from dsv3_jax.parallel.slot_state import stack_to_slots as to_slots
 from dsv3_jax.rope import rope_tables
 
 KINDS = ("dense", "moe")
@@ -98,21 +100,6 @@ def split_model(model):
             gds[kind], *state[kind] = nnx.split(stack, nnx.Param, RouterBias)
     state = {k: tuple(v) for k, v in state.items()}
     return gds, state
-
-
-def to_slots(tree, index: np.ndarray):
-    """[L, ...] leaves -> [S, v, k, ...] (ghost slots hold a copy of layer 0; they are never run)."""
-    idx = np.maximum(index, 0)
-    return jax.tree.map(lambda a: a[idx], tree)
-
-
-def from_slots(tree, index: np.ndarray, layers: int):
-    """[S, v, k, ...] leaves (gradients, stats) -> [L, ...], each layer from its one real slot."""
-    flat = index.reshape(-1)
-    real = np.nonzero(flat >= 0)[0]
-    order = real[np.argsort(flat[real])]
-    assert len(order) == layers and (flat[order] == np.arange(layers)).all()
-    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[3:])[order], tree)
 
 
 def plan(model, stages: int, microbatches: int, schedule: str, chunks: int = 1, seq_len: int = 4096,

@@ -57,26 +57,31 @@ def _slotted_entries(state: dict, fn) -> dict:
     return {k: (_map_stacks(v, fn) if k in SLOTTED else v) for k, v in state.items()}
 
 
-def _layer_order(index: np.ndarray) -> np.ndarray:
-    """Flat slot positions of layers 0, 1, ... (every layer has exactly one)."""
+def stack_to_slots(tree, index: np.ndarray):
+    """One stack's [L, ...] leaves -> [S, v, k, ...] (ghost slots hold a copy of layer 0; they are never run)."""
+    idx = np.maximum(index, 0)
+    return jax.tree.map(lambda a: a[idx], tree)
+
+
+def stack_from_slots(tree, index: np.ndarray, layers: int | None = None):
+    """One stack's [S, v, k, ...] leaves (parameters, gradients, stats) -> [L, ...], each layer from its one real
+    slot."""
     flat = index.reshape(-1)
     real = np.nonzero(flat >= 0)[0]
     order = real[np.argsort(flat[real])]
-    assert (flat[order] == np.arange(len(order))).all(), "a layer is held by no slot or by two"
-    return order
+    assert (flat[order] == np.arange(len(order))).all() and layers in (None, len(order)), \
+        "a layer is held by no slot or by two"
+    return jax.tree.map(lambda a: a.reshape((-1,) + a.shape[3:])[order], tree)
 
 
 def to_slots(state: dict, index: dict) -> dict:
     """Layer layout -> slot layout (`index`: {kind: [S, v, k] layer ids, -1 ghost})."""
-    return _slotted_entries(state, lambda kind, a: a[np.maximum(index[kind], 0)])
+    return _slotted_entries(state, lambda kind, a: stack_to_slots(a, index[kind]))
 
 
 def to_layers(state: dict, index: dict) -> dict:
     """Slot layout -> layer layout."""
-    def back(kind, a):
-        return a.reshape((-1,) + a.shape[3:])[_layer_order(index[kind])]
-
-    return _slotted_entries(state, back)
+    return _slotted_entries(state, lambda kind, a: stack_from_slots(a, index[kind]))
 
 
 def relayout(state: dict, src: dict | None, dst: dict | None) -> dict:
