@@ -135,10 +135,8 @@ def _scheduled(layout, name, M, v, remat=False):
         step = jax.jit(lambda e, s, w: pipeline_exec.value_and_grad(program, gds, CFG, e, s, w, jnp.float32(LAM),
                                                                       jnp.float32(ALPHA), mesh=mesh))
         (total, terms, stats), (g_ends, g_slots) = step(ends, slots, window)
-        grads = nnx.to_pure_dict(g_ends) | {
-            f"{k}_layers": nnx.to_pure_dict(pipeline_exec.from_slots(g_slots[k], program.index[k],
-                                                                     getattr(CFG, f"num_{k}_layers")))
-            for k in g_slots}
+        grads = g_ends | {f"{k}_layers": pipeline_exec.from_slots(g_slots[k], program.slots[k],
+                                                                   getattr(CFG, f"num_{k}_layers")) for k in g_slots}
     return total, terms, stats, grads, step, (ends, slots, window), mesh
 
 
@@ -221,7 +219,7 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
     rt = runtime.resolve(mesh=mesh, moe_block_size=8, microbatches=4, pipeline_schedule="1f1b")
     program, gds = pipeline_exec.for_training(CFG, rt, WINDOW.shape[1] - 1)
     tx = optax.adamw(1e-3)
-    graphdef, state = init_state(CFG, tx, 0, rt, program.index)
+    graphdef, state = init_state(CFG, tx, 0, rt, program.slots)
     window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
     stage_of = {int(d.id): s for s in range(2) for d in np.asarray(mesh.devices).take(s, axis=1).reshape(-1)}
     stacks = ("dense_layers", "moe_layers")
@@ -276,12 +274,19 @@ def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
 
     ref = run("one")
     first = run("piped", interrupt_at=3, stage=2, expert=2, data=2, pipeline_schedule="1f1b")
-    index = first.slots["moe"]  # at 32 tokens the head and MTP cost what the 4 layers do: stage 1 holds only them
-    assert index.tolist() == [[[0, 1, 2]], [[-1, -1, -1]]], index.tolist()
+    lay = first.slots["moe"]  # at 32 tokens the head and MTP cost what the 4 layers do: stage 1 holds only them,
+    assert lay.index.tolist() == [[[0, 1, 2]], [[-1, -1, -1]]], lay.index.tolist()  # so all 3 are pooled
+    assert lay.resident == 0 and lay.pooled.tolist() == [0, 1, 2]
     held = [a for path, a in jax.tree_util.tree_leaves_with_path((first.state["params"], first.state["opt_state"]))
             if "moe_layers" in jax.tree_util.keystr(path)]  # the parameters and their AdamW moments
     assert len(held) > 20
-    assert all(leaf.shape[:3] == (2, 1, 3) and leaf.sharding.spec[0] == "stage" for leaf in held)
+    for leaf in held:  # each device stores half of every pooled layer (stage s: one contiguous half of a dim)
+        spec = tuple(leaf.sharding.spec)
+        assert leaf.shape[0] == 3 and any(ax == "stage" or (isinstance(ax, tuple) and ax[0] == "stage")
+                                          for ax in spec[1:]), (leaf.shape, spec)
+        stored = sum(int(np.prod(s.data.shape)) for s in leaf.addressable_shards) / 8
+        assert stored == leaf.size / (2 * np.prod([2 for ax in spec if ax == "expert" or (
+            isinstance(ax, tuple) and "expert" in ax)])), (leaf.shape, spec)
     second = run("piped", stage=4, data=2, pipeline_schedule="interleaved")
     assert [r["step"] for r in first.history] == [1, 2, 3] and [r["step"] for r in second.history] == [3, 4, 5]
     got = first.history[:2] + second.history

@@ -60,7 +60,7 @@ from dsv3_jax.model import model_tail
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.objective import prediction_losses
 from dsv3_jax.parallel.schedules import FIELDS, TickTable
-from dsv3_jax.parallel.slot_state import slot_spec
+from dsv3_jax.parallel.slot_state import StackLayout, gather_slots, pool_split_dim, slot_spec, stack_specs
 from dsv3_jax.parallel.slot_state import stack_from_slots as from_slots  # noqa: F401  (tests read gradients back)
 from dsv3_jax.parallel.slot_state import stack_to_slots as to_slots
 from dsv3_jax.rope import rope_tables
@@ -82,9 +82,14 @@ class Program:
     """The static part: schedule table, slot maps ([S, v, k] layer index per kind, -1 ghost), options."""
 
     table: TickTable
-    index: dict  # kind -> np.ndarray [S, v, k]
+    slots: dict  # kind -> StackLayout: the slots [S, v, k] (layer index, -1 none), resident and pooled
+    pool_dims: dict  # kind -> tree like one layer's parameters: the pool leaf dim 'stage' splits (-1: whole)
     moe_layers: int  # MoE layers whose balance losses are averaged: the main stack's and the MTP blocks'
     remat: bool = False
+
+    @property
+    def index(self) -> dict:
+        return {k: lay.index for k, lay in self.slots.items()}
 
     def __hash__(self):
         return id(self)
@@ -109,26 +114,40 @@ def plan(model, stages: int, microbatches: int, schedule: str, chunks: int = 1, 
     from dsv3_jax.parallel import schedules, stage_layout
 
     layout = stage_layout.plan(model, stages * chunks, seq_len, stage_layers)
-    index = {k: stage_layout.slot_index(layout, stages, k) for k in KINDS if k in layout.costs.kinds}
+    slots = {k: StackLayout.of(stage_layout.slot_index(layout, stages, k)) for k in KINDS if k in layout.costs.kinds}
+    mesh = model.runtime.mesh
+    sizes = {a: 1 for a in sharding.MESH_AXES} | (dict(mesh.shape) if mesh is not None else {"stage": stages})
+    _, state = split_model(model)
+    pool_dims = {}
+    for k in slots:
+        params = state[k][0]
+        specs = stack_specs(slots[k], sharding.pure_specs(params), nnx.to_pure_dict(params), sizes).get("pool")
+        pool_dims[k] = None if specs is None else jax.tree.map(lambda sp: _or(pool_split_dim(sp), -1), specs,
+                                                               is_leaf=lambda x: isinstance(x, P))
     cfg = model.cfg
     moe_layers = cfg.num_moe_layers + (cfg.num_nextn_predict_layers if cfg.has_moe else 0)
-    return Program(schedules.table(schedule, stages, microbatches, chunks), index, moe_layers, remat)
+    return Program(schedules.table(schedule, stages, microbatches, chunks), slots, pool_dims, moe_layers, remat)
 
 
 def place(program: Program, state: dict, mesh) -> tuple:
     """(ends, slots) on `mesh`: the ends as the rules table says (replicated over 'stage'); each stack's
-    [L, ...] arrays moved to slots [S, v, k, ...] with dim 0 on 'stage' and the rest as for the stack."""
+    parameters in the slot layout ({'slots': [S, v, r, ...] on 'stage', 'pool': [P, ...] split over it}, the
+    rest as for the stack), its router biases at every slot ([S, v, k, E])."""
     from jax.sharding import NamedSharding
 
-    def put(tree, stacked):
-        def one(spec, var):
-            spec = slot_spec(spec) if stacked else spec  # [L, ...] ('layers' first) -> [S, v, k, ...]
-            return var.replace(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
+    def put(specs, tree):
+        return jax.tree.map(lambda sp, a: jax.device_put(a, NamedSharding(mesh, sp)), specs, tree,
+                            is_leaf=lambda x: isinstance(x, P))
 
-        return jax.tree.map(one, sharding.state_specs(tree), tree, is_leaf=lambda x: isinstance(x, P))
-
-    ends = tuple(put(t, False) for t in state["ends"])
-    slots = {k: tuple(put(to_slots(t, program.index[k]), True) for t in state[k]) for k in program.index}
+    ends = tuple(put(sharding.pure_specs(t), nnx.to_pure_dict(t)) for t in state["ends"])
+    sizes = dict(mesh.shape)
+    slots = {}
+    for k, lay in program.slots.items():
+        params, biases = (nnx.to_pure_dict(t) for t in state[k])
+        specs = sharding.pure_specs(state[k][0])
+        held = put(stack_specs(lay, specs, params, sizes), to_slots(params, lay))
+        bspecs = jax.tree.map(slot_spec, sharding.pure_specs(state[k][1]), is_leaf=lambda x: isinstance(x, P))
+        slots[k] = (held, put(bspecs, gather_slots(biases, lay.index)))
     return ends, slots
 
 
@@ -157,7 +176,8 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
 
     def body(ends_params, ends_biases, slot_params, slot_biases, window, lam):
         s = jax.lax.axis_index("stage")
-        sp = jax.tree.map(lambda a: a[0], slot_params)  # [v, k, ...]: this stage's chunks
+        # [v, k, ...]: this stage's chunks, its resident slots and the pooled layers it borrows for the step
+        sp, give_back = jax.vjp(lambda held: {k: _stage_slots(program, k, held[k], s) for k in kinds}, slot_params)
         sb = jax.tree.map(lambda a: a[0], slot_biases)
         real = {k: real_all[k][s] for k in kinds}  # [v, k]
         micro = window.reshape(b, M, T1).swapaxes(0, 1)  # micro-batch m = rows m, m + M, ...
@@ -294,7 +314,6 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         g_ends = jax.lax.psum(g_ends, "stage")
         ce, mtp = jax.lax.psum(acc["ce"], "stage"), jax.lax.psum(acc["mtp"], "stage")
         mtp_stats = jax.tree.map(lambda a: jax.lax.psum(a, "stage"), acc["mtp_stats"])
-        lead = lambda t: jax.tree.map(lambda a: a[None], t)  # noqa: E731
         moe_stats = None
         if "moe" in kinds:  # [v, k] slots -> the MoE layers in model order, summed over stages (a psum of [L, E]
             idx = jnp.asarray(program.index["moe"])[s].reshape(-1)  # loads, not a gather of other stages' slots)
@@ -306,17 +325,17 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                 return jnp.zeros((cfg.num_moe_layers,) + a.shape[1:], a.dtype).at[jnp.maximum(idx, 0)].add(a)
 
             moe_stats = jax.tree.map(lambda a: jax.lax.psum(to_layers(a), "stage"), acc["stats"]["moe"])
-        return ce, mtp, mtp_stats, moe_stats, g_ends, lead(g_slots)
+        return ce, mtp, mtp_stats, moe_stats, g_ends, give_back(g_slots)[0]  # (pooled: back to their holders)
 
     ends_params, ends_biases = ends
     slot_params = {k: slots[k][0] for k in kinds}
     slot_biases = {k: slots[k][1] for k in kinds}
     on_stage = lambda t: jax.tree.map(lambda _: P("stage"), t)  # noqa: E731
     rep = lambda t: jax.tree.map(lambda _: P(), t)  # noqa: E731
+    held_specs = {k: _held_specs(program, k, slot_params[k]) for k in kinds}
     fn = jax.shard_map(body, mesh=mesh, axis_names={"stage"}, check_vma=False,
-                       in_specs=(rep(ends_params), rep(ends_biases), on_stage(slot_params), on_stage(slot_biases),
-                                 P(), P()),
-                       out_specs=(P(), P(), P(), P(), P(), P("stage")))
+                       in_specs=(rep(ends_params), rep(ends_biases), held_specs, on_stage(slot_biases), P(), P()),
+                       out_specs=(P(), P(), P(), P(), P(), held_specs))
     with jax.named_scope("pipeline"):
         ce, mtp, mtp_stats, main_stats, g_ends, g_slots = fn(ends_params, ends_biases, slot_params, slot_biases,
                                                               window, lam)
@@ -331,6 +350,50 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
              "dropped_tokens": layer_stats.total_dropped(moe_stats)}
     total = ce + lam * mtp + alpha * terms["balance_loss"]
     return (total, terms, moe_stats), (g_ends, g_slots)
+
+
+def _or(x, default):
+    return default if x is None else x
+
+
+def _held_specs(program: Program, kind: str, held: dict) -> dict:
+    """shard_map specs of a stack's parameters as held: resident slots on 'stage' by dim 0, a pool leaf by the dim
+    'stage' splits (`Program.pool_dims`; whole on every stage if none)."""
+    out = {}
+    if "slots" in held:
+        out["slots"] = jax.tree.map(lambda _: P("stage"), held["slots"])
+    if "pool" in held:
+        out["pool"] = jax.tree.map(lambda a, d: P() if d < 0 else P(*([None] * d), "stage"), held["pool"],
+                                   program.pool_dims[kind])
+    return out
+
+
+def _stage_slots(program: Program, kind: str, held: dict, s):
+    """Inside the program (manual over 'stage'): this stage's [v, k, ...] slots of a stack from what it holds,
+    its resident slots ([1, v, r, ...]) followed by the pooled layers its other slots run, brought whole from
+    the 1/S pieces every stage holds by one all-to-all over 'stage' (zeros in a slot with no layer: it runs
+    masked). Its transpose (jax.vjp) returns each pooled layer's gradient pieces to their holders."""
+    lay = program.slots[kind]
+    parts = []
+    if "slots" in held:
+        parts.append(jax.tree.map(lambda a: a[0], held["slots"]))
+    if "pool" in held:
+        borrow = jnp.asarray(lay.borrow)  # [S, v, u]: pool position per (stage, chunk, slot), -1 none
+        S = borrow.shape[0]
+
+        def bring(a, d):  # a: the local pool leaf [P, ...], split over 'stage' on dim d (-1: whole)
+            if d < 0:
+                mine = borrow[s]
+                got = a[jnp.maximum(mine, 0)]
+                return jnp.where((mine >= 0).reshape(mine.shape + (1,) * (a.ndim - 1)), got, 0)
+            send = a[jnp.maximum(borrow, 0)]  # [S (to), v, u, ...]: my piece of each stage's borrowed layers
+            send = jnp.where((borrow >= 0).reshape(borrow.shape + (1,) * (a.ndim - 1)), send, 0)
+            got = jax.lax.all_to_all(send, "stage", 0, 0, tiled=False)  # [S (from), v, u, ...]
+            got = jnp.moveaxis(got, 0, 1 + d)  # the layer dim d (now at 2 + d) preceded by the pieces' source
+            return got.reshape(got.shape[:1 + d] + (S * got.shape[2 + d],) + got.shape[3 + d:])
+
+        parts.append(jax.tree.map(bring, held["pool"], program.pool_dims[kind]))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *parts)
 
 
 def _vjp_aux(last_fn, ends_params, y, win):
@@ -349,8 +412,8 @@ def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, l
     layout (`slot_state.py`), so they go to the program as they are and their gradients come back in it;
     the router biases ([L, E], replicated) are put into slots here."""
     ends = ({k: params[k] for k in ENDS if k in params}, {k: biases[k] for k in ENDS if k in biases})
-    slots = {kind: (params[f"{kind}_layers"], to_slots(biases.get(f"{kind}_layers", {}), program.index[kind]))
-             for kind in program.index}
+    slots = {kind: (params[f"{kind}_layers"], gather_slots(biases.get(f"{kind}_layers", {}), program.index[kind]))
+             for kind in program.slots}
     (total, terms, stats), (g_ends, g_slots) = value_and_grad(program, gds, cfg, ends, slots, window, lam, alpha,
                                                                mesh=mesh)
     grads = dict(g_ends) | {f"{kind}_layers": g for kind, g in g_slots.items()}

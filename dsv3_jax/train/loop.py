@@ -53,7 +53,7 @@ class TrainResult:
     tokenizer: object
     history: list  # metrics records written during this call
     sample: str
-    slots: dict | None = None  # a scheduled pipeline's slot layout of the state (slot_state.to_layers undoes it)
+    slots: dict | None = None  # a scheduled pipeline's slot layout {kind: StackLayout} (slot_state.to_layers undoes it)
 
 
 def _check_hyperparameters(config) -> None:
@@ -215,7 +215,7 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None,
     """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
     the rules table (no device ever holds the whole model); the optimizer state inherits the
     parameters' shardings. The model runs with `rt` (default: `runtime.default()`); without a mesh in
-    it, the state is placed on a one-device mesh. `slots` (a scheduled pipeline's `Program.index`): the
+    it, the state is placed on a one-device mesh. `slots` (a scheduled pipeline's `Program.slots`): the
     stacks of the parameters and of the optimizer state are held in that slot layout (`slot_state.py`)."""
     rt = rt or runtime.default()
     mesh = rt.mesh if rt.mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -226,7 +226,8 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None,
              "biases": sharding.pure_specs(nnx.state(abstract, RouterBias))}
     relaid = lambda st: st  # noqa: E731
     if slots is not None:
-        specs = slot_state.slot_specs(specs, {"params": abstract_params, "biases": abstract_biases}, dict(mesh.shape))
+        specs = slot_state.slot_specs(specs, {"params": abstract_params, "biases": abstract_biases}, dict(mesh.shape),
+                                      slots)
         relaid = lambda st: slot_state.to_slots(st, slots)  # noqa: E731
     out = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
     params_biases = jax.jit(lambda: relaid(dict(zip(("params", "biases"), split_model(build())[1:]))),
@@ -281,7 +282,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         from dsv3_jax.parallel import pipeline_exec
 
         pipeline = pipeline_exec.for_training(model_cfg, rt, t.seq_len) + (model_cfg,)
-        slots = pipeline[0].index
+        slots = pipeline[0].slots
     graphdef, state = init_state(model_cfg, tx, t.seed, rt, slots)
     if not quiet:
         print(rt.describe())
