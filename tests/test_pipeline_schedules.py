@@ -4,6 +4,7 @@ run as one SPMD program (parallel/pipeline_exec.py), on 8 fake CPU devices.
 References: the closed-form bubbles and hand-drawn tick diagrams; a brute-force search over all contiguous splits;
 hand-counted ghost slots; the unpipelined one-device step (jax.value_and_grad of `step.losses`) for loss,
 gradients and router loads."""
+import dataclasses
 import itertools
 import re
 
@@ -75,13 +76,24 @@ def test_balanced_split_is_optimal_against_brute_force():
         assert max(lay.stage_cost(s) for s in range(S)) <= best * 1.001 + 1e-12
 
 
-def test_ghost_slots_by_hand_and_bad_splits():
-    c = _costs(["dense"] + ["moe"] * 3, [1, 1, 1, 1])
+def test_resident_and_pooled_slots_by_hand_and_bad_splits():
+    c = dataclasses.replace(_costs(["dense"] + ["moe"] * 3, [1, 1, 1, 1]), total_params=310)  # dense 10, MoE 100
     lay = stage_layout.given(c, "1,3")  # stage 0: the dense block, stage 1: three MoE blocks
     assert (lay.slots("dense"), lay.slots("moe")) == (1, 3)
-    assert lay.ghost_blocks("dense") == 1 and lay.ghost_blocks("moe") == 3 and lay.ghost_params == 310
-    assert lay.ghost_floor == 2 * 300 - 310  # every stage holds what stage 1 does (3 x 100), of 310 in all
+    assert lay.empty_slots("dense") == 1 and lay.empty_slots("moe") == 3
+    # a resident slot would pad stage 1 with a dense block (10 of 310) or stage 0 with a MoE one: all pooled
+    assert lay.resident_slots == {"dense": 0, "moe": 0} and lay.ghost_params == 0
+    assert lay.pooled_blocks("dense") == 1 and lay.pooled_blocks("moe") == 3 and lay.pooled_params == 310
     np.testing.assert_array_equal(stage_layout.slot_index(lay, 2, "moe")[:, 0], [[-1, -1, -1], [0, 1, 2]])
+    # dense counts [2, 2, 2, 0] over 4 stages, 1000 parameters in all. Train state per stage by hand (x 10):
+    # r = 0: 4 x 6 pooled / 4 + 2 x 2 borrowed = 10; r = 1: 4 + 4 x 3 / 4 + 2 = 9; r = 2: 8, padding stage 3
+    # with 2 dense blocks (20 = 2%: within the budget). MoE [0, 0, 0, 2]: one resident slot pads 3 x 100.
+    c8 = _costs(["dense"] * 6 + ["moe"] * 2, [1] * 8)
+    lay = stage_layout.given(c8, "2,2,2,2")
+    assert lay.resident_slots == {"dense": 2, "moe": 0} and lay.ghost_params == 20
+    assert lay.state_params == 80 + 100 * (4 * 2 / 4 + 2 * 2)
+    lay = stage_layout.given(dataclasses.replace(c8, total_params=999), "2,2,2,2")  # 20 > 2%: one slot fewer
+    assert lay.resident_slots == {"dense": 1, "moe": 0} and lay.ghost_params == 10
     for bad in ("1,2", "a,b", "5,-1"):
         with pytest.raises(ConfigError, match="pipeline_stage_layers"):
             stage_layout.given(c, bad)
@@ -99,9 +111,12 @@ def test_deepseek_v3_layout_over_16_stages():
     assert lay.stages == 16 and lay.bounds[-1] == 61
     assert [len(lay.blocks(s)) for s in range(16)] == [4] * 15 + [1]  # the head and MTP weigh ~3 layers
     assert lay.imbalance() < 1.25
-    c = lay.costs
-    # ghosts by hand: stage 0 holds the 3 dense layers, every stage 4 MoE slots (58 MoE layers)
-    assert lay.ghost_params == (16 * 3 - 3) * c.params["dense"] + (16 * 4 - 58) * c.params["moe"]
+    # by hand: stage 0 holds the 3 dense layers and 1 MoE, the last stage 1 MoE: one resident MoE slot (two would
+    # pad 2 x 11.5B, 3.4%), no ghosts; the dense layers and the 3 MoE layers of 14 stages beyond it are pooled
+    assert [lay.count(s, "moe") for s in range(16)] == [1] + [4] * 14 + [1]
+    assert lay.resident_slots == {"dense": 0, "moe": 1}
+    assert lay.ghost_params == 0 and lay.pooled_blocks("dense") == 3 and lay.pooled_blocks("moe") == 42
+    assert lay.ghost_blocks("moe", 2) * lay.costs.params["moe"] > stage_layout.GHOST_BUDGET * lay.costs.total_params
     tiny = abstract_model(_model_cfg("tiny"))
     for S in (2, 4):
         assert stage_layout.plan(tiny, S, 256).bounds[-1] == 4
@@ -137,7 +152,7 @@ def _scheduled(layout, name, M, v, remat=False):
         (total, terms, stats), (g_ends, g_slots) = step(ends, slots, window)
         grads = g_ends | {f"{k}_layers": pipeline_exec.from_slots(g_slots[k], program.slots[k],
                                                                    getattr(CFG, f"num_{k}_layers")) for k in g_slots}
-    return total, terms, stats, grads, step, (ends, slots, window), mesh
+    return total, terms, stats, grads, step, (ends, slots, window), mesh, program
 
 
 CASES = [(dict(stage=2, expert=2, data=2), 4), (dict(stage=4, data=2), 4), (dict(stage=2, fsdp=2, tensor=2), 4)]
@@ -152,6 +167,19 @@ def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device):
     with remat)."""
     remat = name == "1f1b" and "expert" in layout  # one case also recomputes each layer inside the B's recompute
     _check_matches_one_device(one_device, *_scheduled(layout, name, M, 2 if name == "interleaved" else 1, remat))
+
+
+def test_padded_resident_slots_match_one_device(one_device, monkeypatch):
+    """With any padding allowed, MoE blocks [1, 2, 2, 1] per stage take 2 resident slots (stages 0 and 3 pad one:
+    a tie in train state, and more resident wins), the one dense block stays pooled (a resident slot would cost
+    more than it saves): padded and pooled slots in one step, which still equals one device's."""
+    monkeypatch.setattr(stage_layout, "GHOST_BUDGET", 1.0)
+    got = _scheduled(dict(stage=4, data=2), "1f1b", 4, 1)
+    slots = got[-1].slots
+    assert {k: lay.resident for k, lay in slots.items()} == {"dense": 0, "moe": 2}
+    assert (slots["moe"].index[:, 0, :2] < 0).sum() == 2 and len(slots["moe"].pooled) == 0
+    assert slots["dense"].pooled.tolist() == [0]
+    _check_matches_one_device(one_device, *got)
 
 
 def _check_matches_one_device(one_device, total, terms, stats, grads, *_):

@@ -114,7 +114,8 @@ def plan(model, stages: int, microbatches: int, schedule: str, chunks: int = 1, 
     from dsv3_jax.parallel import schedules, stage_layout
 
     layout = stage_layout.plan(model, stages * chunks, seq_len, stage_layers)
-    slots = {k: StackLayout.of(stage_layout.slot_index(layout, stages, k)) for k in KINDS if k in layout.costs.kinds}
+    slots = {k: StackLayout(stage_layout.slot_index(layout, stages, k), layout.resident_slots[k])
+             for k in KINDS if k in layout.costs.kinds}
     mesh = model.runtime.mesh
     sizes = {a: 1 for a in sharding.MESH_AXES} | (dict(mesh.shape) if mesh is not None else {"stage": stages})
     _, state = split_model(model)

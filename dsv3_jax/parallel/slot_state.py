@@ -5,16 +5,16 @@ optimizer state in the program's slot layout, so a device stores only its own st
 them to the program as they are. A stack's slots ([S, v, k]: chunk c of stage s holds k slots, `index[s, c, j]`
 the layer in slot j, -1 for none) come in two parts:
 
-    resident  the first r slots of every chunk (r: the fewest layers of the kind any chunk holds), real on
-              every stage: held [S, v, r, ...] with dim 0 on 'stage'.
-    pool      the layers in the other slots (the surplus where the counts do not divide: V3 over 16 stages,
-              10 of the 58 MoE layers and the 3 dense ones): held [P, ...] split over 'stage' on one of the
-              layer's own dims (`pool_spec`), so each device stores 1/S of each, and borrowed whole by their
-              stage for the step (`pipeline_exec`: one all-to-all over 'stage' in, its transpose for the
-              gradients out).
+    resident  the first r slots of every chunk: held [S, v, r, ...] with dim 0 on 'stage'. A stage with fewer
+              than r layers of the kind pads (a "ghost" slot: a copy of layer 0, run masked, never read back).
+    pool      the layers in the other slots: held [P, ...] split over 'stage' on one of the layer's own dims
+              (`pool_spec`), so each device stores 1/S of each, and borrowed whole by their stage for the step
+              (`pipeline_exec`: one all-to-all over 'stage' in, its transpose for the gradients out).
 
-So nothing is stored for a slot a stage leaves empty: no ghost parameters (a pool leaf with no dim to split
-would be held whole on every stage; the dry run counts that as ghosts, 0 for every shipped config).
+r is chosen per kind by `stage_layout.StageLayout.resident_slots` (least memory with the ghosts under 2% of the
+model); V3 over 16 stages: 1 resident MoE slot, 42 MoE and the 3 dense layers pooled, no ghosts. (A pool leaf with
+no dim to split would be held whole on every stage; the dry run counts that as ghosts too, none in the shipped
+configs.)
 
     layer layout   params["moe_layers"]...w             [L, ...]            (the model's, and every reader's)
     slot layout    params["moe_layers"]["slots"]...w    [S, v, r, ...]      slot (s, c, j) holds index[s, c, j]
@@ -50,16 +50,11 @@ SLOTTED = ("params", "opt_state")  # the entries of the train state held in the 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StackLayout:
     """Where one stack's layers live in the slot layout: `index` [S, v, k] (layer per slot, -1 none) and the
-    `resident` slots per chunk; the other slots' layers are pooled."""
+    `resident` slots per chunk (`stage_layout.StageLayout.resident_slots`); the other slots' layers are pooled."""
 
     index: np.ndarray
     resident: int
 
-    @classmethod
-    def of(cls, index) -> StackLayout:
-        """Slots real on every chunk are resident (the layout fills each chunk's slots from the front)."""
-        index = np.asarray(index, np.int64)
-        return cls(index, int((index >= 0).sum(-1).min()))
 
     @property
     def layers(self) -> int:
@@ -122,8 +117,8 @@ def stack_to_slots(tree, lay: StackLayout) -> dict:
     """One stack's [L, ...] leaves -> {'slots': [S, v, r, ...], 'pool': [P, ...]} (a part with nothing in it is
     left out)."""
     out = {}
-    if lay.resident:
-        out["slots"] = jax.tree.map(lambda a: a[lay.index[:, :, :lay.resident]], tree)
+    if lay.resident:  # (an empty resident slot, padding, holds a copy of layer 0: finite, never read back)
+        out["slots"] = jax.tree.map(lambda a: a[np.maximum(lay.index[:, :, :lay.resident], 0)], tree)
     if len(lay.pooled):
         out["pool"] = jax.tree.map(lambda a: a[lay.pooled], tree)
     return out
@@ -139,8 +134,9 @@ def stack_from_slots(held: dict, lay: StackLayout, layers: int | None = None):
         ids.append(lay.pooled)
         parts.append(held["pool"])
     ids = np.concatenate(ids)
-    order = np.argsort(ids)
-    assert (ids[order] == np.arange(len(ids))).all() and layers in (None, len(ids)), \
+    real = np.nonzero(ids >= 0)[0]
+    order = real[np.argsort(ids[real])]
+    assert (ids[order] == np.arange(len(order))).all() and layers in (None, len(order)), \
         "a layer is held by no slot or by two"
     return jax.tree.map(lambda *xs: jax.numpy.concatenate(xs)[order], *parts)
 

@@ -15,24 +15,31 @@ attention scores at the sequence length (causal: T/2 keys on average):
 then, among the splits with that maximum, the padding slots (below). `config.mesh.pipeline_stage_layers`
 ("3,4,4,...") gives the split instead.
 
-Padding ("ghost" layers). One SPMD program holds a stack's parameters as one array sharded over 'stage', so
-every stage holds the same number of slots of each kind: slots(kind) = max over stages of its blocks of that
-kind, and a stage with fewer pads the rest with ghost blocks (parameters that are never used). `ghost_params`
-counts them against the model. For DeepSeek-V3 over 16 stages no split can avoid 64 - 58 = 6 MoE slots of
-11.3B parameters each (58 MoE layers do not divide by 16): see the dry run for the figure. `ghost_floor` is
-what no storage of whole layers per stage avoids (every device holds as much as the fullest stage's): going
-below it needs parameters that move between stages during the step.
+Slots. One SPMD program runs the same slots on every stage: slots(kind) = the most blocks of that kind any stage
+holds; a stage with fewer runs its remaining slots masked. Of these, the first `resident_slots[kind]` are stored on
+each stage ([S, v, r] arrays, `slot_state.py`); the blocks in the other slots (`pooled_blocks`) are stored split
+over 'stage' (1/S per device) and borrowed whole by their stage for the step. A resident slot a stage cannot fill
+is padding ("ghost" parameters, `ghost_params`); a pooled block costs no padding but a whole copy, with its gradient
+sums, during the step (`borrowed_slots`). `resident_slots` picks, per kind, the count that needs the least memory
+per device (parameters, gradients and AdamW moments stored, plus what is borrowed) with the ghosts under
+GHOST_BUDGET of the model. DeepSeek-V3 over 16 stages (stage 0: embedding, the 3 dense and 1 MoE layer; 14 stages
+of 4 MoE layers; the last: 1 MoE layer, head and MTP): 1 resident MoE slot, no ghosts, the 3 dense and 42 MoE
+blocks pooled (a second resident slot would pad 2 stages: 3.4%). Against resident slots padded to 4 MoE and 3 dense
+per stage (95.3B ghosts, 14.0%) this stores 6.5 instead of 13.2 GiB of parameters per device and borrows 11.1.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 
 from flax import nnx
 
 from dsv3_jax import param_kinds
 from dsv3_jax.cli import ConfigError
+
+GHOST_BUDGET = 0.02  # of the model's parameters: the most padding a layout stores to keep blocks resident
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,25 +114,65 @@ class StageLayout:
         costs = [sum(self.stage_cost(q) for q in range(s, self.stages, S)) for s in range(S)]
         return max(costs) / (sum(costs) / len(costs))
 
-    def ghost_blocks(self, kind: str) -> int:
+    def kinds(self) -> list[str]:
+        return [k for k in ("dense", "moe") if k in self.costs.kinds]
+
+    def ghost_blocks(self, kind: str, r: int | None = None) -> int:
+        """Resident slots of `kind` some stage leaves empty (stored padding)."""
+        r = self.resident_slots[kind] if r is None else r
+        return sum(max(0, r - self.count(s, kind)) for s in range(self.stages))
+
+    def pooled_blocks(self, kind: str, r: int | None = None) -> int:
+        """Blocks of `kind` beyond the resident slots: held split over 'stage', borrowed by their stage."""
+        r = self.resident_slots[kind] if r is None else r
+        return sum(max(0, self.count(s, kind) - r) for s in range(self.stages))
+
+    def borrowed_slots(self, kind: str) -> int:
+        return self.slots(kind) - self.resident_slots[kind]
+
+    def empty_slots(self, kind: str) -> int:
+        """Slots some stage runs masked (no layer in them): S x slots - blocks of the kind."""
         n = sum(k == kind for k in self.costs.kinds)
         return self.stages * self.slots(kind) - n if n else 0
 
+    def _state_params(self, kind: str, r: int) -> float:
+        """Parameters' worth of train state per stage for `kind` with r resident slots: parameters, gradients and
+        two AdamW moments of the resident slots and of a 1/S share of the pooled blocks, and the borrowed blocks
+        with their gradient sums during the step."""
+        n = self.costs.params[kind]
+        return n * (4 * r + 4 * self.pooled_blocks(kind, r) / self.stages + 2 * (self.slots(kind) - r))
+
+    @functools.cached_property
+    def resident_slots(self) -> dict:
+        """{kind: r}: the resident slot counts with the least train state per stage whose ghosts stay under
+        GHOST_BUDGET of the model (more resident slots on a tie: less to move)."""
+        kinds = self.kinds()
+        ranges = [range(min(self.count(s, k) for s in range(self.stages)), self.slots(k) + 1) for k in kinds]
+        best = None
+        for rs in itertools.product(*ranges):
+            ghosts = sum(self.ghost_blocks(k, r) * self.costs.params[k] for k, r in zip(kinds, rs))
+            if ghosts > GHOST_BUDGET * self.costs.total_params and any(r > rg.start for r, rg in zip(rs, ranges)):
+                continue
+            key = (sum(self._state_params(k, r) for k, r in zip(kinds, rs)), -sum(rs))
+            if best is None or key < best[0]:
+                best = (key, dict(zip(kinds, rs)))
+        return best[1]
+
     @property
     def ghost_params(self) -> int:
-        return sum(self.ghost_blocks(k) * self.costs.params[k] for k in ("dense", "moe"))
+        return sum(self.ghost_blocks(k) * self.costs.params[k] for k in self.kinds())
 
     @property
     def ghost_fraction(self) -> float:
         return self.ghost_params / self.costs.total_params
 
     @property
-    def ghost_floor(self) -> int:
-        """The padding no per-stage storage of this split's blocks avoids, whatever its arrays: in one SPMD
-        program every stage holds as much as the largest, so S x (largest stage's block parameters) - (all
-        block parameters). V3 over 16 stages: 4 MoE blocks on a stage against 58 / 16 on average (7.8%)."""
-        per_stage = [sum(self.costs.params[self.costs.kinds[i]] for i in self.blocks(s)) for s in range(self.stages)]
-        return self.stages * max(per_stage) - sum(per_stage)
+    def pooled_params(self) -> int:
+        return sum(self.pooled_blocks(k) * self.costs.params[k] for k in self.kinds())
+
+    @property
+    def state_params(self) -> float:
+        return sum(self._state_params(k, self.resident_slots[k]) for k in self.kinds())
 
     def describe(self, s: int) -> str:
         """'layers 3-6 (4 moe)' and the embedding / head + MTP where the stage has them."""
@@ -143,7 +190,7 @@ class StageLayout:
 
 def balanced(costs: LayerCosts, stages: int) -> StageLayout:
     """The contiguous split with the smallest largest stage cost; among those (within 0.1%), the most even costs
-    (smallest sum of squares), then the fewest padding slots."""
+    (smallest sum of squares), then the fewest borrowed and pooled blocks."""
     n = len(costs.kinds)
     if stages < 1:
         raise ConfigError(f"config.mesh.stage={stages} must be >= 1")  # (checked by the mesh parser first)
@@ -189,15 +236,15 @@ def balanced(costs: LayerCosts, stages: int) -> StageLayout:
         return out
 
     layout = StageLayout((0,) + even(0, 0)[1], costs)
-    return _fewest_ghosts(layout, limit)
+    return _fewest_borrowed(layout, limit)
 
 
-def _fewest_ghosts(layout: StageLayout, limit: float) -> StageLayout:
-    """Local search: move single boundaries while the largest stage cost stays under `limit` and the ghost
-    parameters drop (or stay, with more even block counts)."""
+def _fewest_borrowed(layout: StageLayout, limit: float) -> StageLayout:
+    """Local search: move single boundaries while the largest stage cost stays under `limit` and the train state
+    per stage drops (then the pooled parameters, then the spread of block counts)."""
     def key(lay):
         counts = [len(lay.blocks(s)) for s in range(lay.stages)]
-        return (lay.ghost_params, max(counts) - min(counts))
+        return (lay.state_params, lay.pooled_params, max(counts) - min(counts))
 
     improved = True
     while improved:
@@ -249,8 +296,8 @@ def plan(model, stages: int, seq_len: int, stage_layers: str = "") -> StageLayou
 
 def slot_index(layout: StageLayout, stages: int, kind: str):
     """[S, v, k] int: which layer of the `kind` stack (its index in that stack) each slot of chunk c of stage s
-    holds, -1 for a ghost slot. `layout` splits the blocks over the K = S * v virtual stages (virtual stage
-    c * S + s is chunk c of stage s)."""
+    holds, from the front, -1 for an empty slot. `layout` splits the blocks over the K = S * v virtual stages
+    (virtual stage c * S + s is chunk c of stage s)."""
     import numpy as np
 
     K = layout.stages
