@@ -53,6 +53,11 @@ Counted bubble (F 1, B 2; each tick as long as its busiest stage) and stage inpu
     2   4   20.0%, 4       20.0%, 3       11.1%, 5
     4   8   27.3%, 8       27.3%, 7       15.8%, 11
     16  32  31.9%, 32      31.9%, 31      19.0%, 47
+
+DeepSeek-V3 over stage 16 x expert 64 x data 2 (`train.py --dry_run`, 32 micro-batches, seq 4096), per device:
+no ghost parameters; params / grads / AdamW stored 6.5 / 6.5 / 13.0 GiB, pooled layers borrowed for the step
+(with their gradient sums) 22.2 GiB (interleaved v=2: 29.6), activations 52.8 (gpipe) / 45.8 (1f1b) / 49.3 GiB
+(interleaved), FLOP imbalance 1.213 (interleaved 1.460).
 """
 from __future__ import annotations
 

@@ -4,11 +4,13 @@ Shape legend: S stages, v chunks per stage, K = S * v virtual stages, M micro-ba
 D model; k_dense / k_moe slots per chunk.
 
 Layout (`stage_layout.py`): the blocks are split into K contiguous runs (any mix of dense and MoE blocks,
-uneven where the counts do not divide); chunk c of stage s holds run c * S + s. Each layer stack is held in
-slots, [S, v, k, ...] with dim 0 on 'stage': stage s owns exactly the slots of its own chunks, so no layer
-ever leaves its stage. A slot with no layer (a ghost: stages hold different numbers of blocks of a kind) runs
-masked (its output and gradients discarded), so it costs memory, not tick time. `to_slots` /
-`from_slots` convert a stack's [L, ...] arrays (and gradients back). The embedding runs on virtual stage 0;
+uneven where the counts do not divide); chunk c of stage s holds run c * S + s, in k slots per kind, [S, v, k]
+over the stages. A stack's parameters are held in the slot layout (`slot_state.py`): the first r slots of each
+chunk resident on their stage ([S, v, r, ...], dim 0 on 'stage'), the layers of the other slots pooled (held
+split over 'stage', 1/S per device). At entry each stage borrows its pooled layers whole by one all-to-all over
+'stage' (`_stage_slots`); their gradients go back to the holders by its transpose at exit. A slot with no layer
+(stages hold different numbers of blocks of a kind) runs masked (its output and gradients discarded), so it
+costs no tick time. The embedding runs on virtual stage 0;
 the final norm, the head, the MTP modules and the loss on virtual stage K - 1 (their parameters
 enter the program whole on every stage -- train.py stores them split over 'stage' too, so this is where they
 are gathered, once per step; their gradients are summed over 'stage' once, at the end). The router loads come
@@ -41,8 +43,8 @@ devices that never arrive. A masked op costs no tick time: every stage of a tick
 
 In train.py (`step_grads`) the train state itself holds the stacks, and their AdamW moments, in the slot
 layout (`slot_state.py`): the program takes them as they are, its gradients come back in that layout, and the
-optimizer updates each stage's layers where they live. Checkpoints record the layout and are converted on
-restore when the reader's differs.
+optimizer updates each resident layer where it lives and each pooled layer's pieces where they are held.
+Checkpoints record the layout and are converted on restore when the reader's differs.
 """
 from __future__ import annotations
 
