@@ -232,7 +232,8 @@ def _all_gathers(text):
 
 def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers():
     """train.py's compiled 1f1b step (state in the slot layout, AdamW update included) on stage 2 x fsdp 2 x
-    tensor 2 moves activations with collective-permutes. With the embedding, head and MTP held replicated, every
+    tensor 2 moves activations with collective-permutes and brings its pooled layer (the dense one) to stage 0
+    with an all-to-all. With the embedding, head and MTP held replicated, every
     all-gather (FSDP's weight gathers) stays inside one stage's devices: no stage ever receives another stage's
     layers, in the program or the optimizer update. As train.py holds them (split over 'stage' too), the
     gathers that cross stages bring in no more than those parameters, once."""
@@ -269,6 +270,7 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
                                pipeline=(program, gds, CFG))
         text = step.lower(st, window, jnp.float32(LAM), jnp.float32(ALPHA), jnp.float32(1e-3)).compile().as_text()
         assert "collective-permute" in text
+        assert " all-to-all(" in text or " all-to-all-start(" in text  # the pooled dense layer, borrowed by stage 0
         gathers = _all_gathers(text)
         assert gathers, "FSDP should all-gather weights within a stage"
         across = sum(size for size, groups in gathers for g in groups[:1] if len({stage_of[d] for d in g}) > 1)
@@ -345,3 +347,65 @@ def test_bad_pipeline_configs_fail_before_anything_is_built():
     mesh = sharding.make_mesh(dict(stage=4, data=2))
     with pytest.raises(UserError, match="microbatches=6: the interleaved schedule"):
         runtime.resolve(mesh=mesh, microbatches=6, pipeline_schedule="interleaved", pipeline_chunks=2)
+
+
+def test_checkpoints_convert_between_slot_layouts(tmp_path):
+    """A state saved in one slot layout restores, converted, into another (resident + pooled -> all pooled, ->
+    padded resident), into the layer layout (resume without a pipeline, infer.py), and a layer-layout checkpoint
+    (the converter's) into a slot layout: every leaf exactly where `relayout` puts it. The first slot layout's
+    checkpoints fail in one line."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dsv3_jax.io.checkpoint import Checkpointer
+    from dsv3_jax.parallel import slot_state
+    from dsv3_jax.parallel.slot_state import StackLayout
+
+    mesh = sharding.make_mesh(dict(stage=2, expert=2, data=2))
+    sizes = dict(mesh.shape)
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    params = {"moe_layers": {"ffn": {"w_gate": normal(5, 4, 8, 6)}, "norm": {"scale": normal(5, 8)}},
+              "embed": {"embedding": normal(16, 8)}}
+    pspecs = {"moe_layers": {"ffn": {"w_gate": P(None, "expert")}, "norm": {"scale": P()}},
+              "embed": {"embedding": P()}}
+    state = {"params": params, "opt_state": ({"mu": jax.tree.map(lambda a: 2 * a, params)},),
+             "biases": {"moe_layers": {"bias": normal(5, 4)}}, "step": np.int32(7)}
+    layouts = {"A": {"moe": StackLayout(np.array([[[0, 1, 2]], [[3, 4, -1]]]), 2)},  # 2 resident, layer 2 pooled
+               "B": {"moe": StackLayout(np.array([[[0, 1, 2, 3, 4]], [[-1] * 5]]), 0)},  # all pooled
+               "C": {"moe": StackLayout(np.array([[[0, 1, 2]], [[3, 4, -1]]]), 3)},  # all resident, one padded
+               None: None}
+
+    def held(name):  # the state in layout `name`, placed as train.py would
+        lay = layouts[name]
+        st = slot_state.relayout(state, None, lay)
+        specs = pspecs if lay is None else slot_state.slot_specs(
+            {"params": pspecs, "biases": {"moe_layers": {"bias": P()}}},
+            {"params": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params), "biases": None}, sizes,
+            lay)["params"]
+        put = lambda sp, a: jax.device_put(a, NamedSharding(mesh, sp))  # noqa: E731
+        is_spec = lambda x: isinstance(x, P)  # noqa: E731
+        return st | {"params": jax.tree.map(put, specs, st["params"], is_leaf=is_spec),
+                     "opt_state": ({"mu": jax.tree.map(put, specs, st["opt_state"][0]["mu"], is_leaf=is_spec)},),
+                     "biases": jax.tree.map(lambda a: put(P(), a), st["biases"]), "step": put(P(), st["step"])}
+
+    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),  # noqa
+                                         tree)
+    assert held("A")["params"]["moe_layers"]["pool"]["ffn"]["w_gate"].sharding.spec[2] == "stage"
+
+    def check(got, want):
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got), strict=True):
+            np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=jax.tree_util.keystr(path))
+
+    with Checkpointer(tmp_path / "a", async_save=False) as ck:
+        ck.save(1, held("A"), slot_state.save_meta(layouts["A"]), force=True)
+        for name in ("B", "C", None, "A"):
+            target = slot_state.restore_target(abstract(held(name)), layouts[name], ck.restore_meta()[1])
+            check(ck.restore(target)[1], slot_state.relayout(state, None, layouts[name]))
+    with Checkpointer(tmp_path / "conv", async_save=False) as ck:  # the converter's weights, layer layout
+        ck.save(0, {k: held(None)[k] for k in ("params", "biases")}, {"format": "dsv3_jax.params"}, force=True)
+        want = {k: held("A")[k] for k in ("params", "biases")}
+        got = ck.restore(slot_state.restore_target(abstract(want), layouts["A"], ck.restore_meta()[1]))[1]
+        check(got, want)
+    with pytest.raises(UserError, match="first pipeline slot layout"):
+        slot_state.restore_target(abstract(held("A")), layouts["A"], {"pipeline_slots": {"moe": [[[0]]]}})

@@ -176,7 +176,8 @@ def pool_spec(shape, spec, sizes: dict) -> P:
     """A stack leaf's layer-layout spec -> its pool's ([P, ...]): 'stage' on the layer dim with the most elements
     that divides by the stages times the axes already on it, preferring a dim no other axis splits; 'stage'
     goes first on a dim it shares, so stage s holds one contiguous block of it. No such dim: held whole."""
-    rest = [_unstaged(a) for a in tuple(spec)[1:]] + [None] * (len(shape) - len(tuple(spec)))
+    rest = [_unstaged(a) for a in tuple(spec)[1:]]
+    rest += [None] * (len(shape) - 1 - len(rest))
     S = sizes.get("stage", 1)
 
     def axes(d):
