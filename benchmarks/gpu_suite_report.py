@@ -33,7 +33,8 @@ def _load(out: str, name: str):
 def summarize(parts: dict) -> dict:
     """The suite's figures from its parts (None where a part is missing)."""
     s = {"mfu": None, "train_tokens_per_sec": None, "vs_transformers": None, "fp8_step_speedup": None,
-         "grouped_fwd": None, "grouped_fwd_bwd": None, "fp8_gemm_min": None, "fp8_gemm_geomean": None,
+         "grouped_fwd": None, "grouped_fwd_bwd": None, "grouped_impl": None, "fp8_gemm_min": None,
+         "fp8_gemm_geomean": None,
          "fp8_loss_gap": None, "fp8_loss_gap_steps": None}
     train = parts.get("train")
     if train:
@@ -46,8 +47,9 @@ def summarize(parts: dict) -> dict:
         if bf16 and fp8:
             s["fp8_step_speedup"] = bf16["ms_per_step"] / fp8["ms_per_step"]
     grouped = parts.get("grouped_gemm")
-    if grouped:
+    if grouped and grouped.get("min_ratio"):  # (of the better implementation: 'ragged' or 'mgpu')
         s["grouped_fwd"], s["grouped_fwd_bwd"] = grouped["min_ratio"]["fwd"], grouped["min_ratio"]["fwd+bwd"]
+        s["grouped_impl"] = grouped.get("best_impl")
     gemm = parts.get("fp8_gemm")
     if gemm and gemm.get("rows"):
         ratios = [r["speedup_vs_bf16"] for r in gemm["rows"]]

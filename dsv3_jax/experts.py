@@ -6,9 +6,10 @@ nb blocks of `b` rows, P = nb*b padded rows.
 Input: tokens x [N, D] with their routing (expert ids idx [N, K] int32, combine weights w [N, K] f32)
 and the expert weights w_gate / w_up [E, D, F], w_down [E, F, D]. Output y [N, D] float32:
     y[n] = sum_k w[n, k] * SwiGLU_{idx[n, k]}(x[n]),   SwiGLU_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e
-All three are dropless and tested against each other (tests/test_moe.py):
+All are dropless and tested against each other (tests/test_moe.py):
   * 'dense'  - every expert on every token, combined with a one-hot weight matrix. The reference.
   * 'ragged' - rows sorted by expert, `jax.lax.ragged_dot` grouped GEMMs. For GPU/TPU.
+  * 'mgpu'   - the same rows through the Mosaic GPU grouped GEMM (Hopper; `grouped_gemm_mgpu.py`).
   * 'blocks' - rows sorted by expert into per-expert padded blocks of `b` rows (at most
                M + E*(b-1) rows in all, so no token is ever dropped), each block multiplied by its
                expert's weights with one batched einsum, or with the FP8 grouped GEMM
@@ -61,8 +62,9 @@ def experts_dense(x, idx, w, w_gate, w_up, w_down, fp8_weights: Fp8Weights | Non
         return jnp.einsum("NE,NED->ND", combine, y.astype(jnp.float32))
 
 
-def experts_ragged(x, idx, w, w_gate, w_up, w_down):
-    """Rows sorted by expert, grouped GEMMs with jax.lax.ragged_dot. x [N, D] -> [N, D] (f32)."""
+def experts_ragged(x, idx, w, w_gate, w_up, w_down, gemm=jax.lax.ragged_dot):
+    """Rows sorted by expert, grouped GEMMs (`gemm(rows, w, sizes)`: jax.lax.ragged_dot, or the Mosaic GPU
+    kernel). x [N, D] -> [N, D] (f32)."""
     N, K = idx.shape
     E = w_gate.shape[0]
     with jax.named_scope("dispatch"):
@@ -71,8 +73,8 @@ def experts_ragged(x, idx, w, w_gate, w_up, w_down):
         sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
         rows = x[order // K]  # [M, D] sorted by expert
     with jax.named_scope("expert_gemms"):
-        h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, sizes)) * jax.lax.ragged_dot(rows, w_up, sizes)
-        y_sorted = jax.lax.ragged_dot(h, w_down, sizes)  # [M, D]
+        h = jax.nn.silu(gemm(rows, w_gate, sizes)) * gemm(rows, w_up, sizes)
+        y_sorted = gemm(h, w_down, sizes)  # [M, D]
     with jax.named_scope("combine"):
         y = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(N, K, -1)
         return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
@@ -168,7 +170,7 @@ def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options 
 class LocalExperts:
     """Expert strategy: every routed expert on this device, in layout `impl`. Dropless."""
 
-    impl: str  # 'dense' | 'blocks' | 'ragged'
+    impl: str  # 'dense' | 'blocks' | 'ragged' | 'mgpu'
     block: int = 64
     fp8: Fp8Options | None = None
     fp8_weights: Fp8Weights | None = None
@@ -179,6 +181,10 @@ class LocalExperts:
             y = experts_dense(x, idx, w, w_gate, w_up, w_down, self.fp8_weights)
         elif self.impl == "ragged":
             y = experts_ragged(x, idx, w, w_gate, w_up, w_down)
+        elif self.impl == "mgpu":
+            from dsv3_jax.grouped_gemm_mgpu import grouped_gemm_mgpu
+
+            y = experts_ragged(x, idx, w, w_gate, w_up, w_down, grouped_gemm_mgpu())
         elif self.impl == "blocks":
             y = experts_blocks(x, idx, w, w_gate, w_up, w_down, self.block, self.fp8, self.fp8_weights)
         else:

@@ -52,7 +52,8 @@ import jax
 
 from dsv3_jax.cli import ConfigError, UserError
 
-EXPERT_IMPLS = ("dense", "blocks", "ragged")
+EXPERT_IMPLS = ("dense", "blocks", "ragged", "mgpu")
+GROUPED_IMPLS = ("ragged", "mgpu")  # rows sorted by expert, grouped GEMMs (experts.experts_ragged)
 DISPATCHES = ("padded", "ragged")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/schedules.py
 PAGED_ATTENTION = ("jnp", "pallas")
@@ -209,7 +210,7 @@ class Runtime:
         if self.pipeline_schedule == "interleaved" and self.stages > 1 and self.microbatches % self.stages:
             raise UserError(f"microbatches={self.microbatches}: the interleaved schedule feeds micro-batches in "
                             f"groups of the {self.stages} stages; choose a multiple of {self.stages}.")
-        if self.fp8 and self.expert_impl == "ragged":
+        if self.fp8 and self.expert_impl in GROUPED_IMPLS:
             raise UserError("fp8 runs the routed experts in the 'blocks' layout; resolve the Runtime with "
                             "moe_impl='auto' or 'blocks'.")
         if self.fp8_weights not in (None,) + FP8_WEIGHT_MODES:
@@ -217,7 +218,7 @@ class Runtime:
         if self.fp8_weights and self.fp8:
             raise UserError("fp8_weights (inference on FP8-resident weights) and fp8 (the FP8 training GEMMs on "
                             "float32 master weights) exclude each other; FP8-resident weights cannot be trained.")
-        if self.fp8_weights and "ragged" in (self.expert_impl, self.decode_expert_impl):
+        if self.fp8_weights and {self.expert_impl, self.decode_expert_impl} & set(GROUPED_IMPLS):
             raise UserError("FP8-resident experts run in the 'blocks' or 'dense' layout; resolve the Runtime with "
                             "moe_impl='auto', 'blocks' or 'dense'.")
 
@@ -265,7 +266,7 @@ class Runtime:
             return self.replace(fp8_weights=None)
 
         def grouped(impl):
-            return "blocks" if impl == "ragged" else impl
+            return "blocks" if impl in GROUPED_IMPLS else impl
         return self.replace(fp8_weights=mode, expert_impl=grouped(self.expert_impl),
                             decode_expert_impl=grouped(self.decode_expert_impl))
 
@@ -310,7 +311,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
             fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None,
             fp8_weights: str | None = None, attention: str = "auto") -> Runtime:
     """A concrete Runtime for this backend. 'auto' means:
-      moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere;
+      moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere
+                       ('mgpu': the Mosaic GPU grouped GEMM on Hopper, grouped_gemm_mgpu.py, asked for by name);
                        'blocks' with fp8 or fp8_weights (the FP8 grouped GEMM uses the block layout)
       decode_moe_impl  'dense' on CPU (cheapest at decode sizes there), else the training layout
       expert_dispatch  'ragged' (ragged_all_to_all) on GPU/TPU when dropless, else 'padded' (all_to_all)
@@ -336,11 +338,14 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
         attention = "cudnn" if p == "gpu" else "einsum"
     impl = ("blocks" if p == "cpu" else "ragged") if moe_impl == "auto" else moe_impl
     grouped_fp8 = fp8 or fp8_weights  # the FP8 grouped GEMM uses the block layout
-    if grouped_fp8 and impl == "ragged":
+    if grouped_fp8 and impl in GROUPED_IMPLS:
         impl = "blocks"
     decode = ("dense" if p == "cpu" else impl) if decode_moe_impl == "auto" else decode_moe_impl
-    if grouped_fp8 and decode == "ragged":
+    if grouped_fp8 and decode in GROUPED_IMPLS:
         decode = "blocks"
+    if "mgpu" in (impl, decode) and p != "gpu":
+        raise UserError(f"moe_impl='mgpu' runs jax's Mosaic GPU grouped GEMM kernels, which need a CUDA GPU with "
+                        f"wgmma (Hopper, sm_90); this backend is {p}: use 'auto', 'ragged' or 'blocks'.")
     if expert_dispatch == "auto":
         expert_dispatch = "ragged" if expert_capacity_factor <= 0 and p in ("gpu", "tpu") else "padded"
     stages = 1 if mesh is None or "stage" not in mesh.axis_names else int(mesh.shape["stage"])
