@@ -280,6 +280,45 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
             assert across == 0
 
 
+def test_grad_accumulation_composes_with_the_scheduled_pipeline():
+    """train.py's step with grad_accum_steps=2 under 1f1b over stage 2 x expert 2 x data 2, the state in the slot
+    layout: its update (plain SGD, so (old - new) / lr is the gradient), loss terms and router-bias step equal
+    one device's step on the whole batch."""
+    import optax
+
+    from dsv3_jax.parallel import slot_state
+    from dsv3_jax.train.loop import init_state
+    from dsv3_jax.train.step import make_train_step
+
+    lr = 0.5
+    tx = optax.sgd(lr)
+
+    def one_step(mesh, accum, pipelined):
+        rt = runtime.resolve(mesh=mesh, moe_block_size=8, microbatches=2 if pipelined else 0,
+                             pipeline_schedule="1f1b" if pipelined else "gpipe")
+        program, gds = pipeline_exec.for_training(CFG, rt, WINDOW.shape[1] - 1) if pipelined else (None, None)
+        layout = program.slots if pipelined else None
+        graphdef, state = init_state(CFG, tx, 0, rt, layout)
+        old = jax.tree.map(np.asarray, slot_state.relayout({"params": state["params"]}, layout, None)["params"])
+        step = make_train_step(graphdef, tx, lambda s: lr, mesh, jax.tree.map(lambda x: x.sharding, state),
+                               grad_accum_steps=accum, pipeline=(program, gds, CFG) if pipelined else None)
+        window = jnp.asarray(WINDOW) if mesh is None else sharding.put_global_batch(WINDOW,
+                                                                                   sharding.batch_sharding(mesh))
+        new, metrics = step(state, window, jnp.float32(LAM), jnp.float32(ALPHA), jnp.float32(1e-3))
+        new_params = slot_state.relayout({"params": new["params"]}, layout, None)["params"]
+        return jax.tree.map(lambda n, o: (o - np.asarray(n)) / lr, new_params, old), metrics, new["biases"]
+
+    ref_g, ref_m, ref_b = one_step(None, 1, False)
+    g, m, b = one_step(sharding.make_mesh(dict(stage=2, expert=2, data=2)), 2, True)
+    for k in ("loss", "mtp_loss", "balance_loss", "grad_norm", "max_vio"):
+        np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(ref_g), jax.tree.leaves(g), strict=True):
+        # (a gradient read back from an f32 update resolves ~1e-8: atol 1e-6 as in test_parallel.py)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+    for want, got in zip(jax.tree.leaves(ref_b), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
     """train() on configs/tiny.py (1 dense + 3 MoE layers + MTP, shorter windows) for 5 steps: over stage 2 x
     expert 2 x data 2 with the 1f1b schedule (uneven stages: the 4 layers, then the head and MTP) the logged losses,
