@@ -328,7 +328,12 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                 return jnp.zeros((cfg.num_moe_layers,) + a.shape[1:], a.dtype).at[jnp.maximum(idx, 0)].add(a)
 
             moe_stats = jax.tree.map(lambda a: jax.lax.psum(to_layers(a), "stage"), acc["stats"]["moe"])
-        return ce, mtp, mtp_stats, moe_stats, g_ends, give_back(g_slots)[0]  # (pooled: back to their holders)
+        g_held = give_back(g_slots)[0]  # resident slots as held; pooled pieces back to their holders
+        for k in kinds:  # a pool leaf held whole on every stage: its gradient is what the borrowing stage made
+            if "pool" in g_held[k]:
+                g_held[k]["pool"] = jax.tree.map(lambda g, d: jax.lax.psum(g, "stage") if d < 0 else g,
+                                                 g_held[k]["pool"], program.pool_dims[k])
+        return ce, mtp, mtp_stats, moe_stats, g_ends, g_held
 
     ends_params, ends_biases = ends
     slot_params = {k: slots[k][0] for k in kinds}
