@@ -167,7 +167,8 @@ def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device, monk
     split of 1 dense + 6 MoE layers + MTP (interleaved: 2 chunks per stage; 1f1b over stage 2 x expert 2 x data 2
     with remat). gpipe over stage 4 x data 2 runs with any padding allowed: MoE blocks [1, 2, 2, 1] per stage
     take 2 resident slots (stages 0 and 3 pad one: a tie in train state, and more resident wins), the dense
-    block stays pooled (a resident slot would cost more than it saves): padded and pooled slots in one step."""
+    block stays pooled (a resident slot would cost more than it saves): padded and pooled slots in one step.
+    1f1b over stage 4 x data 2 holds its pooled layers whole on every stage (as a leaf with no dim to split is)."""
     remat = name == "1f1b" and "expert" in layout  # one case also recomputes each layer inside the B's recompute
     padded = name == "gpipe" and layout == dict(stage=4, data=2)
     if padded:
