@@ -163,10 +163,6 @@ class StageLayout:
         return sum(self.ghost_blocks(k) * self.costs.params[k] for k in self.kinds())
 
     @property
-    def ghost_fraction(self) -> float:
-        return self.ghost_params / self.costs.total_params
-
-    @property
     def pooled_params(self) -> int:
         return sum(self.pooled_blocks(k) * self.costs.params[k] for k in self.kinds())
 
@@ -190,7 +186,7 @@ class StageLayout:
 
 def balanced(costs: LayerCosts, stages: int) -> StageLayout:
     """The contiguous split with the smallest largest stage cost; among those (within 0.1%), the most even costs
-    (smallest sum of squares), then the fewest borrowed and pooled blocks."""
+    (smallest sum of squares), then the least train state per stage (`_fewest_borrowed`)."""
     n = len(costs.kinds)
     if stages < 1:
         raise ConfigError(f"config.mesh.stage={stages} must be >= 1")  # (checked by the mesh parser first)

@@ -90,7 +90,7 @@ def pipeline_plan(model, sizes: dict, batch_size: int, seq_len: int, microbatche
         else:
             ends += sharding.shard_numel(a.shape, slot_state.end_spec(a.shape, spec, sizes), sizes) * item
             ends_whole += sharding.shard_numel(a.shape, tuple(None if x == "stage" else x for x in spec), sizes) * item
-    kinds = [k for k in per_block if k in layout.costs.kinds]
+    kinds = layout.kinds()
     params = ends + sum(per_block[k] * layout.resident_slots[k] * chunks + pool_share[k] * layout.pooled_blocks(k)
                         for k in kinds)
     borrowed = sum(per_block[k] * layout.borrowed_slots(k) * chunks for k in kinds)
@@ -126,7 +126,7 @@ def print_pipeline_plan(model, sizes, batch_size, seq_len, microbatches, schedul
         print(f"  {where:<16} {lay.describe(q):<48} {p['costs'][q] / 1e9:8.2f} GFLOP/token")
     print(f"  FLOP imbalance (max / mean over stages): {p['imbalance']:.3f}")
     total = lay.costs.total_params
-    pooled = ", ".join(f"{lay.pooled_blocks(k)} {k}" for k in ("dense", "moe") if k in lay.costs.kinds)
+    pooled = ", ".join(f"{lay.pooled_blocks(k)} {k}" for k in lay.kinds())
     print(f"  ghost parameters: {p['ghost_params'] / 1e9:.1f}B ({p['ghost_params'] / total:.1%} of the model). "
           f"Resident slots per stage: {', '.join(f'{lay.resident_slots[k]} {k}' for k in lay.kinds())} "
           f"({lay.ghost_blocks('dense')} dense + {lay.ghost_blocks('moe')} MoE of them padding); "
