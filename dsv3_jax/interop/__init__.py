@@ -10,6 +10,8 @@
     config, model = convert.restore(WORKDIR)             # the converted orbax checkpoint
 
 Modules: `safetensors_io` (streaming reads with pread, FP8 block scales, sharded writes), `layout`
-(which HF tensor fills which slice of which parameter), `hf` (config.json mapping, load, save,
-tokenizer), `convert` (streaming HF -> orbax/tensorstore converter and its restore).
+(which HF tensor fills which slice of which parameter), `hf_config` (config.json <-> ModelConfig),
+`hf_checkpoint` (open a directory, check every tensor from the headers, read pieces), `hf` (load, save,
+tokenizer; the front door, re-exporting hf_config's public names), `convert` (streaming HF ->
+orbax/tensorstore converter and its restore).
 """

@@ -63,9 +63,11 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError, parse_dtype
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config_base import base_config
-from dsv3_jax.interop import hf
 from dsv3_jax.interop import layout as L
+from dsv3_jax.interop.hf_checkpoint import Checkpoint, open_checkpoint
+from dsv3_jax.interop.hf_config import read_config
 from dsv3_jax.io.checkpoint import Checkpointer, weights_target
+from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME
 from dsv3_jax.runtime import Runtime
 
 FORMAT = "dsv3_jax.params"
@@ -147,11 +149,11 @@ def convert(hf_dir: str, out_dir: str, *, mesh: dict[str, int] | None = None, dt
     out_dir = os.path.abspath(out_dir)
     check_output_dir(out_dir, overwrite)  # before reading anything: refuse what would destroy a user's work
     if dtype == "auto":
-        raw = hf.read_config(hf_dir)
+        raw = read_config(hf_dir)
         dtype = "float32" if (raw.get("torch_dtype") or raw.get("dtype")) == "float32" else "bfloat16"
     parse_dtype(dtype, "--dtype", ("float32", "bfloat16", "float16"))
     rt = runtime_lib.default().with_fp8_weights("w8a8") if keep_fp8 else None
-    ck = hf.open_checkpoint(hf_dir, mtp=mtp, dtype=dtype, param_dtype=dtype, runtime=rt)  # every check happens here
+    ck = open_checkpoint(hf_dir, mtp=mtp, dtype=dtype, param_dtype=dtype, runtime=rt)  # every check happens here
     if keep_fp8 and (ck.hf.fp8_block or (128, 128)) != (128, 128):
         raise UserError(f"--keep_fp8: {hf_dir} has weight_block_size={list(ck.hf.fp8_block)}; FP8-resident weights "
                         f"use the release's 128x128 blocks. Convert without --keep_fp8 (dequantised)")
@@ -295,7 +297,7 @@ def _tokenizer_plan(src: str, out_dir: str) -> dict[str, str]:
     """Tokenizer files to copy from `src` -> their sha256. A file already in `out_dir` that differs is
     replaced only if this converter wrote it (its sha256 is the one the previous conversion recorded; a
     conversion from before the record existed counts as having written it); otherwise an error."""
-    names = [n for n in (hf.TOKENIZER_FILE, "tokenizer_config.json") if os.path.isfile(os.path.join(src, n))]
+    names = [n for n in (TOKENIZER_FILENAME, "tokenizer_config.json") if os.path.isfile(os.path.join(src, n))]
     meta = _converted_meta(out_dir)
     recorded = meta.get("tokenizer_files") if meta is not None else None
     plan = {}
@@ -319,7 +321,7 @@ def _copy_tokenizer_files(src: str, dst: str, plan: dict[str, str]) -> list[str]
     return list(plan)
 
 
-def _piece_parts(ck: hf.Checkpoint, piece: L.Piece, band, dtype):
+def _piece_parts(ck: Checkpoint, piece: L.Piece, band, dtype):
     """(index into the leaf, array) pairs for one piece: the whole slice, or bands of HF rows."""
     if band is None:
         yield piece.index, ck.read_piece(piece, dtype)
@@ -335,7 +337,7 @@ def _piece_parts(ck: hf.Checkpoint, piece: L.Piece, band, dtype):
         yield piece.index + (slice(None),) * dim + (slice(r0, r1),), y
 
 
-def _fp8_parts(ck: hf.Checkpoint, piece: L.Piece):
+def _fp8_parts(ck: Checkpoint, piece: L.Piece):
     """(leaf, index, array) writes of one FP8-resident piece: its e4m3 values and its block scales."""
     q, scale = ck.read_fp8_piece(piece)
     block = ck.plan.leaves[piece.leaf].shape[len(piece.index):]
@@ -343,7 +345,7 @@ def _fp8_parts(ck: hf.Checkpoint, piece: L.Piece):
     yield L.scale_leaf(piece.leaf), piece.index, scale
 
 
-def _digest(ck: hf.Checkpoint, key: str, max_bytes: int) -> str:
+def _digest(ck: Checkpoint, key: str, max_bytes: int) -> str:
     """blake2b of a tensor's stored bytes, read in bands of at most `max_bytes`."""
     h, shape = hashlib.blake2b(digest_size=16), ck.tensors.shape(key)
     rows = max(1, max_bytes // max(1, math.prod(shape[1:]) * 4)) if shape else 1
@@ -353,7 +355,7 @@ def _digest(ck: hf.Checkpoint, key: str, max_bytes: int) -> str:
     return h.hexdigest()
 
 
-def _check_aliases_streaming(ck: hf.Checkpoint, max_bytes: int, log):
+def _check_aliases_streaming(ck: Checkpoint, max_bytes: int, log):
     """MTP embed/head copies must equal the main tensors (compared by digest, band by band)."""
     digests = {}
     for a in ck.plan.aliases:
