@@ -31,15 +31,15 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension (REFERENCE.md section 2). `factor` = target / original context."""
+    """YaRN context extension (REFERENCE.md section 2; the frequency blend is in rope.py). Defaults: DeepSeek-V3."""
 
-    factor: float = 40.0
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 1.0
-    type: str = "yarn"
+    factor: float = 40.0  # target context / original context; the slowest channels' frequencies are divided by it
+    original_max_position_embeddings: int = 4096  # L0, the context the model was pretrained on
+    beta_fast: float = 32.0  # channels that turn more than beta_fast times in L0 keep their frequency
+    beta_slow: float = 1.0  # channels that turn fewer than beta_slow times in L0 are fully interpolated
+    mscale: float = 1.0  # cos/sin are scaled by yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    mscale_all_dim: float = 1.0  # softmax scale x yarn_mscale(factor, mscale_all_dim)^2; 0 = no such scaling
+    type: str = "yarn"  # the only kind supported
 
     def __post_init__(self):
         if self.type != "yarn":
