@@ -56,10 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()  # device mesh; the product of the sizes = number of devices
     c.mesh.data = -1  # data parallel (-1: all devices not used by the other axes)
-    c.mesh.stage = 1  # pipeline stages (GPipe schedule over the stacked layers, parallel/pipeline.py)
+    c.mesh.stage = 1  # pipeline stages (the scheduled pipeline program, parallel/pipeline/)
     c.mesh.microbatches = 0  # pipeline micro-batches per step when stage > 1 (0: 2 x stage)
     c.mesh.pipeline_schedule = "gpipe"  # pipeline schedule when stage > 1: gpipe | 1f1b | interleaved
-    c.mesh.pipeline_chunks = 1  # interleaved: layer chunks per stage (parallel/schedules.py)
+    c.mesh.pipeline_chunks = 1  # interleaved: layer chunks per stage (parallel/pipeline/schedules.py)
     c.mesh.pipeline_stage_layers = ""  # "3,4,4,...": layers per (virtual) stage; "" = balanced by FLOPs
     c.mesh.fsdp = 1  # parameters and optimizer state sharded, batch split
     c.mesh.expert = 1  # routed experts split, tokens moved with all_to_all, batch split

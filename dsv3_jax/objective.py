@@ -1,10 +1,12 @@
-"""The prediction terms of the objective (REFERENCE.md sections 3-4), shared by the train step and the
-scheduled pipeline's last stage: the main cross-entropy and the MTP cross-entropies of a window."""
+"""The prediction terms of the objective (REFERENCE.md sections 3-4), shared by the plain program and the
+scheduled pipeline's last stage: the main cross-entropy and the MTP cross-entropies of a window, and every
+loss term of the whole model on a window (`model_losses`)."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from dsv3_jax.model import mtp_valid_mask
 
@@ -29,3 +31,12 @@ def prediction_losses(logits, mtp_logits, window):
         mtp_terms.append(cross_entropy(lg, tk, mtp_valid_mask(T, k)))
     mtp = jnp.mean(jnp.stack(mtp_terms)) if mtp_terms else jnp.zeros((), jnp.float32)
     return main, mtp
+
+
+def model_losses(graphdef, params, biases, window: jax.Array):
+    """All loss terms of the model (`nnx.merge(graphdef, params, biases)`) on one window [B, T+1]: (dict of
+    scalars, moe_stats: MoE module path -> LayerStats, see `ModelOutput`)."""
+    out = nnx.merge(graphdef, params, biases)(window[:, :-1])
+    main, mtp = prediction_losses(out.logits, out.mtp_logits, window)
+    return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
+            out.moe_stats)

@@ -39,7 +39,6 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("act_embed", None),
-    ("stages", "stage"),  # pipeline slots (parallel/pipeline.py)
     # parameters
     ("layers", "stage"),
     ("vocab", "tensor"),
@@ -191,7 +190,7 @@ def current_mesh():
 
 
 def in_manual_region() -> bool:
-    """True inside a `shard_map` that is manual over 'stage' only (a pipeline stage of pipeline_exec.py), where
+    """True inside a `shard_map` that is manual over 'stage' only (a pipeline stage of executor.py), where
     XLA still partitions the other axes; False outside and inside a shard_map manual over every axis."""
     ctx = jax.sharding.get_abstract_mesh()
     if ctx.empty:
@@ -226,7 +225,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def put_global_batch(x, sharding: NamedSharding) -> jax.Array:
     """Every process holds the same global batch (same seed); each places only its own shards. `x` may be
-    lazy (`data.shards.LazyRows`): then only the rows of this process's devices are ever read."""
+    lazy (`data.loader.LazyRows`): then only the rows of this process's devices are ever read."""
     if not hasattr(x, "shape") or isinstance(x, (list, tuple)):
         x = np.asarray(x)
     return jax.make_array_from_callback(tuple(x.shape), sharding, lambda idx: np.asarray(x[idx]))

@@ -2,8 +2,8 @@
 
 A stack is one module whose parameters carry a leading 'layers' axis (built with `nnx.vmap`, see
 `model.stacked_blocks`); each layer maps (h [B, T, D], cos, sin) -> (h, LayerStats). The scan lowers one
-layer body whatever the depth, so compile time does not grow with the number of layers. The other stack
-strategy is the pipeline over the mesh axis 'stage' (`parallel/pipeline.py`); `strategies.stack` picks.
+layer body whatever the depth, so compile time does not grow with the number of layers. It is the only stack
+strategy: pipeline parallelism runs the whole train step as a program (`programs.py`, `parallel/pipeline/`).
 """
 from __future__ import annotations
 

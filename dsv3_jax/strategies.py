@@ -3,17 +3,17 @@
     experts(rt)  LocalExperts(impl)   every expert on this device: 'dense' | 'blocks' | 'ragged'
                                       (`experts.py`); the FP8 grouped GEMM when rt.fp8
                  ExpertParallel       experts split over the mesh axis 'expert' (`parallel/expert.py`)
-    stack(rt)    ScanStack            `lax.scan` over the stacked layers (`stack.py`)
-                 PipelineStack        the layers split over the mesh axis 'stage' (`parallel/pipeline.py`)
+    stack(rt)    ScanStack            `lax.scan` over the stacked layers (`stack.py`), remat or not
 
 Both are frozen dataclasses (static, hashable): `MoE` and `DeepSeekV3` call them, and nothing in the
-model looks at the mesh or the backend to choose an algorithm.
+model looks at the mesh or the backend to choose an algorithm. Pipeline parallelism is not a stack strategy:
+it owns the whole train step (its loss, gradients and state layout), so training asks for it as a program
+(`programs.program_for`); a forward of the model on a mesh with stages scans its layers where they are held.
 """
 from __future__ import annotations
 
 from dsv3_jax.experts import LocalExperts
 from dsv3_jax.parallel.expert import ExpertParallel
-from dsv3_jax.parallel.pipeline import PipelineStack
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.stack import ScanStack
 
@@ -28,7 +28,4 @@ def experts(rt: Runtime):
 
 
 def stack(rt: Runtime):
-    if rt.stages > 1:
-        return PipelineStack(mesh=rt.mesh, microbatches=rt.microbatches, remat=rt.remat,
-                             schedule=rt.pipeline_schedule)
     return ScanStack(remat=rt.remat)

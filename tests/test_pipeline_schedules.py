@@ -1,8 +1,8 @@
-"""Pipeline schedules (parallel/schedules.py), stage layouts (parallel/stage_layout.py) and the scheduled pipeline
-run as one SPMD program (parallel/pipeline_exec.py), on 8 fake CPU devices.
+"""Pipeline schedules (parallel/pipeline/schedules.py), stage layouts (stage_layout.py) and the scheduled pipeline
+run as one SPMD program (executor.py), every schedule (gpipe included) a tick table of it, on 8 fake CPU devices.
 
 References: the closed-form bubbles and hand-drawn tick diagrams; a brute-force search over all contiguous splits;
-hand-counted ghost slots; the unpipelined one-device step (jax.value_and_grad of `step.losses`) for loss,
+hand-counted ghost slots; the unpipelined one-device step (jax.value_and_grad of `objective.model_losses`) for loss,
 gradients and router loads."""
 import dataclasses
 import itertools
@@ -21,9 +21,9 @@ from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import DeepSeekV3, abstract_model
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.parallel import pipeline_exec, schedules, stage_layout
+from dsv3_jax.objective import model_losses
+from dsv3_jax.parallel.pipeline import executor, schedules, stage_layout
 from dsv3_jax.runtime import split_model_section
-from dsv3_jax.train.step import losses
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=7,
                   num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
@@ -133,7 +133,7 @@ def one_device():
     gd, params, biases = nnx.split(model, nnx.Param, RouterBias)
 
     def objective(p):
-        terms, stats = losses(gd, p, biases, jnp.asarray(WINDOW))
+        terms, stats = model_losses(gd, p, biases, jnp.asarray(WINDOW))
         return terms["loss"] + LAM * terms["mtp_loss"] + ALPHA * terms["balance_loss"], (terms, stats)
 
     (total, (terms, stats)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
@@ -144,14 +144,14 @@ def _scheduled(layout, name, M, v, remat=False):
     mesh = sharding.make_mesh(layout)
     with jax.set_mesh(mesh):
         model = DeepSeekV3(CFG, rngs=nnx.Rngs(0), runtime=runtime.resolve(mesh=mesh, moe_block_size=8))
-        program = pipeline_exec.plan(model, layout["stage"], M, name, v, seq_len=16, remat=remat)
-        gds, state = pipeline_exec.split_model(model)
-        ends, slots = pipeline_exec.place(program, state, mesh)
+        program = executor.plan(model, layout["stage"], M, name, v, seq_len=16, remat=remat)
+        gds, state = executor.split_model(model)
+        ends, slots = executor.place(program, state, mesh)
         window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
-        step = jax.jit(lambda e, s, w: pipeline_exec.value_and_grad(program, gds, CFG, e, s, w, jnp.float32(LAM),
+        step = jax.jit(lambda e, s, w: executor.value_and_grad(program, gds, CFG, e, s, w, jnp.float32(LAM),
                                                                       jnp.float32(ALPHA), mesh=mesh))
         (total, terms, stats), (g_ends, g_slots) = step(ends, slots, window)
-        grads = g_ends | {f"{k}_layers": pipeline_exec.from_slots(g_slots[k], program.slots[k],
+        grads = g_ends | {f"{k}_layers": executor.from_slots(g_slots[k], program.slots[k],
                                                                    getattr(CFG, f"num_{k}_layers")) for k in g_slots}
     return total, terms, stats, grads, step, (ends, slots, window), mesh, program
 
@@ -174,7 +174,8 @@ def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device, monk
     if padded:
         monkeypatch.setattr(stage_layout, "GHOST_BUDGET", 1.0)
     if name == "1f1b" and layout == dict(stage=4, data=2):  # pooled layers held whole (as a leaf with no dim to
-        from dsv3_jax.parallel import slot_state  # split is), borrowed by stages 1 and 2: their gradients are summed
+        # split is), borrowed by stages 1 and 2: their gradients are summed
+        from dsv3_jax.parallel.pipeline import slot_state
 
         monkeypatch.setattr(slot_state, "pool_spec", lambda shape, spec, sizes: P(None, *(
             slot_state._unstaged(a) for a in tuple(spec)[1:])))
@@ -249,14 +250,15 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    from dsv3_jax.programs import program_for
     from dsv3_jax.train.loop import init_state
     from dsv3_jax.train.step import make_train_step
 
     mesh = sharding.make_mesh(dict(stage=2, fsdp=2, tensor=2))
     rt = runtime.resolve(mesh=mesh, moe_block_size=8, microbatches=4, pipeline_schedule="1f1b")
-    program, gds = pipeline_exec.for_training(CFG, rt, WINDOW.shape[1] - 1)
+    program = program_for(rt, CFG, WINDOW.shape[1] - 1)
     tx = optax.adamw(1e-3)
-    graphdef, state = init_state(CFG, tx, 0, rt, program.slots)
+    graphdef, state = init_state(CFG, tx, 0, rt, program)
     window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
     stage_of = {int(d.id): s for s in range(2) for d in np.asarray(mesh.devices).take(s, axis=1).reshape(-1)}
     stacks = ("dense_layers", "moe_layers")
@@ -275,7 +277,7 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
     for split in (False, True):
         st = state if split else jax.tree_util.tree_map_with_path(unsplit, state)
         step = make_train_step(graphdef, tx, lambda s: 1e-3, mesh, jax.tree.map(lambda x: x.sharding, st),
-                               pipeline=(program, gds, CFG))
+                               program=program)
         text = step.lower(st, window, jnp.float32(LAM), jnp.float32(ALPHA), jnp.float32(1e-3)).compile().as_text()
         assert "collective-permute" in text
         assert " all-to-all(" in text or " all-to-all-start(" in text  # the pooled dense layer, borrowed by stage 0
@@ -288,18 +290,18 @@ def test_lowered_step_permutes_between_stages_and_gathers_no_other_stages_layers
             assert across == 0
 
 
-def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
+def test_tiny_config_trains_with_gpipe_over_2_and_4_stages_and_logs_the_one_device_losses(tmp_path):
     """train() on configs/tiny.py (1 dense + 3 MoE layers + MTP, shorter windows) for 5 steps: over stage 2 x
-    expert 2 x data 2 with the 1f1b schedule (uneven stages: the 4 layers, then the head and MTP) and gradient
-    accumulation over 2 halves of each batch, the logged losses,
-    MaxVio and the final evaluation are the one-device run's. The state is held in the slot layout (each
-    stage's layers only) and its checkpoints record it: the run, killed after step 3 (checkpoint of step 2),
-    resumes over stage 4 x data 2 with interleaved (another slot layout: converted on restore) and still logs
-    the one-device losses; infer.py's reader gets the one-device weights back in the layer layout."""
+    expert 2 x data 2 with the gpipe schedule (uneven stages: the 4 layers, then the head and MTP; the tick table
+    of the one scheduled program, like 1f1b and interleaved above) and gradient accumulation over 2 halves of each
+    batch, the logged losses, MaxVio and the final evaluation are the one-device run's. The state is held in the
+    slot layout (each stage's layers only) and its checkpoints record it: the run, killed after step 3 (checkpoint
+    of step 2), resumes over stage 4 x data 2 (gpipe again: another uneven split and slot layout, converted on
+    restore) and still logs the one-device losses; infer.py's reader gets the one-device weights back in the layer
+    layout."""
     from test_train import tiny_config
 
     from dsv3_jax.infer.load import load_trained
-    from dsv3_jax.parallel import slot_state
     from dsv3_jax.train import loop
 
     def run(name, interrupt_at=None, accum=1, **mesh):
@@ -312,10 +314,10 @@ def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
             c.mesh[k] = v
         return loop.train(c, str(tmp_path / name), quiet=True, interrupt_at=interrupt_at)
 
-    ref = run("one")  # (the 1f1b run also accumulates: 2 sequential halves of each batch, 2 micro-batches each)
-    first = run("piped", interrupt_at=3, accum=2, stage=2, expert=2, data=2, pipeline_schedule="1f1b", microbatches=2)
-    lay = first.slots["moe"]  # at 32 tokens the head and MTP cost what the 4 layers do: stage 1 holds only them,
-    assert lay.index.tolist() == [[[0, 1, 2]], [[-1, -1, -1]]], lay.index.tolist()  # so all 3 are pooled
+    ref = run("one")  # (the pipelined run also accumulates: 2 sequential halves of each batch, 2 micro-batches each)
+    first = run("piped", interrupt_at=3, accum=2, stage=2, expert=2, data=2, pipeline_schedule="gpipe", microbatches=2)
+    lay = first.program.layout["moe"]  # at 32 tokens the head and MTP cost what the 4 layers do: stage 1 holds
+    assert lay.index.tolist() == [[[0, 1, 2]], [[-1, -1, -1]]], lay.index.tolist()  # only them, so all 3 are pooled
     assert lay.resident == 0 and lay.pooled.tolist() == [0, 1, 2]
     held = [a for path, a in jax.tree_util.tree_leaves_with_path((first.state["params"], first.state["opt_state"]))
             if "moe_layers" in jax.tree_util.keystr(path)]  # the parameters and their AdamW moments
@@ -327,14 +329,15 @@ def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
         stored = sum(int(np.prod(s.data.shape)) for s in leaf.addressable_shards) / 8
         assert stored == leaf.size / (2 * np.prod([2 for ax in spec if ax == "expert" or (
             isinstance(ax, tuple) and "expert" in ax)])), (leaf.shape, spec)
-    second = run("piped", stage=4, data=2, pipeline_schedule="interleaved")
+    second = run("piped", stage=4, data=2, pipeline_schedule="gpipe")
     assert [r["step"] for r in first.history] == [1, 2, 3] and [r["step"] for r in second.history] == [3, 4, 5]
     got = first.history[:2] + second.history
     for a, b in zip(ref.history, got, strict=True):
         for k in ("loss", "mtp_loss", "max_vio", "val_loss"):
             if k in a:
                 np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=f"step {a['step']} {k}")
-    final = slot_state.relayout(second.state, second.slots, None)  # (interleaved over 4: one layer per stage)
+    assert second.program.layout["moe"].index.tolist() != lay.index.tolist()  # another slot layout
+    final = second.program.to_layers(second.state)
     model, *_ = load_trained(str(tmp_path / "piped"))
     for name, tree in (("trained state", final["params"]), ("infer.py's reader", nnx.to_pure_dict(
             nnx.state(model, nnx.Param)))):
@@ -349,11 +352,11 @@ def test_tiny_config_trains_with_1f1b_and_logs_the_one_device_losses(tmp_path):
 def test_bad_pipeline_configs_fail_before_anything_is_built():
     tiny = _model_cfg("tiny")  # 4 layers
     with pytest.raises(ConfigError, match="= 8 pipeline stages, but the model has 4 layers"):
-        pipeline_exec.check_config(tiny, 4, 8, "interleaved", 2, "", 32)
+        executor.check_config(tiny, 4, 8, "interleaved", 2, "", 32)
     with pytest.raises(ConfigError, match="pipeline_stage_layers='1,2'"):
-        pipeline_exec.check_config(tiny, 2, 4, "1f1b", 1, "1,2", 32)
+        executor.check_config(tiny, 2, 4, "1f1b", 1, "1,2", 32)
     with pytest.raises(ConfigError, match="names 3 stages but config.mesh.stage=2"):
-        pipeline_exec.check_config(tiny, 2, 4, "1f1b", 1, "1,1,2", 32)
+        executor.check_config(tiny, 2, 4, "1f1b", 1, "1,1,2", 32)
     mesh = sharding.make_mesh(dict(stage=4, data=2))
     with pytest.raises(UserError, match="microbatches=6: the interleaved schedule"):
         runtime.resolve(mesh=mesh, microbatches=6, pipeline_schedule="interleaved", pipeline_chunks=2)
@@ -368,8 +371,8 @@ def test_checkpoints_convert_between_slot_layouts(tmp_path):
     from jax.sharding import PartitionSpec as P
 
     from dsv3_jax.io.checkpoint import Checkpointer
-    from dsv3_jax.parallel import slot_state
-    from dsv3_jax.parallel.slot_state import StackLayout
+    from dsv3_jax.parallel.pipeline import slot_state
+    from dsv3_jax.parallel.pipeline.slot_state import StackLayout
 
     mesh = sharding.make_mesh(dict(stage=2, expert=2, data=2))
     sizes = dict(mesh.shape)

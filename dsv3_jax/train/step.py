@@ -26,20 +26,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from dsv3_jax import layer_stats
-from dsv3_jax.objective import cross_entropy, prediction_losses  # noqa: F401  (cross_entropy: public here too)
+from dsv3_jax.objective import cross_entropy  # noqa: F401  (public here too: notebooks)
+from dsv3_jax.programs import Plain
 from dsv3_jax.sharding import constrain
-
-
-def losses(graphdef, params, biases, window: jax.Array):
-    """All loss terms for one window [B, T+1]; returns (dict of scalars, moe_stats: MoE module path ->
-    LayerStats, see `ModelOutput`)."""
-    out = nnx.merge(graphdef, params, biases)(window[:, :-1])
-    main, mtp = prediction_losses(out.logits, out.mtp_logits, window)
-    return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
-            out.moe_stats)
 
 
 def max_violation(counts: jax.Array) -> jax.Array:
@@ -62,7 +53,7 @@ def update_biases(biases, moe_stats, gamma):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, mesh=None,
-                    state_shardings=None, grad_accum_steps: int = 1, pipeline=None) -> Callable:
+                    state_shardings=None, grad_accum_steps: int = 1, program: Plain | None = None) -> Callable:
     """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated.
 
     With a mesh, the step is traced and run under `jax.set_mesh(mesh)` (activation constraints and
@@ -74,26 +65,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     while only one micro-batch's activations are live (with an expert capacity factor, capacity is per
     micro-batch, so which rows drop can differ).
 
-    `pipeline` = (program, graphdefs, model config) of a scheduled pipeline (`parallel/pipeline_exec.py`,
-    `for_training`): the loss and gradients then come from its program, which interleaves forwards and
-    backwards itself, instead of `jax.value_and_grad` of the model.
+    `program` (`dsv3_jax.programs.program_for(rt, ...)`, default `Plain()`: `jax.value_and_grad` of the model) gives
+    the loss and gradients of a window, on the state in its layout (the scheduled pipeline's slots).
     """
+    program = program or Plain()
 
     def grads_and_terms(params, biases, window, lam, alpha):
-        if pipeline is not None:
-            from dsv3_jax.parallel import pipeline_exec
+        def grad_fn(params, w):
+            return program.value_and_grad(graphdef, params, biases, w, lam, alpha, mesh=mesh)
 
-            program, gds, cfg = pipeline
-
-            def grad_fn(params, w):
-                return pipeline_exec.step_grads(program, gds, cfg, params, biases, w, lam, alpha, mesh=mesh)
-        else:
-            def objective(params, w):
-                terms, counts = losses(graphdef, params, biases, w)
-                total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
-                return total, (terms, counts)
-
-            grad_fn = jax.value_and_grad(objective, has_aux=True)
         return _accumulate(grad_fn, params, window)
 
     def _accumulate(grad_fn, params, window):
@@ -149,19 +129,12 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(True)
 
 
-def make_eval_step(graphdef, mesh=None, pipeline=None) -> Callable:
-    """The main loss of a window. With a scheduled pipeline (see `make_train_step`) its program computes it
-    (and gradients, which are dropped: evaluation is rare)."""
-    def evaluate(params, biases, window):
-        if pipeline is not None:
-            from dsv3_jax.parallel import pipeline_exec
+def make_eval_step(graphdef, mesh=None, program: Plain | None = None) -> Callable:
+    """The main loss of a window, from `program` (see `make_train_step`)."""
+    program = program or Plain()
 
-            program, gds, cfg = pipeline
-            (_, (terms, _)), _ = pipeline_exec.step_grads(program, gds, cfg, params, biases, window,
-                                                          jnp.float32(0.0), jnp.float32(0.0), mesh=mesh)
-            return terms["loss"]
-        terms, _ = losses(graphdef, params, biases, window)
-        return terms["loss"]
+    def evaluate(params, biases, window):
+        return program.loss(graphdef, params, biases, window, mesh=mesh)
 
     return with_mesh(jax.jit(evaluate), mesh)
 

@@ -23,16 +23,18 @@ The bubble is counted from the table: each tick lasts as long as its busiest sta
 B `cost['B']`, a chunk's op 1/v of that), and bubble = idle stage-time / all stage-time. Closed forms at
 any costs: gpipe and 1f1b (S-1)/(M+S-1); interleaved (S-1)/(vM+S-1) -- `bubble_formula`; the tests check the
 count against them. Live activations: a stage keeps each micro-batch's chunk input from its F to its B (the
-B recomputes the chunk's forward from it, see pipeline_exec.py), counted by `peak_live` in held chunk inputs
+B recomputes the chunk's forward from it, see executor.py), counted by `peak_live` in held chunk inputs
 (each one activation [b, T, D] of a micro-batch).
 
-Tick diagrams of each schedule: `diagram`, drawn for S = 4, M = 8 in parallel/pipeline.py's docstring.
+Tick diagrams of each schedule: `diagram`, drawn for S = 4, M = 8 in the package's docstring (`__init__.py`).
 """
 from __future__ import annotations
 
 import dataclasses
 
 import numpy as np
+
+from dsv3_jax.cli import UserError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 FIELDS = ("f_valid", "f_micro", "f_chunk", "f_slot", "f_dyslot", "b_valid", "b_micro", "b_chunk", "b_xslot",
@@ -173,3 +175,11 @@ def diagram(t: TickTable, width: int = 200) -> str:
                  + (chr(65 + a["b_micro"][k, s] % 26) if a["b_valid"][k, s] else ".") for k in range(t.ticks)]
         lines.append(f"s{s} " + " ".join(cells)[:width])
     return "\n".join(lines)
+
+
+def check_microbatches(batch: int, microbatches: int, data_shards: int) -> None:
+    """Every micro-batch must split evenly over the data shards (data x fsdp x expert)."""
+    if microbatches < 1 or batch % microbatches or (batch // microbatches) % data_shards:
+        raise UserError(f"config.mesh.microbatches={microbatches}: the batch of {batch} sequences must split into "
+                        f"that many micro-batches, each divisible by data x fsdp x expert = {data_shards}; choose "
+                        f"microbatches so that batch_size is a multiple of microbatches x {data_shards}.")

@@ -61,10 +61,10 @@ from dsv3_jax.layer_stats import LayerStats
 from dsv3_jax.model import model_tail
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.objective import prediction_losses
-from dsv3_jax.parallel.schedules import FIELDS, TickTable
-from dsv3_jax.parallel.slot_state import StackLayout, gather_slots, pool_split_dim, slot_spec, stack_specs
-from dsv3_jax.parallel.slot_state import stack_from_slots as from_slots  # noqa: F401  (tests read gradients back)
-from dsv3_jax.parallel.slot_state import stack_to_slots as to_slots
+from dsv3_jax.parallel.pipeline.schedules import FIELDS, TickTable
+from dsv3_jax.parallel.pipeline.slot_state import StackLayout, gather_slots, pool_split_dim, slot_spec, stack_specs
+from dsv3_jax.parallel.pipeline.slot_state import stack_from_slots as from_slots  # noqa: F401  (tests read gradients back)
+from dsv3_jax.parallel.pipeline.slot_state import stack_to_slots as to_slots
 from dsv3_jax.rope import rope_tables
 
 KINDS = ("dense", "moe")
@@ -113,7 +113,7 @@ def plan(model, stages: int, microbatches: int, schedule: str, chunks: int = 1, 
          stage_layers: str = "", remat: bool = False) -> Program:
     """The Program of `model` over `stages`: layout (balanced over stages x chunks virtual stages, or the
     user's), slot maps and the schedule's tick table."""
-    from dsv3_jax.parallel import schedules, stage_layout
+    from dsv3_jax.parallel.pipeline import schedules, stage_layout
 
     layout = stage_layout.plan(model, stages * chunks, seq_len, stage_layers)
     slots = {k: StackLayout(stage_layout.slot_index(layout, stages, k), layout.resident_slots[k])

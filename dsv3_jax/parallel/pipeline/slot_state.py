@@ -1,6 +1,6 @@
 """The train state of a scheduled pipeline in the slot layout, and its checkpoints.
 
-Under a scheduled pipeline (`pipeline_exec.py`) train.py keeps the layer stacks of the parameters and of the
+Under a scheduled pipeline (`executor.py`) train.py keeps the layer stacks of the parameters and of the
 optimizer state in the program's slot layout, so a device stores only its own stage's layers and the step hands
 them to the program as they are. A stack's slots ([S, v, k]: chunk c of stage s holds k slots, `index[s, c, j]`
 the layer in slot j, -1 for none) come in two parts:
@@ -9,7 +9,7 @@ the layer in slot j, -1 for none) come in two parts:
               than r layers of the kind pads (a "ghost" slot: a copy of layer 0, run masked, never read back).
     pool      the layers in the other slots: held [P, ...] split over 'stage' on one of the layer's own dims
               (`pool_spec`), so each device stores 1/S of each, and borrowed whole by their stage for the step
-              (`pipeline_exec`: one all-to-all over 'stage' in, its transpose for the gradients out).
+              (`executor.py`: one all-to-all over 'stage' in, its transpose for the gradients out).
 
 r is chosen per kind by `stage_layout.StageLayout.resident_slots` (least memory with the ghosts under 2% of the
 model); V3 over 16 stages: 1 resident MoE slot, 42 MoE and the 3 dense layers pooled, no ghosts. (A pool leaf with
@@ -202,7 +202,7 @@ def pool_split_dim(spec: P) -> int | None:
 def end_spec(shape, spec, sizes: dict) -> P:
     """A parameter outside the stacks (embedding, final norm, head, MTP modules): stored split over 'stage' too,
     on its largest dim that divides by the stages times the axes already there (each device keeps 1/S of it;
-    the program gathers it whole at the start of the step, see `pipeline_exec.value_and_grad`), else as the
+    the program gathers it whole at the start of the step, see `executor.value_and_grad`), else as the
     rules table says. Without this every stage group would store, and update, a whole copy."""
     spec = [_unstaged(a) for a in tuple(spec)] + [None] * (len(shape) - len(tuple(spec)))
     S = sizes.get("stage", 1)
