@@ -133,8 +133,8 @@ def main(argv):
     import jax.numpy as jnp
 
     from dsv3_jax import sharding
+    from dsv3_jax.data.bpe import EOS_ID
     from dsv3_jax.infer.engine import Engine
-    from dsv3_jax.infer.generate import EOS_ID, round_up
     from dsv3_jax.infer.sampling import SamplingParams
 
     if FLAGS.dry_run:
@@ -180,8 +180,8 @@ def main(argv):
     if FLAGS.mesh and mesh is None:
         mesh = make_mesh(FLAGS.mesh, cfg)
     ids = [tokenizer.encode(p).ids for p in prompts]
-    capacity = FLAGS.cache_len or min(cfg.max_position_embeddings,
-                                      round_up(max(map(len, ids)) + FLAGS.max_new_tokens, FLAGS.page_size))
+    need = max(map(len, ids)) + FLAGS.max_new_tokens
+    capacity = FLAGS.cache_len or min(cfg.max_position_embeddings, -(-need // FLAGS.page_size) * FLAGS.page_size)
     if FLAGS.speculative and not len(model.mtp):
         raise cli.UserError("--speculative needs a model with an MTP module (num_nextn_predict_layers >= 1)")
     lookahead = FLAGS.decode_steps * (2 if FLAGS.speculative else 1)

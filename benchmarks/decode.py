@@ -9,10 +9,12 @@ Uses the demo model from `python train.py` (trains a short one into --workdir fi
 with --random_init (alias --quick) the model section of configs/tiny.py (or --config) initialised from
 --seed, with random prompt token ids. Batch 1 decodes the first four prompts one after another; batch 16
 decodes sixteen prompts together. Every run generates exactly --new_tokens per prompt (stop tokens off),
-greedy; compilation is excluded (`Generator` compiles ahead of time); the best of --repeats runs is
-reported. tokens/s are generated tokens over prefill + decode wall time. The speedup is against plain
-decoding at the same batch size in the same process, so it is meaningful on a shared machine even where
-absolute numbers are not.
+greedy, through the serving engine (`Engine.generate`, static batches: all of a batch's prompts submitted at
+once and run to completion; one engine for plain and one for speculative decoding, each with a pool for 16
+sequences of prompt + --new_tokens); compilation is excluded (a warm-up run per batch size first, and the time
+the engine spends compiling is subtracted from its runs); the best of --repeats runs is reported. tokens/s are
+generated tokens over prefill + decode wall time. The speedup is against plain decoding at the same batch size
+in the same process, so it is meaningful on a shared machine even where absolute numbers are not.
 
 transformers rows: the model is written with `dsv3_jax.interop.hf.save` to a temporary directory and read
 back with `DeepseekV3ForCausalLM.from_pretrained` (transformers ignores the MTP layer), the same prompt
@@ -46,7 +48,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dsv3_jax.config import ModelConfig  # noqa: E402
-from dsv3_jax.infer.generate import Generator, cache_bytes_per_token, mha_cache_bytes_per_token  # noqa: E402
+from dsv3_jax.infer.engine import Engine  # noqa: E402
+from dsv3_jax.infer.memory_plan import cache_bytes_per_token, mha_cache_bytes_per_token  # noqa: E402
 
 ROOT = C.ROOT
 PROMPTS = [
@@ -79,15 +82,15 @@ def random_model(config_path, seed: int):
     return model, ids
 
 
-def timed(gen: Generator, ids, new_tokens: int, speculative: bool, batch: int, repeats: int):
+def timed(eng: Engine, ids, new_tokens: int, batch: int, repeats: int):
     """Best-of-`repeats` (tokens/s, acceptance rate, tokens of the last run per prompt) for `ids` decoded in
     batches of `batch`."""
     best, rate, outs = 0.0, None, []
-    gen.generate(ids[:batch], 4, speculative=speculative, stop_tokens=())  # compile these shapes
+    eng.generate(ids[:batch], new_tokens, stop_tokens=())  # compile the shapes of these batches
     for _ in range(repeats):
         tokens, seconds, acc, drafted, outs = 0, 0.0, 0, 0, []
         for i in range(0, len(ids), batch):
-            out = gen.generate(ids[i:i + batch], new_tokens, speculative=speculative, stop_tokens=())
+            out = eng.generate(ids[i:i + batch], new_tokens, stop_tokens=())
             tokens += sum(len(c.tokens) for c in out)
             seconds += out[0].seconds
             acc += sum(c.accepted for c in out)
@@ -205,12 +208,14 @@ def main():
     if dtype != "float32" or not a.skip_hf:
         model, ref, torch, device = load_hf_pair(model, dtype, not a.skip_hf, a.torch_threads)
     cfg = model.cfg
-    capacity = -(-(max(map(len, ids)) + a.new_tokens) // 64) * 64
-    gen = Generator(model, capacity=capacity)
-    print(gen.runtime.describe())
-    print(f"backend={gen.runtime.backend} devices={jax.device_count()} model={source}"
-          f"{'' if step is None else f' (step {step})'}, dtype {dtype}, new_tokens={a.new_tokens}, cache {capacity} "
-          f"slots {gen.cache_dtype.name}, decode MoE '{gen.decode_moe_impl}', best of {a.repeats}")
+    capacity = max(map(len, ids)) + a.new_tokens
+    engines = {s: Engine.for_batch(model, 16, capacity, speculative=s) for s in (False, True)}
+    eng = engines[False]
+    print(eng.runtime.describe())
+    print(f"backend={eng.runtime.backend} devices={jax.device_count()} model={source}"
+          f"{'' if step is None else f' (step {step})'}, dtype {dtype}, new_tokens={a.new_tokens}, paged cache "
+          f"{eng.pool.pages} pages of {eng.page_size} ({eng.cache_dtype.name}), {eng.decode_steps} decode steps per "
+          f"dispatch, decode MoE '{eng.decode_runtime.expert_impl}', best of {a.repeats}")
     if ref is not None:
         print(f"transformers: {C.versions(torch)}, device {device}, torch threads {torch.get_num_threads()}, "
               f"attn={ref.config._attn_implementation}, experts={getattr(ref.config, '_experts_implementation', None)}")
@@ -220,7 +225,7 @@ def main():
         base, plain_out = None, None
         group = []
         for speculative in (False, True):
-            tps, rate, outs = timed(gen, prompts, a.new_tokens, speculative, batch, a.repeats)
+            tps, rate, outs = timed(engines[speculative], prompts, a.new_tokens, batch, a.repeats)
             base = base or tps
             plain_out = plain_out or outs
             group.append([batch, "MTP speculative" if speculative else "plain", tps, rate, tps / base, None])
@@ -237,7 +242,7 @@ def main():
     for batch, mode, tps, rate, speedup, vs in rows:
         print(f"| {batch} | {mode} | {tps:.1f} | {'-' if rate is None else f'{rate:.2f}'} | {speedup:.2f}x | "
               f"{'-' if vs is None else f'{vs:.2f}x'} |")
-    print(f"(compilation, excluded above: {gen.compile_seconds:.1f}s)")
+    print(f"(compilation, excluded above: {sum(e.compile_seconds for e in engines.values()):.1f}s)")
     for batch, n in agree.items():
         full = sum(x == a.new_tokens for x in n)
         print(f"greedy agreement with transformers, batch {batch} ({dtype}): {full}/{len(n)} prompts agree on all "
@@ -247,15 +252,18 @@ def main():
     print("| model | cache | bytes/token (main layers) | vs multi-head K/V |")
     print("|---|---|---|---|")
     v3 = ModelConfig()  # the released model: sizes only, nothing is built
-    for dt in (jnp.float32, jnp.bfloat16):
+    # measured from the engine's page pools (a pool of 2 one-token pages per dtype)
+    pools = {dt: Engine(model, page_size=1, pages=2, cache_dtype=dt, speculative=bool(len(model.mtp))).pools
+             for dt in (jnp.float32, jnp.bfloat16)}
+    for dt in pools:
         size = jnp.dtype(dt).itemsize
-        demo = cache_bytes_per_token(jax.eval_shape(lambda dt=dt: model.init_cache(1, 1, dt)))["main"]
+        demo = cache_bytes_per_token(pools[dt])["main"]
         v3_latent = (v3.kv_lora_rank + v3.qk_rope_head_dim) * v3.num_hidden_layers * size
         for name, c, lat in (("demo (tiny)", cfg, demo), ("DeepSeek-V3 671B", v3, v3_latent)):
             mha = mha_cache_bytes_per_token(c, size)
             print(f"| {name} | latent, {jnp.dtype(dt).name} | {lat:,} | {mha:,} = {mha / lat:.1f}x larger |")
     if len(model.mtp):
-        mtp = cache_bytes_per_token(jax.eval_shape(lambda: model.init_cache(1, 1, jnp.bfloat16, mtp=True)))["mtp"]
+        mtp = cache_bytes_per_token(pools[jnp.bfloat16])["mtp"]
         print(f"(speculative decoding adds the MTP layer's own latent cache: {mtp} bytes/token in bfloat16 for the "
               f"demo, {(v3.kv_lora_rank + v3.qk_rope_head_dim) * 2:,} for DeepSeek-V3)")
     return rows

@@ -1,8 +1,9 @@
 """Serving under load: the engine (continuous batching over the paged latent cache) against static batching
-(our `Generator`) and transformers' `generate`, on one fixed, seeded workload, in one run on one machine.
+(the same engine fed one batch at a time) and transformers' `generate`, on one fixed, seeded workload, in one
+run on one machine.
 
     python benchmarks/serve_load.py [--requests 128] [--concurrency 16] [--rate R] [--output_json FILE]
-                                    [--systems engine,engine_c1,generator,transformers_batched,transformers_single]
+                                    [--systems engine,engine_c1,static,transformers_batched,transformers_single]
     python benchmarks/serve_load.py --http [--clients 32] [--duration 300] [--concurrency 16]   # the soak
 
 --http starts `python serve.py` (with --warmup) on a free localhost port and runs --clients streaming clients
@@ -18,14 +19,16 @@ greedy, no stop tokens (every request produces exactly max_tokens). Arrivals: a 
 Systems:
   engine                the engine at --concurrency (max_batch = concurrency, --page_size, --max_batch_tokens)
   engine_c1             the engine at concurrency 1 (one request at a time)
-  generator             `Generator` on static batches of --concurrency requests: a batch runs until its longest
-                        request is done (the others' extra tokens are not counted), then the next batch starts
+  static                static batches of --concurrency requests through the engine (`Engine.generate`, same
+                        page size and decode steps): a batch runs until its longest request is done (every row
+                        generates that many tokens; the others' extra tokens are not counted), then the next
+                        batch starts: what continuous batching is measured against
   transformers_batched  `DeepseekV3ForCausalLM.generate` on the same weights, left-padded batches of --concurrency
   transformers_single   the same, one request at a time
 Static-batch systems take requests in arrival order (with --rate a batch starts when its last request has
 arrived). The engine compiles every shape it can schedule first (`Engine.warmup`, as a server does at
-start-up) and reports the compilations the measured run still triggered (0 expected); `Generator` warms up
-on its first two batches with max_tokens 8; compile time that still falls inside a run is subtracted.
+start-up) and reports the compilations the measured run still triggered (0 expected); the static system's
+engine warms up the same way; compile time that still falls inside a run is subtracted.
 
 Metrics per system: output tokens/s and requests/s over the run's wall time; time to first token (arrival ->
 first token seen by the client) p50/p99; inter-token latency p50/p99 over requests, each request's being
@@ -48,10 +51,9 @@ import numpy as np  # noqa: E402
 from decode import ensure_demo  # noqa: E402
 
 from dsv3_jax.infer.engine import Engine  # noqa: E402
-from dsv3_jax.infer.generate import Generator  # noqa: E402
 from dsv3_jax.infer.sampling import SamplingParams  # noqa: E402
 
-SYSTEMS = ("engine", "engine_c1", "generator", "transformers_batched", "transformers_single")
+SYSTEMS = ("engine", "engine_c1", "static", "transformers_batched", "transformers_single")
 GREEDY = SamplingParams()
 
 
@@ -85,18 +87,20 @@ def summarise(name, records, wall, extra=None):
 
 
 # ---------------------------------------------------------------------------------------------- our systems
-def run_engine(model, work, concurrency, args):
-    def make():
-        pages = concurrency * -(-(512 + 256 + 2 * args.decode_steps) // args.page_size) + 1
-        return Engine(model, page_size=args.page_size, max_batch=concurrency,
-                      max_batch_tokens=max(args.max_batch_tokens, concurrency), pages=pages,
-                      decode_steps=args.decode_steps, max_seq_len=512 + 256)
-
-    eng = make()
+def make_engine(model, concurrency, args, name):
+    """An engine for --concurrency rows of up to 512 + 256 tokens, every shape it can schedule compiled (as a
+    server does at start-up)."""
+    eng = Engine.for_batch(model, concurrency, 512 + 256, page_size=args.page_size, decode_steps=args.decode_steps,
+                           max_batch_tokens=max(args.max_batch_tokens, concurrency))
     t = time.perf_counter()
-    warmed = eng.warmup()  # every shape it can schedule, as a server does at start-up
-    name = "engine" if concurrency > 1 else "engine_c1"
+    warmed = eng.warmup()
     print(f"  {name} warm-up: {warmed} shapes in {time.perf_counter() - t:.0f}s", flush=True)
+    return eng
+
+
+def run_engine(model, work, concurrency, args):
+    name = "engine" if concurrency > 1 else "engine_c1"
+    eng = make_engine(model, concurrency, args, name)
     c0, n0 = eng.compile_seconds, eng.compilations
     times: dict[int, list[float]] = {}
     arrival: dict[int, float] = {}
@@ -134,11 +138,9 @@ def batches(work, concurrency):
         yield work[i:i + concurrency]
 
 
-def run_generator(model, work, concurrency, args):
-    gen = Generator(model, capacity=1024)
-    for b in list(batches(work, concurrency))[:2]:
-        gen.generate([p for _, p, _ in b], 8, GREEDY, stop_tokens=())
-    c0 = gen.compile_seconds
+def run_static(model, work, concurrency, args):
+    eng = make_engine(model, concurrency, args, "static")
+    c0 = eng.compile_seconds
     records = []
     t0 = time.perf_counter()
     for b in batches(work, concurrency):
@@ -148,19 +150,19 @@ def run_generator(model, work, concurrency, args):
         start = time.perf_counter()
         times = [[] for _ in b]
         limit = [m for _, _, m in b]
-        c_before = gen.compile_seconds
+        c_before = eng.compile_seconds
 
         def on_tokens(row, new, times=times):
             times[row].extend([time.perf_counter()] * len(new))
 
-        gen.generate([p for _, p, _ in b], max(limit), GREEDY, stop_tokens=(), on_tokens=on_tokens)
-        shift = gen.compile_seconds - c_before  # a new shape compiled inside: not service time
+        eng.generate([p for _, p, _ in b], max(limit), GREEDY, stop_tokens=(), on_tokens=on_tokens)
+        shift = eng.compile_seconds - c_before  # a new shape compiled inside: not service time
         for (arr, _, m), ts in zip(b, times):
             arr = start if arr is None else t0 + arr
             ts = [t - shift for t in ts[:m]]
             records.append((arr, ts, len(ts)))
-    wall = time.perf_counter() - t0 - (gen.compile_seconds - c0)
-    return summarise("generator", records, wall, {"compile_seconds": gen.compile_seconds - c0})
+    wall = time.perf_counter() - t0 - (eng.compile_seconds - c0)
+    return summarise("static", records, wall, {"compile_seconds": eng.compile_seconds - c0})
 
 
 # ---------------------------------------------------------------------------------------------- transformers
@@ -358,8 +360,8 @@ def main(argv=None):
             rows.append(run_engine(model, work, args.concurrency, args))
         elif s == "engine_c1":
             rows.append(run_engine(model, work, 1, args))
-        elif s == "generator":
-            rows.append(run_generator(model, work, args.concurrency, args))
+        elif s == "static":
+            rows.append(run_static(model, work, args.concurrency, args))
         else:
             tf = tf or load_transformers(model, args.torch_threads)
             rows.append(run_transformers(tf, work, args.concurrency if s == "transformers_batched" else 1, s))

@@ -1,28 +1,36 @@
-"""The serving engine (dsv3_jax/infer/engine.py) against `Generator` (the static-batch reference, itself tested
-against the full forward in test_infer.py), and its parts against plain references: the paged cache against
-a dense per-row cache, the page pool's counts, the scheduler under memory pressure.
+"""The serving engine (dsv3_jax/infer/engine.py), the one decoder, against the full forward: greedy tokens by
+repeated full forwards over each prompt alone (tests/reference/decoding.py); and its parts against plain
+references: the paged cache against a dense per-row cache, the page pool's counts, the scheduler under memory
+pressure.
 
 The model is test_infer's small random DeepSeek-V3 (1 dense + 2 MoE layers, std 0.2: tokens are sensitive
-to any wrong number). Greedy tokens must be equal, request by request, to that prompt decoded alone.
+to any wrong number). Greedy tokens must be equal, request by request, to the reference's for that prompt alone.
+
+Compiled once, shared: the engine's steps are module-level jitted functions of the model's structure and the
+step's shapes, so every single-device engine here has one configuration (`engine()`: one pool of POOL pages,
+one page size, one max_seq_len, so one set of shapes) and the tests reuse each other's compilations; the
+speculative, mesh and kernel engines add their own. The pool is small on purpose: requests get preempted.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_infer import draftable_model
 
+from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.infer.engine import Engine
-from dsv3_jax.infer.generate import Generator
 from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, PoolExhausted, page_keys
 from dsv3_jax.infer.sampling import SamplingParams
 from dsv3_jax.mla import LatentCache
 
-from reference import tiny_config
+from reference import decoding, tiny_config
 
 NEW = 12
 PROMPTS = [[3, 5, 7, 11, 2], [9, 2, 4, 4, 8, 10, 11, 30, 31, 17, 6], [20], list(range(2, 40)),
            [3, 5, 7, 11, 2, 8, 8, 9, 1, 4, 6, 12, 13, 14, 15, 16, 17, 18, 19, 21], [41, 42, 43, 44, 45, 46]]
 GREEDY = SamplingParams()
+POOL = 16  # pages of 4 tokens (15 usable): the longest request fits, two long ones do not
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +40,13 @@ def model():
 
 @pytest.fixture(scope="module")
 def alone(model):
-    """Each prompt decoded alone by the reference Generator."""
-    gen = Generator(model, capacity=64, cache_dtype=jnp.float32, prefill_bucket=16)
-    return [gen.generate([p], NEW, GREEDY, stop_tokens=())[0].tokens for p in PROMPTS]
+    """Each prompt's greedy tokens alone, by repeated full forwards (the reference)."""
+    return decoding.greedy(model, PROMPTS, NEW)
 
 
 def engine(model, **kw):
-    args = dict(page_size=4, max_batch=4, max_batch_tokens=24, max_prefill_chunk=16, pages=64, decode_steps=3,
-                cache_dtype=jnp.float32)
+    args = dict(page_size=4, max_batch=4, max_batch_tokens=24, max_prefill_chunk=16, pages=POOL, decode_steps=3,
+                cache_dtype=jnp.float32, max_seq_len=56)
     return Engine(model, **(args | kw))
 
 
@@ -96,7 +103,7 @@ def test_greedy_equals_each_prompt_alone_with_staggered_arrivals(model, alone):
 def test_greedy_survives_preemption_and_reuses_prefixes(model, alone):
     """A pool so small that requests are preempted and recomputed; the shared prefix of PROMPTS[0] and [4]
     is found in the prefix table."""
-    eng = engine(model, pages=15, max_batch=4)
+    eng = engine(model)
     ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS]
     eng.run()
     assert eng.scheduler.preemptions > 0
@@ -145,6 +152,60 @@ def test_stop_ids_max_tokens_cancel_and_bad_requests(model, alone):
         eng.submit([10**6], 4)
 
 
+def test_bad_requests_fail_clearly_before_compiling(model):
+    """Too long for the engine's max_seq_len or for the model's context, a max_seq_len past the context, an empty
+    prompt: a UserError that names the limit, before anything compiles; `generate` leaves none of its prompts
+    queued when one of them is bad."""
+    eng = engine(model, max_seq_len=16)
+    with pytest.raises(UserError, match=r"prompt \(17 tokens\) \+ max_tokens \(1\) = 18 exceeds the engine's max_seq"):
+        eng.generate([[2] * 17], 1)
+    with pytest.raises(UserError, match=r"prompt 1: .*\(8\) = 18 exceeds the engine's max_seq_len of 16") as e:
+        eng.generate([[2] * 3, [2] * 10], 8)
+    assert e.value.field == "max_tokens" and eng.idle and not eng.requests
+    context = model.cfg.max_position_embeddings
+    with pytest.raises(UserError, match=f"exceeds the model's context of {context}"):
+        engine(model, max_seq_len=None).generate([[2] * (context + 1)], 1)
+    with pytest.raises(UserError, match="max_position_embeddings"):
+        engine(model, max_seq_len=context + 1)
+    with pytest.raises(UserError, match="empty"):
+        eng.generate([[]], 1)
+    assert eng.compilations == 0 and eng.compile_seconds == 0.0
+
+
+def test_generate_a_static_batch(model, alone):
+    """`Engine.generate` (every prompt at once, run to completion) gives each prompt's reference tokens; a stop
+    token ends a row before it (excluded, reason 'stop'), max_new_tokens cuts every row (reason 'length')."""
+    eng = engine(model)
+    got = eng.generate(PROMPTS, NEW, stop_tokens=())
+    assert [c.tokens for c in got] == alone and {c.finish_reason for c in got} == {"length"}
+    stop = alone[1][7]
+    cut = eng.generate(PROMPTS, NEW, stop_tokens=(stop,))
+    for c, want in zip(cut, alone):
+        n = want.index(stop) if stop in want else NEW
+        assert c.tokens == want[:n] and c.finish_reason == ("stop" if n < NEW else "length")
+    assert cut[1].finish_reason == "stop" and len(cut[1].tokens) <= 7
+    short = eng.generate(PROMPTS, 4, stop_tokens=())
+    assert [c.tokens for c in short] == [a[:4] for a in alone] and {c.finish_reason for c in short} == {"length"}
+
+
+def test_generate_sampling_is_seeded_and_top_k_1_is_greedy(model, alone):
+    """Seeded sampling repeats itself and changes with the seed, plain and speculative (the accept/resample
+    rule); top-k = 1 leaves one token, so sampling is greedy, also through the speculative rule."""
+    plain, spec = engine(model), engine(model, speculative=True)
+
+    def run(eng, s):
+        return [c.tokens for c in eng.generate(PROMPTS, NEW, s, stop_tokens=())]
+
+    hot = SamplingParams(temperature=1.5, seed=0)
+    a, b, c = run(plain, hot), run(plain, hot), run(plain, SamplingParams(temperature=1.5, seed=1))
+    assert a == b and a != c and a != alone
+    nucleus = SamplingParams(temperature=1.5, top_p=0.9, seed=3)
+    s1, s2 = run(spec, nucleus), run(spec, nucleus)
+    assert s1 == s2 and s1 != alone
+    k1 = SamplingParams(temperature=1.0, top_k=1, seed=7)
+    assert run(plain, k1) == alone and run(spec, k1) == alone
+
+
 def test_compilations_are_bounded(model):
     eng = engine(model)
     warmed = eng.warmup()
@@ -160,9 +221,11 @@ def test_compilations_are_bounded(model):
 
 def test_mtp_speculation_in_the_engine_keeps_greedy_output(model, alone):
     """Verify two tokens per step on the paged cache (main and MTP pools), rollback by length: the greedy
-    tokens are plain greedy's, drafts are both accepted and rejected; with a tiny pool it also survives
-    preemption, and a repeated prompt hits the prefix table (keys include the token after each page)."""
-    eng = engine(model, speculative=True, pages=18)
+    tokens are plain greedy's (the reference's), token for token; drafts are both accepted and rejected, every
+    row was drafted for, and there were fewer verify steps than tokens (each accepted draft saved one); with a
+    tiny pool it also survives preemption, and a repeated prompt hits the prefix table (keys include the token
+    after each page)."""
+    eng = engine(model, speculative=True)
     ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS]
     eng.run()
     for rid, want in zip(ids, alone):
@@ -170,23 +233,32 @@ def test_mtp_speculation_in_the_engine_keeps_greedy_output(model, alone):
     drafted = sum(eng.result(i).drafted for i in ids)
     accepted = sum(eng.result(i).accepted for i in ids)
     assert 0 < accepted < drafted, (accepted, drafted)
-    again = eng.submit(PROMPTS[3], NEW, stop_ids=())
-    eng.run()
-    assert eng.result(again).output == alone[3] and eng.result(again).prefix_hit_tokens > 0
+    assert all(eng.result(i).drafted > 0 for i in ids)
+    assert sum(len(eng.result(i).output) for i in ids) > drafted
+    again = engine(model, speculative=True)  # a fresh pool: nothing evicts the first run's pages
+    for _ in range(2):
+        rid = again.submit(PROMPTS[3], NEW, stop_ids=())
+        again.run()
+    assert again.result(rid).output == alone[3] and again.result(rid).prefix_hit_tokens > 0
 
 
 def test_engine_on_a_mesh_equals_one_device(model, alone):
-    """Rows over data x expert, experts over 'expert', heads over 'tensor' (8 fake CPU devices)."""
-    from dsv3_jax import sharding
-
-    mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2})
+    """Parameters placed by the logical-axis rules (experts over 'expert', heads over 'tensor'), the page pools
+    by layer (over 'stage', else replicated), each step's rows over data x expert, on 8 fake CPU devices:
+    the reference's greedy tokens."""
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2}, jax.devices()[:8])
     eng = engine(model, mesh=mesh)
+    w = eng.state["moe_layers"]["ffn"]["w_gate"][...]
+    assert w.sharding.spec == sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp"))
+    assert w.sharding.spec[1] == "expert" and len(w.sharding.device_set) == 8
+    assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape[1] == w.shape[1] // 2
+    pool = eng.pools.moe.c_kv.sharding
+    assert pool.mesh == eng.mesh and pool.spec == jax.sharding.PartitionSpec(sharding.logical_to_spec(("layers",))[0])
+    assert eng.batch_multiple == 4  # data x expert
     ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS[:4]]
     eng.run()
     for rid, want in zip(ids, alone):
         assert eng.result(rid).output == want
-    w = eng.state["moe_layers"]["ffn"]["w_gate"][...]
-    assert w.sharding.spec[1] == "expert" and len(w.sharding.device_set) == 8
 
 
 class CharTokenizer:

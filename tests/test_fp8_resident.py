@@ -21,15 +21,18 @@ from flax import nnx
 from dsv3_jax import runtime, sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data.bpe import EOS_ID
 from dsv3_jax.fp8 import gemm as fp8_gemm
 from dsv3_jax.fp8 import quant, resident
-from dsv3_jax.infer.generate import Generator
+from dsv3_jax.infer.engine import Engine
 from dsv3_jax.infer.memory_plan import device_bytes, serving_plan
 from dsv3_jax.infer.sampling import SamplingParams
 from dsv3_jax.interop import convert, hf
 from dsv3_jax.interop import layout as L
 from dsv3_jax.interop import safetensors_io as st
 from dsv3_jax.model import DeepSeekV3
+
+from reference import decoding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = ModelConfig(vocab_size=320, hidden_size=160, intermediate_size=200, moe_intermediate_size=136,
@@ -161,15 +164,18 @@ def test_every_expert_layout_agrees(ckpt, logits):
 
 
 def test_absorbed_decode_on_fp8_weights(loaded):
-    """The latent-cache decode (kv_b dequantised per layer from its blocks) gives the dequantised model's greedy
-    tokens (weight-only), plain and speculative."""
+    """The serving engine on FP8-resident weights (weight-only; the latent-cache decode dequantises kv_b per layer
+    from its blocks) gives the dequantised model's greedy tokens by repeated full forwards, plain and
+    speculative. (Not W8A8: there the absorbed decode and the full forward's expanded K/V take wkv_b through
+    different quantised GEMMs, so the two differ by design.)"""
     prompts = [[5, 9, 2, 7, 1], [3, 8]]
     greedy = SamplingParams(0.0, 0, 1.0, 0)
-    want = [c.tokens for c in Generator(loaded["deq"], capacity=64).generate(prompts, 16, greedy)]
-    gen = Generator(loaded["weight_only"], capacity=64)
-    assert "weights resident (weight_only" in gen.runtime.describe()
-    assert [c.tokens for c in gen.generate(prompts, 16, greedy)] == want
-    assert [c.tokens for c in gen.generate(prompts, 16, greedy, speculative=True)] == want
+    want = decoding.greedy(loaded["deq"], prompts, 16, stop_tokens=(EOS_ID,))
+    for speculative in (False, True):
+        eng = Engine(loaded["weight_only"], page_size=8, max_batch=2, max_batch_tokens=16, pages=16,
+                     speculative=speculative)
+        assert "weights resident (weight_only" in eng.runtime.describe()
+        assert [c.tokens for c in eng.generate(prompts, 16, greedy)] == want
 
 
 def test_training_on_fp8_weights_is_refused(loaded):
@@ -210,8 +216,7 @@ def test_convert_keep_fp8_and_infer_cli(ckpt, loaded, tmp_path):
         convert.fp8_runtime({}, runtime.resolve(fp8_weights="w8a8"))  # a float workdir on an FP8 runtime
     tok = hf.load_tokenizer(str(ckpt / "fp8"))
     prompt = tok.decode([5, 9, 2])
-    want = Generator(loaded["deq"], capacity=64).generate([tok.encode(prompt).ids], 12,
-                                                          SamplingParams(0.0, 0, 1.0, 0))[0].tokens
+    want = decoding.greedy(loaded["deq"], [tok.encode(prompt).ids], 12, stop_tokens=(EOS_ID,))[0]
     got = {}
     for name, args in (("hf", [f"--hf={ckpt / 'fp8'}", "--keep_fp8", "--fp8_mode=weight_only"]),
                        ("workdir", [f"--checkpoint={out}", "--fp8_mode=weight_only"])):
@@ -243,18 +248,3 @@ def test_quantize_weight_matches_the_block_quantiser():
     assert qw.q.shape == (2, 130, 260) and qw.s.shape == (2, 2, 3)
     np.testing.assert_array_equal(np.asarray(qw.q, np.float32), np.asarray(q[:, :130, :260], np.float32))
     np.testing.assert_array_equal(np.asarray(qw.dequantize()), np.asarray(quant.dequantize_blocks(q, s, (130, 260))))
-
-
-def test_serving_engine_runs_on_fp8_weights(loaded):
-    """The paged engine on FP8-resident weights gives the static Generator's greedy tokens on them (weight-only:
-    in W8A8 the two differ by design, since Generator's prefill expands K/V from the latent through the
-    W8A8 wkv_b GEMM while the engine attends over the latent with wkv_b absorbed)."""
-    from dsv3_jax.infer.engine import Engine
-
-    prompts = [[5, 9, 2, 7, 1], [3, 8]]
-    greedy = SamplingParams(0.0, 0, 1.0, 0)
-    m = loaded["weight_only"]
-    want = [Generator(m, capacity=64).generate([p], 10, greedy, stop_tokens=())[0].tokens for p in prompts]
-    got = Engine(m, page_size=8, max_batch=2, max_batch_tokens=16, pages=16).generate(prompts, 10, greedy,
-                                                                                      stop_tokens=())
-    assert [c.tokens for c in got] == want

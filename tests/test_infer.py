@@ -1,11 +1,12 @@
-"""Inference: the absorbed-MLA latent cache, batched generation, sampling and MTP speculative decoding.
+"""Inference pieces: the model's absorbed-MLA latent cache (prefill + decode, teacher-forced, against the full
+forward), absorbed attention against expanded attention and numpy, cache sizes, sampling (filtering, speculative
+sampling's distribution), and bfloat16 decoding through the engine. The engine's generation (batching, stops,
+seeded sampling, MTP speculation, sharding, errors) is tested in test_engine.py, against the full forward.
 
 Models are small random DeepSeek-V3s (tests/reference: 1 dense + 2 MoE layers, YaRN, 8 experts in 4
 groups) drawn with std 0.2, so logits are large and wrong variants change tokens. Tolerance for logits
 (float32 model, matmul precision 'highest', conftest.py): |got - want| <= 1e-4 * (|want| + max |want|).
 Token sequences must match exactly.
-
-One Generator is shared by the tests that generate, so each decode step compiles once per batch size.
 """
 import jax
 import jax.numpy as jnp
@@ -13,20 +14,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dsv3_jax import sharding
-from dsv3_jax.infer.generate import Generator, cache_bytes_per_token, mha_cache_bytes_per_token
-from dsv3_jax.infer.sampling import SamplingParams, filter_logits, verify_draft
+from dsv3_jax.infer.engine import Engine
+from dsv3_jax.infer.memory_plan import cache_bytes_per_token, mha_cache_bytes_per_token
+from dsv3_jax.infer.paged_cache import bytes_per_token
+from dsv3_jax.infer.sampling import filter_logits, verify_draft
 from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.model import DeepSeekV3, with_runtime
 from dsv3_jax.rope import rope_tables
 
-from reference import build, tiny_config, tiny_runtime, to_numpy
+from reference import build, decoding, tiny_config, tiny_runtime, to_numpy
 from reference import numpy_ref as ref
-
-PROMPTS = [[3, 5, 7, 11, 2], [9, 2, 4, 4, 8, 10, 11, 30, 31, 17, 6], [20]]
-NEW = 20
-FULL_T = 20  # full-forward reference windows are [2, FULL_T]: one compilation shared by two tests
-full_forward = nnx.jit(lambda m, tokens: m(tokens))
 
 
 def close(got, want, rel=1e-4):
@@ -60,16 +57,6 @@ def model():
     return draftable_model()
 
 
-@pytest.fixture(scope="module")
-def gen(model):
-    return Generator(model, capacity=48, cache_dtype=jnp.float32, prefill_bucket=16)
-
-
-@pytest.fixture(scope="module")
-def greedy_batched(gen):
-    return gen.generate(PROMPTS, NEW)
-
-
 # ----------------------------------------------------------------------------- cache vs full forward
 
 
@@ -79,9 +66,9 @@ def test_cached_prefill_and_decode_match_full_forward():
     written by prefill are masked, then overwritten."""
     cfg = tiny_config(num_nextn_predict_layers=1)
     m = build(lambda r: DeepSeekV3(cfg, rngs=r, runtime=tiny_runtime()), seed=5, std=0.2)
-    B, T, lens, S = 2, FULL_T, np.array([6, 3]), 32
+    B, T, lens, S = 2, 20, np.array([6, 3]), 32
     toks = jax.random.randint(jax.random.key(1), (B, T), 2, cfg.vocab_size)
-    full = full_forward(m, toks)
+    full_logits, full_mtp = decoding.logits(m, toks)
     nxt = jnp.concatenate([toks[:, 1:], jnp.zeros((B, 1), toks.dtype)], axis=1)  # t_{i+1}, 0 past the end
     graphdef, state = nnx.split(m)
     decode_graphdef = nnx.split(with_runtime(m, tiny_runtime(moe_impl="dense")))[0]
@@ -114,9 +101,9 @@ def test_cached_prefill_and_decode_match_full_forward():
     for b in range(B):
         n = max(p for bb, p in got if bb == b) + 1
         assert n >= T - 3
-        close(np.stack([got[(b, p)][0] for p in range(n)]), full.logits[b, :n])
-        close(np.stack([got[(b, p)][1] for p in range(n)]), full.mtp_logits[0][b, :n])
-    assert float(jnp.abs(full.logits).mean()) > 0.5  # logits discriminate
+        close(np.stack([got[(b, p)][0] for p in range(n)]), full_logits[b, :n])
+        close(np.stack([got[(b, p)][1] for p in range(n)]), full_mtp[0][b, :n])
+    assert float(jnp.abs(full_logits).mean()) > 0.5  # logits discriminate
 
 
 # ----------------------------------------------------------------------------- absorbed attention
@@ -187,7 +174,8 @@ def test_absorbed_attention_equals_expanded():
 
 def test_cache_bytes_per_token(model):
     """The cache holds only c_kv [R] and k_pe [dr] per token per layer: (R + dr) * layers * itemsize bytes for
-    the main model; the MTP layer's cache (speculative decoding) is counted separately, (R + dr) * itemsize."""
+    the main model; the MTP layer's cache (speculative decoding) is counted separately, (R + dr) * itemsize.
+    The engine's page pools hold the same per token (and `paged_cache.bytes_per_token` sizes them so)."""
     cfg = model.cfg
     per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -201,67 +189,13 @@ def test_cache_bytes_per_token(model):
         assert total == 3 * 40 * (got["main"] + got["mtp"])
         assert mha_cache_bytes_per_token(cfg, itemsize) == (
             cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers * itemsize)
+        pools = Engine(model, page_size=4, pages=8, cache_dtype=dtype, speculative=True).pools
+        assert cache_bytes_per_token(pools) == got
+        assert bytes_per_token(cfg, itemsize, mtp=True) == got["main"] + got["mtp"]
     assert jax.eval_shape(lambda: model.init_cache(1, 8)).mtp is None  # no MTP cache unless speculating
 
 
-# ----------------------------------------------------------------------------- generation
-
-
-def test_batched_prompts_equal_each_alone(gen, greedy_batched):
-    """Right-padded prompts of 5, 11 and 1 tokens decoded together give each prompt's greedy tokens alone,
-    which equal the argmax of a fresh full forward over the growing sequence."""
-    for p, got in zip(PROMPTS, greedy_batched):
-        alone = gen.generate([p], NEW)[0]
-        assert got.tokens == alone.tokens and got.finish_reason == alone.finish_reason
-    model, seq = nnx.merge(gen.graphdef, gen.state), list(PROMPTS[1])
-    for _ in range(6):  # causal: the zero tail of a fixed buffer changes nothing before it
-        buf = jnp.zeros((2, FULL_T), jnp.int32).at[0, :len(seq)].set(jnp.asarray(seq))
-        seq.append(int(jnp.argmax(full_forward(model, buf).logits[0, len(seq) - 1])))
-    assert greedy_batched[1].tokens[:6] == seq[len(PROMPTS[1]):]
-
-
-def test_speculative_greedy_equals_plain_greedy(gen, greedy_batched):
-    """MTP-drafted, 2-token-verified greedy decoding reproduces plain greedy decoding token for token, and the
-    run exercised both accepted and rejected drafts."""
-    spec = gen.generate(PROMPTS, NEW, speculative=True)
-    for a, b in zip(greedy_batched, spec):
-        assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
-    accepted = sum(c.accepted for c in spec)
-    drafted = sum(c.drafted for c in spec)
-    assert 0 < accepted < drafted, (accepted, drafted)
-    assert all(c.acceptance_rate is not None for c in spec)
-    # fewer model steps than tokens: each accepted draft saved one
-    assert sum(len(c.tokens) for c in spec) > drafted
-
-
-def test_stop_token_and_max_new_tokens(gen, greedy_batched):
-    """Generation stops before a stop token (excluded from the output) and after max_new_tokens."""
-    i = next(i for i, c in enumerate(greedy_batched) if len(c.tokens) == NEW)
-    row = greedy_batched[i].tokens
-    stop = row[7]
-    out = gen.generate(PROMPTS, NEW, stop_tokens=(stop,))[i]
-    assert out.tokens == row[:row.index(stop)] and out.finish_reason == "stop"
-    short = gen.generate(PROMPTS, 4)
-    assert [c.tokens for c in short] == [c.tokens[:4] for c in greedy_batched]
-    assert [c.finish_reason for c in short] == ["length" if len(c.tokens) >= 4 else "stop" for c in greedy_batched]
-
-
-def test_sampling_seeded_and_top_k_1_is_greedy(gen, greedy_batched):
-    hot = SamplingParams(temperature=1.5, seed=0)
-    a = [c.tokens for c in gen.generate(PROMPTS, NEW, hot)]
-    b = [c.tokens for c in gen.generate(PROMPTS, NEW, hot)]
-    c = [c.tokens for c in gen.generate(PROMPTS, NEW, SamplingParams(temperature=1.5, seed=1))]
-    assert a == b and a != c
-    assert a != [g.tokens for g in greedy_batched]
-    spec = SamplingParams(temperature=1.5, top_p=0.9, seed=3)
-    s1 = [c.tokens for c in gen.generate(PROMPTS, NEW, spec, speculative=True)]
-    s2 = [c.tokens for c in gen.generate(PROMPTS, NEW, spec, speculative=True)]
-    assert s1 == s2
-    # top-k = 1 leaves one token: sampling is greedy, also through the speculative accept/resample rule
-    k1 = SamplingParams(temperature=1.0, top_k=1, seed=7)
-    for speculative in (False, True):
-        got = gen.generate(PROMPTS, NEW, k1, speculative=speculative)
-        assert [c.tokens for c in got] == [g.tokens for g in greedy_batched]
+# ----------------------------------------------------------------------------- sampling
 
 
 def _filter_numpy(logits, temperature, top_k, top_p):
@@ -310,44 +244,14 @@ def test_speculative_sampling_keeps_the_target_distribution():
     assert np.abs(freq - q).max() > 0.02  # q itself would fail the first check
 
 
-# ----------------------------------------------------------------------------- errors and sharding
-
-
-def test_prompt_too_long_fails_clearly_before_compiling(model):
-    g = Generator(model, capacity=16)
-    with pytest.raises(ValueError, match="17 tokens, more than the cache's capacity of 16"):
-        g.generate([[2] * 17], 1)
-    with pytest.raises(ValueError, match=r"\+ max_new_tokens \(8\) = 18 exceeds the cache's capacity of 16"):
-        g.generate([[2] * 3, [2] * 10], 8)
-    context = model.cfg.max_position_embeddings
-    with pytest.raises(ValueError, match=f"more than the model's context of {context}"):
-        Generator(model, capacity=context).generate([[2] * (context + 1)], 1)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
-        Generator(model, capacity=context + 1)
-    with pytest.raises(ValueError, match="empty"):
-        g.generate([[]], 1)
-    assert g.compile_seconds == 0.0
-
-
-def test_sharded_decode_equals_single_device(model, greedy_batched):
-    """Parameters placed by the logical-axis rules, the cache by its logical names, on a (data 2, expert 2,
-    tensor 2) mesh of 8 fake CPU devices: same greedy tokens as on one device."""
-    mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2}, jax.devices()[:8])
-    g = Generator(model, capacity=48, cache_dtype=jnp.float32, prefill_bucket=16, mesh=mesh)
-    w = g.state["moe_layers"]["ffn"]["w_gate"][...]
-    assert w.sharding.spec == sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp"))
-    assert len(w.addressable_shards) == 8 and w.addressable_shards[0].data.shape[1] == w.shape[1] // 2
-    c_spec = g.cache_shardings(False).moe.c_kv.spec
-    assert c_spec == sharding.logical_to_spec(("layers", "batch", "cache_length", "kv_lora")) and c_spec[1] is not None
-    assert g.batch_multiple > 1 and g.batch_multiple % 2 == 0
-    got = g.generate(PROMPTS, NEW)
-    assert [c.tokens for c in got] == [c.tokens for c in greedy_batched]
+# ----------------------------------------------------------------------------- bfloat16
 
 
 def test_bfloat16_generation_runs_on_cpu_and_tracks_the_full_forward():
-    """A bf16 model decodes on XLA:CPU (whose DotThunk cannot run some bf16 x bf16 -> f32 dots, e.g. the
-    absorbed attention at these shapes) and its cached logits follow the bf16 full forward to bf16
-    accuracy; speculative greedy still equals plain greedy."""
+    """A bf16 model (bf16 latent cache) decodes through the engine on XLA:CPU (whose DotThunk cannot run some
+    bf16 x bf16 -> f32 dots, e.g. the absorbed attention at these shapes); speculative greedy still equals plain
+    greedy; the model's cached logits, teacher-forced over those tokens, follow the bf16 full forward to bf16
+    accuracy and their argmax is the engine's tokens."""
     from dsv3_jax.config import ModelConfig
 
     cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
@@ -356,9 +260,8 @@ def test_bfloat16_generation_runs_on_cpu_and_tracks_the_full_forward():
                       topk_group=1, first_k_dense_replace=1, dtype="bfloat16", num_nextn_predict_layers=1)
     m = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
     prompts = [[3, 7, 11, 5], [9, 2]]
-    gen = Generator(m, capacity=64)
-    plain = [c.tokens for c in gen.generate(prompts, 8, stop_tokens=())]
-    spec = [c.tokens for c in gen.generate(prompts, 8, speculative=True, stop_tokens=())]
+    plain, spec = ([c.tokens for c in Engine.for_batch(m, 2, 16, speculative=s).generate(prompts, 8, stop_tokens=())]
+                   for s in (False, True))
     assert plain == spec and all(len(t) == 8 for t in plain)
     prompt, out = prompts[0], plain[0]
     full = nnx.jit(lambda m, t: m(t).logits)(m, jnp.asarray([prompt + out[:-1]]))[0, len(prompt) - 1:]

@@ -350,7 +350,7 @@ def test_convert_restore_and_generate(ref, base, tmp_path):
     import torch
     from jax.sharding import NamedSharding
 
-    from dsv3_jax.infer.simple import greedy_tokens
+    from dsv3_jax.infer.engine import Engine
     from dsv3_jax.sharding import MESH_AXES
 
     out = str(tmp_path / "work")
@@ -380,8 +380,8 @@ def test_convert_restore_and_generate(ref, base, tmp_path):
     assert direct.moe_layers.ffn.w_gate[...].sharding == w.sharding
     np.testing.assert_array_equal(np.asarray(direct.moe_layers.ffn.w_gate[...]), np.asarray(w))
 
-    prompt = base.tokens[0, :5].tolist()
-    ours = greedy_tokens(model, prompt, 6)
+    prompt = base.tokens[0, :5].tolist()  # the restored model decoded by the engine = transformers' greedy
+    ours = Engine.for_batch(model, 1, 11).generate([prompt], 6, stop_tokens=())[0].tokens
     seq = torch.as_tensor([prompt])
     for _ in range(6):
         seq = torch.cat([seq, torch.as_tensor(torch_logits(base.model, seq)[:, -1].argmax(-1))[:, None]], dim=1)

@@ -1,6 +1,7 @@
 """The paged-attention kernel (dsv3_jax/infer/paged_attention.py, Pallas in interpret mode on CPU) against a
 numpy reference written here, the jnp gather read against the same reference, the kernel's lowering for CUDA
-(Triton) and TPU (Mosaic), and the engine's greedy tokens with the kernel against `Generator`'s."""
+(Triton) and TPU (Mosaic), and the engine's greedy tokens with the kernel against the full forward's
+(test_engine's `alone`: greedy by repeated full forwards, tests/reference/decoding.py)."""
 import contextlib
 
 import jax

@@ -180,7 +180,7 @@ def test_config_override_reaches_model():
     (["--config.model.num_experts_per_tok=32"], "num_experts_per_tok"),
     (["--config.train.batch_size=0"], "train.batch_size"),
     (["--config.train.grad_accum_steps=3"], "config.train.grad_accum_steps=3"),
-    (["--config.mesh.stage=2"], "config.mesh.stage=2"),  # tiny: 1 dense layer cannot split over 2 stages
+    (["--config.mesh.stage=8"], "config.mesh.stage x config.mesh.pipeline_chunks = 8 pipeline stages"),  # 4 layers
 ])
 def test_bad_config_fails_fast(tmp_path, args, needle):
     r = _run_train("--workdir", str(tmp_path / "wd"), *args, timeout=60)
@@ -190,12 +190,12 @@ def test_bad_config_fails_fast(tmp_path, args, needle):
 
 
 def test_load_trained_and_greedy_decode(runs):
-    """infer.py's loader restores exactly the trained parameters; cache-free greedy decoding equals
-    the argmax of a fresh full forward over the growing sequence (no padding buffer)."""
+    """infer.py's loader restores exactly the trained parameters; the engine's greedy decoding of the loaded
+    model (what infer.py does) equals the argmax of a fresh full forward over the growing sequence."""
     from flax import nnx
 
+    from dsv3_jax.infer.engine import Engine
     from dsv3_jax.infer.load import load_trained
-    from dsv3_jax.infer.simple import greedy_tokens
 
     model, tokenizer, config, step = load_trained(str(runs["base_dir"]))
     assert step == config.train.steps == 24
@@ -203,7 +203,7 @@ def test_load_trained_and_greedy_decode(runs):
     prompt = tokenizer.encode("The object").ids
     tokens = jnp.asarray([prompt])
     np.testing.assert_array_equal(np.asarray(model(tokens).logits), np.asarray(trained(tokens).logits))
-    got = greedy_tokens(model, prompt, 6)
+    got = Engine.for_batch(model, 1, len(prompt) + 6).generate([prompt], 6, stop_tokens=())[0].tokens
     seq = list(prompt)
     for _ in range(6):
         seq.append(int(jnp.argmax(trained(jnp.asarray([seq])).logits[0, -1])))

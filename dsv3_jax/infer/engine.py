@@ -5,7 +5,7 @@
     while not engine.idle:
         engine.step()                                  # one scheduled step; callbacks stream tokens
     engine.result(rid)                                 # -> the finished Request
-    engine.generate(prompts, max_new_tokens, sampling) # the `Generator.generate` interface, on the engine
+    engine.generate(prompts, max_new_tokens, sampling) # a static batch: all submitted, run to completion
 
 Each step (`step`) asks the scheduler (scheduler.py) for rows, then runs at most two compiled functions:
   * prefill: the rows with more than one token to do, `[Bp, T]` tokens at their positions (padding at
@@ -22,11 +22,14 @@ end a request without emitting the stop token; stop strings (with a tokenizer) e
 occurrence in the detokenised output: `Request.text` is cut before it, the token ids run up to the token the
 stop string starts in (tokens already streamed are never taken back); `max_tokens` ends it with 'length'.
 
-Determinism: in float32 a request's greedy tokens equal `Generator`'s for its prompt decoded alone (tested
-with staggered arrivals, mixed lengths, forced preemption and prefix hits).
+This is the one decoder: infer.py, serve.py, train.py's closing sample, the notebooks and the benchmarks all
+decode through it (static batches too: `generate`). Determinism: in float32 a request's greedy tokens equal
+those of repeated full forwards over its prompt alone (tests/reference/decoding.py; tested with staggered
+arrivals, mixed lengths, forced preemption, prefix hits, MTP speculation and a device mesh).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -40,11 +43,31 @@ from flax import nnx
 
 from dsv3_jax import runtime, sharding
 from dsv3_jax.cli import UserError
-from dsv3_jax.infer.generate import EOS_ID, Completion
+from dsv3_jax.data.bpe import EOS_ID
 from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, pages_for_budget
 from dsv3_jax.infer.sampling import SamplingParams, greedy, probabilities, sample, verify_draft
 from dsv3_jax.infer.scheduler import Request, Scheduler, Work
 from dsv3_jax.model import DeepSeekV3, ModelCache, with_runtime
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result from `Engine.generate`. `seconds` is the wall time of the whole call, less compilation."""
+
+    tokens: list[int]
+    prompt_len: int
+    finish_reason: str  # "stop" (a stop token, not included in `tokens`) or "length"
+    seconds: float
+    drafted: int = 0  # speculative verify steps for this row
+    accepted: int = 0  # drafts the main model accepted
+
+    @property
+    def tokens_per_sec(self) -> float:
+        return len(self.tokens) / max(self.seconds, 1e-9)
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.accepted / self.drafted if self.drafted else None
 
 
 def _bucket(n: int, smallest: int = 1) -> int:
@@ -267,6 +290,18 @@ class Engine:
         self._compiled: set = set()
         self.compile_seconds = 0.0
         self.steps = 0
+
+    @classmethod
+    def for_batch(cls, model: DeepSeekV3, batch: int, seq_len: int, **kw) -> Engine:
+        """An engine sized for a static batch: `batch` rows at once, each up to `seq_len` tokens (prompt + new;
+        capped at the model's context, so a longer request fails in `submit` naming the context), its pool
+        holding all of them; `kw` as for `Engine` (page_size, decode_steps, speculative, ...)."""
+        seq_len = min(int(seq_len), model.cfg.max_position_embeddings)
+        page_size = kw.get("page_size", 16)
+        lookahead = kw.get("decode_steps", 4) * (2 if kw.get("speculative") else 1)
+        kw.setdefault("max_batch_tokens", max(256, batch))
+        pages = batch * -(-(seq_len + lookahead) // page_size) + 1  # + the trash page
+        return cls(model, max_batch=batch, max_seq_len=seq_len, pages=pages, **kw)
 
     # ------------------------------------------------------------------ placement
     def _pool_shardings(self):
@@ -577,16 +612,26 @@ class Engine:
                  sampling: SamplingParams = SamplingParams(), *, speculative: bool | None = None,
                  stop_tokens: Sequence[int] = (EOS_ID,),
                  on_tokens: Callable[[int, list[int]], None] | None = None) -> list[Completion]:
-        """All prompts submitted at once, run to completion: `Generator.generate`'s interface and result
-        (`seconds`: wall time of the run less the time spent compiling in it)."""
+        """Static batching on the engine: every prompt submitted at once (a bad one raises UserError naming it, and
+        none is queued), run to completion. Stops a row at its first stop token (not included in the output);
+        `on_tokens(row, new_ids)` streams. Returns one Completion per prompt, in order (`seconds`: wall time of
+        the call less the time spent compiling in it)."""
         if speculative is not None and bool(speculative) != self.speculative:
             raise UserError(f"this engine was built with speculative={self.speculative}; build one with "
                             f"Engine(..., speculative={bool(speculative)})")
+        if not prompts:
+            raise UserError("no prompts given")
         t0, c0 = time.perf_counter(), self.compile_seconds
         ids = []
         for i, p in enumerate(prompts):
             cb = None if on_tokens is None else (lambda req, new, i=i: on_tokens(i, new))
-            ids.append(self.submit(p, max_new_tokens, sampling, stop_ids=stop_tokens, on_tokens=cb))
+            try:
+                ids.append(self.submit(p, max_new_tokens, sampling, stop_ids=stop_tokens, on_tokens=cb))
+            except UserError as e:
+                for rid in ids:  # nothing of this call stays queued
+                    self.cancel(rid)
+                    del self.requests[rid]
+                raise UserError(f"prompt {i}: {e}", field=e.field) from None
         self.run()
         seconds = time.perf_counter() - t0 - (self.compile_seconds - c0)
         return [Completion(tokens=list(r.output), prompt_len=len(r.prompt), finish_reason=r.finish_reason,

@@ -15,6 +15,8 @@ The latent cache holds kv_lora_rank + qk_rope_head_dim values per token per laye
 main layers (plus the MTP layer's own when speculating, not counted here), in the cache dtype; it is split
 over the batch axes only, so every device of a batch shard holds the whole cache of its sequences:
 cache_tokens_per_device = (HBM - weights - reserve) / (values x layers x bytes).
+`cache_bytes_per_token` measures that figure from a cache's arrays; `mha_cache_bytes_per_token` is what a plain
+multi-head K/V cache of the same model would take (notebook 02, benchmarks/decode.py).
 """
 from __future__ import annotations
 
@@ -66,6 +68,26 @@ def device_bytes(state) -> int:
         for shard in a.addressable_shards:
             per[shard.device] = per.get(shard.device, 0) + shard.data.nbytes
     return max(per.values(), default=0)
+
+
+def cache_bytes_per_token(cache) -> dict:
+    """Bytes each token occupies in a latent cache, measured from its arrays' shapes (works on abstract ones):
+    {'main': all main-model layers, 'mtp': the MTP layer}. `cache` is a `ModelCache` of contiguous
+    (`mla.LatentCache`, [L, B, S, *]) or paged (`paged_cache.PagedLatentCache`, [L, P, G, *]) caches: either
+    way the two axes before the last are the token slots of one layer."""
+
+    def per_token(c):
+        if c is None:
+            return 0
+        return sum(a.dtype.itemsize * a.size // (a.shape[-2] * a.shape[-3]) for a in (c.c_kv, c.k_pe))
+
+    return {"main": per_token(cache.dense) + per_token(cache.moe), "mtp": per_token(cache.mtp)}
+
+
+def mha_cache_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
+    """A plain multi-head K/V cache of the same model: N (dn + dr) keys + N dv values per token per layer."""
+    per_layer = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    return per_layer * cfg.num_hidden_layers * itemsize
 
 
 def serving_plan(cfg: ModelConfig, sizes: dict, *, fp8_block: tuple[int, int] | None, keep_fp8: bool,
