@@ -3,7 +3,7 @@
     python benchmarks/pathological_corpus.py [--mb 50] [--vocab 4096] [--json FILE]
 
 Writes three corpora of --mb megabytes each into a temporary directory and runs
-`dsv3_jax.train.data.build_data` on each in a fresh process (train a byte-level BPE of --vocab tokens,
+`dsv3_jax.data.build.build_data` on each in a fresh process (train a byte-level BPE of --vocab tokens,
 encode everything, split, cut windows), reporting the child's peak RSS (ru_maxrss) and wall time:
 
 * one_line      English-like words with spaces but no newline: a single 50 MB line;
@@ -12,7 +12,7 @@ encode everything, split, cut windows), reporting the child's peak RSS (ru_maxrs
 
 Before the fix (whole documents into BPE training and one encode_batch over the corpus) encoding cost
 ~100 MB of RAM per MB of text and the 50 MB line passed 8 GB. Now BPE learns from at most
-`data.TOKENIZER_TRAIN_CHARS` characters with long runs cut, and encoding goes in bounded batches of
+`data.bpe.TOKENIZER_TRAIN_CHARS` characters with long runs cut, and encoding goes in bounded batches of
 pieces that tokenise exactly like the whole document.
 """
 import argparse
@@ -28,7 +28,7 @@ import time
 
 CHILD = r"""
 import json, resource, sys, time, tempfile
-from dsv3_jax.train import data
+from dsv3_jax.data import build as data
 t0 = time.perf_counter()
 with tempfile.TemporaryDirectory() as tmp:
     d = data.build_data(sys.argv[1], None, tmp, int(sys.argv[2]), 128, 0.05, 0)

@@ -7,7 +7,7 @@ For each size a JSONL corpus of that many MB is generated from the embedded corp
 every copy with its words shuffled within lines so the text is not one repeated block), prepared by the
 real CLI in a subprocess, and measured: wall time, tokens/s, and the peak resident memory of the whole
 process tree (the main process plus its tokenising workers, sampled every 50 ms from /proc). Then the
-training loader is built on the prepared directory (`train.data.build_prepared_data`: manifest, memory
+training loader is built on the prepared directory (`data.build.build_data`: manifest, memory
 maps, grain source) and its start-up time is reported, with the first batch read.
 """
 from __future__ import annotations
@@ -24,13 +24,14 @@ import sys
 import tempfile
 import time
 
+from dsv3_jax.data import bpe, build
+from dsv3_jax.data.corpus import default_corpus
 from dsv3_jax.io import tokenizer as tokenizer_io
-from dsv3_jax.train import data as D
 
 
 def make_corpus(path: str, megabytes: int, seed: int = 0) -> int:
     """Write ~megabytes MB of JSONL; returns the number of documents."""
-    docs = [d for d in D.default_corpus() if d.strip()]
+    docs = [d for d in default_corpus() if d.strip()]
     rng = random.Random(seed)
     target, written, n = megabytes * 1_000_000, 0, 0
     with open(path, "w") as f:
@@ -97,7 +98,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="prepare_bench_")
     try:
         tok_path = os.path.join(tmp, "tokenizer.json")
-        tokenizer_io.save_tokenizer(D.train_tokenizer(D.default_corpus(), a.vocab), tok_path)
+        tokenizer_io.save_tokenizer(bpe.train_tokenizer(default_corpus(), a.vocab), tok_path)
         rows = []
         print(f"{'corpus MB':>9} {'documents':>10} {'tokens':>13} {'seconds':>8} {'tokens/s':>10} "
               f"{'peak RSS MB':>11} {'loader start-up ms':>18}")
@@ -109,7 +110,7 @@ def main() -> None:
             os.remove(corpus)
             manifest = json.load(open(os.path.join(out, "manifest.json")))
             t0 = time.perf_counter()
-            data = D.build_prepared_data(out, None, a.vocab, a.seq, seed=0, max_val_tokens=8 * (a.seq + 1))
+            data = build.build_data(out, None, out, a.vocab, a.seq, seed=0, max_val_tokens=8 * (a.seq + 1))
             first = data.train.next_batch(8)
             first.rows(slice(None))
             startup = (time.perf_counter() - t0) * 1e3

@@ -13,7 +13,7 @@ the clients, cache pages in use at the end (expected 0), the server's RSS at sta
 after SIGTERM.
 
 Workload (seeded by --seed): --requests requests, prompt lengths uniform in [16, 512] tokens cut from the
-demo corpus (`train.data.default_corpus`, tokenised by the demo tokenizer), max_tokens uniform in [16, 256],
+demo corpus (`data.corpus.default_corpus`, tokenised by the demo tokenizer), max_tokens uniform in [16, 256],
 greedy, no stop tokens (every request produces exactly max_tokens). Arrivals: a closed loop at
 --concurrency (a new request arrives when one finishes; the default) or Poisson at --rate requests/s.
 Systems:
@@ -59,10 +59,10 @@ GREEDY = SamplingParams()
 
 def workload(tokenizer, n: int, seed: int, rate: float | None):
     """[(arrival offset s or None, prompt ids, max_tokens)] from the demo corpus."""
-    from dsv3_jax.train import data
+    from dsv3_jax.data import corpus
 
     rng = np.random.default_rng(seed)
-    ids = np.concatenate([np.asarray(tokenizer.encode(t).ids, np.int32) for t in data.default_corpus()[:400]])
+    ids = np.concatenate([np.asarray(tokenizer.encode(t).ids, np.int32) for t in corpus.default_corpus()[:400]])
     out, t = [], 0.0
     for _ in range(n):
         L, m = int(rng.integers(16, 513)), int(rng.integers(16, 257))

@@ -35,17 +35,17 @@ reads = {}
 if len(sys.argv) > 4:
     import numpy as np
 
-    from dsv3_jax.data import shards
+    from dsv3_jax.data import loader
 
     config.data.path, config.model.vocab_size = sys.argv[4], 640
-    rows = shards.LazyRows.rows
+    rows = loader.LazyRows.rows
 
     def logged_rows(self, which):
         picked = np.atleast_1d(self.positions[which]).tolist()
         reads.setdefault(int(self.positions[0]), set()).update(picked)
         return rows(self, which)
 
-    shards.LazyRows.rows = logged_rows
+    loader.LazyRows.rows = logged_rows
 result = loop.train(config, workdir, quiet=True)
 print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
                   "losses": [r["loss"] for r in result.history], "reads": {k: sorted(v) for k, v in reads.items()}}))

@@ -274,10 +274,11 @@ def test_train_unwritable_workdir(trained, tmp_path):
 
 def test_train_resume_with_other_tokenizer(trained, tmp_path):
     """Same vocabulary size, different merges: the token ids under the checkpoint would change."""
-    from dsv3_jax.train import data
+    from dsv3_jax.data import bpe
+    from dsv3_jax.io import tokenizer as tokenizer_io
 
-    tok = data.train_tokenizer(["a different corpus of words, words and more words " * 50], 300)
-    data.save_tokenizer(tok, str(tmp_path / "other.json"))
+    tok = bpe.train_tokenizer(["a different corpus of words, words and more words " * 50], 300)
+    tokenizer_io.save_tokenizer(tok, str(tmp_path / "other.json"))
     before = digest(trained)
     r = run("train.py", "--workdir", trained, *BASE, f"--config.data.tokenizer_path={tmp_path}/other.json")
     check(r, "tokenizer of this run differs", "train.py")

@@ -101,16 +101,16 @@ def test_two_processes_read_their_own_rows_of_prepared_data(tmp_path):
     """From a prepared corpus, each of two processes reads only its devices' rows of every global batch: the
     two sets are disjoint and together are the whole global batch (positions p .. p + 7 of the shuffled
     windows, as one process reads them; the loss equality of 2 vs 1 processes is the test above)."""
-    from dsv3_jax.data import prepare
+    from dsv3_jax.data import bpe, prepare
+    from dsv3_jax.data.corpus import default_corpus
     from dsv3_jax.io import tokenizer as tokenizer_io
-    from dsv3_jax.train import data as D
 
-    docs = D.default_corpus()
+    docs = default_corpus()
     (tmp_path / "in").mkdir()
     with open(tmp_path / "in" / "docs.jsonl", "w") as f:
         for d in docs:
             f.write(json.dumps({"text": d}) + "\n")
-    tokenizer_io.save_tokenizer(D.train_tokenizer(docs, 600), str(tmp_path / "tok.json"))
+    tokenizer_io.save_tokenizer(bpe.train_tokenizer(docs, 600), str(tmp_path / "tok.json"))
     prepared = str(tmp_path / "prepared")
     prepare.prepare([str(tmp_path / "in")], str(tmp_path / "tok.json"), prepared, val_fraction=0.05, progress=False,
                     log=lambda _: None)

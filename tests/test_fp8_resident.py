@@ -53,12 +53,12 @@ def rel(a, b) -> float:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """The FP8 checkpoint (with a tokenizer) and the same model saved in float32."""
-    from dsv3_jax.train import data as data_lib
+    from dsv3_jax.data import bpe
 
     d = tmp_path_factory.mktemp("resident")
     model = DeepSeekV3(CFG, rngs=nnx.Rngs(3))
     texts = ["FP8 blocks of 128 by 128 values share one scale.", "The latent cache keeps 576 values a token."]
-    tok = data_lib.train_tokenizer(texts * 20, vocab_size=CFG.vocab_size)
+    tok = bpe.train_tokenizer(texts * 20, vocab_size=CFG.vocab_size)
     hf.save(model, None, str(d / "fp8"), fp8=True, tokenizer=tok)
     hf.save(model, None, str(d / "f32"), tokenizer=tok)
     return d

@@ -177,7 +177,8 @@ def base(ref, tmp_path_factory):
     from transformers.modeling_layers import MtpLayer
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as M
 
-    from dsv3_jax.train import data as data_lib
+    from dsv3_jax.data import bpe
+    from dsv3_jax.io import tokenizer as tokenizer_io
 
     d = str(tmp_path_factory.mktemp("hf_base"))
     model = hf_model(ref, BASE, seed=0)
@@ -206,8 +207,8 @@ def base(ref, tmp_path_factory):
     with open(index_path, "w") as f:
         json.dump(index, f)
     texts = ["DeepSeek-V3 routes each token to eight experts.", "Multi-head latent attention caches a latent."]
-    data_lib.save_tokenizer(data_lib.train_tokenizer(texts * 20, vocab_size=BASE["vocab_size"] + 200),
-                            os.path.join(d, "tokenizer.json"))
+    tokenizer_io.save_tokenizer(bpe.train_tokenizer(texts * 20, vocab_size=BASE["vocab_size"] + 200),
+                                os.path.join(d, "tokenizer.json"))
     tokens = tokens_for(BASE["vocab_size"])
     return Saved(d, model, tokens, torch_logits(model, tokens), mtp_reference(ref, model, d, tokens))
 

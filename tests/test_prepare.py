@@ -11,10 +11,11 @@ import pytest
 
 from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
+from dsv3_jax.data import bpe, shards
 from dsv3_jax.data import prepare as P
-from dsv3_jax.data import shards
+from dsv3_jax.data.corpus import default_corpus
+from dsv3_jax.data.loader import TokenLoader
 from dsv3_jax.io import tokenizer as tokenizer_io
-from dsv3_jax.train import data as D
 
 pytestmark = pytest.mark.xdist_group("prepare")
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.xdist_group("prepare")
 def corpus(tmp_path_factory):
     """Documents in a .jsonl, a gzipped .jsonl and a .txt, and a tokenizer trained on them."""
     root = tmp_path_factory.mktemp("corpus")
-    docs = [t for t in D.default_corpus() if t.strip()][:78]
+    docs = [t for t in default_corpus() if t.strip()][:78]
     assert len(docs) == 78
     (root / "in" / "sub").mkdir(parents=True)
     with open(root / "in" / "a.jsonl", "w") as f:
@@ -34,7 +35,7 @@ def corpus(tmp_path_factory):
             f.write(json.dumps({"text": d}) + "\n")
     text = "\n".join(docs[60:])  # 18 documents as one text file
     (root / "in" / "c.txt").write_text(text)
-    tok = D.train_tokenizer(docs, 600)
+    tok = bpe.train_tokenizer(docs, 600)
     tokenizer_io.save_tokenizer(tok, str(root / "tokenizer.json"))
     # file order of the inputs: a.jsonl, c.txt, sub/b.jsonl.gz
     return root, docs[:40] + [text] + docs[40:60], tok
@@ -51,7 +52,7 @@ def test_prepared_tokens_equal_the_in_memory_encoder(corpus, tmp_path, workers):
     out = tmp_path / "out"
     m = P.prepare([str(root / "in")], str(root / "tokenizer.json"), str(out), val_fraction=0.0, workers=workers,
                   shard_tokens=5000, progress=False, log=lambda _: None)
-    want = D.encode_corpus(tok, ordered)
+    want = bpe.encode_corpus(tok, ordered)
     stream = _stream(out)
     np.testing.assert_array_equal(stream.read(0, len(stream)), want)
     assert m["tokens"] == len(want) and m["documents"] == len(ordered) and m["skipped"] == 0
@@ -72,7 +73,7 @@ def test_long_documents_are_cut_without_changing_tokens(corpus, tmp_path, monkey
     P.prepare([str(tmp_path / "big.txt")], str(corpus[0] / "tokenizer.json"), str(tmp_path / "out"),
               val_fraction=0.0, progress=False, log=lambda _: None)
     stream = _stream(tmp_path / "out")
-    np.testing.assert_array_equal(stream.read(0, len(stream)), D.encode_corpus(tok, [big]))
+    np.testing.assert_array_equal(stream.read(0, len(stream)), bpe.encode_corpus(tok, [big]))
 
 
 def test_val_split_is_whole_documents_by_name(corpus, tmp_path):
@@ -83,7 +84,7 @@ def test_val_split_is_whole_documents_by_name(corpus, tmp_path):
     held = [P.in_val(n, 0.2) for n in names]
     assert 0 < sum(held) < len(names)
     for split, pick in (("train", False), ("val", True)):
-        want = D.encode_corpus(tok, [d for d, h in zip(ordered, held) if h == pick])
+        want = bpe.encode_corpus(tok, [d for d, h in zip(ordered, held) if h == pick])
         stream = _stream(tmp_path / "out", split)
         np.testing.assert_array_equal(stream.read(0, len(stream)), want)
         assert m["splits"][split]["documents"] == sum(h == pick for h in held)
@@ -129,7 +130,7 @@ def test_loader_windows_shuffle_resume_and_lazy_rows(corpus, tmp_path):
               shard_tokens=3000, progress=False, log=lambda _: None)
     stream = _stream(tmp_path / "out")
     T = 31
-    loader = shards.ShardLoader(stream, T, seed=5)
+    loader = TokenLoader(stream, T, seed=5, order="shuffle")
     n = loader.n_windows
     assert n == len(stream) // (T + 1)
     first = np.asarray(loader.next_batch(n))  # one epoch: every window once, in a seeded order
@@ -138,14 +139,17 @@ def test_loader_windows_shuffle_resume_and_lazy_rows(corpus, tmp_path):
     assert not np.array_equal(first, all_windows)
     nxt = np.asarray(loader.next_batch(7))  # epoch 1 continues with another order
     assert not np.array_equal(nxt, first[:7])
-    again = shards.ShardLoader(stream, T, seed=5)
+    again = TokenLoader(stream, T, seed=5, order="shuffle")
     np.testing.assert_array_equal(np.asarray(again.next_batch(n)), first)
-    resumed = shards.ShardLoader(stream, T, seed=5)
+    resumed = TokenLoader(stream, T, seed=5, order="shuffle")
     resumed.restore(loader.state())
+    older = TokenLoader(stream, T, seed=5, order="shuffle")  # a state saved before it named its order
+    older.restore({k: v for k, v in loader.state().items() if k != "order"})
     a, b = np.asarray(loader.next_batch(9)), np.asarray(resumed.next_batch(9))
     np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(np.asarray(older.next_batch(9)), a)
     with pytest.raises(UserError, match="windows"):
-        shards.ShardLoader(stream, T + 1).restore(loader.state())
+        TokenLoader(stream, T + 1, order="shuffle").restore(loader.state())
 
     # each device's rows are read once and only by the device that holds them
     reads = []
@@ -158,7 +162,7 @@ def test_loader_windows_shuffle_resume_and_lazy_rows(corpus, tmp_path):
             reads.append(p)
             return self.ds[p]
 
-    batch = shards.ShardLoader(stream, T, seed=5).next_batch(16)
+    batch = TokenLoader(stream, T, seed=5, order="shuffle").next_batch(16)
     batch.dataset = Counting(batch.dataset)
     mesh = sharding.make_mesh({"data": 8})
     x = sharding.put_global_batch(batch, sharding.batch_sharding(mesh))
@@ -196,7 +200,7 @@ def test_train_from_prepared_data_resumes_exactly(corpus, tmp_path):
 
     _, tok, _, step = load_trained(str(tmp_path / "full"))
     assert step == 8 and tokenizer_io.tokenizer_hash(tok) == shards.read_manifest(str(prepared))["tokenizer_sha256"]
-    other = D.train_tokenizer(["something else entirely"] * 50, 300)
+    other = bpe.train_tokenizer(["something else entirely"] * 50, 300)
     tokenizer_io.save_tokenizer(other, str(tmp_path / "other.json"))
     c = config()
     c.data.tokenizer_path = str(tmp_path / "other.json")
@@ -233,7 +237,7 @@ def test_peak_memory_does_not_grow_with_the_input(corpus, tmp_path, monkeypatch)
     root = corpus[0]
     monkeypatch.setattr(P, "WAVE_CHARS_PER_WORKER", 1 << 15)
     monkeypatch.setattr(P, "BLOCK_CHARS", 1 << 14)
-    docs = [t for t in D.default_corpus() if t.strip()]
+    docs = [t for t in default_corpus() if t.strip()]
     peaks = []
     for mb in (0.5, 4):
         src = tmp_path / f"in_{mb}.jsonl"

@@ -46,10 +46,10 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from dsv3_jax.train import data as data_lib
+    from dsv3_jax.data import bpe
 
     d = tmp_path_factory.mktemp("served")
-    tok = data_lib.train_tokenizer(TEXTS * 30, vocab_size=CFG.vocab_size)
+    tok = bpe.train_tokenizer(TEXTS * 30, vocab_size=CFG.vocab_size)
     hf.save(DeepSeekV3(CFG, rngs=nnx.Rngs(5)), None, str(d), tokenizer=tok)
     return str(d)
 

@@ -38,15 +38,14 @@ import numpy as np
 
 from dsv3_jax import cli
 from dsv3_jax.cli import UserError
+from dsv3_jax.data.bpe import EOS_ID, split_document
+from dsv3_jax.data.corpus import JSONL_SUFFIXES as JSONL
+from dsv3_jax.data.corpus import TEXT_SUFFIXES as TEXT
 from dsv3_jax.data.shards import FORMAT, MANIFEST, SPLITS, TOKEN_DTYPE
 from dsv3_jax.io import tokenizer as tokenizer_io
-from dsv3_jax.train.data import split_document
 
-TEXT = (".txt", ".md")
-JSONL = (".jsonl",)
 BLOCK_CHARS = 1 << 22  # text read (and cut into pieces) this many characters at a time
 WAVE_CHARS_PER_WORKER = 1 << 22  # characters each worker tokenises per wave
-EOS_ID = 1
 
 
 def _kind(path: str) -> str | None:

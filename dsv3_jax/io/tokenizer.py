@@ -1,6 +1,6 @@
 """Tokenizer files: the one loader (`load_tokenizer`), an atomic writer and the hash recorded with checkpoints.
 
-Used by training (`train/data.py`), inference (`infer/load.py`) and the HF interop (`interop/hf.py`,
+Used by training (`data/bpe.py`, `train/loop.py`), inference (`infer/load.py`) and the HF interop (`interop/hf.py`,
 `interop/convert.py`). Only JSON is ever parsed: a pickle is recognised by its first byte and refused.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ TOKENIZER_FILENAME = "tokenizer.json"
 
 
 def load_tokenizer(path: str, what: str = "--config.data.tokenizer_path") -> Tokenizer:
-    """Load a ``tokenizer.json`` written by :func:`train_tokenizer` (or any HF ``tokenizers`` file).
+    """Load a ``tokenizer.json`` written by `data.bpe.train_tokenizer` (or any HF ``tokenizers`` file).
 
     The one tokenizer loader of the package (training, inference, the converter, HF directories). A
     missing file, a pickle, a SentencePiece model or any JSON the ``tokenizers`` library rejects is a

@@ -33,6 +33,8 @@ from jax.sharding import PartitionSpec as P
 from dsv3_jax import distributed, runtime, sharding
 from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data import build as data_lib
+from dsv3_jax.data.loader import val_batches
 from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
@@ -40,7 +42,6 @@ from dsv3_jax.moe import RouterBias
 from dsv3_jax.parallel import slot_state
 from dsv3_jax.parallel.pipeline import check_microbatches
 from dsv3_jax.runtime import Runtime
-from dsv3_jax.train import data as data_lib
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import batch_size_at, make_optimizer
 from dsv3_jax.train.step import make_eval_step, make_train_step
@@ -267,11 +268,11 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     # multi-host: process 0 trains and saves the tokenizer; the others then load it from the workdir
     data = build() if main else None
-    if main and not os.path.isfile(os.path.join(workdir, data_lib.TOKENIZER_FILENAME)):
-        data_lib.save_tokenizer(data.tokenizer, os.path.join(workdir, data_lib.TOKENIZER_FILENAME))  # for infer.py
+    if main and not os.path.isfile(os.path.join(workdir, tokenizer_io.TOKENIZER_FILENAME)):  # for infer.py
+        tokenizer_io.save_tokenizer(data.tokenizer, os.path.join(workdir, tokenizer_io.TOKENIZER_FILENAME))
     distributed.barrier("dsv3_jax.data")
     data = data or build()
-    val = data_lib.val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
+    val = val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
     tokenizer_hash = tokenizer_io.tokenizer_hash(data.tokenizer)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
