@@ -1,5 +1,5 @@
 """Bubble and held activations of each pipeline schedule, counted from the tick tables the SPMD program runs
-(dsv3_jax/parallel/schedules.py, executed by parallel/pipeline_exec.py), beside the closed forms.
+(dsv3_jax/parallel/pipeline/schedules.py, executed by parallel/pipeline/executor.py), beside the closed forms.
 
     python benchmarks/pipeline_schedules.py [--stages 2,4,16] [--microbatches 4,8,32] [--chunks 2]
                                             [--b_cost 2] [--output_json FILE]
@@ -16,7 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsv3_jax.parallel import schedules  # noqa: E402
+from dsv3_jax.parallel.pipeline import schedules  # noqa: E402
 
 
 def main():

@@ -9,13 +9,13 @@ import pytest
 from flax import nnx
 
 from dsv3_jax import runtime, sharding, strategies
-from dsv3_jax.cli import ConfigError
+from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.config_base import base_config
 from dsv3_jax.experts import LocalExperts
 from dsv3_jax.model import DeepSeekV3, with_runtime
 from dsv3_jax.parallel.expert import ExpertParallel
-from dsv3_jax.parallel.pipeline import PipelineStack
+from dsv3_jax.programs import Pipelined, Plain, program_for
 from dsv3_jax.stack import ScanStack
 
 MODEL = dict(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
@@ -90,14 +90,45 @@ def test_bad_fp8_and_schedule_keys():
         runtime.Runtime(backend="cpu", expert_impl="auto")  # a Runtime is concrete: 'auto' is the resolver's
 
 
+@pytest.mark.parametrize("section, key, value", [("model", "moe_impl", "megablox"), ("model", "moe_block_size", 0),
+                                                 ("mesh", "pipeline_schedule", "dualpipe"), ("fp8", "block_n", 0),
+                                                 ("fp8", "impl", "cuda")])
+def test_config_errors_carry_their_key(section, key, value):
+    """The config key travels as data (`ConfigError.key`): nothing reads it back from the message."""
+    c = _config()
+    c[section][key] = value
+    with pytest.raises(ConfigError) as e:
+        runtime.from_config(c)
+    assert e.value.key == f"{section}.{key}"
+
+
+def test_derived_runtimes_have_names():
+    """A resolved Runtime is never edited: no general `replace`, each variant from a named constructor."""
+    mesh = sharding.make_mesh(dict(expert=4, data=2))
+    rt = runtime.resolve(mesh=mesh, moe_impl="blocks", fp8=True)
+    assert not hasattr(rt, "replace")
+    assert rt.local().mesh is None and rt.local().fp8 and rt.mesh is mesh
+    engine = rt.for_engine("pallas")
+    assert engine.mesh is None and engine.paged_attention == "pallas" and rt.for_engine().paged_attention == "jnp"
+    assert rt.for_decode().expert_impl == "dense" and rt.for_decode("blocks").expert_impl == "blocks"
+    with pytest.raises(UserError, match="exclude each other") as e:
+        rt.with_fp8_weights("w8a8")
+    assert e.value.key == "fp8_weights"
+    resident = rt.without_fp8_gemms().with_fp8_weights("w8a8")
+    assert (resident.fp8, resident.fp8_weights, resident.with_fp8_weights(None).fp8_weights) == (False, "w8a8", None)
+
+
 def test_strategies_follow_the_runtime():
     mesh = sharding.make_mesh(dict(expert=4, stage=2))
     rt = runtime.resolve(mesh=mesh, moe_block_size=8)
     assert isinstance(strategies.experts(rt), ExpertParallel) and strategies.experts(rt).block == 8
-    assert isinstance(strategies.stack(rt), PipelineStack) and strategies.stack(rt).microbatches == 4
+    assert strategies.stack(rt) == ScanStack(remat=False)  # a pipeline is a train program, not a stack strategy
+    piped = program_for(rt, ModelConfig(**MODEL), 16)
+    assert isinstance(piped, Pipelined) and (piped.program.table.name, piped.program.table.M) == ("gpipe", 4)
     local = runtime.resolve(moe_impl="dense")
     assert strategies.experts(local) == LocalExperts("dense", 64, None)
     assert strategies.stack(local) == ScanStack(remat=False)
+    assert type(program_for(local, ModelConfig(**MODEL), 16)) is Plain
 
 
 def test_model_follows_its_runtime_not_the_ambient_mesh():
