@@ -6,9 +6,10 @@ wrong and the fix, and the process exits with status 2. No traceback: `--verbose
 or DSV3_VERBOSE=1 in the environment prints it too.
 
 Where the error is raised does not matter. Every check of the package raises `UserError` (a
-ValueError; `ConfigError` says "config error") with the whole message; a missing or unwritable file is
-an OSError naming it; third-party errors (tokenizers, json, orbax, tensorstore) are caught where the
-file is known and re-raised as `UserError` in our words (see `dsv3_jax.io.tokenizer.load_tokenizer`,
+ValueError; `ConfigError` says "config error") with the whole message and, as data, the key or request
+field it concerns (`key`, `field`: what `runtime.from_config` and the server read); a missing or
+unwritable file is an OSError naming it; third-party errors (tokenizers, json, orbax, tensorstore) are
+caught where the file is known and re-raised as `UserError` in our words (see `dsv3_jax.io.tokenizer.load_tokenizer`,
 `dsv3_jax.interop.safetensors_io.read_header`, `dsv3_jax.io.checkpoint`). `run` turns those into
 the line. Anything else, a ValueError from JAX or numpy included, is a bug or a machine failure, not a
 user error, and keeps its traceback.
@@ -34,9 +35,15 @@ EXIT_USER_ERROR = 2
 
 
 class UserError(ValueError):
-    """An error the user can fix; the message names the input, what is wrong and what to do."""
+    """An error the user can fix; the message names the input, what is wrong and what to do. As data for
+    callers (never recovered from the text): `key`, the config key, argument or field it concerns
+    ('moe_impl', 'model.moe_impl', 'fp8.impl'), and `field`, the request field ('prompt', 'max_tokens')."""
 
     prefix = "error"
+
+    def __init__(self, message: str = "", *, key: str | None = None, field: str | None = None):
+        super().__init__(message)
+        self.key, self.field = key, field
 
 
 class ConfigError(UserError):

@@ -8,7 +8,9 @@ notebooks) resolve one, print `describe()` and pass it to the model explicitly:
     rt = runtime.from_config(config, mesh)           # or runtime.resolve(moe_impl="dense", ...)
     model = DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=rt)
 
-`DeepSeekV3(cfg, rngs=...)` without one uses `default()`: this backend, no mesh (one device).
+`DeepSeekV3(cfg, rngs=...)` without one uses `default()`: this backend, no mesh (one device). A resolved
+Runtime is never edited; its variants come from named constructors: `for_decode()`, `local()`,
+`for_engine(paged_attention)`, `with_fp8_weights(mode)`, `without_fp8_gemms()`.
 
 What it holds, and who reads it:
     mesh, stages, microbatches, pipeline_schedule, remat    the layer-stack strategy (`strategies.stack`):
@@ -105,20 +107,22 @@ FP8_IMPLS = ("auto", "dequant", "blocked", "pallas")
 FP8_BACKENDS = ("auto", "triton", "mosaic_tpu")
 
 
-def _choose(what: str, value: str, choices: tuple[str, ...], auto: str) -> str:
+def _choose(what: str, value: str, choices: tuple[str, ...], auto: str, key: str) -> str:
     if value not in choices:
-        raise UserError(f"{what}={value!r}: choose from {choices}.")
+        raise UserError(f"{what}={value!r}: choose from {choices}.", key=key)
     return auto if value == "auto" else value
 
 
 def fp8_impl(impl: str) -> str:
     """'auto' -> 'blocked' on CPU (XLA:CPU has no FP8 units; interpret-mode Pallas is slow), else 'pallas'."""
-    return _choose("fp8 gemm impl", impl, FP8_IMPLS, "blocked" if platform() == "cpu" else "pallas")
+    return _choose("fp8 gemm impl", impl, FP8_IMPLS, "blocked" if platform() == "cpu" else "pallas",
+                   "fp8.impl")
 
 
 def fp8_backend(backend: str, what: str = "fp8 pallas backend") -> str:
     """'auto' -> 'mosaic_tpu' on TPU, else 'triton' (every Pallas kernel of the package)."""
-    return _choose(what, backend, FP8_BACKENDS, "mosaic_tpu" if platform() == "tpu" else "triton")
+    return _choose(what, backend, FP8_BACKENDS, "mosaic_tpu" if platform() == "tpu" else "triton",
+                   "fp8.backend")
 
 
 def fp8_interpret(interpret: bool | None) -> bool:
@@ -129,7 +133,7 @@ def fp8_interpret(interpret: bool | None) -> bool:
 def paged_attention_impl(impl: str) -> str:
     """'auto' -> 'jnp' on every backend for now: the Pallas kernel matches the reference on CPU (interpret mode)
     and lowers for CUDA and TPU, but no accelerator run has measured where it pays; ask for 'pallas'."""
-    return _choose("paged_attention", impl, ("auto",) + PAGED_ATTENTION, "jnp")
+    return _choose("paged_attention", impl, ("auto",) + PAGED_ATTENTION, "jnp", "paged_attention")
 
 
 def fp8_tpu_mxu(tpu_fp8: bool | None) -> bool:
@@ -144,7 +148,7 @@ def resolve_fp8(options: Fp8Options | None = None, **kw) -> Fp8Options:
     o = dataclasses.replace(options or Fp8Options(), **kw)
     for name in ("block_m", "block_n", "num_warps", "num_stages"):
         if getattr(o, name) <= 0:
-            raise UserError(f"fp8.{name}={getattr(o, name)} must be > 0.")
+            raise UserError(f"fp8.{name}={getattr(o, name)} must be > 0.", key=f"fp8.{name}")
     return dataclasses.replace(o, impl=fp8_impl(o.impl), backend=fp8_backend(o.backend),
                                interpret=fp8_interpret(o.interpret), tpu_fp8=fp8_tpu_mxu(o.tpu_fp8))
 
@@ -194,33 +198,38 @@ class Runtime:
                                      ("attention", self.attention, ATTENTION)):
             if value not in choices:
                 raise UserError(f"Runtime.{name}={value!r}: choose from {choices} (build a Runtime with "
-                                f"dsv3_jax.runtime.resolve, which also accepts 'auto').")
+                                f"dsv3_jax.runtime.resolve, which also accepts 'auto').", key=f"Runtime.{name}")
         if self.block_size <= 0:
-            raise UserError(f"moe_block_size={self.block_size} must be > 0 (rows per expert block).")
+            raise UserError(f"moe_block_size={self.block_size} must be > 0 (rows per expert block).",
+                            key="moe_block_size")
         if self.capacity_factor < 0:
-            raise UserError(f"expert_capacity_factor={self.capacity_factor} must be >= 0 (0: dropless).")
+            raise UserError(f"expert_capacity_factor={self.capacity_factor} must be >= 0 (0: dropless).",
+                            key="expert_capacity_factor")
         if self.expert_dispatch == "ragged" and self.capacity_factor > 0:
             raise UserError("expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or use "
-                            "expert_dispatch='padded'.")
+                            "expert_dispatch='padded'.", key="expert_dispatch")
         if self.microbatches < 1:
-            raise UserError(f"Runtime.microbatches={self.microbatches} must be >= 1.")
+            raise UserError(f"Runtime.microbatches={self.microbatches} must be >= 1.", key="Runtime.microbatches")
         if self.pipeline_chunks < 1 or (self.pipeline_chunks > 1 and self.pipeline_schedule != "interleaved"):
             raise UserError(f"pipeline_chunks={self.pipeline_chunks}: chunks per stage are >= 1, and > 1 only with "
-                            f"pipeline_schedule='interleaved'.")
+                            f"pipeline_schedule='interleaved'.", key="pipeline_chunks")
         if self.pipeline_schedule == "interleaved" and self.stages > 1 and self.microbatches % self.stages:
             raise UserError(f"microbatches={self.microbatches}: the interleaved schedule feeds micro-batches in "
-                            f"groups of the {self.stages} stages; choose a multiple of {self.stages}.")
+                            f"groups of the {self.stages} stages; choose a multiple of {self.stages}.",
+                            key="microbatches")
         if self.fp8 and self.expert_impl in GROUPED_IMPLS:
             raise UserError("fp8 runs the routed experts in the 'blocks' layout; resolve the Runtime with "
-                            "moe_impl='auto' or 'blocks'.")
+                            "moe_impl='auto' or 'blocks'.", key="fp8")
         if self.fp8_weights not in (None,) + FP8_WEIGHT_MODES:
-            raise UserError(f"fp8_weights={self.fp8_weights!r}: choose from {FP8_WEIGHT_MODES} (or None).")
+            raise UserError(f"fp8_weights={self.fp8_weights!r}: choose from {FP8_WEIGHT_MODES} (or None).",
+                            key="fp8_weights")
         if self.fp8_weights and self.fp8:
             raise UserError("fp8_weights (inference on FP8-resident weights) and fp8 (the FP8 training GEMMs on "
-                            "float32 master weights) exclude each other; FP8-resident weights cannot be trained.")
+                            "float32 master weights) exclude each other; FP8-resident weights cannot be trained.",
+                            key="fp8_weights")
         if self.fp8_weights and {self.expert_impl, self.decode_expert_impl} & set(GROUPED_IMPLS):
             raise UserError("FP8-resident experts run in the 'blocks' or 'dense' layout; resolve the Runtime with "
-                            "moe_impl='auto', 'blocks' or 'dense'.")
+                            "moe_impl='auto', 'blocks' or 'dense'.", key="fp8_weights")
 
     # -- what the mesh implies
     def axis(self, name: str) -> int:
@@ -255,24 +264,33 @@ class Runtime:
         """Ways the batch is split: data x fsdp x expert."""
         return self.axis("data") * self.axis("fsdp") * self.axis("expert")
 
-    # -- variants
-    def replace(self, **kw) -> Runtime:
-        return dataclasses.replace(self, **kw)
-
+    # -- derived runtimes (a resolved Runtime is never edited: each variant has a name)
     def with_fp8_weights(self, mode: str | None) -> Runtime:
         """This runtime on FP8-resident weights in `mode` ('w8a8' | 'weight_only'; None: float weights). The
         FP8 grouped GEMM uses the block layout, so a 'ragged' expert layout becomes 'blocks'."""
         if mode is None:
-            return self.replace(fp8_weights=None)
+            return dataclasses.replace(self, fp8_weights=None)
 
         def grouped(impl):
             return "blocks" if impl in GROUPED_IMPLS else impl
-        return self.replace(fp8_weights=mode, expert_impl=grouped(self.expert_impl),
-                            decode_expert_impl=grouped(self.decode_expert_impl))
+        return dataclasses.replace(self, fp8_weights=mode, expert_impl=grouped(self.expert_impl),
+                                   decode_expert_impl=grouped(self.decode_expert_impl))
 
-    def for_decode(self) -> Runtime:
-        """The runtime of cached decode steps: the decode expert layout (cheapest at a few rows)."""
-        return self.replace(expert_impl=self.decode_expert_impl)
+    def without_fp8_gemms(self) -> Runtime:
+        """This runtime with the FP8 training GEMMs off (`fp8=False`), e.g. before `with_fp8_weights`."""
+        return dataclasses.replace(self, fp8=False)
+
+    def for_decode(self, expert_impl: str | None = None) -> Runtime:
+        """The runtime of cached decode steps: the decode expert layout (cheapest at a few rows), or `expert_impl`."""
+        return dataclasses.replace(self, expert_impl=expert_impl or self.decode_expert_impl)
+
+    def local(self) -> Runtime:
+        """This runtime on one device: no mesh (no pipeline, local experts); callers place arrays themselves."""
+        return dataclasses.replace(self, mesh=None)
+
+    def for_engine(self, paged_attention: str = "auto") -> Runtime:
+        """The serving engine's runtime: `local()`, decode reading the paged cache with `paged_attention`."""
+        return dataclasses.replace(self, mesh=None, paged_attention=paged_attention_impl(paged_attention))
 
     def describe(self) -> str:
         """One line for start-up logs."""
@@ -324,15 +342,17 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
     choices = ("auto",) + EXPERT_IMPLS
     for name, value in (("moe_impl", moe_impl), ("decode_moe_impl", decode_moe_impl)):
         if value not in choices:
-            raise UserError(f"{name}={value!r}: choose from {choices}.")
+            raise UserError(f"{name}={value!r}: choose from {choices}.", key=name)
     if expert_dispatch not in ("auto",) + DISPATCHES:
-        raise UserError(f"expert_dispatch={expert_dispatch!r}: choose from {('auto',) + DISPATCHES}.")
+        raise UserError(f"expert_dispatch={expert_dispatch!r}: choose from {('auto',) + DISPATCHES}.",
+                        key="expert_dispatch")
     if pipeline_schedule not in SCHEDULES:
-        raise UserError(f"pipeline_schedule={pipeline_schedule!r}: choose from {SCHEDULES}.")
+        raise UserError(f"pipeline_schedule={pipeline_schedule!r}: choose from {SCHEDULES}.", key="pipeline_schedule")
     if microbatches < 0:
-        raise UserError(f"microbatches={microbatches} must be >= 0 (0: twice the number of stages).")
+        raise UserError(f"microbatches={microbatches} must be >= 0 (0: twice the number of stages).",
+                        key="microbatches")
     if attention not in ("auto",) + ATTENTION:
-        raise UserError(f"attention={attention!r}: choose from {('auto',) + ATTENTION}.")
+        raise UserError(f"attention={attention!r}: choose from {('auto',) + ATTENTION}.", key="attention")
     fallback = attention == "auto" and p == "gpu"
     if attention == "auto":
         attention = "cudnn" if p == "gpu" else "einsum"
@@ -345,7 +365,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
         decode = "blocks"
     if "mgpu" in (impl, decode) and p != "gpu":
         raise UserError(f"moe_impl='mgpu' runs jax's Mosaic GPU grouped GEMM kernels, which need a CUDA GPU with "
-                        f"wgmma (Hopper, sm_90); this backend is {p}: use 'auto', 'ragged' or 'blocks'.")
+                        f"wgmma (Hopper, sm_90); this backend is {p}: use 'auto', 'ragged' or 'blocks'.",
+                        key="moe_impl" if impl == "mgpu" else "decode_moe_impl")
     if expert_dispatch == "auto":
         expert_dispatch = "ragged" if expert_capacity_factor <= 0 and p in ("gpu", "tpu") else "padded"
     stages = 1 if mesh is None or "stage" not in mesh.axis_names else int(mesh.shape["stage"])
@@ -391,7 +412,7 @@ def fp8_options_from(section: Mapping[str, Any] | None) -> Fp8Options:
     known = {f.name for f in dataclasses.fields(Fp8Options)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ConfigError(f"config.fp8 has unknown key(s) {unknown}; valid keys are {sorted(known)}.")
+        raise ConfigError(f"config.fp8 has unknown key(s) {unknown}; valid keys are {sorted(known)}.", key="fp8")
     return Fp8Options(**d)
 
 
@@ -411,17 +432,21 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
     except ConfigError:
         raise
     except UserError as e:
-        raise ConfigError(_config_key_message(str(e))) from None
+        raise _config_error(e) from None
 
 
-def _config_key_message(msg: str) -> str:
-    """Name the config key a resolver message is about (model.*, mesh.*, train.*)."""
-    for key, section in (("moe_impl", "model"), ("moe_block_size", "model"), ("expert_capacity_factor", "model"),
-                         ("expert_dispatch", "model"), ("attention", "model"), ("microbatches", "mesh"),
-                         ("pipeline_schedule", "mesh"),
-                         ("pipeline_chunks", "mesh")):
-        if msg.startswith(key + "=") or msg.startswith(f"Runtime.{key}="):
-            return f"config.{section}.{msg.removeprefix('Runtime.')}"
-    if msg.startswith("fp8"):
-        return "config." + msg
-    return msg
+# the config section of each resolver argument a config sets (the `key` of the resolver's errors)
+_CONFIG_SECTION = {"moe_impl": "model", "moe_block_size": "model", "expert_capacity_factor": "model",
+                   "expert_dispatch": "model", "attention": "model", "microbatches": "mesh",
+                   "pipeline_schedule": "mesh", "pipeline_chunks": "mesh"}
+
+
+def _config_error(e: UserError) -> ConfigError:
+    """A resolver error as the config key it concerns (its `key`): `moe_impl=...` -> `config.model.moe_impl=...`;
+    the fp8 section's keys ('fp8.impl') are named as they are."""
+    section = _CONFIG_SECTION.get(e.key)
+    if section is not None:
+        return ConfigError(f"config.{section}.{e}", key=f"{section}.{e.key}")
+    if e.key is not None and e.key.startswith("fp8."):
+        return ConfigError(f"config.{e}", key=e.key)
+    return ConfigError(str(e), key=e.key)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dsv3_jax import runtime, sharding
+from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.data.bpe import EOS_ID
 from dsv3_jax.infer.paged_cache import PagedLatentCache, PagePool, pages_for_budget
@@ -267,7 +267,7 @@ class Engine:
             raise UserError(f"engine: max_seq_len={self.max_seq_len} must be in [1, max_position_embeddings="
                             f"{cfg.max_position_embeddings}]")
         self.table_width = _bucket(self.scheduler.pages_needed(self.max_seq_len + self.scheduler.lookahead))
-        self.runtime = model.runtime.replace(mesh=None, paged_attention=runtime.paged_attention_impl(paged_attention))
+        self.runtime = model.runtime.for_engine(paged_attention)
         self.decode_runtime = self.runtime.for_decode()
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
         self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]
@@ -347,23 +347,24 @@ class Engine:
         cfg = self.cfg
         prompt = [int(t) for t in prompt]
         if not prompt:
-            raise UserError("prompt is empty: it needs at least one token")
+            raise UserError("prompt is empty: it needs at least one token", field="prompt")
         if max_tokens < 1:
-            raise UserError(f"max_tokens={max_tokens} must be >= 1")
+            raise UserError(f"max_tokens={max_tokens} must be >= 1", field="max_tokens")
         if min(prompt) < 0 or max(prompt) >= cfg.vocab_size:
-            raise UserError(f"prompt has token ids outside [0, {cfg.vocab_size})")
+            raise UserError(f"prompt has token ids outside [0, {cfg.vocab_size})", field="prompt")
         total = len(prompt) + max_tokens
         if total > self.max_seq_len:
             what = ("the model's context" if self.max_seq_len == cfg.max_position_embeddings
                     else "the engine's max_seq_len")
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) = {total} exceeds {what} of "
-                            f"{self.max_seq_len} tokens")
+                            f"{self.max_seq_len} tokens", field="max_tokens")
         need = self.scheduler.pages_needed(total + self.scheduler.lookahead)
         if need > self.pool.pages - 1:
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) needs {need} cache pages of "
-                            f"{self.page_size} tokens but the pool holds {self.pool.pages - 1}; raise the cache budget")
+                            f"{self.page_size} tokens but the pool holds {self.pool.pages - 1}; raise the cache budget",
+                            field="max_tokens")
         if stop_strings and self.tokenizer is None:
-            raise UserError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))")
+            raise UserError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))", field="stop")
         rid = next(self._ids)
         req = Request(rid, prompt, max_tokens, sampling, frozenset(int(t) for t in stop_ids), tuple(stop_strings),
                       on_tokens)

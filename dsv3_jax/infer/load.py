@@ -38,7 +38,7 @@ def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None 
         model_cfg = ModelConfig.from_dict(config.model)
         rt = runtime or runtime_lib.from_config(config)
         if meta.get("keep_fp8"):
-            rt = rt.replace(fp8=False).with_fp8_weights(fp8_mode)
+            rt = rt.without_fp8_gemms().with_fp8_weights(fp8_mode)
         tokenizer = load_tokenizer(config.data.tokenizer_path or os.path.join(workdir, "tokenizer.json"),
                                    what=f"--checkpoint {workdir}")  # before any array is read
         graphdef, abstract = weights_target(model_cfg, rt)

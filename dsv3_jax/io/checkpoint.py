@@ -152,13 +152,12 @@ def _is_failed_read_echo(exc_type, exc, tb) -> bool:
     return any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
 
 
-def _mute_failed_reads() -> None:
-    """From the first restore attempt on, drop what Python prints for the abandoned reads of a failed
-    orbax restore, which arrive late and possibly from tensorstore's threads: "Exception ignored in:
-    <coroutine _read_array_index_and_device_put>" (sys.unraisablehook) and 'Event loop is closed' from
-    read callbacks (sys.excepthook). Only those are dropped; everything else reaches the previous hooks."""
-    if getattr(sys.unraisablehook, "_dsv3_mutes_failed_reads", False):
-        return
+@contextlib.contextmanager
+def _failed_reads_muted():
+    """While a restore may fail, drop what Python prints for the abandoned reads of a failed orbax restore,
+    possibly from tensorstore's threads: "Exception ignored in: <coroutine _read_array_index_and_device_put>"
+    (sys.unraisablehook) and 'Event loop is closed' from read callbacks (sys.excepthook). Only those are
+    dropped; everything else reaches the previous hooks, which are back in place on exit."""
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
 
     def unraisable_hook(unraisable):
@@ -172,26 +171,33 @@ def _mute_failed_reads() -> None:
         if not _is_failed_read_echo(exc_type, exc, tb):
             previous_except(exc_type, exc, tb)
 
-    unraisable_hook._dsv3_mutes_failed_reads = True
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    try:
+        yield
+    finally:
+        if sys.unraisablehook is unraisable_hook:  # unless someone else replaced it meanwhile
+            sys.unraisablehook = previous_unraisable
+        if sys.excepthook is except_hook:
+            sys.excepthook = previous_except
 
 
 @contextlib.contextmanager
 def _quiet_orbax():
     """Mute the tracebacks orbax (absl logging) and its read tasks (asyncio: "Task exception was never
     retrieved", printed when the failed sibling tasks are garbage-collected) log for a failure that the
-    caller reports in one line. The collection is forced before the loggers are restored."""
-    _mute_failed_reads()
+    caller reports in one line, for the duration of the call only. The collection is forced before the
+    loggers and hooks are restored."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        gc.collect()
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    with _failed_reads_muted():
+        try:
+            yield
+        finally:
+            gc.collect()
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
 
 
 class Checkpointer:

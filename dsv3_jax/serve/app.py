@@ -67,167 +67,226 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template=None,
               default_max_tokens: int = 16) -> FastAPI:
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
+    """The FastAPI app of `Routes` over `worker` (its finished requests feed the metrics)."""
     app = FastAPI(title="dsv3_jax", docs_url=None, redoc_url=None)
-    engine = worker.engine
-    reg = CollectorRegistry()
-    m_prompt = Counter("dsv3_prompt_tokens", "Prompt tokens of finished requests", registry=reg)
-    m_gen = Counter("dsv3_generated_tokens", "Generated tokens of finished requests", registry=reg)
-    m_req = Counter("dsv3_requests_finished", "Finished requests", ["finish_reason"], registry=reg)
-    m_drafted = Counter("dsv3_spec_drafted", "MTP drafts verified", registry=reg)
-    m_accepted = Counter("dsv3_spec_accepted", "MTP drafts accepted", registry=reg)
-    m_ttft = Histogram("dsv3_time_to_first_token_seconds", "Time to first token", registry=reg,
-                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-    m_itl = Histogram("dsv3_inter_token_latency_seconds", "Mean gap between a request's tokens", registry=reg,
-                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-    gauges = {k: Gauge(f"dsv3_{k}", f"{k.replace('_', ' ')} (engine)", registry=reg)
-              for k in ("running", "waiting", "pages_used", "pages_free", "prefix_hits", "preemptions")}
+    routes = Routes(worker, tokenizer, model_name, chat_template, default_max_tokens)
+    app.add_exception_handler(RequestValidationError, bad_request)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
+    return app
 
-    def on_finish(req):  # engine thread
-        m_prompt.inc(len(req.prompt))
-        m_gen.inc(len(req.output))
-        m_req.labels(req.finish_reason or "unknown").inc()
-        m_drafted.inc(req.drafted)
-        m_accepted.inc(req.accepted)
+
+async def bad_request(request: Request, exc: RequestValidationError):
+    """400 naming the first field pydantic refused (or saying the body is not JSON)."""
+    first = exc.errors()[0] if exc.errors() else {}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":
+        msg, param = f"the body is not valid JSON: {msg}", None
+    return error(400, f"{param}: {msg}" if param else msg, param)
+
+
+class Metrics:
+    """The Prometheus registry: counters and histograms fed by finished requests, gauges read from the engine."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = reg = CollectorRegistry()
+        self.prompt = Counter("dsv3_prompt_tokens", "Prompt tokens of finished requests", registry=reg)
+        self.generated = Counter("dsv3_generated_tokens", "Generated tokens of finished requests", registry=reg)
+        self.finished = Counter("dsv3_requests_finished", "Finished requests", ["finish_reason"], registry=reg)
+        self.drafted = Counter("dsv3_spec_drafted", "MTP drafts verified", registry=reg)
+        self.accepted = Counter("dsv3_spec_accepted", "MTP drafts accepted", registry=reg)
+        self.ttft = Histogram("dsv3_time_to_first_token_seconds", "Time to first token", registry=reg,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.itl = Histogram("dsv3_inter_token_latency_seconds", "Mean gap between a request's tokens", registry=reg,
+                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.gauges = {k: Gauge(f"dsv3_{k}", f"{k.replace('_', ' ')} (engine)", registry=reg)
+                       for k in ("running", "waiting", "pages_used", "pages_free", "prefix_hits", "preemptions")}
+
+    def on_finish(self, req):  # engine thread
+        self.prompt.inc(len(req.prompt))
+        self.generated.inc(len(req.output))
+        self.finished.labels(req.finish_reason or "unknown").inc()
+        self.drafted.inc(req.drafted)
+        self.accepted.inc(req.accepted)
         if req.token_times and req.started is not None:
-            m_ttft.observe(max(0.0, req.token_times[0] - req.arrival))
+            self.ttft.observe(max(0.0, req.token_times[0] - req.arrival))
         if len(req.token_times) > 1:
-            m_itl.observe((req.token_times[-1] - req.token_times[0]) / (len(req.token_times) - 1))
+            self.itl.observe((req.token_times[-1] - req.token_times[0]) / (len(req.token_times) - 1))
 
-    worker.on_finish = on_finish
+    def render(self, stats: dict) -> str:
+        from prometheus_client import generate_latest
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        param = ".".join(loc) or None
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            msg, param = f"the body is not valid JSON: {msg}", None
-        return error(400, f"{param}: {msg}" if param else msg, param)
+        for k, v in stats.items():
+            if k in self.gauges:
+                self.gauges[k].set(v)
+        return generate_latest(self.registry).decode()
 
-    @app.get("/health")
-    async def health():
-        if worker.error is not None or not worker.thread.is_alive():
-            return error(503, f"the engine thread stopped: {worker.error!r}", kind="server_error")
+
+def usage(req) -> dict:
+    return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
+            "total_tokens": len(req.prompt) + len(req.output)}
+
+
+def sse(obj) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def prompt_field(chat: bool) -> str:
+    return "messages" if chat else "prompt"
+
+
+def refused_field(e: UserError, chat: bool) -> str:
+    """The request field a refused submit names: the error's `field` (the prompt is `messages` in a chat)."""
+    return prompt_field(chat) if e.field in (None, "prompt") else e.field
+
+
+class Reply:
+    """The OpenAI bodies of one answer: the whole completion, or its server-sent-event chunks."""
+
+    def __init__(self, model_name: str, chat: bool):
+        self.model, self.chat = model_name, chat
+        self.created, self.id = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def whole(self, text: str, req) -> dict:
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
+                  else {"index": 0, "text": text, "logprobs": None})
+        choice["finish_reason"] = req.finish_reason
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": usage(req)}
+
+    def role_chunk(self) -> str:
+        choice = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+        return sse({"id": self.id, "object": self.object + ".chunk", "created": self.created,
+                    "model": self.model, "choices": [choice]})
+
+    def chunk(self, text: str, finish=None, use=None) -> str:
+        if self.chat:
+            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        out = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
+               "model": self.model, "choices": [choice]}
+        if use is not None:
+            out["usage"] = use
+        return sse(out)
+
+
+class Routes:
+    """The routes over one `EngineWorker`, each a short method; `build_app` registers them."""
+
+    def __init__(self, worker: EngineWorker, tokenizer, model_name: str, chat_template, default_max_tokens: int):
+        self.worker, self.engine, self.tokenizer = worker, worker.engine, tokenizer
+        self.model_name, self.chat_template, self.default_max_tokens = model_name, chat_template, default_max_tokens
+        self.stats = Metrics()
+        worker.on_finish = self.stats.on_finish
+
+    async def health(self):
+        if self.worker.error is not None or not self.worker.thread.is_alive():
+            return error(503, f"the engine thread stopped: {self.worker.error!r}", kind="server_error")
         return {"status": "ok"}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "dsv3_jax",
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "dsv3_jax",
                                             "created": 0}]}
 
-    @app.get("/metrics")
-    async def metrics():
-        for k, v in worker.stats().items():
-            if k in gauges:
-                gauges[k].set(v)
-        return PlainTextResponse(generate_latest(reg).decode(), media_type="text/plain; version=0.0.4")
+    async def metrics(self):
+        return PlainTextResponse(self.stats.render(self.worker.stats()), media_type="text/plain; version=0.0.4")
 
-    async def run(body: _Common, prompt_ids: list[int], chat: bool):
-        if body.model != model_name:
-            return error(404, f"model {body.model!r} does not exist; this server serves {model_name!r}", "model",
+    async def completions(self, body: CompletionRequest):
+        ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt).ids
+        return await self.answer(body, ids, chat=False)
+
+    async def chat_completions(self, body: ChatRequest):
+        text = render_chat([m.model_dump() for m in body.messages], self.chat_template)
+        return await self.answer(body, self.tokenizer.encode(text).ids, chat=True)
+
+    def refusal(self, body: _Common, stops: list[str], prompt_ids: list[int], chat: bool) -> JSONResponse | None:
+        """The error response for a request this server cannot take, checked before the engine sees it."""
+        engine = self.engine
+        if body.model != self.model_name:
+            return error(404, f"model {body.model!r} does not exist; this server serves {self.model_name!r}", "model",
                          kind="not_found_error")
         if body.speculative is not None and body.speculative != engine.speculative:
             return error(400, f"speculative={body.speculative}: this server runs speculative={engine.speculative} "
                               f"(start it with --speculative to change that)", "speculative")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if any(not s for s in stops):
             return error(400, "stop: stop strings must be non-empty", "stop")
-        sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed or 0)
-        max_tokens = body.max_tokens or default_max_tokens
         if len(prompt_ids) >= engine.max_seq_len:
             return error(400, f"the prompt has {len(prompt_ids)} tokens; this server's context holds "
-                              f"{engine.max_seq_len} (prompt + max_tokens)", "messages" if chat else "prompt")
+                              f"{engine.max_seq_len} (prompt + max_tokens)", prompt_field(chat))
+        return None
+
+    async def answer(self, body: _Common, prompt_ids: list[int], chat: bool):
+        """Submit the request; the whole answer, or a stream of server-sent events."""
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        refused = self.refusal(body, stops, prompt_ids, chat)
+        if refused is not None:
+            return refused
+        sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed or 0)
         try:
-            rid, events = await worker.submit(prompt_ids, max_tokens, sampling, stop_strings=stops)
+            rid, events = await self.worker.submit(prompt_ids, body.max_tokens or self.default_max_tokens, sampling,
+                                                   stop_strings=stops)
         except QueueFull as e:
             return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
         except UserError as e:
-            param = "max_tokens" if "max_tokens" in str(e) else ("messages" if chat else "prompt")
-            return error(400, str(e), param)
-        created, cid = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        obj = "chat.completion" if chat else "text_completion"
-        holdback = max((len(s) for s in stops), default=0)
-
-        def usage(req):
-            return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-                    "total_tokens": len(req.prompt) + len(req.output)}
-
-        def final_text(req):
-            return req.text if req.stop_strings else tokenizer.decode(req.output)
-
+            return error(400, str(e), refused_field(e, chat))
+        reply = Reply(self.model_name, chat)
         if not body.stream:
-            try:
-                while True:
-                    kind, item = await events.get()
-                    if kind == "done":
-                        req = item
-                        break
-                    if kind == "error":
-                        return error(500, item, kind="server_error")
-            except BaseException:
-                worker.cancel(rid)
-                raise
-            text = final_text(req)
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if chat
-                      else {"index": 0, "text": text, "logprobs": None})
-            choice["finish_reason"] = req.finish_reason
-            return {"id": cid, "object": obj, "created": created, "model": model_name, "choices": [choice],
-                    "usage": usage(req)}
+            return await self.whole(reply, rid, events)
+        holdback = max((len(s) for s in stops), default=0)
+        return StreamingResponse(self.stream(reply, rid, events, holdback), media_type="text/event-stream")
 
-        def chunk(text, finish=None, use=None):
-            if chat:
-                delta = {"content": text} if text else {}
-                choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-            out = {"id": cid, "object": obj + (".chunk" if chat else ""), "created": created, "model": model_name,
-                   "choices": [choice]}
-            if use is not None:
-                out["usage"] = use
-            return f"data: {json.dumps(out)}\n\n"
+    def final_text(self, req) -> str:
+        return req.text if req.stop_strings else self.tokenizer.decode(req.output)
 
-        async def stream():
-            ts = TextStream(tokenizer, holdback)
-            finished = False
-            try:
-                if chat:
-                    yield f"data: {json.dumps({'id': cid, 'object': obj + '.chunk', 'created': created, 'model': model_name, 'choices': [{'index': 0, 'delta': {'role': 'assistant'}, 'finish_reason': None}]})}\n\n"  # noqa: E501
-                while True:
-                    kind, item = await events.get()
-                    if kind == "tokens":
-                        text = ts.push(item)
-                        if text:
-                            yield chunk(text)
-                    elif kind == "error":
-                        yield f"data: {json.dumps({'error': {'message': item, 'type': 'server_error'}})}\n\n"
-                        finished = True
-                        return
-                    else:
-                        req = item
-                        rest = ts.flush(final_text(req))
-                        if rest:
-                            yield chunk(rest)
-                        yield chunk("", req.finish_reason, usage(req))
-                        yield "data: [DONE]\n\n"
-                        finished = True
-                        return
-            finally:
-                if not finished:  # the client went away: free its pages
-                    worker.cancel(rid)
+    async def whole(self, reply: Reply, rid: int, events):
+        """Wait for the request to finish; its completion body (a client that goes away cancels it)."""
+        try:
+            while True:
+                kind, item = await events.get()
+                if kind == "done":
+                    break
+                if kind == "error":
+                    return error(500, item, kind="server_error")
+        except BaseException:
+            self.worker.cancel(rid)
+            raise
+        return reply.whole(self.final_text(item), item)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        ids = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt).ids
-        return await run(body, ids, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest):
-        text = render_chat([m.model_dump() for m in body.messages], chat_template)
-        return await run(body, tokenizer.encode(text).ids, chat=True)
-
-    return app
+    async def stream(self, reply: Reply, rid: int, events, holdback: int):
+        """The request's text as chunks, then the finish reason and usage, then [DONE]."""
+        ts = TextStream(self.tokenizer, holdback)
+        finished = False
+        try:
+            if reply.chat:
+                yield reply.role_chunk()
+            while True:
+                kind, item = await events.get()
+                if kind == "tokens":
+                    text = ts.push(item)
+                    if text:
+                        yield reply.chunk(text)
+                elif kind == "error":
+                    yield sse({"error": {"message": item, "type": "server_error"}})
+                    finished = True
+                    return
+                else:
+                    rest = ts.flush(self.final_text(item))
+                    if rest:
+                        yield reply.chunk(rest)
+                    yield reply.chunk("", item.finish_reason, usage(item))
+                    yield "data: [DONE]\n\n"
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the client went away: free its pages
+                self.worker.cancel(rid)

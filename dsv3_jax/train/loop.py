@@ -390,7 +390,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
         # one prompt on this process's devices: the training runtime without its mesh (no pipeline, local experts)
         params = slot_state.relayout({"params": state["params"]}, slots, None)["params"]
-        model = with_runtime(nnx.merge(graphdef, params, state["biases"]), rt.replace(mesh=None))
+        model = with_runtime(nnx.merge(graphdef, params, state["biases"]), rt.local())
         sample = greedy_text(model, data.tokenizer, prompt="The", max_new_tokens=t.sample_tokens)
         if not quiet:
             print(f"\nsample (greedy, {t.sample_tokens} tokens):\n{sample}\n")
