@@ -13,9 +13,11 @@ Runtime is never edited; its variants come from named constructors: `for_decode(
 `for_engine(paged_attention)`, `with_fp8_weights(mode)`, `without_fp8_gemms()`.
 
 What it holds, and who reads it:
-    mesh, stages, microbatches, pipeline_schedule, remat    the layer-stack strategy (`strategies.stack`):
-                                                             `lax.scan` over the stacked layers, or the
-                                                             pipeline over the mesh axis 'stage'
+    remat                                                    the layer-stack strategy (`strategies.stack`): a
+                                                             `lax.scan` over the stacked layers, remat or not
+    mesh, stages, microbatches, pipeline_schedule,           the train program (`programs.program_for`): the
+    pipeline_chunks, pipeline_stage_layers                   scheduled pipeline over the mesh axis 'stage' when
+                                                             it has more than one stage
     expert_impl, block_size, expert_dispatch,               the routed-expert strategy (`strategies.experts`):
     capacity_factor, emulate_ragged_all_to_all               dense / blocks / ragged on the local device, or
                                                              expert parallelism over the mesh axis 'expert'
@@ -57,7 +59,7 @@ from dsv3_jax.cli import ConfigError, UserError
 EXPERT_IMPLS = ("dense", "blocks", "ragged", "mgpu")
 GROUPED_IMPLS = ("ragged", "mgpu")  # rows sorted by expert, grouped GEMMs (experts.experts_ragged)
 DISPATCHES = ("padded", "ragged")
-SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/schedules.py
+SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/pipeline/schedules.py
 PAGED_ATTENTION = ("jnp", "pallas")
 ATTENTION = ("einsum", "xla", "cudnn")  # the training / prefill attention core (mla.MLA.expanded)
 FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
@@ -238,12 +240,6 @@ class Runtime:
     @property
     def stages(self) -> int:
         return self.axis("stage")
-
-    @property
-    def scheduled_pipeline(self) -> bool:
-        """The train step runs a tick-table schedule (parallel/pipeline_exec.py) rather than GPipe over the
-        stacks (parallel/pipeline.py, the reference)."""
-        return self.stages > 1 and self.pipeline_schedule != "gpipe"
 
     @property
     def expert_parallel(self) -> bool:

@@ -16,7 +16,7 @@ from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.io.checkpoint import Checkpointer, weights_target
 from dsv3_jax.io.tokenizer import load_tokenizer
-from dsv3_jax.parallel import slot_state
+from dsv3_jax.programs import Plain
 from dsv3_jax.runtime import Runtime
 
 
@@ -43,7 +43,7 @@ def load_trained(workdir: str, step: int | None = None, runtime: Runtime | None 
                                    what=f"--checkpoint {workdir}")  # before any array is read
         graphdef, abstract = weights_target(model_cfg, rt)
         found.update(config=config, graphdef=graphdef, tokenizer=tokenizer)
-        return slot_state.restore_target(abstract, None, meta)  # a pipelined run's slot layout -> the layers
+        return Plain().restore_target(abstract, meta)  # any layout (a pipelined run's slots) -> the layers
 
     with Checkpointer(ckdir, async_save=False) as ckpt:  # a corrupt newer step is reported, never moved
         got = ckpt.load(target, step, partial=True, log=lambda m: print(m, file=sys.stderr))

@@ -102,7 +102,7 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class Reshaped:
     """A restore target read in the layout the checkpoint was saved in (`read`) and handed back converted
-    (`convert(state)`), e.g. a pipeline's slot layout read as the layer layout (`parallel/slot_state.py`)."""
+    (`convert(state)`), e.g. a pipeline's slot layout read as the layer layout (`parallel/pipeline/slot_state.py`)."""
 
     read: PyTree
     convert: Callable[[PyTree], PyTree]

@@ -39,8 +39,8 @@ from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.parallel import slot_state
-from dsv3_jax.parallel.pipeline import check_microbatches
+from dsv3_jax.parallel.pipeline.schedules import check_microbatches
+from dsv3_jax.programs import Plain, program_for
 from dsv3_jax.runtime import Runtime
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import batch_size_at, make_optimizer
@@ -54,7 +54,7 @@ class TrainResult:
     tokenizer: object
     history: list  # metrics records written during this call
     sample: str
-    slots: dict | None = None  # a scheduled pipeline's slot layout {kind: StackLayout} (slot_state.to_layers undoes it)
+    program: Plain = Plain()  # the train program, owner of the state's layout (`program.to_layers` undoes it)
 
 
 def _check_hyperparameters(config) -> None:
@@ -111,10 +111,10 @@ def validate_train_config(config) -> ModelConfig:
                           f"{model_cfg.max_position_embeddings}; shorten the sequences or raise the limit.")
     try:
         sizes = sharding.mesh_sizes(config.mesh.to_dict(), jax.device_count())
-        uneven = config.mesh.get("pipeline_schedule", "gpipe") != "gpipe"  # scheduled pipelines split any layer mix
-        sharding.validate_mesh(sizes, model_cfg, t.batch_size, allow_uneven_stages=uneven)
+        # the pipeline's stage layout splits any layer mix (checked below)
+        sharding.validate_mesh(sizes, model_cfg, t.batch_size, allow_uneven_stages=True)
         if t.batch_size_start > 0:
-            sharding.validate_mesh(sizes, model_cfg, t.batch_size_start, allow_uneven_stages=uneven)
+            sharding.validate_mesh(sizes, model_cfg, t.batch_size_start, allow_uneven_stages=True)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     accum = t.get("grad_accum_steps", 1)
@@ -130,13 +130,13 @@ def validate_train_config(config) -> ModelConfig:
                 check_microbatches(b // accum, microbatches(config, sizes["stage"]), shards)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-    if sizes["stage"] > 1 and config.mesh.get("pipeline_schedule", "gpipe") != "gpipe":
-        from dsv3_jax.parallel import pipeline_exec
+    if sizes["stage"] > 1:
+        from dsv3_jax.parallel.pipeline import executor
 
         m = config.mesh
-        pipeline_exec.check_config(model_cfg, sizes["stage"], microbatches(config, sizes["stage"]),
-                                   m.pipeline_schedule, m.get("pipeline_chunks", 1), m.get("pipeline_stage_layers", ""),
-                                   t.seq_len)
+        executor.check_config(model_cfg, sizes["stage"], microbatches(config, sizes["stage"]),
+                              m.get("pipeline_schedule", "gpipe"), m.get("pipeline_chunks", 1),
+                              m.get("pipeline_stage_layers", ""), t.seq_len)
     if config.data.path and not os.path.exists(config.data.path):
         raise ConfigError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                           f"file or directory, or set it to '' for the embedded corpus.")
@@ -212,26 +212,23 @@ def schedule_change(saved_config_json: str | None, config, step: int) -> str | N
             f"was {before:.4g}, is now {after:.4g}")
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None, slots: dict | None = None):
+def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None, program: Plain | None = None):
     """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
     the rules table (no device ever holds the whole model); the optimizer state inherits the
     parameters' shardings. The model runs with `rt` (default: `runtime.default()`); without a mesh in
-    it, the state is placed on a one-device mesh. `slots` (a scheduled pipeline's `Program.slots`): the
-    stacks of the parameters and of the optimizer state are held in that slot layout (`slot_state.py`)."""
+    it, the state is placed on a one-device mesh. The state is held in `program`'s layout (default `Plain()`: the
+    layer layout; a scheduled pipeline: its slot layout, for the parameters and the optimizer state)."""
     rt = rt or runtime.default()
+    program = program or Plain()
     mesh = rt.mesh if rt.mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
     build = lambda: DeepSeekV3(model_cfg, rngs=nnx.Rngs(seed), runtime=rt)  # noqa: E731
     abstract = nnx.eval_shape(build)
     graphdef, abstract_params, abstract_biases = split_model(abstract)
     specs = {"params": sharding.pure_specs(nnx.state(abstract, nnx.Param)),
              "biases": sharding.pure_specs(nnx.state(abstract, RouterBias))}
-    relaid = lambda st: st  # noqa: E731
-    if slots is not None:
-        specs = slot_state.slot_specs(specs, {"params": abstract_params, "biases": abstract_biases}, dict(mesh.shape),
-                                      slots)
-        relaid = lambda st: slot_state.to_slots(st, slots)  # noqa: E731
+    specs = program.state_specs(specs, {"params": abstract_params, "biases": abstract_biases}, dict(mesh.shape))
     out = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
-    params_biases = jax.jit(lambda: relaid(dict(zip(("params", "biases"), split_model(build())[1:]))),
+    params_biases = jax.jit(lambda: program.to_layout(dict(zip(("params", "biases"), split_model(build())[1:]))),
                             out_shardings=out)()
     params, biases = params_biases["params"], params_biases["biases"]
     replicated = NamedSharding(mesh, P())
@@ -278,21 +275,12 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rt = runtime.from_config(config, mesh)
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
-    pipeline, slots = None, None
-    if rt.scheduled_pipeline:  # the step runs the schedule's program on a state in its slot layout
-        from dsv3_jax.parallel import pipeline_exec
-
-        pipeline = pipeline_exec.for_training(model_cfg, rt, t.seq_len) + (model_cfg,)
-        slots = pipeline[0].slots
-    graphdef, state = init_state(model_cfg, tx, t.seed, rt, slots)
+    program = program_for(rt, model_cfg, t.seq_len)  # plain value_and_grad, or the pipeline (its state layout)
+    graphdef, state = init_state(model_cfg, tx, t.seed, rt, program)
     if not quiet:
         print(rt.describe())
-        if rt.stages > 1:
-            from dsv3_jax.parallel import schedules
-
-            table = schedules.table(rt.pipeline_schedule, rt.stages, rt.microbatches, rt.pipeline_chunks)
-            print(f"pipeline: {rt.pipeline_schedule}, {rt.stages} stages x {rt.microbatches} micro-batches, bubble "
-                  f"fraction {table.bubble:.1%} (counted from its {table.ticks}-tick schedule)")
+        if program.describe(rt):
+            print(program.describe(rt))
     ckpt = Checkpointer(os.path.join(os.path.abspath(workdir), "checkpoints"), keep=config.checkpoint.keep,
                         save_interval_steps=config.checkpoint.every_steps, async_save=config.checkpoint.async_save)
     start, tokens_total = 0, 0  # tokens_total: input tokens of every step so far (metrics: tokens_seen)
@@ -301,14 +289,13 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     def target(meta):  # the state as this run holds it, read from the layout the checkpoint was written in
         if weights_only(meta):
-            return slot_state.restore_target({"params": abstract["params"], "biases": abstract["biases"]}, slots,
-                                             meta)
+            return program.restore_target({"params": abstract["params"], "biases": abstract["biases"]}, meta)
         saved = meta.get("tokenizer_sha256")
         if saved is not None and saved != tokenizer_hash:
             raise UserError(f"the tokenizer of this run differs from the one {workdir} was trained with (token "
                             f"ids would change under the checkpoint); resume with the run's own tokenizer.json "
                             f"(leave --config.data.tokenizer_path empty) or use another --workdir")
-        return slot_state.restore_target(abstract, slots, meta)
+        return program.restore_target(abstract, meta)
 
     try:  # multi-host: every process restores, only the first moves a damaged step aside
         restored = ckpt.load(target, log=lambda msg: print(msg, file=sys.stderr), move_aside=main)
@@ -342,8 +329,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings,
-                                 grad_accum_steps=t.get("grad_accum_steps", 1), pipeline=pipeline)
-    eval_step = make_eval_step(graphdef, mesh, pipeline)
+                                 grad_accum_steps=t.get("grad_accum_steps", 1), program=program)
+    eval_step = make_eval_step(graphdef, mesh, program)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
     history, tokens_seen, t0 = [], 0, time.perf_counter()  # tokens_seen: since the last log line
@@ -377,7 +364,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         if done % config.checkpoint.every_steps == 0 or done == t.steps:
             ckpt.save(done, state, {"loader": data.train.state(), "config": config.to_json(),
                                     "tokenizer_sha256": tokenizer_hash, "tokens_seen": tokens_total}
-                      | slot_state.save_meta(slots), force=True)
+                      | program.save_meta(), force=True)
     ckpt.wait()
     ckpt.close()
     writer.close()
@@ -386,13 +373,15 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     if t.sample_tokens > 0 and interrupt_at is None and jax.process_count() > 1 and not quiet:
         print("no sample in a multi-process run: generate from the checkpoint with infer.py")
     if t.sample_tokens > 0 and interrupt_at is None and jax.process_count() == 1:
-        from dsv3_jax.infer.simple import greedy_text
+        from dsv3_jax.infer.engine import Engine
 
         # one prompt on this process's devices: the training runtime without its mesh (no pipeline, local experts)
-        params = slot_state.relayout({"params": state["params"]}, slots, None)["params"]
+        params = program.to_layers({"params": state["params"]})["params"]
         model = with_runtime(nnx.merge(graphdef, params, state["biases"]), rt.local())
-        sample = greedy_text(model, data.tokenizer, prompt="The", max_new_tokens=t.sample_tokens)
+        ids = data.tokenizer.encode("The").ids
+        out = Engine.for_batch(model, 1, len(ids) + t.sample_tokens).generate([ids], t.sample_tokens, stop_tokens=())
+        sample = "The" + data.tokenizer.decode(out[0].tokens)
         if not quiet:
             print(f"\nsample (greedy, {t.sample_tokens} tokens):\n{sample}\n")
     return TrainResult(state=state, graphdef=graphdef, tokenizer=data.tokenizer, history=history, sample=sample,
-                       slots=slots)
+                       program=program)
