@@ -272,10 +272,13 @@ class Engine:
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
         self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]
         # A mesh: parameters placed by the logical-axis rules, the page pools split over 'stage' by layer and
-        # otherwise replicated, each step's rows split over the batch axes (XLA partitions the steps).
+        # otherwise replicated, each step's rows split over the batch axes (XLA partitions the steps). No mesh:
+        # everything on one device (a model trained or loaded on a mesh is copied there).
         self.mesh = None if mesh is None else sharding.auto_mesh(mesh)
         self.batch_multiple = 1
-        if self.mesh is not None:
+        if self.mesh is None:
+            self.state = jax.device_put(self.state, jax.devices()[0])
+        else:
             self.state = jax.device_put(self.state, sharding.state_shardings(self.state, self.mesh))
             self.batch_multiple = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES
                                             if a in self.mesh.axis_names)
