@@ -61,14 +61,6 @@ class Completion:
     drafted: int = 0  # speculative verify steps for this row
     accepted: int = 0  # drafts the main model accepted
 
-    @property
-    def tokens_per_sec(self) -> float:
-        return len(self.tokens) / max(self.seconds, 1e-9)
-
-    @property
-    def acceptance_rate(self) -> float | None:
-        return self.accepted / self.drafted if self.drafted else None
-
 
 def _bucket(n: int, smallest: int = 1) -> int:
     """The power of two >= max(n, smallest)."""
