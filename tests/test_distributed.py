@@ -23,7 +23,8 @@ def _free_port() -> int:
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env = {k: v for k, v in os.environ.items()  # (the session's compilation cache kept: see conftest.py)
+           if not (k.startswith("JAX_") and "CACHE" not in k) and k != "XLA_FLAGS"}
     env.update(extra)
     return env
 

@@ -73,7 +73,7 @@ def loaded(ckpt):
 
 @pytest.fixture(scope="module")
 def logits(loaded):
-    return {k: np.asarray(m(TOKENS).logits) for k, m in loaded.items()}
+    return {k: np.asarray(forward(m)) for k, m in loaded.items()}
 
 
 def test_weight_only_gemm_equals_the_dequantised_product():
@@ -136,7 +136,7 @@ def test_weight_only_equals_the_dequantised_model(logits):
 def test_w8a8_equals_the_fp8_recipe_and_stays_near_the_dequantised_model(ckpt, logits, tmp_path):
     _, recipe = hf.load(str(ckpt / "fp8"), runtime=runtime.resolve(fp8=True))  # W8A8 of the training GEMMs
     # Equal up to float32 rounding, which can move an activation across an e4m3 rounding boundary now and then
-    assert rel(logits["w8a8"], np.asarray(recipe(TOKENS).logits)) < 1e-3
+    assert rel(logits["w8a8"], np.asarray(forward(recipe))) < 1e-3
     # Against the dequantised model: activation quantisation changes the numbers. On this random MoE model a
     # token whose routing flips (a near-tie of router scores) moves by ~0.2; the others stay within the bound.
     per_token = np.abs(logits["w8a8"] - logits["deq"]).max(-1) / np.abs(logits["deq"]).max()
@@ -144,8 +144,8 @@ def test_w8a8_equals_the_fp8_recipe_and_stays_near_the_dequantised_model(ckpt, l
     # Without a router (all layers dense) the bound holds for every logit.
     dense = CFG.replace(first_k_dense_replace=CFG.num_hidden_layers)
     hf.save(DeepSeekV3(dense, rngs=nnx.Rngs(3)), None, str(tmp_path / "dense"), fp8=True)
-    ref = np.asarray(hf.load(str(tmp_path / "dense"))[1](TOKENS).logits)
-    got = np.asarray(hf.load(str(tmp_path / "dense"), keep_fp8=True)[1](TOKENS).logits)
+    ref = np.asarray(forward(hf.load(str(tmp_path / "dense"))[1]))
+    got = np.asarray(forward(hf.load(str(tmp_path / "dense"), keep_fp8=True)[1]))
     assert 1e-2 < rel(got, ref) < W8A8_BOUND
 
 
@@ -156,11 +156,16 @@ def test_every_expert_layout_agrees(ckpt, logits):
                runtime.resolve(mesh=mesh, expert_dispatch="ragged")):
         _, m = hf.load(str(ckpt / "fp8"), keep_fp8=True, fp8_mode="weight_only", runtime=rt,
                        mesh=rt.mesh)
-        assert rel(m(TOKENS).logits, logits["weight_only"]) < 1e-5, rt.describe()
+        assert rel(forward(m), logits["weight_only"]) < 1e-5, rt.describe()
     bad = runtime.resolve(mesh=sharding.make_mesh({"expert": 2, "tensor": 2}))
     _, m = hf.load(str(ckpt / "fp8"), keep_fp8=True, runtime=bad)
-    with pytest.raises(UserError, match="tensor=1"):
-        m(TOKENS)
+    with pytest.raises(UserError, match="tensor=1"):  # while tracing, before anything compiles
+        forward(m)
+
+
+def forward(m):
+    """The logits of TOKENS, jitted (one compile; eagerly every op of the FP8 GEMMs compiles on its own)."""
+    return nnx.jit(lambda m: m(TOKENS).logits)(m)
 
 
 def test_absorbed_decode_on_fp8_weights(loaded):
@@ -185,8 +190,8 @@ def test_training_on_fp8_weights_is_refused(loaded):
     def loss(p):
         return nnx.merge(graphdef, p, rest)(TOKENS).logits.mean()
 
-    with pytest.raises(UserError, match="for inference"):
-        jax.grad(loss, allow_int=True)(params)
+    with pytest.raises(UserError, match="for inference"):  # while tracing, before anything compiles
+        jax.jit(jax.grad(loss, allow_int=True))(params)
     with pytest.raises(UserError, match="exclude each other"):
         runtime.resolve(fp8=True, fp8_weights="w8a8")
 
