@@ -170,8 +170,9 @@ def one_device_step4():
     return _one_step(None, CFG4)
 
 
-PIPELINE_LAYOUTS = [(dict(stage=2, data=4), 2), (dict(stage=2, expert=2, fsdp=2), 2), (dict(stage=2, expert=4), 2),
-                    (dict(stage=2, data=2, tensor=2), 4)]
+# the meshes test_pipeline_schedules.py's program matrix does not run (there: stage 2 x expert 2 x data 2, stage 4 x
+# data 2, stage 2 x fsdp 2 x tensor 2, each schedule); here the whole train step (init, SGD update, bias update)
+PIPELINE_LAYOUTS = [(dict(stage=2, expert=2, fsdp=2), 2), (dict(stage=2, expert=4), 2)]
 
 
 @pytest.mark.parametrize("layout,micro", PIPELINE_LAYOUTS,
