@@ -1,0 +1,150 @@
+"""The serving engine's compiled steps: prefill, multi-token decode and MTP speculative verify over the paged
+latent cache, with per-row sampling.
+
+Each is a module-level `jax.jit` of a static graphdef, so engines of the same model structure (and runtime) share
+their compilations; the cache pools are donated. A row's j-th output token is drawn with the key
+fold_in(PRNGKey(seed), j) (`sample_rows`, `_keys`), so its tokens do not depend on what it is batched with. The
+engine (engine.py) decides which rows run, with which page tables and shapes.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.infer.paged_cache import PagedLatentCache
+from dsv3_jax.infer.sampling import greedy, probabilities, sample, verify_draft
+from dsv3_jax.model import ModelCache
+
+
+def sample_rows(seeds, index, logits, temperature, top_k, top_p):
+    """One token per row [B] with each row's own parameters and key fold_in(PRNGKey(seed), index). When every
+    row is greedy only the argmax runs (per-row sampling under vmap would compute every branch: a sort of the
+    vocabulary per row for top-k/top-p)."""
+
+    def one(seed, j, row, t, k, p):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), j)
+        return sample(key, row[None], t, k, p)[0]
+
+    def sampled():
+        return jax.vmap(one)(seeds, index, logits, temperature, top_k, top_p)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy(logits))
+
+
+def _with_table(pools: ModelCache, table) -> ModelCache:
+    return jax.tree.map(lambda c: c.with_table(table), pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
+
+
+def _strip(cache: ModelCache) -> ModelCache:
+    return _with_table(cache, jnp.zeros((1, 1), jnp.int32))
+
+
+# The compiled steps are module-level functions of a static graphdef, so engines of the same model structure
+# (and runtime) share their compilations.
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def prefill_step(graphdef, state, pools, table, tokens, positions, last, seeds, index, temperature, top_k, top_p):
+    """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last`."""
+    model = nnx.merge(graphdef, state)
+    logits, _, cache = model.decode(tokens, positions, _with_table(pools, table))
+    rows = jnp.arange(tokens.shape[0])
+    nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
+    return nxt, _strip(cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def decode_step(graphdef, steps, state, pools, table, token, position, valid, seeds, index, temperature, top_k,
+                 top_p):
+    """`steps` decode steps of one token per row, each sampled token fed back on the device: -> tokens [B, steps]."""
+    model = nnx.merge(graphdef, state)
+
+    def body(carry, k):
+        pools, tok = carry
+        pos = jnp.where(valid, position + k, -1)
+        logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table))
+        nxt = sample_rows(seeds, index + k, logits[:, 0], temperature, top_k, top_p)
+        return (_strip(cache), nxt), nxt
+
+    (pools, _), toks = jax.lax.scan(body, (pools, token), jnp.arange(steps))
+    return toks.T, pools
+
+
+def _keys(seeds, index, salt: int):
+    """Per-row keys fold_in(fold_in(PRNGKey(seed), index), salt): a request's draws depend on it alone."""
+    return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), j), salt))(seeds, index)
+
+
+def _probs_rows(logits, temperature, top_k, top_p):
+    return jax.vmap(lambda row, t, k, p: probabilities(row[None], t, k, p)[0])(logits, temperature, top_k, top_p)
+
+
+def _draft_rows(keys, logits, temperature, top_k, top_p):
+    """Draft token [B] and its distribution q [B, V] (used by sampling rows only; zeros when all are greedy)
+    from MTP logits [B, V]."""
+
+    def sampled():
+        q = _probs_rows(logits, temperature, top_k, top_p)
+        drawn = jax.vmap(lambda k, row: jax.random.categorical(k, jnp.log(row)))(keys, q).astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy(logits)), q
+
+    return jax.lax.cond(jnp.any(temperature > 0), sampled,
+                        lambda: (greedy(logits), jnp.zeros(logits.shape, jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
+def prefill_step_spec(graphdef, state, pools, table, tokens, positions, last, next_known, seeds, index, temperature,
+                       top_k, top_p):
+    """`prefill_step` plus the MTP module over the same positions (its input at the chunk's last position is
+    the token after it: `next_known`, or the token sampled here when the chunk ends the sequence); returns
+    the draft for the token after the sampled one."""
+    model = nnx.merge(graphdef, state)
+    cache = _with_table(pools, table)
+    logits, h, cache = model.decode(tokens, positions, cache)
+    rows = jnp.arange(tokens.shape[0])
+    nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
+    after = jnp.where(next_known >= 0, next_known, nxt)
+    shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).at[rows, last].set(after)
+    mtp_logits, cache = model.mtp_decode(h, shifted, positions, cache)
+    draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], temperature, top_k, top_p)
+    return nxt, draft, q, _strip(cache)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def verify_step(graphdef, steps, state, pools, table, pending, draft, q, position, valid, seeds, index, temperature,
+                 top_k, top_p):
+    """`steps` MTP speculative steps per row: verify [pending, draft] at [L, L+1], accept or resample, draft
+    the next token with the MTP module; rollback of a rejected draft = not advancing L.
+    -> emitted [B, steps, 2], n_new [B, steps], draft [B], q [B, V], pools."""
+    model = nnx.merge(graphdef, state)
+    rows = jnp.arange(pending.shape[0])
+
+    def body(carry, _):
+        pools, pending, draft, q, position, index = carry
+        pos = jnp.where(valid[:, None], position[:, None] + jnp.arange(2), -1)
+        logits, h, cache = model.decode(jnp.stack([pending, draft], 1), pos, _with_table(pools, table))
+        a1_g = greedy(logits[:, 0])
+
+        def verify_sampled():
+            p1 = _probs_rows(logits[:, 0], temperature, top_k, top_p)
+            return jax.vmap(lambda k, p, qq, d: tuple(x[0] for x in verify_draft(k, p[None], qq[None], d[None])))(
+                _keys(seeds, index, 2), p1, q, draft)
+
+        ok_s, a1_s = jax.lax.cond(jnp.any(temperature > 0), verify_sampled, lambda: (draft == a1_g, a1_g))
+        sampled = temperature > 0
+        a1 = jnp.where(sampled, a1_s, a1_g)
+        accept = jnp.where(sampled, ok_s, draft == a1_g)
+        a2 = sample_rows(seeds, index + 1, logits[:, 1], temperature, top_k, top_p)
+        mtp_logits, cache = model.mtp_decode(h, jnp.stack([a1, a2], 1), pos, cache)
+        n_new = 1 + accept.astype(jnp.int32)
+        new_draft, new_q = _draft_rows(_keys(seeds, index + n_new, 1), mtp_logits[rows, accept.astype(jnp.int32)],
+                                       temperature, top_k, top_p)
+        out = (jnp.stack([a1, a2], 1), n_new)
+        carry = (_strip(cache), jnp.where(accept, a2, a1), new_draft, new_q, position + jnp.where(valid, n_new, 0),
+                 index + n_new)
+        return carry, out
+
+    (pools, _, draft, q, _, _), (emitted, n_new) = jax.lax.scan(
+        body, (pools, pending, draft, q, position, index), None, length=steps)
+    return emitted.transpose(1, 0, 2), n_new.T, draft, q, pools
