@@ -247,7 +247,7 @@ def test_engine_on_a_mesh_equals_one_device(model, alone):
     by layer (over 'stage', else replicated), each step's rows over data x expert, on 8 fake CPU devices:
     the reference's greedy tokens."""
     mesh = sharding.make_mesh({"data": 2, "expert": 2, "tensor": 2}, jax.devices()[:8])
-    eng = engine(model, mesh=mesh)
+    eng = engine(model, mesh=mesh, pages=64)  # its own compilations anyway; a pool that needs no preemption
     w = eng.state["moe_layers"]["ffn"]["w_gate"][...]
     assert w.sharding.spec == sharding.logical_to_spec(("layers", "experts", "embed", "expert_mlp"))
     assert w.sharding.spec[1] == "expert" and len(w.sharding.device_set) == 8
