@@ -197,17 +197,17 @@ def test_load_trained_and_greedy_decode(runs):
     from dsv3_jax.infer.engine import Engine
     from dsv3_jax.infer.load import load_trained
 
+    from reference import decoding
+
     model, tokenizer, config, step = load_trained(str(runs["base_dir"]))
     assert step == config.train.steps == 24
     trained = nnx.merge(runs["full"].graphdef, runs["full"].state["params"], runs["full"].state["biases"])
     prompt = tokenizer.encode("The object").ids
-    tokens = jnp.asarray([prompt])
-    np.testing.assert_array_equal(np.asarray(model(tokens).logits), np.asarray(trained(tokens).logits))
+    tokens = jnp.asarray([prompt])  # (jitted full forwards: eagerly, every op of the model compiles on its own)
+    np.testing.assert_array_equal(np.asarray(decoding.logits(model, tokens)[0]),
+                                  np.asarray(decoding.logits(trained, tokens)[0]))
     got = Engine.for_batch(model, 1, len(prompt) + 6).generate([prompt], 6, stop_tokens=())[0].tokens
-    seq = list(prompt)
-    for _ in range(6):
-        seq.append(int(jnp.argmax(trained(jnp.asarray([seq])).logits[0, -1])))
-    assert got == seq[len(prompt):]
+    assert got == decoding.greedy(trained, [prompt], 6)[0]
 
 
 def test_load_trained_missing_workdir(tmp_path):
