@@ -1,5 +1,5 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported), float32 matmul precision, and one persistent
-compilation cache for the whole session.
+"""Test setup: 8 fake CPU devices (set before jax is imported) compiled at XLA's lowest optimization level
+(testenv.py), float32 matmul precision, and one persistent compilation cache for the whole session.
 
 The cache: many tests compile the same programs (the tiny model's train step in every `train.py` subprocess of
 test_bad_inputs, the engine's steps in infer.py / serve.py runs, ...). XLA's persistent cache (a directory keyed by
@@ -14,9 +14,9 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from testenv import xla_flags
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=8)  # (and the fast-compile flags: see testenv.py)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 _OWNER = None

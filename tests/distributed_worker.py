@@ -13,7 +13,10 @@ import os
 import sys
 
 workdir, mesh = sys.argv[1], json.loads(sys.argv[2])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[3] if len(sys.argv) > 3 else 2}"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from testenv import xla_flags  # noqa: E402
+
+os.environ["XLA_FLAGS"] = xla_flags(devices=int(sys.argv[3]) if len(sys.argv) > 3 else 2)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from testenv import one_device_env
 
 pytestmark = pytest.mark.xdist_group("bad_inputs")  # one worker trains the shared workdir (session fixture) once
 
@@ -29,7 +30,7 @@ BASE = ([f"--config.model.{k}={v}" for k, v in MODEL.items()] + [f"--config.trai
 
 
 def run(script, *args, stdin=None, timeout=240):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one CPU device, as a user's shell has
+    env = one_device_env()
     env.pop("DSV3_VERBOSE", None)
     cmd = [sys.executable, *(["-m", script] if script.startswith("dsv3_jax") else [os.path.join(ROOT, script)])]
     return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, input=stdin,

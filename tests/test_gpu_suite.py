@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from testenv import one_device_env
 
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.model import abstract_model, param_counts
@@ -41,8 +42,7 @@ def test_suite_runs_its_gemm_parts_and_reports(tmp_path):
     the FP8 kernel (interpret mode, no accelerator here) with its fp64 reference, and the report lists the
     other parts as missing with 'n/a' figures."""
     out = tmp_path / "suite"
-    env = dict(os.environ, PYTHON=sys.executable, GPU_SUITE_PARTS="grouped_gemm fp8_gemm")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's shell
+    env = one_device_env(PYTHON=sys.executable, GPU_SUITE_PARTS="grouped_gemm fp8_gemm")
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--smoke", str(out)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -8,7 +8,6 @@ DSV3_DEMO_WORKDIR empty, so that notebook 05 trains its short model as on a fres
 loading a local workdir/demo. Notebooks are stored without outputs.
 """
 import json
-import os
 import pathlib
 import sys
 
@@ -21,6 +20,7 @@ pytest.importorskip("matplotlib")
 
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
+from testenv import one_device_env  # noqa: E402
 
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
@@ -30,14 +30,7 @@ CELL_TIMEOUT_S = 600
 
 
 def kernel_env(figures: pathlib.Path) -> dict:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-    if flags:
-        env["XLA_FLAGS"] = " ".join(flags)
-    else:
-        env.pop("XLA_FLAGS", None)
-    env.update(JAX_PLATFORMS="cpu", MPLBACKEND="Agg", DSV3_FIGURES=str(figures), DSV3_DEMO_WORKDIR="")
-    return env
+    return one_device_env(MPLBACKEND="Agg", DSV3_FIGURES=str(figures), DSV3_DEMO_WORKDIR="")
 
 
 def kernel_manager(tmp_path: pathlib.Path) -> KernelManager:
