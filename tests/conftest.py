@@ -22,7 +22,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _OWNER = None
 if os.environ.get("DSV3_TEST_COMPILATION_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWNER = tempfile.mkdtemp(prefix="dsv3-jax-test-compilation-cache-")
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWNER, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_OWNER, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                       JAX_COMPILATION_CACHE_MAX_SIZE=str(8 * 1024 ** 3))  # a limit turns on JAX's file lock
 
