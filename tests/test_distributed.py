@@ -50,12 +50,35 @@ def _two_processes(workdir, *extra) -> list[dict]:
     return outs
 
 
-def test_two_processes_match_one(tmp_path):
+def _prepared_corpus(tmp_path) -> str:
+    from dsv3_jax.data import bpe, prepare
+    from dsv3_jax.data.corpus import default_corpus
+    from dsv3_jax.io import tokenizer as tokenizer_io
+
+    docs = default_corpus()
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "docs.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    tokenizer_io.save_tokenizer(bpe.train_tokenizer(docs, 600), str(tmp_path / "tok.json"))
+    prepared = str(tmp_path / "prepared")
+    prepare.prepare([str(tmp_path / "in")], str(tmp_path / "tok.json"), prepared, val_fraction=0.05, progress=False,
+                    log=lambda _: None)
+    return prepared
+
+
+def test_two_processes_match_one_and_read_their_own_rows(tmp_path):
+    """Two processes of one localhost cluster (2 CPU devices each) train from a prepared corpus as one process
+    with 4 devices does: the same logged losses, gradient norms, MaxVio and evaluation, and the same checkpoints.
+    Each process reads only its devices' rows of every global batch: the two sets are disjoint and together are
+    the whole global batch (positions p .. p + 7 of the shuffled windows, which the one process reads alone)."""
+    prepared = _prepared_corpus(tmp_path)
     one = tmp_path / "one"
-    subprocess.run([sys.executable, WORKER, str(one), MESH, "4"], env=_env(), check=True, timeout=600,
-                   capture_output=True)
+    r = subprocess.run([sys.executable, WORKER, str(one), MESH, "4", prepared], env=_env(), check=True, timeout=600,
+                       capture_output=True, text=True)
+    alone = json.loads(r.stdout.strip().splitlines()[-1])
     two = tmp_path / "two"
-    outs = _two_processes(two)
+    outs = _two_processes(two, prepared)
     assert [(o["process"], o["processes"], o["devices"]) for o in outs] == [(0, 2, 4), (1, 2, 4)]
     ref, got = _losses(one), _losses(two)  # metrics.jsonl is written by process 0 only
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [2, 4, 6, 8]
@@ -66,7 +89,13 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(b, a, rtol=2e-5, atol=1e-6, err_msg=key)
     # process 1 computed the same losses locally (replicated scalars), and wrote no second metrics file
     np.testing.assert_allclose(outs[1]["losses"], outs[0]["losses"], rtol=0, atol=0)
+    assert len(outs[0]["losses"]) == 4
     assert sorted(os.listdir(two / "checkpoints")) == sorted(os.listdir(one / "checkpoints"))
+    assert sorted(map(int, outs[0]["reads"])) == sorted(map(int, outs[1]["reads"])) == list(range(0, 64, 8))
+    for batch in outs[0]["reads"]:  # 8 steps of 8 rows: batch k holds positions 8k .. 8k + 7
+        a, b = set(outs[0]["reads"][batch]), set(outs[1]["reads"][batch])
+        assert a and b and not a & b, (batch, a, b)
+        assert sorted(a | b) == sorted(alone["reads"][batch]) == list(range(int(batch), int(batch) + 8))
 
 
 @pytest.mark.parametrize("cfg,env,needle", [
@@ -96,29 +125,3 @@ def test_distributed_settings_resolution(monkeypatch):
     # config keys win over the environment
     got = distributed.settings(dict(coordinator_address="h:9", num_processes=2, process_id=1))
     assert got == {"coordinator_address": "h:9", "num_processes": 2, "process_id": 1, "auto": False}
-
-
-def test_two_processes_read_their_own_rows_of_prepared_data(tmp_path):
-    """From a prepared corpus, each of two processes reads only its devices' rows of every global batch: the
-    two sets are disjoint and together are the whole global batch (positions p .. p + 7 of the shuffled
-    windows, as one process reads them; the loss equality of 2 vs 1 processes is the test above)."""
-    from dsv3_jax.data import bpe, prepare
-    from dsv3_jax.data.corpus import default_corpus
-    from dsv3_jax.io import tokenizer as tokenizer_io
-
-    docs = default_corpus()
-    (tmp_path / "in").mkdir()
-    with open(tmp_path / "in" / "docs.jsonl", "w") as f:
-        for d in docs:
-            f.write(json.dumps({"text": d}) + "\n")
-    tokenizer_io.save_tokenizer(bpe.train_tokenizer(docs, 600), str(tmp_path / "tok.json"))
-    prepared = str(tmp_path / "prepared")
-    prepare.prepare([str(tmp_path / "in")], str(tmp_path / "tok.json"), prepared, val_fraction=0.05, progress=False,
-                    log=lambda _: None)
-    outs = _two_processes(tmp_path / "two", prepared)
-    assert sorted(map(int, outs[0]["reads"])) == sorted(map(int, outs[1]["reads"])) == list(range(0, 64, 8))
-    for batch in outs[0]["reads"]:  # 8 steps of 8 rows: batch k holds positions 8k .. 8k + 7
-        a, b = set(outs[0]["reads"][batch]), set(outs[1]["reads"][batch])
-        assert a and b and not a & b, (batch, a, b)
-        assert sorted(a | b) == list(range(int(batch), int(batch) + 8))
-    assert outs[0]["losses"] == outs[1]["losses"] and len(outs[0]["losses"]) == 4
