@@ -152,28 +152,50 @@ def _is_failed_read_echo(exc_type, exc, tb) -> bool:
     return any(f.name == "call_soon_threadsafe" and "asyncio" in f.filename for f in frames)
 
 
+class _Muted:
+    """What `_failed_reads_muted` dropped: `settle()` waits for the abandoned reads of a failed restore to finish
+    echoing (they arrive from tensorstore's threads for a while after the failure), so none is printed after
+    the hooks are restored."""
+
+    def __init__(self):
+        self.dropped = 0
+
+    def settle(self, quiet_s: float = 0.3, limit_s: float = 5.0) -> None:
+        """Return once `quiet_s` has passed without a new echo (at most `limit_s`)."""
+        end = time.monotonic() + limit_s
+        while time.monotonic() < end:
+            seen = self.dropped
+            gc.collect()
+            time.sleep(quiet_s)
+            if self.dropped == seen:
+                return
+
+
 @contextlib.contextmanager
 def _failed_reads_muted():
-    """While a restore may fail, drop what Python prints for the abandoned reads of a failed orbax restore,
+    """While restores may fail, drop what Python prints for the abandoned reads of a failed orbax restore,
     possibly from tensorstore's threads: "Exception ignored in: <coroutine _read_array_index_and_device_put>"
     (sys.unraisablehook) and 'Event loop is closed' from read callbacks (sys.excepthook). Only those are
-    dropped; everything else reaches the previous hooks, which are back in place on exit."""
+    dropped; everything else reaches the previous hooks, which are back in place on exit. Yields a `_Muted`."""
     previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+    muted = _Muted()
 
     def unraisable_hook(unraisable):
-        if getattr(unraisable.object, "__qualname__", "").endswith("_read_array_index_and_device_put"):
-            return
-        if _is_failed_read_echo(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+        if getattr(unraisable.object, "__qualname__", "").endswith("_read_array_index_and_device_put") or \
+                _is_failed_read_echo(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+            muted.dropped += 1
             return
         previous_unraisable(unraisable)
 
     def except_hook(exc_type, exc, tb):
-        if not _is_failed_read_echo(exc_type, exc, tb):
-            previous_except(exc_type, exc, tb)
+        if _is_failed_read_echo(exc_type, exc, tb):
+            muted.dropped += 1
+            return
+        previous_except(exc_type, exc, tb)
 
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
     try:
-        yield
+        yield muted
     finally:
         if sys.unraisablehook is unraisable_hook:  # unless someone else replaced it meanwhile
             sys.unraisablehook = previous_unraisable
@@ -185,15 +207,15 @@ def _failed_reads_muted():
 def _quiet_orbax():
     """Mute the tracebacks orbax (absl logging) and its read tasks (asyncio: "Task exception was never
     retrieved", printed when the failed sibling tasks are garbage-collected) log for a failure that the
-    caller reports in one line, for the duration of the call only. The collection is forced before the
-    loggers and hooks are restored."""
+    caller reports in one line, for the duration of the call only (yields the `_Muted` of the hooks: call its
+    `settle()` after a failure). The collection is forced before the loggers and hooks are restored."""
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
-    with _failed_reads_muted():
+    with _failed_reads_muted() as muted:
         try:
-            yield
+            yield muted
         finally:
             gc.collect()
             for lg, level in zip(loggers, levels):
@@ -415,26 +437,16 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         self._mngr.reload()
         failed: list[tuple[int, str]] = []
-        for step in sorted(self._mngr.all_steps(), reverse=True):
-            reason = None
-            with _quiet_orbax():  # orbax logs a traceback for the failure we report in one line
-                try:
-                    _, meta = self.restore_meta(step)
-                except Exception as e:  # noqa: BLE001 -- sorted by _damage
-                    reason = _damage(e)
-                if reason is None:
-                    abstract = target(meta)  # the caller's errors (mismatch, missing tokenizer) propagate
-                    try:
-                        got = self.restore(abstract, step, partial=partial)
-                    except UserError:  # a config mismatch is the caller's to fix, not corruption
-                        raise
-                    except Exception as e:  # noqa: BLE001
-                        reason = _damage(e)
-                # leaving the except clauses drops the tracebacks, so the failed read tasks die muted
-            if reason is not None:
-                log(f"checkpoint step {step} in {self.directory} failed to restore ({reason})")
-                failed.append((step, reason))
-                continue
+        # one muted scope for every attempt: a failed step's abandoned reads echo from tensorstore's threads while
+        # the next step restores, and are waited for (settle) before the hooks are restored
+        with _quiet_orbax() as muted:  # orbax logs a traceback for the failure we report in one line
+            try:
+                got = self._first_restoring(target, partial, failed, log)
+            finally:
+                if failed:
+                    muted.settle()
+        if got is not None:
+            step = got[0]
             for bad, _ in failed if move_aside else ():
                 moved = self.move_aside(bad)
                 log(f"moved the unreadable checkpoint of step {bad} to {moved}; continuing from step {step}")
@@ -443,6 +455,28 @@ class Checkpointer:
             listed = "; ".join(f"step {s}: {r}" for s, r in failed)
             raise NoUsableCheckpoint(f"no checkpoint in {self.directory} restores ({listed}); move the directory "
                                      f"away to start over, or restore a backup")
+        return None
+
+    def _first_restoring(self, target, partial, failed: list, log):
+        """The newest step that restores (as `restore` returns it), or None; each failure is logged and appended
+        to `failed` as (step, reason)."""
+        for step in sorted(self._mngr.all_steps(), reverse=True):
+            reason = None
+            try:
+                _, meta = self.restore_meta(step)
+            except Exception as e:  # noqa: BLE001 -- sorted by _damage
+                reason = _damage(e)
+            if reason is None:
+                abstract = target(meta)  # the caller's errors (mismatch, missing tokenizer) propagate
+                try:
+                    return self.restore(abstract, step, partial=partial)
+                except UserError:  # a config mismatch is the caller's to fix, not corruption
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    reason = _damage(e)
+            # leaving the except clauses drops the tracebacks, so the failed read tasks die muted
+            log(f"checkpoint step {step} in {self.directory} failed to restore ({reason})")
+            failed.append((step, reason))
         return None
 
     def reload(self) -> None:
