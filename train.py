@@ -2,6 +2,8 @@
 
 Every config field is overridable, e.g. `--config.train.steps=200 --config.model.n_group=2`.
 `--dry_run` builds the model abstractly and prints parameter counts without allocating anything.
+`--aot=TOPOLOGY` (e.g. v5p:8x8x16) compiles the real train step for that TPU topology from shapes alone and
+prints per-device memory and the compiler's cost figures (`dsv3_jax.aot`; needs the `tpu-aot` extra).
 A bad flag, config value, corpus or checkpoint ends as one line on stderr (exit status 2);
 `--verbose` (or DSV3_VERBOSE=1) adds the traceback.
 """
@@ -23,6 +25,8 @@ def define_flags():
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
     flags.DEFINE_string("workdir", os.path.join(_HERE, "workdir", "demo"), "Checkpoints, metrics, tokenizer.")
     flags.DEFINE_bool("dry_run", False, "Print parameter counts from abstract shapes and exit.")
+    flags.DEFINE_string("aot", None, "Compile the train step ahead of time for this TPU topology (e.g. v5p:8x8x16, "
+                        "tpu7x:8x8x8) and print its per-device memory and cost; nothing runs.")
     flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or set DSV3_VERBOSE=1).")
 
 
@@ -35,6 +39,13 @@ def main(argv):
     from dsv3_jax.train.loop import train, validate_train_config
 
     t = FLAGS.config.train
+    if FLAGS.aot:
+        from dsv3_jax import aot
+
+        if FLAGS.dry_run:
+            raise cli.UserError("--aot and --dry_run: choose one (--aot compiles, --dry_run only counts).")
+        aot.print_report(aot.train_step_report(FLAGS.config, FLAGS.aot))
+        return
     try:  # say what is wrong before anything is built
         if FLAGS.dry_run:  # abstract shapes only: the mesh may be larger than this machine
             model_cfg = ModelConfig.from_dict(FLAGS.config.model)

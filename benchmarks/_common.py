@@ -6,7 +6,6 @@ most of the GPU's memory up front (torch runs in the same process and needs some
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import statistics
 import sys
@@ -19,10 +18,10 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from dsv3_jax import param_kinds, runtime  # noqa: E402
+from dsv3_jax import runtime  # noqa: E402
 from dsv3_jax.config import ModelConfig  # noqa: E402
+from dsv3_jax.flops import matmul_params_per_token, train_flops_per_token  # noqa: E402,F401 (the benchmarks' formula)
 from dsv3_jax.model import abstract_model, param_counts  # noqa: E402,F401 (abstract_model: used by the benchmarks)
 
 
@@ -85,46 +84,6 @@ def hf_config(cfg: ModelConfig, **kwargs):
     for k in ("architectures", "torch_dtype"):
         d.pop(k, None)
     return transformers.DeepseekV3Config(**d, **kwargs)
-
-
-def matmul_params_per_token(model) -> dict:
-    """Parameters each token multiplies against in the forward pass, from `dsv3_jax.model.param_counts`.
-
-    main: `params_active` of the main model (routed experts counted K/E, embedding and head included)
-          less the embedding table (a gather, no FLOPs) and the RMSNorm gains (elementwise);
-    mtp:  per MTP depth: that module's own parameters counted the same way (its block, eh_proj), plus
-          the head it shares with the main model (applied once more per token: D x V).
-    Works on an abstract model (`nnx.eval_shape`).
-    """
-    cfg = model.cfg
-    K, E = cfg.num_experts_per_tok, max(cfg.n_routed_experts, 1)
-    embed = norms = 0
-    mtp = [0] * len(model.mtp)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        n = math.prod(int(d) for d in var.get_value().shape)
-        kind = param_kinds.param_kind(path)
-        if param_kinds.in_mtp(path):
-            if kind == "norms":
-                continue
-            mtp[int(param_kinds.path_names(path)[1])] += n * K // E if kind == "routed_experts" else n
-        elif kind == "embedding":
-            embed += n
-        elif kind == "norms":
-            norms += n
-    head = cfg.hidden_size * cfg.vocab_size
-    return {"main": param_counts(model)["params_active"] - embed - norms, "mtp": [m + head for m in mtp]}
-
-
-def train_flops_per_token(model, seq_len: int) -> float:
-    """Model FLOPs of one training token (forward + backward = 3 x forward), see train_throughput.py:
-
-        6 * (N_main + sum_k N_mtp_k) + 6 * (L + D_mtp) * H * (dqk + dv) * T / 2
-    """
-    cfg = model.cfg
-    p = matmul_params_per_token(model)
-    layers = cfg.num_hidden_layers + len(p["mtp"])
-    attn = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len / 2
-    return 6 * (p["main"] + sum(p["mtp"])) + attn
 
 
 # ------------------------------------------------------------------ matmul roofline

@@ -47,6 +47,8 @@ takes them out first.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -71,14 +73,31 @@ MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8
 # ----------------------------------------------------------------------------- the one backend query
 
 
+_TARGET: contextvars.ContextVar = contextvars.ContextVar("dsv3_jax_compile_target", default=None)
+
+
 def platform() -> str:
-    """'cpu', 'gpu' or 'tpu': the backend this process computes on (the only `jax.default_backend()` call)."""
-    b = jax.default_backend()
+    """'cpu', 'gpu' or 'tpu': the backend this process computes on (the only `jax.default_backend()` call), or
+    inside `compiling_for(devices)`, the backend of those devices."""
+    target = _TARGET.get()
+    b = jax.default_backend() if target is None else target.platform
     return "gpu" if b in ("gpu", "cuda", "rocm") else b
 
 
 def device_kind() -> str:
-    return jax.devices()[0].device_kind
+    target = _TARGET.get()
+    return (jax.devices()[0] if target is None else target).device_kind
+
+
+@contextlib.contextmanager
+def compiling_for(devices):
+    """Resolve runtimes for `devices` (e.g. a TPU topology's, compiled ahead of time on this CPU: `dsv3_jax.aot`)
+    instead of this process's backend: every 'auto' is decided as it would be on those chips."""
+    token = _TARGET.set(list(devices)[0])
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
 
 
 # ----------------------------------------------------------------------------- FP8 options

@@ -97,8 +97,10 @@ def _check_hyperparameters(config) -> None:
     need(0.0 <= config.data.val_fraction < 1.0, "data.val_fraction", config.data.val_fraction, "must be in [0, 1)")
 
 
-def validate_train_config(config) -> ModelConfig:
-    """Check every section before any work; raise ConfigError naming the key and the fix."""
+def validate_train_config(config, num_devices: int | None = None) -> ModelConfig:
+    """Check every section before any work; raise ConfigError naming the key and the fix. The mesh is checked
+    against `num_devices` (default: this process's `jax.device_count()`; a TPU topology's when compiling ahead
+    of time)."""
     try:
         model_cfg = ModelConfig.from_dict(config.model)
     except (TypeError, ValueError) as e:
@@ -110,7 +112,7 @@ def validate_train_config(config) -> ModelConfig:
         raise ConfigError(f"config.train.seq_len={t.seq_len} exceeds model.max_position_embeddings="
                           f"{model_cfg.max_position_embeddings}; shorten the sequences or raise the limit.")
     try:
-        sizes = sharding.mesh_sizes(config.mesh.to_dict(), jax.device_count())
+        sizes = sharding.mesh_sizes(config.mesh.to_dict(), num_devices or jax.device_count())
         # the pipeline's stage layout splits any layer mix (checked below)
         sharding.validate_mesh(sizes, model_cfg, t.batch_size, allow_uneven_stages=True)
         if t.batch_size_start > 0:
@@ -212,12 +214,9 @@ def schedule_change(saved_config_json: str | None, config, step: int) -> str | N
             f"was {before:.4g}, is now {after:.4g}")
 
 
-def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None, program: Plain | None = None):
-    """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
-    the rules table (no device ever holds the whole model); the optimizer state inherits the
-    parameters' shardings. The model runs with `rt` (default: `runtime.default()`); without a mesh in
-    it, the state is placed on a one-device mesh. The state is held in `program`'s layout (default `Plain()`: the
-    layer layout; a scheduled pipeline: its slot layout, for the parameters and the optimizer state)."""
+def _state_builders(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None, program: Plain | None):
+    """(mesh, graphdef, make_params, make_opt_state): the jitted constructors of the train state, their outputs
+    sharded by the rules table in `program`'s layout (shared by `init_state` and `abstract_state`)."""
     rt = rt or runtime.default()
     program = program or Plain()
     mesh = rt.mesh if rt.mesh is not None else sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -228,8 +227,27 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None,
              "biases": sharding.pure_specs(nnx.state(abstract, RouterBias))}
     specs = program.state_specs(specs, {"params": abstract_params, "biases": abstract_biases}, dict(mesh.shape))
     out = jax.tree.map(lambda p: NamedSharding(mesh, p), specs)
-    params_biases = jax.jit(lambda: program.to_layout(dict(zip(("params", "biases"), split_model(build())[1:]))),
-                            out_shardings=out)()
+    make_params = jax.jit(lambda: program.to_layout(dict(zip(("params", "biases"), split_model(build())[1:]))),
+                          out_shardings=out)
+    replicated = NamedSharding(mesh, P())
+    params_shardings = out["params"]
+
+    def make_opt_state(params):  # the moments take their parameter's sharding (jit alone would replicate them)
+        moments = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), params_shardings,
+                                        transform_non_params=lambda _: replicated)
+        return jax.jit(tx.init, out_shardings=moments)
+
+    return mesh, graphdef, make_params, make_opt_state
+
+
+def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None, program: Plain | None = None):
+    """(graphdef, train state), created by one jitted constructor whose outputs are already sharded by
+    the rules table (no device ever holds the whole model); the optimizer state inherits the
+    parameters' shardings. The model runs with `rt` (default: `runtime.default()`); without a mesh in
+    it, the state is placed on a one-device mesh. The state is held in `program`'s layout (default `Plain()`: the
+    layer layout; a scheduled pipeline: its slot layout, for the parameters and the optimizer state)."""
+    mesh, graphdef, make_params, make_opt_state = _state_builders(model_cfg, tx, seed, rt, program)
+    params_biases = make_params()
     params, biases = params_biases["params"], params_biases["biases"]
     replicated = NamedSharding(mesh, P())
 
@@ -237,14 +255,27 @@ def init_state(model_cfg: ModelConfig, tx, seed: int, rt: Runtime | None = None,
         ok = isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
         return x if ok else jax.device_put(x, replicated)
 
-    # the moments take their parameter's sharding (jit alone would replicate the zeros it creates)
-    moments = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params),
-                                    jax.tree.map(lambda x: x.sharding, params),
-                                    transform_non_params=lambda _: replicated)
-    opt_state = jax.tree.map(on_mesh, jax.jit(tx.init, out_shardings=moments)(params))
+    opt_state = jax.tree.map(on_mesh, make_opt_state(params)(params))
     state = {"params": params, "biases": biases, "opt_state": opt_state,
              "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
              "skipped": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+    return graphdef, state
+
+
+def abstract_state(model_cfg: ModelConfig, tx, rt: Runtime | None = None, program: Plain | None = None):
+    """(graphdef, train state as `jax.ShapeDtypeStruct`s with their shardings): what `init_state` would place,
+    without allocating or computing anything (for compiling the step ahead of time, `dsv3_jax.aot`)."""
+    mesh, graphdef, make_params, make_opt_state = _state_builders(model_cfg, tx, 0, rt, program)
+    params_biases = jax.eval_shape(make_params)
+    replicated = NamedSharding(mesh, P())
+    sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+    opt = make_opt_state(params_biases["params"])
+    opt_state = jax.eval_shape(opt, params_biases["params"])
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    state = {"params": params_biases["params"], "biases": params_biases["biases"], "opt_state": opt_state,
+             "step": scalar, "skipped": scalar}
+    # eval_shape keeps the jitted constructors' output shardings; anything without one is replicated
+    state = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None else sds(x, replicated), state)
     return graphdef, state
 
 

@@ -153,4 +153,5 @@ def with_mesh(fn: Callable, mesh) -> Callable:
             return fn.lower(*args, **kwargs)
 
     wrapped.lower = lower
+    wrapped.jitted = fn  # (trace / lower / compile it under the mesh yourself: dsv3_jax.aot)
     return wrapped
