@@ -36,3 +36,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 def pytest_unconfigure(config):
     if _OWNER is not None:
         shutil.rmtree(_OWNER, ignore_errors=True)
+
+
+# The files that take longest (a few minutes of one worker each), started first: `--dist loadfile` hands files to
+# the workers in collection order, and a long file collected last (as its name would place it) ends the run on
+# one worker while the other idles.
+SLOW_FIRST = ("test_pipeline_training.py", "test_notebooks.py", "test_pipeline_schedules.py", "test_parallel.py",
+              "test_distributed.py", "test_fp8_resident.py", "test_train.py", "test_engine.py", "test_bad_inputs.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: the rest keep their order

@@ -155,13 +155,16 @@ def _scheduled(layout, name, M, v, remat=False):
     return total, terms, stats, grads, step, (ends, slots, window), mesh, program
 
 
-CASES = [(dict(stage=2, expert=2, data=2), 4), (dict(stage=4, data=2), 4), (dict(stage=2, fsdp=2, tensor=2), 4)]
+EXPERT, DEEP, TENSOR = dict(stage=2, expert=2, data=2), dict(stage=4, data=2), dict(stage=2, fsdp=2, tensor=2)
+# each schedule on two of the three layouts (gpipe over EXPERT is the tiny-config training test's first leg,
+# test_pipeline_training.py; FSDP x tensor runs with the interleaved schedule here and 1f1b in the HLO test there)
+CASES = [("gpipe", DEEP), ("1f1b", EXPERT), ("1f1b", DEEP), ("interleaved", EXPERT), ("interleaved", DEEP),
+         ("interleaved", TENSOR)]
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved"])
-@pytest.mark.parametrize("layout,M", CASES, ids=lambda v: "x".join(f"{k}{s}" for k, s in v.items())
-                         if isinstance(v, dict) else f"m{v}")
-def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device, monkeypatch):
+@pytest.mark.parametrize("name,layout", CASES, ids=lambda v: "x".join(f"{k}{s}" for k, s in v.items())
+                         if isinstance(v, dict) else v)
+def test_scheduled_pipeline_matches_one_device(name, layout, one_device, monkeypatch):
     """Loss terms 1e-5, every gradient 1e-4 relative, router loads (so the bias updates) identical, for an uneven
     split of 1 dense + 6 MoE layers + MTP (interleaved: 2 chunks per stage; 1f1b over stage 2 x expert 2 x data 2
     with remat). gpipe over stage 4 x data 2 runs with any padding allowed: MoE blocks [1, 2, 2, 1] per stage
@@ -178,7 +181,7 @@ def test_scheduled_pipeline_matches_one_device(layout, M, name, one_device, monk
 
         monkeypatch.setattr(slot_state, "pool_spec", lambda shape, spec, sizes: P(None, *(
             slot_state._unstaged(a) for a in tuple(spec)[1:])))
-    got = _scheduled(layout, name, M, 2 if name == "interleaved" else 1, remat)
+    got = _scheduled(layout, name, 4, 2 if name == "interleaved" else 1, remat)
     slots = got[-1].slots
     if padded:
         assert {k: lay.resident for k, lay in slots.items()} == {"dense": 0, "moe": 2}
