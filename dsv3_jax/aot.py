@@ -55,9 +55,10 @@ class Chip:
 CHIPS = {
     "v4": Chip("TPU v4", 32 * GiB, 275e12),
     "v5e": Chip("TPU v5 lite", 16 * GiB, 197e12),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12),
+    "v5p": Chip("TPU v5p", int(95.73 * GiB), 459e12),  # HBM: the capacity XLA's out-of-memory errors give
     "v6e": Chip("TPU v6 lite", 32 * GiB, 918e12),
-    "tpu7x": Chip("TPU7x", 96 * GiB, 2307e12 / 2, 4614e12 / 2),
+    "tpu7x": Chip("TPU7x", int(94.75 * GiB), 2307e12 / 2, 4614e12 / 2),  # HBM: what XLA's out-of-memory errors
+    # give as one Ironwood device's capacity (192 GB per chip, less what the runtime keeps)
 }
 
 
@@ -85,8 +86,11 @@ def topology_devices(text: str) -> tuple[Chip, list]:
 
 
 def _oom_bytes(message: str) -> tuple[float, float] | None:
-    """(bytes asked for, bytes available) from XLA's out-of-memory message ('Used 108.30G of 94.75G hbm')."""
-    m = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", message)
+    """(bytes asked for, bytes available) from XLA's out-of-memory error, in either of its forms: 'Used 108.30G
+    of 94.75G hbm' or 'the total memory required for HLO temporaries (3.70T) exceeds available HBM (95.73G)'."""
+    num = r"([\d.]+)([KMGT]?)"
+    m = re.search(rf"Used {num} of {num} hbm", message) or re.search(
+        rf"required for HLO temporaries \({num}\) exceeds available HBM \({num}\)", message)
     if not m:
         return None
     unit = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
@@ -127,6 +131,7 @@ def compile_report(fn, args: tuple, *, topology: str, chip: Chip, devices: int, 
     if compiled is None:
         used, available = oom
         out |= {"hbm_bytes_per_chip": int(used), "hbm_capacity": int(available), "hbm_fits": False,
+                "oom": "XLA: the temporaries alone exceed HBM",
                 "compiled_flops": None, "flops_ratio": None, "optimal_seconds": None, "est_step_s": None,
                 "est_mfu": None}
         return out | (extra or {})

@@ -138,3 +138,13 @@ def test_micro_train_step_compiles_for_v5e_2x2_with_pipeline_and_experts():
     # least the model's share (a bound, not a figure: at this size elementwise work, the head on every stage and
     # the pipeline's masked ticks weigh as much as the matmuls; the README's table has the real model's ratios)
     assert r["loop_factor"] > 1 and 1.0 <= r["flops_ratio"] <= 10.0, r
+
+
+def test_out_of_memory_messages_of_xla_are_read_by_hand():
+    G, T = 1024 ** 3, 1024 ** 4
+    assert aot._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 108.30G of 94.75G hbm.") \
+        == (108.30 * G, 94.75 * G)
+    assert aot._oom_bytes("E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required for HLO "
+                          "temporaries (3.70T) exceeds available HBM (95.73G). HLO module: jit_step.") \
+        == (3.70 * T, 95.73 * G)
+    assert aot._oom_bytes("INTERNAL: something else") is None
