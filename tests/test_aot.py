@@ -104,7 +104,9 @@ def test_micro_train_step_compiles_for_v5e_2x2_with_pipeline_and_experts():
     from test_train import micro_config
 
     from dsv3_jax import runtime, sharding
+    from dsv3_jax.config import ModelConfig
     from dsv3_jax.programs import program_for
+    from dsv3_jax.runtime import split_model_section
     from dsv3_jax.train.loop import abstract_state
 
     c = micro_config()
@@ -118,9 +120,6 @@ def test_micro_train_step_compiles_for_v5e_2x2_with_pipeline_and_experts():
     with runtime.compiling_for(devices):
         mesh = sharding.make_mesh(c.mesh.to_dict(), devices)
         rt = runtime.from_config(c, mesh)
-        from dsv3_jax.config import ModelConfig
-        from dsv3_jax.runtime import split_model_section
-
         cfg = ModelConfig.from_dict(split_model_section(c.model)[0])
         _, state = abstract_state(cfg, optax.adamw(1e-3), rt, program_for(rt, cfg, c.train.seq_len))
     shards = [(x.sharding.shard_shape(x.shape), np.dtype(x.dtype).itemsize) for x in jax.tree.leaves(state)]
