@@ -49,16 +49,17 @@ class Chip:
     name: str
     hbm_bytes: int
     peak_bf16: float
+    hbm_bandwidth: float  # bytes/s
     peak_fp8: float = 0.0  # 0: no FP8 matrix units (the FP8 GEMMs run on bf16 units)
 
 
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12),
-    "v5e": Chip("TPU v5 lite", 16 * GiB, 197e12),
-    "v5p": Chip("TPU v5p", int(95.73 * GiB), 459e12),  # HBM: the capacity XLA's out-of-memory errors give
-    "v6e": Chip("TPU v6 lite", 32 * GiB, 918e12),
-    "tpu7x": Chip("TPU7x", int(94.75 * GiB), 2307e12 / 2, 4614e12 / 2),  # HBM: what XLA's out-of-memory errors
-    # give as one Ironwood device's capacity (192 GB per chip, less what the runtime keeps)
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1228e9),
+    "v5e": Chip("TPU v5 lite", 16 * GiB, 197e12, 819e9),
+    "v5p": Chip("TPU v5p", int(95.73 * GiB), 459e12, 2765e9),  # HBM: the capacity XLA's out-of-memory errors give
+    "v6e": Chip("TPU v6 lite", 32 * GiB, 918e12, 1640e9),
+    "tpu7x": Chip("TPU7x", int(94.75 * GiB), 2307e12 / 2, 7380e9 / 2, 4614e12 / 2),  # HBM: what XLA's
+    # out-of-memory errors give as one Ironwood device's capacity (192 GB per chip, less what the runtime keeps)
 }
 
 
@@ -155,6 +156,11 @@ def compile_report(fn, args: tuple, *, topology: str, chip: Chip, devices: int, 
             "flops_ratio": flops * factor / per_device_model if flops and model_flops else None,
             "optimal_seconds": optimal * factor if optimal else None, "optimal_seconds_loop_once": optimal}
     out["est_step_s"] = out["optimal_seconds"]
+    if out["est_step_s"] is None and flops:  # no cost-model time (XLA gives none for some programs): the
+        # roofline of the compiled flops and bytes at the chip's peak and HBM bandwidth
+        moved = float(cost.get("bytes accessed", 0.0)) * factor
+        out["est_step_s"] = max(flops * factor / peak, moved / chip.hbm_bandwidth)
+        out["est_step_from"] = "roofline"
     out["est_mfu"] = per_device_model / out["est_step_s"] / peak if out["est_step_s"] else None
     return out | (extra or {})
 
@@ -253,3 +259,95 @@ def train_step_report(config, topology: str) -> dict:
                  "remat": rt.remat, "jax": jax.__version__}
         return compile_report(step.jitted, (state, window, scalar, scalar, scalar), topology=topology, chip=chip,
                               devices=len(devices), model_flops=model_flops, fp8=rt.fp8, extra=extra, mesh=mesh)
+
+
+def serve_step_report(config, topology: str, *, step: str = "decode", batch: int = 256, context: int = 8192,
+                      prefill_len: int = 2048, page_size: int = 64, decode_steps: int = 1,
+                      fp8_weights: str = "auto", paged_attention: str = "auto") -> dict:
+    """Compile one of the serving engine's steps (`infer.steps`: 'prefill' of `prefill_len` tokens per row, or
+    'decode' of `decode_steps` tokens per row) for `config.model` on the TPU `topology` (config.mesh over its
+    devices) at `batch` rows, each with `context` positions of paged latent cache (pages of `page_size`), from
+    shapes only, placed as the Engine places them (parameters by the logical-axis rules, pools split over
+    'stage' by layer and otherwise replicated, rows over the batch axes). fp8_weights: 'w8a8' (the FP8
+    release kept FP8), 'none' (BF16), or 'auto' (FP8 where the chip has FP8 matrix units)."""
+    from flax import nnx
+
+    from dsv3_jax import runtime, sharding
+    from dsv3_jax.config import ModelConfig
+    from dsv3_jax.flops import decode_flops_per_token, train_flops_per_token
+    from dsv3_jax.infer import steps as engine_steps
+    from dsv3_jax.infer.engine import pool_shardings
+    from dsv3_jax.infer.paged_cache import PagedLatentCache
+    from dsv3_jax.model import ModelCache, abstract_model, with_runtime
+
+    if step not in ("prefill", "decode"):
+        raise UserError(f"step={step!r}: choose 'prefill' or 'decode'.", key="step")
+    if fp8_weights not in ("auto", "none", "w8a8", "weight_only"):
+        raise UserError(f"fp8_weights={fp8_weights!r}: choose auto, none, w8a8 or weight_only.", key="fp8_weights")
+    for name, v in (("batch", batch), ("context", context), ("prefill_len", prefill_len),
+                    ("page_size", page_size), ("decode_steps", decode_steps)):
+        if v < 1:
+            raise UserError(f"{name}={v} must be >= 1.", key=name)
+    chip, devices = topology_devices(topology)
+    cfg = ModelConfig.from_dict(config.model)
+    if context > cfg.max_position_embeddings:
+        raise UserError(f"context={context} exceeds the model's max_position_embeddings "
+                        f"({cfg.max_position_embeddings}).", key="context")
+    mode = ("w8a8" if chip.peak_fp8 else None) if fp8_weights == "auto" else (
+        None if fp8_weights == "none" else fp8_weights)
+    with runtime.compiling_for(devices):
+        mesh_cfg = config.mesh.to_dict()
+        try:
+            sizes = sharding.mesh_sizes(mesh_cfg, len(devices))
+            sharding.validate_mesh(sizes, cfg, batch, allow_uneven_stages=False)
+        except ValueError as e:
+            raise UserError(f"--aot={topology} ({len(devices)} devices): {e}", key="mesh") from None
+        mesh = sharding.make_mesh(mesh_cfg, devices)
+        rt = runtime.from_config(config, mesh).without_fp8_gemms().with_fp8_weights(mode)
+        model = abstract_model(cfg, rt)
+        eng_rt = rt.for_engine(paged_attention)
+        graphdef, state = nnx.split(with_runtime(model, eng_rt))
+        if step == "decode":
+            graphdef = nnx.split(with_runtime(model, eng_rt.for_decode()))[0]
+        state_sh = sharding.state_shardings(state, mesh)
+        state = jax.tree.map(lambda s, v: v.replace(value=jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
+                             state_sh, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        width = -(-context // page_size)  # page-table entries per row
+        pages = batch * width + 1  # every row's context, and the trash page
+        dtype = jnp.dtype(cfg.compute_dtype)
+        stack = lambda n: (jax.eval_shape(lambda: PagedLatentCache.zeros(cfg, pages, page_size, dtype, n))  # noqa
+                           if n else None)
+        pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers), mtp=None)
+        pools = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), pools,
+                             pool_shardings(pools, mesh))
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        rows = NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES))
+        arr = lambda shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt, sharding=rows)  # noqa: E731
+        table = arr((batch, width))
+        sampling = (arr((batch,)), arr((batch,)), arr((batch,), jnp.float32), arr((batch,)),
+                    arr((batch,), jnp.float32))  # seeds, index, temperature, top_k, top_p
+        abstract = abstract_model(cfg)
+        if step == "decode":
+            fn = engine_steps.decode_step.trace
+            args = (graphdef, decode_steps, state, pools, table, arr((batch,)), arr((batch,)),
+                    arr((batch,), jnp.bool_), *sampling)
+            model_flops = decode_flops_per_token(abstract, context) * batch * decode_steps
+        else:
+            fn = engine_steps.prefill_step.trace
+            args = (graphdef, state, pools, table, arr((batch, prefill_len)), arr((batch, prefill_len)),
+                    arr((batch,)), *sampling)
+            model_flops = train_flops_per_token(abstract, prefill_len) / 3 * batch * prefill_len
+        extra = {"step": step, "mesh": {k: v for k, v in sizes.items() if v > 1}, "batch": batch,
+                 "context": context, "prefill_len": prefill_len if step == "prefill" else None,
+                 "decode_steps": decode_steps if step == "decode" else None, "page_size": page_size,
+                 "fp8_weights": mode, "paged_attention": eng_rt.paged_attention, "jax": jax.__version__}
+        return compile_report(_Traceable(fn), args, topology=topology, chip=chip, devices=len(devices),
+                              model_flops=model_flops, fp8=mode == "w8a8", extra=extra, mesh=mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Traceable:
+    """A jitted function's `trace` (static arguments included) in the shape `compile_report` calls."""
+
+    trace: object

@@ -226,9 +226,6 @@ class Runtime:
         if self.capacity_factor < 0:
             raise UserError(f"expert_capacity_factor={self.capacity_factor} must be >= 0 (0: dropless).",
                             key="expert_capacity_factor")
-        if self.expert_dispatch == "ragged" and self.capacity_factor > 0:
-            raise UserError("expert_dispatch='ragged' is dropless: set expert_capacity_factor=0 or use "
-                            "expert_dispatch='padded'.", key="expert_dispatch")
         if self.microbatches < 1:
             raise UserError(f"Runtime.microbatches={self.microbatches} must be >= 1.", key="Runtime.microbatches")
         if self.pipeline_chunks < 1 or (self.pipeline_chunks > 1 and self.pipeline_schedule != "interleaved"):
@@ -348,7 +345,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                        ('mgpu': the Mosaic GPU grouped GEMM on Hopper, grouped_gemm_mgpu.py, asked for by name);
                        'blocks' with fp8 or fp8_weights (the FP8 grouped GEMM uses the block layout)
       decode_moe_impl  'dense' on CPU (cheapest at decode sizes there), else the training layout
-      expert_dispatch  'ragged' (ragged_all_to_all) on GPU/TPU when dropless, else 'padded' (all_to_all)
+      expert_dispatch  'ragged' (ragged_all_to_all; with a capacity factor, a receive buffer of cf x a balanced
+                       rank's rows) on GPU/TPU, else 'padded' (all_to_all; XLA:CPU has no ragged_all_to_all)
       microbatches 0   twice the pipeline stages (1 without a pipeline)
       attention        'cudnn' on GPU (flash attention; einsum where cuDNN refuses the shapes or dtype), else
                        'einsum'
@@ -383,7 +381,7 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                         f"wgmma (Hopper, sm_90); this backend is {p}: use 'auto', 'ragged' or 'blocks'.",
                         key="moe_impl" if impl == "mgpu" else "decode_moe_impl")
     if expert_dispatch == "auto":
-        expert_dispatch = "ragged" if expert_capacity_factor <= 0 and p in ("gpu", "tpu") else "padded"
+        expert_dispatch = "ragged" if p in ("gpu", "tpu") else "padded"
     stages = 1 if mesh is None or "stage" not in mesh.axis_names else int(mesh.shape["stage"])
     return Runtime(backend=p, mesh=mesh, expert_impl=impl, decode_expert_impl=decode, block_size=int(moe_block_size),
                    expert_dispatch=expert_dispatch, capacity_factor=float(expert_capacity_factor),

@@ -139,6 +139,44 @@ def test_micro_train_step_compiles_for_v5e_2x2_with_pipeline_and_experts():
     assert r["loop_factor"] > 1 and 1.0 <= r["flops_ratio"] <= 10.0, r
 
 
+
+@pytest.mark.parametrize("kw,needle", [(dict(step="verify"), "choose 'prefill' or 'decode'"),
+                                       (dict(fp8_weights="fp4"), "choose auto, none"),
+                                       (dict(batch=0), "batch=0 must be >= 1")])
+def test_serve_step_report_refuses_bad_settings_in_one_line(kw, needle):
+    from test_train import micro_config
+
+    with pytest.raises(UserError, match=needle):
+        aot.serve_step_report(micro_config(), "v5e:2x2", **kw)
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu-aot]' under Python "
+                                           ">= 3.12); benchmarks/aot.py and README's AOT table run it")
+def test_engine_decode_step_compiles_for_v5e_2x2_and_holds_the_pools_and_weights():
+    """The serving engine's decode step (the Engine's own jitted `steps.decode_step`) for the micro config at 8
+    rows x 256 positions, rows split over data 2 x expert 2: its arguments hold at least every parameter's shard
+    and the whole page pool on each device (the pools are replicated), counted by hand from the shapes."""
+    from test_train import micro_config
+
+    from dsv3_jax.config import ModelConfig
+    from dsv3_jax.model import abstract_model, param_counts
+
+    c = micro_config()
+    c.mesh.data, c.mesh.expert = 2, 2
+    r = aot.serve_step_report(c, "v5e:2x2", step="decode", batch=8, context=256, page_size=16)
+    assert set(aot.REPORT_KEYS) <= set(r) and r["hbm_fits"] and r["mesh"] == {"data": 2, "expert": 2}
+    cfg = ModelConfig.from_dict(c.model)
+    pages = 8 * (256 // 16) + 1
+    pool = cfg.num_hidden_layers * pages * 16 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # float32 cache
+    counts = param_counts(abstract_model(cfg))
+    params = 4 * (counts["params_total"] + counts["params_mtp"])  # float32; no parameter is split over 'data',
+    # the routed experts are split over 'expert' (2): a device holds between half of them and all of them
+    low, high = pool + params / 2, pool + params
+    assert low < r["bytes_by_kind"]["argument"] <= 1.5 * high, (low, high, r["bytes_by_kind"])
+    # one token per row: the compiled work is at least the model's (matmuls of 8 tokens, attention over 256
+    # positions), and the sampling and page gathers add to it
+    assert r["flops_ratio"] >= 1.0 and r["est_step_s"] > 0, r
+
 def test_out_of_memory_messages_of_xla_are_read_by_hand():
     G, T = 1024 ** 3, 1024 ** 4
     assert aot._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 108.30G of 94.75G hbm.") \

@@ -2,6 +2,7 @@
 expert parallelism (shard_map + all_to_all) against the dense reference, with and without drops;
 mesh validation errors; parameter shard shapes."""
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,41 @@ def test_expert_parallel_capacity_drops_match_numpy(layout):
     ref = experts_dense(x, idx, w * jnp.asarray(keep, jnp.float32), *ws)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
+
+
+@pytest.mark.parametrize("layout", [dict(expert=8), dict(expert=2, tensor=2, data=2)],
+                         ids=["expert8", "expert2xtensor2xdata2"])
+def test_ragged_dispatch_with_a_capacity_factor_drops_what_does_not_fit_the_receive_buffer(layout):
+    """Ragged dispatch with a capacity factor cf: each rank receives at most R = ceil(cf * M) rows (M: a shard's
+    token-expert rows), laid out source by source and, from each source, by expert then row; the rows past R are
+    not sent, contribute nothing and are counted once. Reference: numpy bookkeeping + the dense path on the kept
+    rows; at cf = ep nothing can drop."""
+    N, K, E = 64, 2, 8
+    ep = layout["expert"]
+    shards = layout["expert"] * layout.get("data", 1)  # shard r: data index r // ep, expert index r % ep
+    x, idx, w, ws = _expert_inputs(N=N, K=K, E=E)
+    mesh = sharding.make_mesh(layout)
+    n_local, e_loc = N // shards, E // ep
+    idx_np = np.asarray(idx)
+    for cf in (0.6, float(ep)):
+        y, dropped = jax.jit(partial(experts_expert_parallel, mesh=mesh, block=4, capacity_factor=cf,
+                                     dispatch="ragged"))(x, idx, w, *ws)
+        R = int(np.ceil(cf * n_local * K))
+        keep = np.zeros((N, K), bool)
+        for group in range(shards // ep):
+            for dst in range(ep):
+                got = 0
+                for src in range(ep):
+                    r = group * ep + src
+                    rows = [(idx_np[t, k], t, k) for t in range(r * n_local, (r + 1) * n_local) for k in range(K)
+                            if idx_np[t, k] // e_loc == dst]
+                    for _, t, k in sorted(rows):  # by expert, then by row (t, k)
+                        keep[t, k] = got < R
+                        got += 1
+        assert float(dropped) == (~keep).sum()
+        assert (cf < ep) == (float(dropped) > 0)
+        ref = experts_dense(x, idx, w * jnp.asarray(keep, jnp.float32), *ws)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 LAYOUTS = [dict(data=8), dict(fsdp=8), dict(expert=8), dict(data=2, fsdp=2, expert=2), dict(expert=2, tensor=2, data=2)]
 

@@ -119,17 +119,18 @@ def test_tiny_config_trains_with_gpipe_over_2_and_4_stages_and_logs_the_one_devi
     from dsv3_jax.infer.load import load_trained
     from dsv3_jax.train import loop
 
-    def run(name, interrupt_at=None, accum=1, **mesh):
+    def run(name, interrupt_at=None, accum=1, every=2, **mesh):
         c = tiny_config()
         c.train.steps, c.train.seq_len, c.train.log_every, c.train.sample_tokens = 5, 32, 1, 0
         c.train.grad_accum_steps = accum
-        c.checkpoint.every_steps, c.checkpoint.async_save = 2, False
+        c.checkpoint.every_steps, c.checkpoint.async_save = every, False  # (and the last step's, always)
         c.mesh.data = 1
         for k, v in mesh.items():
             c.mesh[k] = v
         return loop.train(c, str(tmp_path / name), quiet=True, interrupt_at=interrupt_at)
 
-    ref = run("one")  # (the pipelined run also accumulates: 2 sequential halves of each batch, 2 micro-batches each)
+    ref = run("one", every=5)  # (the pipelined run also accumulates: 2 sequential halves of each batch,
+    #                            2 micro-batches each)
     first = run("piped", interrupt_at=3, accum=2, stage=2, expert=2, data=2, pipeline_schedule="gpipe", microbatches=2)
     lay = first.program.layout["moe"]  # at 32 tokens the head and MTP cost what the 4 layers do: stage 1 holds
     assert lay.index.tolist() == [[[0, 1, 2]], [[-1, -1, -1]]], lay.index.tolist()  # only them, so all 3 are pooled
@@ -144,7 +145,7 @@ def test_tiny_config_trains_with_gpipe_over_2_and_4_stages_and_logs_the_one_devi
         stored = sum(int(np.prod(s.data.shape)) for s in leaf.addressable_shards) / 8
         assert stored == leaf.size / (2 * np.prod([2 for ax in spec if ax == "expert" or (
             isinstance(ax, tuple) and "expert" in ax)])), (leaf.shape, spec)
-    second = run("piped", stage=4, data=2, pipeline_schedule="gpipe", microbatches=4)  # (4: fewer ticks to trace)
+    second = run("piped", every=5, stage=4, data=2, pipeline_schedule="gpipe", microbatches=4)  # (4: fewer ticks)
     assert [r["step"] for r in first.history] == [1, 2, 3] and [r["step"] for r in second.history] == [3, 4, 5]
     got = first.history[:2] + second.history
     for a, b in zip(ref.history, got, strict=True):

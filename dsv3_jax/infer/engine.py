@@ -78,6 +78,19 @@ def _bucket4(n: int) -> int:
     return b
 
 
+def pool_shardings(pools: ModelCache, mesh):
+    """Where the page pools live on a mesh: split over 'stage' by layer (the stacks' leading axis), otherwise
+    replicated (every device can read every page a row's table names)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def spec(c):
+        lead = (sharding.logical_to_spec(("layers",))[0],) if c.c_kv.ndim == 4 else ()
+        s = NamedSharding(mesh, PartitionSpec(*lead))
+        return PagedLatentCache(s, s, NamedSharding(mesh, PartitionSpec()))
+
+    return jax.tree.map(spec, pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
+
+
 class Engine:
     """Continuous batching for one model. See the module docstring.
 
@@ -169,14 +182,7 @@ class Engine:
 
     # ------------------------------------------------------------------ placement
     def _pool_shardings(self):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        def spec(c):
-            lead = (sharding.logical_to_spec(("layers",))[0],) if c.c_kv.ndim == 4 else ()
-            s = NamedSharding(self.mesh, PartitionSpec(*lead))
-            return PagedLatentCache(s, s, NamedSharding(self.mesh, PartitionSpec()))
-
-        return jax.tree.map(spec, self.pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
+        return pool_shardings(self.pools, self.mesh)
 
     def _rows(self, n: int) -> int:
         """Rows of a step: a power of two, and a multiple of the mesh's batch shards."""

@@ -23,9 +23,15 @@ Ragged dispatch (`dispatch='ragged'`, dropless only; the runtime resolver picks 
 capacity factor is 0): rows are sorted by expert, so each destination rank's rows are one contiguous slice;
 every rank learns all ranks' per-expert counts with one small all_gather ([ep, ep, E_loc] integers),
 from which the send/receive sizes and offsets follow, and `lax.ragged_all_to_all` moves only the real
-rows (no capacity padding on the wire). The receive buffer is static (ep * M rows, the worst case of
-every rank sending everything to one), the local experts run on it with invalid rows weighted 0, and a
-second ragged_all_to_all with the mirrored sizes/offsets returns the results. XLA:CPU has no
+rows (no capacity padding on the wire). The receive buffer is static: dropless (capacity factor 0) it is
+ep * M rows, the worst case of every rank sending everything to one, and the local experts run on all of it
+(invalid rows weighted 0), which at V3's scale (ep 64, M = 32K rows) is 64x the work and memory of a balanced
+step. With a capacity factor cf > 0 the buffer is R = ceil(cf * M) rows, cf times a balanced rank's load, and
+the bound is on what a rank receives in all (the padded dispatch bounds every (source, destination) pair, so it
+drops more at the same memory): the sources' slices are laid out in source order, and the rows that would land
+at or past R are not sent (every rank computes every cut from the gathered counts) and are counted as dropped;
+they contribute 0, as in the padded dispatch. A second ragged_all_to_all with the mirrored sizes/offsets
+returns the results. XLA:CPU has no
 ragged-all-to-all (REFERENCE.md section 9), so on CPU the same exchange is emulated with all_gather and
 gathers (`_emulated_ragged_all_to_all`, identical semantics, test-only cost): the bookkeeping is
 checked on CPU, and tests/test_parallel.py checks that the real op is what lowers for GPU.
@@ -112,7 +118,8 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
                             fp8: Fp8Options | None = None, dispatch: str = "padded", emulate: bool | None = None,
                             fp8_weights: Fp8Weights | None = None):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
-    dispatch: 'padded' (all_to_all, capacity factor) or 'ragged' (ragged_all_to_all, dropless).
+    dispatch: 'padded' (all_to_all, capacity per (source, destination) pair) or 'ragged' (ragged_all_to_all;
+    dropless, or with a capacity factor a receive buffer of ceil(cf * M) rows per rank).
     emulate: ragged exchange through all_gather (default: on CPU only; False forces the real op, e.g. to
     lower for a GPU from a CPU machine). fp8: FP8 grouped GEMMs for the local experts with these options.
     FP8-resident weights come as `QWeight`s ([E, F, D] / [E, D, F] with block scales) and run with
@@ -123,9 +130,6 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
     if dispatch not in ("padded", "ragged"):
         raise UserError(f"expert dispatch={dispatch!r}: choose 'padded' or 'ragged' (dsv3_jax.runtime.resolve "
                         f"turns 'auto' into one of them).")
-    if dispatch == "ragged" and capacity_factor > 0:
-        raise UserError(f"expert_dispatch='ragged' is dropless; it cannot honour expert_capacity_factor="
-                        f"{capacity_factor} (use 'padded' or set the factor to 0).")
     sizes = dict(mesh.shape)
     batch = P(BATCH_AXES, None)
     wspec = logical_to_spec(("experts", "embed", "expert_mlp"))
@@ -139,8 +143,9 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
         wspec = QWeight(logical_to_spec(("experts", "expert_mlp", "embed")), sspec)
         dspec = QWeight(logical_to_spec(("experts", "embed", "expert_mlp")), sspec)
     if dispatch == "ragged":
-        fn = partial(_local_experts_ragged, block=block, sizes=sizes, fp8=fp8, fp8_weights=fp8_weights,
-                     emulate=runtime.platform() == "cpu" if emulate is None else emulate)
+        fn = partial(_local_experts_ragged, block=block, capacity_factor=capacity_factor,
+                     mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
+                     fp8_weights=fp8_weights, emulate=runtime.platform() == "cpu" if emulate is None else emulate)
     else:
         fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
@@ -190,7 +195,8 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return jnp.where(mask, got, output)
 
 
-def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emulate, fp8=None, fp8_weights=None):
+def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, emulate,
+                          fp8=None, fp8_weights=None):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
@@ -204,12 +210,18 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emul
     send = permute_rows(jnp.repeat(x, K, axis=0), order, inv)
     mine = jnp.bincount(flat, length=ep * e_loc).reshape(ep, e_loc).astype(jnp.int32)  # [dst, e_loc]
     counts = jax.lax.all_gather(mine, "expert")  # [src, dst, e_loc]: every rank's rows per expert
-    sizes_sd = counts.sum(-1)  # [src, dst]
+    # static receive buffer: the worst case (dropless), or cf x a balanced rank's M rows
+    R = ep * M if capacity_factor <= 0 else max(1, min(ep * M, math.ceil(capacity_factor * M)))
+    wanted = counts.sum(-1)  # [src, dst]: rows each source has for each destination
+    in_off = jnp.cumsum(wanted, axis=1) - wanted  # slice start in the sender's sorted rows
+    if R < ep * M:  # cut each source's slice where the receiver's buffer ends (sources laid out in order)
+        start = jnp.cumsum(counts, axis=2) - counts  # [src, dst, e]: start of each expert's rows in src's slice
+        before = jnp.cumsum(counts.sum(-1), axis=0) - counts.sum(-1)  # [src, dst]: rows from earlier sources
+        counts = jnp.clip(R - before[..., None] - start, 0, counts)  # rows of each expert that still fit
+    sizes_sd = counts.sum(-1)  # [src, dst]: rows sent (and received): a prefix of each slice
     me = jax.lax.axis_index("expert")
-    in_off = jnp.cumsum(sizes_sd, axis=1) - sizes_sd  # slice start in the sender's sorted rows
     out_off = jnp.cumsum(sizes_sd, axis=0) - sizes_sd  # slice start in the receiver's buffer (sources in order)
 
-    R = ep * M  # static worst case: every rank sends all its rows here
     with jax.named_scope("dispatch"):
         recv = a2a(send, jnp.zeros((R, D), send.dtype), in_off[me], sizes_sd[me], out_off[me], sizes_sd[:, me])
     ends = jnp.cumsum(counts[:, me, :].reshape(-1))  # buffer order: source-major, local expert minor
@@ -220,9 +232,12 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, sizes, emul
                        block, fp8, fp8_weights)
     if sizes.get("tensor", 1) > 1:
         y = jax.lax.psum(y, "tensor")
-    with jax.named_scope("combine"):
+    with jax.named_scope("combine"):  # (rows that were not sent come back as zeros)
         back = a2a(y.astype(x.dtype), jnp.zeros((M, D), x.dtype), out_off[:, me], sizes_sd[:, me], in_off[:, me],
                    sizes_sd[me])
     out_rows = permute_rows(back, inv, order).reshape(n, K, D)
     out = jnp.einsum("NK,NKD->ND", w, out_rows.astype(jnp.float32))
-    return out, jnp.zeros((), jnp.float32)
+    if R == ep * M:
+        return out, jnp.zeros((), jnp.float32)
+    dropped = (M - sizes_sd[me].sum()).astype(jnp.float32)  # my rows that did not fit where they were going
+    return out, jax.lax.psum(dropped, mesh_axes)
