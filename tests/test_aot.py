@@ -177,6 +177,24 @@ def test_engine_decode_step_compiles_for_v5e_2x2_and_holds_the_pools_and_weights
     # positions), and the sampling and page gathers add to it
     assert r["flops_ratio"] >= 1.0 and r["est_step_s"] > 0, r
 
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu-aot]' under Python "
+                                           ">= 3.12); benchmarks/aot.py and README's AOT table run it")
+def test_fp8_resident_decode_compiles_for_tpu7x_with_the_pallas_gemm_partitioned():
+    """On Ironwood (FP8 matrix units) the FP8 release is served FP8-resident: the decode step with its
+    projections and experts as Pallas FP8 GEMMs, split over 8 devices (expert 4 x tensor 2: the kernels see
+    arrays split over a mesh outside shard_map, which compiles only through their custom partitioning)."""
+    from test_train import micro_config
+
+    c = micro_config()
+    m = c.model  # the FP8 GEMMs work on 128 x 128 blocks: widths of whole blocks
+    m.hidden_size, m.moe_intermediate_size, m.intermediate_size, m.q_lora_rank = 256, 128, 256, 128
+    c.mesh.data, c.mesh.expert, c.mesh.tensor = 1, 4, 2
+    r = aot.serve_step_report(c, "tpu7x:2x2x1", step="decode", batch=8, context=128, page_size=16)
+    assert r["fp8_weights"] == "w8a8" and r["devices"] == 8 and r["hbm_fits"], r
+    assert r["mesh"] == {"expert": 4, "tensor": 2}, r  # (before the partitioning: "Mosaic kernels cannot be
+    # automatically partitioned")
+
 def test_out_of_memory_messages_of_xla_are_read_by_hand():
     G, T = 1024 ** 3, 1024 ** 4
     assert aot._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 108.30G of 94.75G hbm.") \

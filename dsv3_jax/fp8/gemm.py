@@ -35,6 +35,7 @@ Shapes that are not multiples of the tile sizes are zero-padded here and the res
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,11 @@ def _partial(a, b, upcast):
         b = b.astype(a.dtype)
     elif upcast:
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    # fp8 and bf16 products are exact in the f32 accumulator at the MXU's native precision; a process-wide
+    # 'highest' matmul precision (the tests set one) would ask Mosaic for an fp32 contraction of fp8 operands,
+    # which it refuses ("Bad lhs type")
+    native = jax.lax.Precision.DEFAULT if a.dtype in (FP8, jnp.bfloat16) else None
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32, precision=native)
 
 
 def _pick(x, k, axis):
@@ -218,6 +223,41 @@ def _call_grouped(a_q, a_s, b_q, bs_k, groups, *, bm, bn, out_dtype, backend, in
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret, name="fp8_blockscaled_gemm",
     )(groups, a_q, a_s, b_q, bs_k)
+
+
+# ---------------------------------------------------------------------------------------------- partitioning
+# A Pallas kernel is opaque to XLA's SPMD partitioner ("Mosaic kernels cannot be automatically partitioned"): called
+# on arrays split over a mesh, outside `shard_map`, the program does not compile. Under a mesh context
+# (`jax.set_mesh`: the train step, the engine's steps on a mesh, the AOT compiles) the GEMM is therefore run in its
+# own `shard_map`: each device multiplies its rows of A (split over the batch axes, where each device then gets
+# whole row blocks) by its columns of B (split over 'tensor', where each device gets whole column blocks), with K
+# and the experts of B whole on every device; XLA moves the operands there first (a K split is gathered). Inside
+# `shard_map` already (the expert-parallel path), or without a mesh, the kernel is called as it is.
+# (`jax.custom_partitioning` would leave the choice to the partitioner, but libtpu's compile-only client used for
+# ahead-of-time TPU compiles has no partitioner for it: "Custom emitter for CustomSPMDPartitioning not found".)
+def _split(mesh, names, size: int, block: int):
+    """The longest prefix of mesh axes `names` (those of size > 1) over which `size` splits into whole blocks."""
+    axes = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1]
+    while axes and size % (math.prod(mesh.shape[a] for a in axes) * block):
+        axes.pop()
+    return tuple(axes) or None
+
+
+def _grouped(a_q, a_s, b_q, bs_k, groups, **kw):
+    """`_call_grouped`, in its own shard_map under a mesh context (see above)."""
+    from jax.sharding import PartitionSpec as P
+
+    from dsv3_jax.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    local = lambda groups, a_q, a_s, b_q, bs_k: _call_grouped(a_q, a_s, b_q, bs_k, groups, **kw)  # noqa: E731
+    if mesh.empty or mesh.manual_axes or mesh.size == 1:
+        return local(groups, a_q, a_s, b_q, bs_k)
+    rows = _split(mesh, BATCH_AXES, a_q.shape[0], kw["bm"])
+    cols = _split(mesh, ("tensor",), b_q.shape[1], kw["bn"])
+    specs = (P(rows), P(rows, None), P(rows, None), P(None, cols, None), P(None, None, cols))
+    return jax.shard_map(local, in_specs=specs, out_specs=P(rows, cols), check_vma=False)(groups, a_q, a_s, b_q,
+                                                                                           bs_k)
 
 
 def _segmented_kernel_triton(start_ref, count_ref, a_ref, as_ref, b_ref, bs_ref, o_ref, *, bk):
@@ -336,9 +376,9 @@ def gemm(a_q, a_s, b_q, b_s, *, groups=None, group_rows=None, out_dtype=jnp.bflo
     else:
         bm = group_rows
     b_q, b_rs = pad_axis(b_q, 1, block_n), pad_axis(b_rs, 1, block_n)
-    out = _call_grouped(a_q, a_s, b_q, b_rs.transpose(0, 2, 1), groups,
-                        bm=bm, bn=block_n, out_dtype=out_dtype, backend=backend, interpret=interpret,
-                        num_warps=num_warps, num_stages=num_stages, tpu_fp8=tpu_fp8)
+    out = _grouped(a_q, a_s, b_q, b_rs.transpose(0, 2, 1), groups,
+                   bm=bm, bn=block_n, out_dtype=out_dtype, backend=backend, interpret=interpret,
+                   num_warps=num_warps, num_stages=num_stages, tpu_fp8=tpu_fp8)
     return out[:P, :N]
 
 

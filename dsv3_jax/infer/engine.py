@@ -29,7 +29,9 @@ arrivals, mixed lengths, forced preemption, prefix hits, MTP speculation and a d
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -76,6 +78,18 @@ def _bucket4(n: int) -> int:
     while b < n:
         b *= 4
     return b
+
+
+def _on_mesh(run):
+    """An Engine method that dispatches steps, run under the engine's mesh when it has one (`jax.set_mesh`), so
+    that kernels which must run per device (the FP8 GEMMs: fp8/gemm.py) split themselves over it."""
+
+    @functools.wraps(run)
+    def wrapped(self, *args):
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            return run(self, *args)
+
+    return wrapped
 
 
 def pool_shardings(pools: ModelCache, mesh):
@@ -364,6 +378,7 @@ class Engine:
             temp[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
         return seeds, index, temp, top_k, top_p
 
+    @_on_mesh
     def _run_prefill(self, work: list[Work]):
         B = self._rows(len(work))
         T = _bucket4(max(w.n for w in work))
@@ -408,6 +423,7 @@ class Engine:
     def _decode_width(self, reach: int) -> int:
         return min(_bucket(reach, 4), self.table_width)
 
+    @_on_mesh
     def _run_decode(self, work: list[Work]):
         B = self._rows(len(work))
         token = np.zeros(B, np.int32)
