@@ -98,6 +98,19 @@ def _oom_bytes(message: str) -> tuple[float, float] | None:
     return float(m.group(1)) * unit[m.group(2)], float(m.group(3)) * unit[m.group(4)]
 
 
+def _largest_buffers(message: str, n: int = 8) -> list[str]:
+    """The largest allocations XLA lists in its out-of-memory message (one line each: size, shape, op), so
+    that a program that does not fit says what fills the memory."""
+    out = []
+    for line in message.splitlines():
+        line = line.strip()
+        if re.match(r"^\d+\.\s+Size:", line) or (line.startswith("Size:") and len(out) < n):
+            out.append(line[:240])
+        elif out and len(out) <= n and re.match(r"^(Operator|Shape|Unpadded size|XLA label|Allocation type):", line):
+            out[-1] += " | " + line[:200]
+    return out[:n]
+
+
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
@@ -123,6 +136,7 @@ def compile_report(fn, args: tuple, *, topology: str, chip: Chip, devices: int, 
             oom = _oom_bytes(str(e))
             if oom is None:
                 raise
+            oom_text = str(e)
             compiled = None
         t3 = time.perf_counter()
     peak = chip.peak_fp8 if fp8 and chip.peak_fp8 else chip.peak_bf16
@@ -132,7 +146,7 @@ def compile_report(fn, args: tuple, *, topology: str, chip: Chip, devices: int, 
     if compiled is None:
         used, available = oom
         out |= {"hbm_bytes_per_chip": int(used), "hbm_capacity": int(available), "hbm_fits": False,
-                "oom": "XLA: the temporaries alone exceed HBM",
+                "oom": "XLA: the temporaries alone exceed HBM", "oom_largest": _largest_buffers(oom_text),
                 "compiled_flops": None, "flops_ratio": None, "optimal_seconds": None, "est_step_s": None,
                 "est_mfu": None}
         return out | (extra or {})
@@ -299,7 +313,7 @@ def serve_step_report(config, topology: str, *, step: str = "decode", batch: int
         mesh_cfg = config.mesh.to_dict()
         try:
             sizes = sharding.mesh_sizes(mesh_cfg, len(devices))
-            sharding.validate_mesh(sizes, cfg, batch, allow_uneven_stages=False)
+            sharding.validate_mesh(sizes, cfg, None, allow_uneven_stages=False)
         except ValueError as e:
             raise UserError(f"--aot={topology} ({len(devices)} devices): {e}", key="mesh") from None
         mesh = sharding.make_mesh(mesh_cfg, devices)
@@ -312,6 +326,8 @@ def serve_step_report(config, topology: str, *, step: str = "decode", batch: int
         state_sh = sharding.state_shardings(state, mesh)
         state = jax.tree.map(lambda s, v: v.replace(value=jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s)),
                              state_sh, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)  # rows are split over the batch axes: the
+        batch = -(-batch // shards) * shards  # engine pads a step's rows to a multiple of them (Engine._rows)
         width = -(-context // page_size)  # page-table entries per row
         pages = batch * width + 1  # every row's context, and the trash page
         dtype = jnp.dtype(cfg.compute_dtype)

@@ -12,8 +12,8 @@ device holds its own tokens (the batch is split over data x fsdp x expert) and E
      <= 0 means C = M, which can never drop: dropless, at the price of ep x padding);
   3. send buffer [ep, C, D] -> `lax.all_to_all` -> the rows each rank must compute, with their local
      expert ids and a validity mask (padding rows get weight 0);
-  4. local experts run with the same per-expert block layout as the single-device path
-     (`experts.experts_blocks`), then `all_to_all` sends results back and they are combined with the
+  4. local experts run in the Runtime's layout, as on one device (`experts.LocalExperts`: 'blocks' on CPU,
+     'ragged' (ragged_dot) on GPU/TPU), then `all_to_all` sends results back and they are combined with the
      router weights.
 All row moves are gathers in both directions (`experts.permute_rows`), so the backward pass is gathers
 plus the transposed all_to_alls. Expert weights sharded over 'fsdp' on D are all-gathered inside;
@@ -48,7 +48,7 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import runtime, sharding
 from dsv3_jax.cli import UserError
-from dsv3_jax.experts import experts_blocks, permute_rows
+from dsv3_jax.experts import LocalExperts, permute_rows
 from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.runtime import Fp8Options, Fp8Weights
 from dsv3_jax.sharding import BATCH_AXES, logical_to_spec
@@ -79,7 +79,7 @@ def _num_local_experts(w) -> int:
 
 
 def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=None,
-                   fp8_weights=None):
+                   fp8_weights=None, impl="blocks"):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
@@ -102,8 +102,9 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
     with jax.named_scope("dispatch"):
         recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
 
-    y = experts_blocks(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
-                       recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up, w_down, block, fp8, fp8_weights)
+    y = LocalExperts(impl, block, fp8, fp8_weights)(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
+                                                    recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up,
+                                                    w_down)[0]
     if sizes.get("tensor", 1) > 1:  # F was split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
     with jax.named_scope("combine"):
@@ -116,12 +117,14 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
 
 def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float,
                             fp8: Fp8Options | None = None, dispatch: str = "padded", emulate: bool | None = None,
-                            fp8_weights: Fp8Weights | None = None):
+                            fp8_weights: Fp8Weights | None = None, impl: str = "blocks"):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
     dispatch: 'padded' (all_to_all, capacity per (source, destination) pair) or 'ragged' (ragged_all_to_all;
     dropless, or with a capacity factor a receive buffer of ceil(cf * M) rows per rank).
     emulate: ragged exchange through all_gather (default: on CPU only; False forces the real op, e.g. to
-    lower for a GPU from a CPU machine). fp8: FP8 grouped GEMMs for the local experts with these options.
+    lower for a GPU from a CPU machine). impl: the layout the local experts run in ('blocks', 'ragged'
+    (ragged_dot), 'mgpu', 'dense': `experts.LocalExperts`); the Runtime passes its expert_impl ('ragged' on
+    GPU/TPU). fp8: FP8 grouped GEMMs for the local experts with these options.
     FP8-resident weights come as `QWeight`s ([E, F, D] / [E, D, F] with block scales) and run with
     `fp8_weights`; they need tensor=1 (a tensor-split F would cut through the 128x128 scale blocks).
 
@@ -145,11 +148,12 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
     if dispatch == "ragged":
         fn = partial(_local_experts_ragged, block=block, capacity_factor=capacity_factor,
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
-                     fp8_weights=fp8_weights, emulate=runtime.platform() == "cpu" if emulate is None else emulate)
+                     fp8_weights=fp8_weights, impl=impl,
+                     emulate=runtime.platform() == "cpu" if emulate is None else emulate)
     else:
         fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
-                     fp8_weights=fp8_weights)
+                     fp8_weights=fp8_weights, impl=impl)
     with jax.named_scope("expert_parallel"):
         return jax.shard_map(fn, mesh=sharding.inner_mesh(mesh), in_specs=(batch, batch, batch, wspec, wspec, dspec),
                              out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
@@ -158,7 +162,7 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
 @dataclasses.dataclass(frozen=True)
 class ExpertParallel:
     """Expert strategy: routed experts split over the mesh axis 'expert', rows exchanged with (ragged)
-    all_to_all; the local experts run in the 'blocks' layout."""
+    all_to_all; the local experts run in layout `impl` (`experts.LocalExperts`)."""
 
     mesh: jax.sharding.Mesh
     block: int
@@ -167,11 +171,12 @@ class ExpertParallel:
     emulate: bool = False
     fp8: Fp8Options | None = None
     fp8_weights: Fp8Weights | None = None
+    impl: str = "blocks"  # the local experts' layout (experts.LocalExperts): the Runtime's expert_impl
 
     def __call__(self, x, idx, w, w_gate, w_up, w_down):
         return experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, mesh=self.mesh, block=self.block,
                                        capacity_factor=self.capacity_factor, fp8=self.fp8, dispatch=self.dispatch,
-                                       emulate=self.emulate, fp8_weights=self.fp8_weights)
+                                       emulate=self.emulate, fp8_weights=self.fp8_weights, impl=self.impl)
 
 
 # ----------------------------------------------------------------------------- ragged dispatch
@@ -196,7 +201,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 
 
 def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, emulate,
-                          fp8=None, fp8_weights=None):
+                          fp8=None, fp8_weights=None, impl="blocks"):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
@@ -228,8 +233,8 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, capacity_fa
     rows = jnp.arange(R)
     seg = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), ep * e_loc - 1)
     valid = (rows < ends[-1]).astype(jnp.float32)
-    y = experts_blocks(recv, (seg % e_loc)[:, None].astype(jnp.int32), valid[:, None], w_gate, w_up, w_down,
-                       block, fp8, fp8_weights)
+    y = LocalExperts(impl, block, fp8, fp8_weights)(recv, (seg % e_loc)[:, None].astype(jnp.int32), valid[:, None],
+                                                    w_gate, w_up, w_down)[0]
     if sizes.get("tensor", 1) > 1:
         y = jax.lax.psum(y, "tensor")
     with jax.named_scope("combine"):  # (rows that were not sent come back as zeros)
