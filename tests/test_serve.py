@@ -155,6 +155,38 @@ def test_bad_requests_get_their_status_and_the_server_stays_up(server, body, sta
     assert raw(server, "GET", "/health")[0] == 200
 
 
+
+@pytest.mark.parametrize("extra", [{"seed": 2 ** 32 + 7}, {"seed": -5}, {"top_k": 3_000_000_000}, {"top_k": -1},
+                                   {"temperature": None, "top_p": None, "top_k": None, "seed": None},
+                                   {"max_tokens": None, "max_completion_tokens": 3}],
+                         ids=["seed_past_uint32", "negative_seed", "top_k_past_int32", "top_k_minus_1", "nulls",
+                              "max_completion_tokens"])
+def test_unusual_valid_requests_are_served_and_the_server_stays_up(server, extra):
+    """Values clients send that once killed the engine for everyone (a seed past 2**32, a top_k past int32: an
+    OverflowError in the engine thread, then /health 503 and every later request hanging) or were refused
+    (nulls, top_k -1) are served; a seed is reduced mod 2**31, so 2**32 + 7 samples as 7 does; the request
+    leaves nothing behind in the engine (/metrics' dsv3_requests_held)."""
+    payload = {"model": server["model"], "prompt": "The", "max_tokens": 4, "temperature": 1.0} | extra
+    code, got = raw(server, "POST", "/v1/completions", json.dumps(payload).encode())
+    assert code == 200, got
+    assert 1 <= got["usage"]["completion_tokens"] <= (3 if "max_completion_tokens" in extra else 4)
+    assert raw(server, "GET", "/health")[0] == 200
+    if extra.get("seed") == 2 ** 32 + 7:
+        same = raw(server, "POST", "/v1/completions", json.dumps(payload | {"seed": 7}).encode())[1]
+        assert same["choices"][0]["text"] == got["choices"][0]["text"]
+    assert metrics(server)["dsv3_requests_held"] == 0
+
+
+def test_unseeded_sampling_differs_and_chat_runs_to_the_context_without_max_tokens(server):
+    """Without a seed every request gets its own (three sampled answers are not one answer three times); a chat
+    request without max_tokens runs until it stops or fills the context, not 16 tokens (the old default)."""
+    c = server["client"]
+    texts = {c.completions.create(model=server["model"], prompt="The", max_tokens=8, temperature=2.0).choices[0].text
+             for _ in range(3)}
+    assert len(texts) > 1, texts
+    r = c.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    assert r.choices[0].finish_reason == "stop" or r.usage.completion_tokens > 16, r
+
 def test_malformed_json_and_a_cancelled_stream(server):
     code, got = raw(server, "POST", "/v1/completions", b"{not json")
     assert code == 400 and "JSON" in got["error"]["message"]

@@ -264,6 +264,13 @@ class Engine:
     def result(self, rid: int) -> Request:
         return self.requests[rid]
 
+    def release(self, rid: int) -> None:
+        """Forget a finished request (its tokens, and a speculative row's draft distribution): without this
+        every request served stays in `requests`. A request still running is cancelled first."""
+        req = self.requests.pop(rid, None)
+        if req is not None and not req.done:
+            self.scheduler.finish(req, "cancelled")
+
     @property
     def idle(self) -> bool:
         return self.scheduler.idle
@@ -521,5 +528,8 @@ class Engine:
                 raise UserError(f"prompt {i}: {e}", field=e.field) from None
         self.run()
         seconds = time.perf_counter() - t0 - (self.compile_seconds - c0)
-        return [Completion(tokens=list(r.output), prompt_len=len(r.prompt), finish_reason=r.finish_reason,
-                           seconds=seconds, drafted=r.drafted, accepted=r.accepted) for r in map(self.result, ids)]
+        out = [Completion(tokens=list(r.output), prompt_len=len(r.prompt), finish_reason=r.finish_reason,
+                          seconds=seconds, drafted=r.drafted, accepted=r.accepted) for r in map(self.result, ids)]
+        for rid in ids:
+            self.release(rid)
+        return out

@@ -18,6 +18,7 @@ with Retry-After. A client that disconnects cancels its request (its pages retur
 from __future__ import annotations
 
 import json
+import secrets
 import time
 import uuid
 from typing import Literal
@@ -39,12 +40,18 @@ class Message(BaseModel):
 
 
 class _Common(BaseModel):
+    """The fields every request shares. Nullable as clients send them (`"temperature": null` means the default);
+    `max_completion_tokens` is what current OpenAI SDKs send for `max_tokens`; `top_k` -1 (vLLM's "off") and any
+    top_k at or past the vocabulary mean no top-k; any integer seed is accepted (reduced mod 2**31 for the
+    engine's int32 keys), and a request without one gets a fresh random seed."""
+
     model_config = ConfigDict(extra="ignore")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: Literal[1] = 1
@@ -107,7 +114,8 @@ class Metrics:
         self.itl = Histogram("dsv3_inter_token_latency_seconds", "Mean gap between a request's tokens", registry=reg,
                              buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
         self.gauges = {k: Gauge(f"dsv3_{k}", f"{k.replace('_', ' ')} (engine)", registry=reg)
-                       for k in ("running", "waiting", "pages_used", "pages_free", "prefix_hits", "preemptions")}
+                       for k in ("running", "waiting", "requests_held", "pages_used", "pages_free", "prefix_hits",
+                                 "preemptions")}
 
     def on_finish(self, req):  # engine thread
         self.prompt.inc(len(req.prompt))
@@ -209,6 +217,15 @@ class Routes:
         text = render_chat([m.model_dump() for m in body.messages], self.chat_template)
         return await self.answer(body, self.tokenizer.encode(text).ids, chat=True)
 
+    def sampling(self, body: _Common) -> SamplingParams:
+        """The request's sampling, every value in the engine's range (see `_Common`)."""
+        top_k = body.top_k or 0
+        if top_k < 0 or top_k >= self.engine.cfg.vocab_size:
+            top_k = 0
+        seed = secrets.randbits(31) if body.seed is None else body.seed % 2 ** 31
+        return SamplingParams(1.0 if body.temperature is None else body.temperature, top_k,
+                              1.0 if body.top_p is None else body.top_p, seed)
+
     def refusal(self, body: _Common, stops: list[str], prompt_ids: list[int], chat: bool) -> JSONResponse | None:
         """The error response for a request this server cannot take, checked before the engine sees it."""
         engine = self.engine
@@ -231,10 +248,11 @@ class Routes:
         refused = self.refusal(body, stops, prompt_ids, chat)
         if refused is not None:
             return refused
-        sampling = SamplingParams(body.temperature, body.top_k, body.top_p, body.seed or 0)
+        sampling = self.sampling(body)
+        max_tokens = body.max_tokens or body.max_completion_tokens or (
+            self.engine.max_seq_len - len(prompt_ids) if chat else self.default_max_tokens)  # (chat: to the context)
         try:
-            rid, events = await self.worker.submit(prompt_ids, body.max_tokens or self.default_max_tokens, sampling,
-                                                   stop_strings=stops)
+            rid, events = await self.worker.submit(prompt_ids, max_tokens, sampling, stop_strings=stops)
         except QueueFull as e:
             return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
         except UserError as e:

@@ -54,7 +54,8 @@ class EngineWorker:
 
     def stats(self) -> dict:
         sch, pool = self.engine.scheduler, self.engine.pool
-        return {"running": len(sch.running), "waiting": len(sch.waiting), "pages_used": pool.used,
+        return {"running": len(sch.running), "waiting": len(sch.waiting),
+                "requests_held": len(self.engine.requests), "pages_used": pool.used,
                 "pages_free": pool.available, "pages": pool.pages - 1, "prefix_hits": pool.hits,
                 "preemptions": sch.preemptions}
 
@@ -97,6 +98,7 @@ class EngineWorker:
             self.on_finish(req)
         self._post(req.rid, ("done", req))
         self.streams.pop(req.rid, None)
+        self.engine.release(req.rid)  # the engine keeps nothing of a request it has answered
 
     def _loop(self):
         try:
