@@ -187,6 +187,26 @@ def test_unseeded_sampling_differs_and_chat_runs_to_the_context_without_max_toke
     r = c.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "Hi"}], temperature=0)
     assert r.choices[0].finish_reason == "stop" or r.usage.completion_tokens > 16, r
 
+
+def test_a_checkpoints_chat_template_renders_in_a_sandbox():
+    """A chat template comes with the checkpoint: one that reaches for Python's internals (the classic escape
+    to os.system) is refused with one line naming the messages, and runs nothing; a template's own
+    raise_exception (HF's convention) is a refusal too; an ordinary template renders."""
+    from dsv3_jax.cli import UserError
+    from dsv3_jax.serve.chat import render_chat
+
+    msgs = [{"role": "user", "content": "Hi"}]
+    tpl = lambda t: {"template": t, "bos_token": "<s>", "eos_token": "</s>"}  # noqa: E731
+    assert render_chat(msgs, tpl("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                                 "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")) == \
+        "<s>user: Hi\nassistant:"
+    escape = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(UserError, match="SecurityError") as e:
+        render_chat(msgs, tpl(escape))
+    assert e.value.field == "messages"
+    with pytest.raises(UserError, match="refuses these messages: only user"):
+        render_chat(msgs, tpl("{{ raise_exception('only user and assistant roles') }}"))
+
 def test_malformed_json_and_a_cancelled_stream(server):
     code, got = raw(server, "POST", "/v1/completions", b"{not json")
     assert code == 400 and "JSON" in got["error"]["message"]

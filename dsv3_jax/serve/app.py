@@ -214,7 +214,10 @@ class Routes:
         return await self.answer(body, ids, chat=False)
 
     async def chat_completions(self, body: ChatRequest):
-        text = render_chat([m.model_dump() for m in body.messages], self.chat_template)
+        try:
+            text = render_chat([m.model_dump() for m in body.messages], self.chat_template)
+        except UserError as e:
+            return error(400, str(e), "messages")
         return await self.answer(body, self.tokenizer.encode(text).ids, chat=True)
 
     def sampling(self, body: _Common) -> SamplingParams:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 
+from dsv3_jax.cli import UserError
+
 PLAIN_TEMPLATE = "{role}: {content}\n"
 
 
@@ -39,11 +41,23 @@ def render_chat(messages: list[dict], template: dict | None) -> str:
     if template is None:
         return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "assistant:"
     import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string(template["template"]).render(messages=messages, add_generation_prompt=True,
-                                                       bos_token=template["bos_token"],
-                                                       eos_token=template["eos_token"])
+    # The template comes with the checkpoint: rendered in jinja2's sandbox (no attribute of Python's internals, no
+    # mutation of the messages), as transformers renders chat templates, so a template cannot run code here.
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+    def raise_exception(message):  # what HF templates call on a conversation they do not accept
+        raise UserError(f"the chat template refuses these messages: {message}", field="messages")
+
+    try:
+        return env.from_string(template["template"]).render(messages=messages, add_generation_prompt=True,
+                                                           bos_token=template["bos_token"],
+                                                           eos_token=template["eos_token"],
+                                                           raise_exception=raise_exception)
+    except jinja2.TemplateError as e:  # (SecurityError included: a template that reaches outside the sandbox)
+        raise UserError(f"the chat template cannot render these messages: {type(e).__name__}: {e}",
+                        field="messages") from None
 
 
 class TextStream:
