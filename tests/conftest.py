@@ -39,6 +39,7 @@ def pytest_unconfigure(config):
 
 
 # File order: `--dist loadfile` hands whole files to the workers; pytest-xdist (3.x) queues them by their number of
-# tests, most first. Forcing the slowest files to the front instead (collection order under
-# --no-loadscope-reorder) was measured at 18480ce + 2c861f3 on 2 cores: 18 min 35 s against 14 min 36 s for
-# xdist's own order (every file ran slower next to another heavy one), so the order is left to xdist.
+# tests, most first (so a file of few long tests, like test_pipeline_training.py, runs last). Forcing the slowest
+# files to the front instead (collection order under --no-loadscope-reorder) was not faster on 2 cores (18 min
+# 35 s at 2c861f3, against 14 min 36 s for xdist's own order at 18480ce earlier the same evening; the machine's
+# speed varied that evening, so the comparison is weak), so the order is left to xdist.
