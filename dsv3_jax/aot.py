@@ -98,19 +98,6 @@ def _oom_bytes(message: str) -> tuple[float, float] | None:
     return float(m.group(1)) * unit[m.group(2)], float(m.group(3)) * unit[m.group(4)]
 
 
-def _largest_buffers(message: str, n: int = 8) -> list[str]:
-    """The largest allocations XLA lists in its out-of-memory message (one line each: size, shape, op), so
-    that a program that does not fit says what fills the memory."""
-    out = []
-    for line in message.splitlines():
-        line = line.strip()
-        if re.match(r"^\d+\.\s+Size:", line) or (line.startswith("Size:") and len(out) < n):
-            out.append(line[:240])
-        elif out and len(out) <= n and re.match(r"^(Operator|Shape|Unpadded size|XLA label|Allocation type):", line):
-            out[-1] += " | " + line[:200]
-    return out[:n]
-
-
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
@@ -136,7 +123,6 @@ def compile_report(fn, args: tuple, *, topology: str, chip: Chip, devices: int, 
             oom = _oom_bytes(str(e))
             if oom is None:
                 raise
-            oom_text = str(e)
             compiled = None
         t3 = time.perf_counter()
     peak = chip.peak_fp8 if fp8 and chip.peak_fp8 else chip.peak_bf16
@@ -146,7 +132,7 @@ def compile_report(fn, args: tuple, *, topology: str, chip: Chip, devices: int, 
     if compiled is None:
         used, available = oom
         out |= {"hbm_bytes_per_chip": int(used), "hbm_capacity": int(available), "hbm_fits": False,
-                "oom": "XLA: the temporaries alone exceed HBM", "oom_largest": _largest_buffers(oom_text),
+                "oom": "XLA: the temporaries alone exceed HBM",
                 "compiled_flops": None, "flops_ratio": None, "optimal_seconds": None, "est_step_s": None,
                 "est_mfu": None}
         return out | (extra or {})
