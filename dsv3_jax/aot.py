@@ -331,12 +331,12 @@ def serve_step_report(config, topology: str, *, step: str = "decode", batch: int
                     arr((batch,), jnp.float32))  # seeds, index, temperature, top_k, top_p
         abstract = abstract_model(cfg)
         if step == "decode":
-            fn = engine_steps.decode_step.trace
+            fn = engine_steps.decode_step
             args = (graphdef, decode_steps, state, pools, table, arr((batch,)), arr((batch,)),
                     arr((batch,), jnp.bool_), *sampling)
             model_flops = decode_flops_per_token(abstract, context) * batch * decode_steps
         else:
-            fn = engine_steps.prefill_step.trace
+            fn = engine_steps.prefill_step
             args = (graphdef, state, pools, table, arr((batch, prefill_len)), arr((batch, prefill_len)),
                     arr((batch,)), *sampling)
             model_flops = train_flops_per_token(abstract, prefill_len) / 3 * batch * prefill_len
@@ -344,12 +344,5 @@ def serve_step_report(config, topology: str, *, step: str = "decode", batch: int
                  "context": context, "prefill_len": prefill_len if step == "prefill" else None,
                  "decode_steps": decode_steps if step == "decode" else None, "page_size": page_size,
                  "fp8_weights": mode, "paged_attention": eng_rt.paged_attention, "jax": jax.__version__}
-        return compile_report(_Traceable(fn), args, topology=topology, chip=chip, devices=len(devices),
+        return compile_report(fn, args, topology=topology, chip=chip, devices=len(devices),
                               model_flops=model_flops, fp8=mode == "w8a8", extra=extra, mesh=mesh)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Traceable:
-    """A jitted function's `trace` (static arguments included) in the shape `compile_report` calls."""
-
-    trace: object
