@@ -332,13 +332,13 @@ def serve_step_report(config, topology: str, *, step: str = "decode", batch: int
         abstract = abstract_model(cfg)
         if step == "decode":
             fn = engine_steps.decode_step
-            args = (graphdef, decode_steps, state, pools, table, arr((batch,)), arr((batch,)),
+            args = (graphdef, decode_steps, 0, state, pools, table, arr((batch,)), arr((batch,)),
                     arr((batch,), jnp.bool_), *sampling)
             model_flops = decode_flops_per_token(abstract, context) * batch * decode_steps
         else:
             fn = engine_steps.prefill_step
-            args = (graphdef, state, pools, table, arr((batch, prefill_len)), arr((batch, prefill_len)),
-                    arr((batch,)), *sampling)
+            args = (graphdef, 0, state, pools, table, arr((batch, prefill_len)), arr((batch, prefill_len)),
+                    arr((batch,)), arr((batch, prefill_len)), *sampling)
             model_flops = train_flops_per_token(abstract, prefill_len) / 3 * batch * prefill_len
         extra = {"step": step, "mesh": {k: v for k, v in sizes.items() if v > 1}, "batch": batch,
                  "context": context, "prefill_len": prefill_len if step == "prefill" else None,

@@ -282,3 +282,131 @@ def test_stop_strings_cut_the_text(model, alone):
     assert tok.decode(req.output) == text[:cut + 1] and req.output == want[:len(req.output)]  # up to its start
     with pytest.raises(UserError, match="tokenizer"):
         engine(model).submit(PROMPTS[1], 4, stop_strings=("x",))
+
+
+def _ref_logprobs(model, req, temperature=0.0, top_k=0):
+    """log-softmax of one full forward over the request's prompt + output (the reference), after the request's
+    temperature and top-k when it samples: [len(sequence), V] in numpy."""
+    logits = np.asarray(decoding.logits(model, np.asarray([req.sequence], np.int32))[0][0], np.float64)
+    if temperature > 0:
+        logits = logits / temperature
+        if top_k:
+            kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+            logits = np.where(logits >= kth, logits, -np.inf)
+    m = logits.max(-1, keepdims=True)
+    return logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_logprobs_equal_the_full_forwards_log_softmax(model, speculative):
+    """Each output token's log-probability and top-5 alternatives, and each prompt token's (the first: None),
+    equal the log-softmax of one full forward over prompt + output at the position before the token (within
+    1e-4), for a greedy request (raw log-probabilities) and a sampled one (after temperature 0.7 and top-k 8),
+    under preemption (the small pool) and speculation; a prompt-logprob request takes no prefix-cache hit."""
+    eng = engine(model, speculative=speculative)
+    warm = eng.submit(PROMPTS[3], NEW, stop_ids=())  # registers PROMPTS[3]'s pages in the prefix table
+    eng.run()
+    sampled = SamplingParams(temperature=0.7, top_k=8, seed=3)
+    ids = [eng.submit(PROMPTS[3], NEW, stop_ids=(), logprobs=5, prompt_logprobs=5),
+           eng.submit(PROMPTS[1], NEW, sampled, stop_ids=(), logprobs=3),
+           eng.submit(PROMPTS[4], NEW, stop_ids=())]
+    eng.run()
+    assert eng.result(warm).output == eng.result(ids[0]).output and eng.result(ids[0]).prefix_hit_tokens == 0
+    for rid, (t, k, n) in zip(ids[:2], [(0.0, 0, 5), (0.7, 8, 3)]):
+        req = eng.result(rid)
+        ref = _ref_logprobs(model, req, t, k)
+        P = len(req.prompt)
+        assert len(req.token_logprobs) == len(req.output) == NEW
+        for j, (tok, (lp, top)) in enumerate(zip(req.output, req.token_logprobs)):
+            row = ref[P - 1 + j]
+            assert abs(lp - row[tok]) < 1e-4, (j, lp, row[tok])
+            assert [i for i, _ in top] == list(np.argsort(-row)[:n]) and len(top) == n
+            np.testing.assert_allclose([v for _, v in top], np.sort(row)[::-1][:n], atol=1e-4)
+        if req.prompt_lps is not None:
+            assert req.prompt_lps[0] is None and len(req.prompt_lps) == P
+            for j in range(1, P):
+                lp, top = req.prompt_lps[j]
+                assert abs(lp - ref[j - 1, req.prompt[j]]) < 1e-4
+                assert [i for i, _ in top] == list(np.argsort(-ref[j - 1])[:5])
+    assert eng.result(ids[1]).prompt_lps is None and eng.result(ids[2]).token_logprobs == []
+    with pytest.raises(UserError, match=r"logprobs=21 must be in \[0, 20\]"):
+        eng.submit(PROMPTS[0], 4, logprobs=21)
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_engine_recovers(model, alone):
+    """Fault injection. A decode step that raises fails the requests in it (finish_reason 'error', the error's
+    text kept) and nothing else: the next requests are served as if nothing happened. A step that raises after
+    its donated page pools are consumed (deleted here by hand) makes the engine rebuild empty pools and
+    recompute every running request: their tokens are still the reference's."""
+    eng = engine(model, max_batch=2)
+    real = eng._run_decode
+    faults = {"n": 1, "delete": False}
+
+    def flaky(work):
+        out = real(work)
+        if faults["n"] > 0:
+            faults["n"] -= 1
+            if faults["delete"]:
+                for x in jax.tree.leaves(eng.pools):
+                    x.delete()
+            raise RuntimeError("injected decode failure")
+        return out
+
+    eng._run_decode = flaky
+    a, b = eng.submit(PROMPTS[0], NEW, stop_ids=()), eng.submit(PROMPTS[1], NEW, stop_ids=())
+    c = eng.submit(PROMPTS[2], NEW, stop_ids=())  # waits (max_batch=2) while a and b fail
+    eng.run()
+    for rid in (a, b):
+        req = eng.result(rid)
+        assert req.finish_reason == "error" and "injected decode failure" in req.error
+    assert eng.result(c).output == alone[2] and eng.pool.used == 0
+    warm = eng.submit(PROMPTS[4], NEW, stop_ids=())  # registers PROMPTS[4]'s pages in the prefix table
+    eng.run()
+    faults.update(n=1, delete=True)
+    failing = eng.submit(PROMPTS[0], NEW, stop_ids=())
+    eng.run()  # its first decode step raises with the pools gone: the pools and the prefix table are rebuilt
+    assert eng.result(failing).finish_reason == "error"
+    again = eng.submit(PROMPTS[4], NEW, stop_ids=())
+    eng.run()
+    assert eng.result(again).prefix_hit_tokens == 0  # (before the failure it would hit 16 tokens)
+    assert eng.result(again).output == alone[4] and not any(x.is_deleted() for x in jax.tree.leaves(eng.pools))
+    # Requests running but not in the failed step (their cache went with the pools) are recomputed:
+    running = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS[:2]]
+    eng.step()  # both prefilled, both have cache content now
+    for x in jax.tree.leaves(eng.pools):
+        x.delete()
+    assert eng._recover([], RuntimeError("a step of others")) == []
+    assert [r.rid for r in eng.scheduler.waiting] == running and eng.pool.used == 0
+    eng.run()
+    assert [eng.result(r).output for r in running] == alone[:2]
+
+
+def test_preemption_takes_the_newest_running_request_first():
+    """A hand trace on the scheduler alone: a pool of 6 usable pages of 4 tokens, three requests admitted in
+    order (r0, r1, r2) with 5-token prompts (2 pages each). When r0, the oldest, needs a third page, the newest
+    (r2) gives its pages back, not r1; r2 goes back to the front of the queue. When the newest running request
+    needs a page itself and none is free, it is the one preempted (never an older one for it)."""
+    from dsv3_jax.infer.scheduler import Request, Scheduler
+
+    pool = PagePool(7, 4)
+    sch = Scheduler(pool, max_batch=3, max_batch_tokens=16, max_prefill_chunk=16, prefix_sharing=False)
+    reqs = [Request(i, [10 + i] * 5, 8) for i in range(3)]
+    for r in reqs:
+        sch.add(r)
+    work = sch.schedule()
+    assert [w.request.rid for w in work] == [0, 1, 2] and pool.available == 0
+    for w in work:  # the prefill ran; each request emitted one token (the engine's bookkeeping, by hand)
+        w.request.computed += w.n
+        w.request.output.append(1)
+    reqs[0].output += [1, 1, 1]  # r0 jumps ahead: its next token (position 8) needs a third page
+    reqs[0].computed += 3
+    work = sch.schedule()
+    assert [r.rid for r in sch.running] == [0, 1] and [r.rid for r in sch.waiting] == [2]
+    assert reqs[2].pages == [] and reqs[2].preemptions == 1 and len(reqs[0].pages) == 3
+    assert [w.request.rid for w in work] == [0, 1]
+    reqs[1].output += [1, 1, 1]  # now r1 (the newest running) needs a page and none is free: r1 gives way
+    reqs[1].computed += 3
+    pool.allocate(pool.available)  # (nothing free)
+    work = sch.schedule()
+    assert [r.rid for r in sch.running] == [0] and [r.rid for r in sch.waiting] == [1, 2]
+    assert reqs[0].preemptions == 0 and reqs[1].preemptions == 1

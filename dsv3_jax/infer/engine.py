@@ -64,6 +64,9 @@ class Completion:
     accepted: int = 0  # drafts the main model accepted
 
 
+MAX_LOGPROBS = 20  # most alternatives a request may ask for; a step that reports any computes this many (one shape)
+
+
 def _bucket(n: int, smallest: int = 1) -> int:
     """The power of two >= max(n, smallest)."""
     b = smallest
@@ -103,6 +106,16 @@ def pool_shardings(pools: ModelCache, mesh):
         return PagedLatentCache(s, s, NamedSharding(mesh, PartitionSpec()))
 
     return jax.tree.map(spec, pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
+
+
+def _row_logprobs(lps, i) -> list | None:
+    """One row's (logprob, [(id, logprob)]) per token from a step's host arrays (logprob [..., n], ids and values
+    [..., n, K]), or None when the step reported none."""
+    if lps is None:
+        return None
+    lp, ids, vals = (np.asarray(x[i]) for x in lps)
+    lp, ids, vals = np.atleast_1d(lp), np.atleast_2d(ids), np.atleast_2d(vals)
+    return [(float(lp[t]), list(zip(ids[t].tolist(), vals[t].tolist()))) for t in range(lp.shape[0])]
 
 
 class Engine:
@@ -170,9 +183,7 @@ class Engine:
             self.state = jax.device_put(self.state, sharding.state_shardings(self.state, self.mesh))
             self.batch_multiple = math.prod(self.mesh.shape[a] for a in sharding.BATCH_AXES
                                             if a in self.mesh.axis_names)
-        stack = lambda n: PagedLatentCache.zeros(cfg, pages, page_size, self.cache_dtype, n) if n != 0 else None  # noqa
-        self.pools = ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
-                                mtp=stack(None) if self.speculative else None)
+        self.pools = self._empty_pools()
         # Committed placement from the start: the pools a step returns are committed, and a step given an
         # uncommitted array the first time would compile twice.
         self.pools = jax.device_put(self.pools, jax.devices()[0] if self.mesh is None else self._pool_shardings())
@@ -193,6 +204,13 @@ class Engine:
         kw.setdefault("max_batch_tokens", max(256, batch))
         pages = batch * -(-(seq_len + lookahead) // page_size) + 1  # + the trash page
         return cls(model, max_batch=batch, max_seq_len=seq_len, pages=pages, **kw)
+
+    def _empty_pools(self) -> ModelCache:
+        cfg = self.cfg
+        stack = lambda n: (PagedLatentCache.zeros(cfg, self.pool.pages, self.page_size, self.cache_dtype, n)  # noqa
+                           if n != 0 else None)
+        return ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
+                          mtp=stack(None) if self.speculative else None)
 
     # ------------------------------------------------------------------ placement
     def _pool_shardings(self):
@@ -226,8 +244,11 @@ class Engine:
     # ------------------------------------------------------------------ requests
     def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams(), *,
                stop_ids: Sequence[int] = (EOS_ID,), stop_strings: Sequence[str] = (),
-               on_tokens: Callable | None = None) -> int:
-        """Queue a request; returns its id. Bad input raises UserError before anything runs."""
+               on_tokens: Callable | None = None, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> int:
+        """Queue a request; returns its id. Bad input raises UserError before anything runs. `logprobs` (0 ..
+        MAX_LOGPROBS): record each output token's log-probability and that many most likely alternatives
+        (`Request.token_logprobs`); `prompt_logprobs`: the same for the prompt's tokens (`Request.prompt_lps`)."""
         cfg = self.cfg
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -247,11 +268,16 @@ class Engine:
             raise UserError(f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) needs {need} cache pages of "
                             f"{self.page_size} tokens but the pool holds {self.pool.pages - 1}; raise the cache budget",
                             field="max_tokens")
+        for name, v in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
+            if v is not None and not 0 <= v <= MAX_LOGPROBS:
+                raise UserError(f"{name}={v} must be in [0, {MAX_LOGPROBS}]", field=name)
         if stop_strings and self.tokenizer is None:
             raise UserError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))", field="stop")
         rid = next(self._ids)
         req = Request(rid, prompt, max_tokens, sampling, frozenset(int(t) for t in stop_ids), tuple(stop_strings),
-                      on_tokens)
+                      on_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        if prompt_logprobs is not None:
+            req.prompt_lps = [None] * len(prompt)
         self.requests[rid] = req
         self.scheduler.add(req)
         return rid
@@ -277,10 +303,36 @@ class Engine:
 
     # ------------------------------------------------------------------ one step
     def step(self) -> list[Request]:
-        """Run one scheduled step; returns the requests that finished in it."""
+        """Run one scheduled step; returns the requests that finished in it. If the step raises, the requests in it
+        fail (finish_reason 'error', `Request.error` says why) and the engine recovers (`_recover`): one bad step
+        never takes the other requests down with it."""
         work = self.scheduler.schedule()
         if not work:
             return []
+        try:
+            return self._step(work)
+        except Exception as e:  # noqa: BLE001 (any failure of a step is isolated to its requests)
+            return self._recover(work, e)
+
+    def _recover(self, work: list[Work], exc: Exception) -> list[Request]:
+        """Fail the requests of a step that raised; if the step's donated page pools are gone, make new (empty)
+        ones and send every other running request back to the queue to be recomputed (no token is lost)."""
+        failed = []
+        for w in work:
+            req = w.request
+            if not req.done:
+                req.error = f"{type(exc).__name__}: {exc}"
+                self.scheduler.finish(req, "error")
+                failed.append(req)
+        if any(x.is_deleted() for x in jax.tree.leaves(self.pools)):
+            self.pools = jax.device_put(self._empty_pools(), jax.devices()[0] if self.mesh is None
+                                        else self._pool_shardings())
+            self.pool.forget_prefixes()
+            for req in sorted(self.scheduler.running, key=lambda r: -r.rid):  # newest first: oldest ends up in front
+                self.scheduler.preempt(req)
+        return failed
+
+    def _step(self, work: list[Work]) -> list[Request]:
         self.steps += 1
         t_start = time.perf_counter()
         for w in work:
@@ -297,16 +349,21 @@ class Engine:
         out_d = self._run_decode(decode) if decode else None
         finished = []
         now = time.perf_counter()
-        for group, out in out_p:
+        for group, (out, lps) in out_p:
             toks = np.asarray(out)
+            lps = None if lps is None else jax.tree.map(np.asarray, lps)
             for i, w in enumerate(group):
                 req = w.request
+                if lps is not None and req.prompt_lps is not None:
+                    self._note_prompt_logprobs(req, w, lps[1], i)
                 req.computed += w.n
                 self.scheduler.register_prefix(req)
-                if w.sample and self._emit(req, [int(toks[i])], now):
+                if w.sample and self._emit(req, [int(toks[i])], now, _row_logprobs(lps and lps[0], i)):
                     finished.append(req)
         if decode and self.speculative:
-            emitted, n_new = (np.asarray(x) for x in out_d)
+            emitted, n_new, lps = out_d
+            emitted, n_new = np.asarray(emitted), np.asarray(n_new)
+            lps = None if lps is None else jax.tree.map(np.asarray, lps)
             for i, w in enumerate(decode):
                 req = w.request
                 for k in range(self.decode_steps):
@@ -315,20 +372,33 @@ class Engine:
                     req.drafted += 1
                     req.accepted += int(n_new[i, k]) - 1
                     req.computed += int(n_new[i, k])
-                    self._emit(req, emitted[i, k, :n_new[i, k]].tolist(), now)
+                    got = None if lps is None else tuple(x[i, k] for x in lps)
+                    self._emit(req, emitted[i, k, :n_new[i, k]].tolist(), now, _row_logprobs(got, slice(None)))
                 if req.done:
                     finished.append(req)
         elif decode:
-            toks = np.asarray(out_d)
+            toks, lps = out_d
+            toks = np.asarray(toks)
+            lps = None if lps is None else jax.tree.map(np.asarray, lps)
             for i, w in enumerate(decode):
                 req = w.request
                 req.computed += self.decode_steps
-                if self._emit(req, toks[i].tolist(), now):
+                if self._emit(req, toks[i].tolist(), now, _row_logprobs(lps, i)):
                     finished.append(req)
         return finished
 
-    def _emit(self, req: Request, new: list[int], now: float) -> bool:
-        """Append sampled tokens (up to a stop, the length limit or a stop string); True if req finished."""
+    def _note_prompt_logprobs(self, req: Request, w: Work, lps, i: int) -> None:
+        """Prompt tokens' log-probabilities from a prefill chunk: position p of the chunk predicts token p + 1."""
+        lp, ids, vals = lps
+        k = req.prompt_logprobs
+        for t in range(w.n):
+            j = w.start + t + 1
+            if j < len(req.prompt) and req.prompt_lps[j] is None:
+                req.prompt_lps[j] = (float(lp[i, t]), list(zip(ids[i, t, :k].tolist(), vals[i, t, :k].tolist())))
+
+    def _emit(self, req: Request, new: list[int], now: float, lps: list | None = None) -> bool:
+        """Append sampled tokens (up to a stop, the length limit or a stop string) and, when the request asked,
+        their log-probabilities (`lps`, one (logprob, [(id, logprob)]) per token of `new`); True if req finished."""
         if req.done:
             return False
         take, reason = [], None
@@ -352,6 +422,8 @@ class Engine:
                 text = self.tokenizer.decode(req.output + take)[:cut]
             req.text = text
         req.output.extend(take)
+        if req.logprobs is not None and lps is not None:
+            req.token_logprobs.extend((lp, top[:req.logprobs]) for lp, top in lps[:len(take)])
         req.token_times.extend([now] * len(take))
         # The cache holds only what was fed: the last emitted token is pending, the rest are written.
         req.computed = min(req.computed, len(req.prompt) + len(req.output) - 1)
@@ -392,11 +464,14 @@ class Engine:
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         last = np.zeros(B, np.int32)
+        targets = np.full((B, T), -1, np.int32)
         for i, w in enumerate(work):
             seq = w.request.sequence
             tokens[i, :w.n] = seq[w.start:w.start + w.n]
             positions[i, :w.n] = np.arange(w.start, w.start + w.n)
             last[i] = w.n - 1
+            after = seq[w.start + 1:w.start + w.n + 1]
+            targets[i, :len(after)] = after
         # Prefill attends over the pages its chunks reach, in widths of powers of 4 pages (few shapes): a
         # chunk early in a long request does not read the whole table.
         reach = max(self.scheduler.pages_needed(w.start + w.n) for w in work)
@@ -405,27 +480,35 @@ class Engine:
             width *= 4
         table = self._tables(work, B, min(width, self.table_width))
         t0 = time.perf_counter()
-        fresh = self._note_compile("prefill", B, T, table.shape[1])
+        K = self._logprobs_k(work)
+        fresh = self._note_compile("prefill", B, T, table.shape[1], K)
         if self.speculative:
             next_known = np.full(B, -1, np.int32)
             for i, w in enumerate(work):
                 seq = w.request.sequence
                 if w.start + w.n < len(seq):
                     next_known[i] = seq[w.start + w.n]
-            nxt, draft, q, self.pools = steps.prefill_step_spec(
-                self.graphdef, self.state, self.pools, *self._put(table, tokens, positions, last, next_known,
-                                                                   *self._sampling(work, B)))
+            nxt, lps, draft, q, self.pools = steps.prefill_step_spec(
+                self.graphdef, K, self.state, self.pools, *self._put(table, tokens, positions, last, targets,
+                                                                      next_known, *self._sampling(work, B)))
             draft, q = np.asarray(draft), np.asarray(q)
             for i, w in enumerate(work):
                 if w.sample:
                     w.request.draft, w.request.draft_q = int(draft[i]), q[i]
         else:
-            nxt, self.pools = steps.prefill_step(self.graphdef, self.state, self.pools,
-                                            *self._put(table, tokens, positions, last, *self._sampling(work, B)))
+            nxt, lps, self.pools = steps.prefill_step(self.graphdef, K, self.state, self.pools,
+                                                      *self._put(table, tokens, positions, last, targets,
+                                                                 *self._sampling(work, B)))
         if fresh:
             jax.block_until_ready(nxt)
             self.compile_seconds += time.perf_counter() - t0
-        return nxt
+        return nxt, lps
+
+    @staticmethod
+    def _logprobs_k(work: list[Work]) -> int:
+        """The static log-probability width of a step: MAX_LOGPROBS if any of its requests reports any, else 0."""
+        wants = any(w.request.logprobs is not None or w.request.prompt_logprobs is not None for w in work)
+        return MAX_LOGPROBS if wants else 0
 
     def _decode_width(self, reach: int) -> int:
         return min(_bucket(reach, 4), self.table_width)
@@ -443,7 +526,8 @@ class Engine:
         reach = max(self.scheduler.pages_needed(w.start + self.scheduler.lookahead) for w in work)
         table = self._tables(work, B, self._decode_width(reach))
         t0 = time.perf_counter()
-        fresh = self._note_compile("decode", B, table.shape[1])
+        K = self._logprobs_k(work)
+        fresh = self._note_compile("decode", B, table.shape[1], K)
         if self.speculative:
             draft = np.zeros(B, np.int32)
             q = np.zeros((B, self.cfg.vocab_size), np.float32)
@@ -451,16 +535,18 @@ class Engine:
                 draft[i] = w.request.draft
                 if w.request.draft_q is not None:
                     q[i] = w.request.draft_q
-            emitted, n_new, draft, q, self.pools = steps.verify_step(
-                self.decode_graphdef, self.decode_steps, self.state, self.pools,
+            emitted, n_new, lps, draft, q, self.pools = steps.verify_step(
+                self.decode_graphdef, self.decode_steps, K, self.state, self.pools,
                 *self._put(table, token, draft, q, position, valid, *self._sampling(work, B)))
             draft, q = np.asarray(draft), np.asarray(q)
             for i, w in enumerate(work):
                 w.request.draft, w.request.draft_q = int(draft[i]), q[i]
-            out = (emitted, n_new)
+            out = (emitted, n_new, lps)
         else:
-            out, self.pools = steps.decode_step(self.decode_graphdef, self.decode_steps, self.state, self.pools,
-                                           *self._put(table, token, position, valid, *self._sampling(work, B)))
+            toks, lps, self.pools = steps.decode_step(self.decode_graphdef, self.decode_steps, K, self.state,
+                                                      self.pools, *self._put(table, token, position, valid,
+                                                                             *self._sampling(work, B)))
+            out = (toks, lps)
         if fresh:
             jax.block_until_ready(out)
             self.compile_seconds += time.perf_counter() - t0

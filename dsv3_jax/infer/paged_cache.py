@@ -177,6 +177,13 @@ class PagePool:
         self.peak_used = max(self.peak_used, self.used)
         return out
 
+    def forget_prefixes(self) -> None:
+        """Drop the prefix table (the pages' contents are gone): unreferenced cached pages become free."""
+        self.free.extend(self.cached)
+        self.cached.clear()
+        self.by_key.clear()
+        self.key_of.clear()
+
     def register(self, key: bytes, page: int) -> None:
         """Make a full, written page findable by its prefix key (first writer wins)."""
         if key not in self.by_key and page not in self.key_of:

@@ -82,6 +82,19 @@ def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
 
 
+# The log-probability reported for a token the request's filters removed (-inf has no JSON form); vLLM's choice.
+LOGPROB_FLOOR = float(jnp.finfo(jnp.float32).min)
+
+
+def log_probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """The log-probabilities [B, V] a request reports: after its sampling transforms (temperature, top-k, top-p)
+    when it samples, of the raw logits when it is greedy; removed tokens at LOGPROB_FLOOR. One row's parameters
+    (scalars), as in `probabilities`."""
+    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    lp = jnp.where(temperature > 0, jax.nn.log_softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), raw)
+    return jnp.maximum(lp, LOGPROB_FLOOR)
+
+
 def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 

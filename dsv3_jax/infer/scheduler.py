@@ -13,8 +13,9 @@ Per step, in admission order:
     prompt never stalls the decoders for more than one step;
   * waiting requests join while the batch has room (`max_batch` rows), reusing cached prefix pages (full
     pages of an identical token prefix, reference-counted, see paged_cache.py) and skipping their prefill;
-  * pages are allocated for every position a step writes; when the pool runs dry the most recently admitted
-    running request is preempted: its pages go back, it returns to the front of the queue, and it is
+  * pages are allocated for every position a step writes; when the pool runs dry the newest running request
+    (the latest arrival, which may be the one asking) is preempted, never an older one for a newer one: its
+    pages go back, it returns to the front of the queue (older victims ahead of newer ones), and it is
     recomputed later from prompt + the output it already has (no token is lost, emitted twice or changed).
 A request that could never fit the pool alone is refused when it is submitted.
 """
@@ -42,7 +43,12 @@ class Request:
     output: list[int] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)
     computed: int = 0
-    finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled'
+    finish_reason: str | None = None  # 'stop' | 'length' | 'cancelled' | 'error' (then `error` says what failed)
+    error: str | None = None
+    logprobs: int | None = None  # report each output token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (no prefix-cache hits then)
+    token_logprobs: list = dataclasses.field(default_factory=list)  # per output token: (logprob, [(id, logprob)])
+    prompt_lps: list | None = None  # per prompt token (the first: None), as token_logprobs
     token_times: list[float] = dataclasses.field(default_factory=list)
     preemptions: int = 0
     prefix_hit_tokens: int = 0
@@ -114,7 +120,7 @@ class Scheduler:
         self.pool.release(req.pages)
         req.pages = []
 
-    def _preempt(self, req: Request) -> None:
+    def preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._free(req)
         req.computed = 0
@@ -126,7 +132,7 @@ class Scheduler:
         """Move a waiting request into the batch, reusing cached prefix pages; False (and nothing changed)
         when the pool cannot hold its first chunk now."""
         hit = []
-        if self.prefix_sharing:
+        if self.prefix_sharing and req.prompt_logprobs is None:  # (prompt log-probabilities need every position run)
             seq = req.sequence
             # Only pages strictly before the last token: that token must run to give the next one's logits.
             hit = self.pool.lookup(page_keys(seq[: len(seq) - 1], self.pool.page_size, self.key_extra))
@@ -142,17 +148,18 @@ class Scheduler:
         return True
 
     def _ensure_pages(self, req: Request, upto: int) -> None:
-        """Allocate pages so that positions [0, upto) of req have a page, preempting others if needed."""
+        """Allocate pages so that positions [0, upto) of req have a page, preempting newer requests if needed.
+        Raises PoolExhausted when req itself is the newest running request (it is the one to give way)."""
         need = self.pages_needed(upto) - len(req.pages)
         while need > 0:
             try:
                 req.pages += self.pool.allocate(need)
                 return
             except PoolExhausted:
-                victims = [r for r in self.running if r is not req]
-                if not victims:
+                newest = max(self.running, key=lambda r: r.rid)  # request ids count arrivals
+                if newest is req:
                     raise
-                self._preempt(victims[-1])
+                self.preempt(newest)
 
     def register_prefix(self, req: Request) -> None:
         """Register the request's full pages that hold prompt tokens only (written, so reusable)."""
@@ -184,7 +191,7 @@ class Scheduler:
                 extra = self.lookahead - 1 if req.todo == 1 else 0
                 self._ensure_pages(req, req.computed + n + extra)
             except PoolExhausted:
-                self._preempt(req)
+                self.preempt(req)
                 continue
             budget -= n
             work.append(Work(req, req.computed, n))

@@ -5,6 +5,11 @@ Each is a module-level `jax.jit` of a static graphdef, so engines of the same mo
 their compilations; the cache pools are donated. A row's j-th output token is drawn with the key
 fold_in(PRNGKey(seed), j) (`sample_rows`, `_keys`), so its tokens do not depend on what it is batched with. The
 engine (engine.py) decides which rows run, with which page tables and shapes.
+
+Log-probabilities: with a static `nlogprobs` K > 0 a step also returns, for every token it samples, that token's
+log-probability and the K most likely tokens with theirs (`logprob_rows`; after the row's sampling transforms,
+sampling.log_probabilities), and a prefill step the same for each prompt token it runs over (the `targets`: the
+token after each position, -1 where none). K = 0 (no request in the step asked) computes none of it.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.infer.paged_cache import PagedLatentCache
-from dsv3_jax.infer.sampling import greedy, probabilities, sample, verify_draft
+from dsv3_jax.infer.sampling import greedy, log_probabilities, probabilities, sample, verify_draft
 from dsv3_jax.model import ModelCache
 
 
@@ -34,6 +39,23 @@ def sample_rows(seeds, index, logits, temperature, top_k, top_p):
     return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy(logits))
 
 
+def logprob_rows(logits, chosen, temperature, top_k, top_p, k: int):
+    """logits [N, V] with each row's own parameters, chosen [N] (-1: none) -> (log-probability of chosen [N],
+    top ids [N, k], top log-probabilities [N, k])."""
+    lp = jax.vmap(lambda row, t, kk, p: log_probabilities(row[None], t, kk, p)[0])(logits, temperature, top_k, top_p)
+    top_lp, top_ids = jax.lax.top_k(lp, k)
+    picked = jnp.take_along_axis(lp, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0]
+    return picked, top_ids.astype(jnp.int32), top_lp
+
+
+def _prompt_logprobs(logits, targets, temperature, top_k, top_p, k: int):
+    """logits [B, T, V], targets [B, T] -> each of logprob_rows' outputs with a leading [B, T]."""
+    B, T, V = logits.shape
+    rep = lambda x: jnp.repeat(x, T)  # noqa: E731
+    out = logprob_rows(logits.reshape(B * T, V), targets.reshape(-1), rep(temperature), rep(top_k), rep(top_p), k)
+    return tuple(x.reshape((B, T) + x.shape[1:]) for x in out)
+
+
 def _with_table(pools: ModelCache, table) -> ModelCache:
     return jax.tree.map(lambda c: c.with_table(table), pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
 
@@ -44,20 +66,31 @@ def _strip(cache: ModelCache) -> ModelCache:
 
 # The compiled steps are module-level functions of a static graphdef, so engines of the same model structure
 # (and runtime) share their compilations.
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def prefill_step(graphdef, state, pools, table, tokens, positions, last, seeds, index, temperature, top_k, top_p):
-    """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last`."""
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def prefill_step(graphdef, nlogprobs, state, pools, table, tokens, positions, last, targets, seeds, index,
+                 temperature, top_k, top_p):
+    """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last`.
+    -> (next [B], log-probabilities (None when nlogprobs is 0), pools)."""
     model = nnx.merge(graphdef, state)
     logits, _, cache = model.decode(tokens, positions, _with_table(pools, table))
     rows = jnp.arange(tokens.shape[0])
     nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
-    return nxt, _strip(cache)
+    return nxt, _prefill_logprobs(logits, rows, last, nxt, targets, temperature, top_k, top_p, nlogprobs), \
+        _strip(cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def decode_step(graphdef, steps, state, pools, table, token, position, valid, seeds, index, temperature, top_k,
-                 top_p):
-    """`steps` decode steps of one token per row, each sampled token fed back on the device: -> tokens [B, steps]."""
+def _prefill_logprobs(logits, rows, last, nxt, targets, temperature, top_k, top_p, k):
+    if not k:
+        return None
+    return (logprob_rows(logits[rows, last], nxt, temperature, top_k, top_p, k),
+            _prompt_logprobs(logits, targets, temperature, top_k, top_p, k))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def decode_step(graphdef, steps, nlogprobs, state, pools, table, token, position, valid, seeds, index, temperature,
+                top_k, top_p):
+    """`steps` decode steps of one token per row, each sampled token fed back on the device: -> (tokens [B, steps],
+    log-probabilities ([B, steps], [B, steps, K] ids, [B, steps, K]) or None, pools)."""
     model = nnx.merge(graphdef, state)
 
     def body(carry, k):
@@ -65,10 +98,12 @@ def decode_step(graphdef, steps, state, pools, table, token, position, valid, se
         pos = jnp.where(valid, position + k, -1)
         logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table))
         nxt = sample_rows(seeds, index + k, logits[:, 0], temperature, top_k, top_p)
-        return (_strip(cache), nxt), nxt
+        lps = logprob_rows(logits[:, 0], nxt, temperature, top_k, top_p, nlogprobs) if nlogprobs else None
+        return (_strip(cache), nxt), (nxt, lps)
 
-    (pools, _), toks = jax.lax.scan(body, (pools, token), jnp.arange(steps))
-    return toks.T, pools
+    (pools, _), (toks, lps) = jax.lax.scan(body, (pools, token), jnp.arange(steps))
+    lps = None if lps is None else tuple(jnp.swapaxes(x, 0, 1) for x in lps)
+    return toks.T, lps, pools
 
 
 def _keys(seeds, index, salt: int):
@@ -93,9 +128,9 @@ def _draft_rows(keys, logits, temperature, top_k, top_p):
                         lambda: (greedy(logits), jnp.zeros(logits.shape, jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
-def prefill_step_spec(graphdef, state, pools, table, tokens, positions, last, next_known, seeds, index, temperature,
-                       top_k, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
+def prefill_step_spec(graphdef, nlogprobs, state, pools, table, tokens, positions, last, targets, next_known, seeds,
+                      index, temperature, top_k, top_p):
     """`prefill_step` plus the MTP module over the same positions (its input at the chunk's last position is
     the token after it: `next_known`, or the token sampled here when the chunk ends the sequence); returns
     the draft for the token after the sampled one."""
@@ -108,15 +143,17 @@ def prefill_step_spec(graphdef, state, pools, table, tokens, positions, last, ne
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).at[rows, last].set(after)
     mtp_logits, cache = model.mtp_decode(h, shifted, positions, cache)
     draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], temperature, top_k, top_p)
-    return nxt, draft, q, _strip(cache)
+    lps = _prefill_logprobs(logits, rows, last, nxt, targets, temperature, top_k, top_p, nlogprobs)
+    return nxt, lps, draft, q, _strip(cache)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
-def verify_step(graphdef, steps, state, pools, table, pending, draft, q, position, valid, seeds, index, temperature,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
+def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft, q, position, valid, seeds, index, temperature,
                  top_k, top_p):
     """`steps` MTP speculative steps per row: verify [pending, draft] at [L, L+1], accept or resample, draft
     the next token with the MTP module; rollback of a rejected draft = not advancing L.
-    -> emitted [B, steps, 2], n_new [B, steps], draft [B], q [B, V], pools."""
+    -> emitted [B, steps, 2], n_new [B, steps], log-probabilities of emitted (each [B, steps, 2, ...]) or None,
+    draft [B], q [B, V], pools."""
     model = nnx.merge(graphdef, state)
     rows = jnp.arange(pending.shape[0])
 
@@ -140,11 +177,19 @@ def verify_step(graphdef, steps, state, pools, table, pending, draft, q, positio
         n_new = 1 + accept.astype(jnp.int32)
         new_draft, new_q = _draft_rows(_keys(seeds, index + n_new, 1), mtp_logits[rows, accept.astype(jnp.int32)],
                                        temperature, top_k, top_p)
-        out = (jnp.stack([a1, a2], 1), n_new)
+        emitted = jnp.stack([a1, a2], 1)
+        lps = None
+        if nlogprobs:
+            two = lambda x: jnp.repeat(x, 2)  # noqa: E731
+            lps = logprob_rows(logits.reshape(-1, logits.shape[-1]), emitted.reshape(-1), two(temperature),
+                               two(top_k), two(top_p), nlogprobs)
+            lps = tuple(x.reshape((-1, 2) + x.shape[1:]) for x in lps)
+        out = (emitted, n_new, lps)
         carry = (_strip(cache), jnp.where(accept, a2, a1), new_draft, new_q, position + jnp.where(valid, n_new, 0),
                  index + n_new)
         return carry, out
 
-    (pools, _, draft, q, _, _), (emitted, n_new) = jax.lax.scan(
+    (pools, _, draft, q, _, _), (emitted, n_new, lps) = jax.lax.scan(
         body, (pools, pending, draft, q, position, index), None, length=steps)
-    return emitted.transpose(1, 0, 2), n_new.T, draft, q, pools
+    lps = None if lps is None else tuple(jnp.swapaxes(x, 0, 1) for x in lps)
+    return emitted.transpose(1, 0, 2), n_new.T, lps, draft, q, pools
