@@ -360,7 +360,7 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_recovers(model, a
         req = eng.result(rid)
         assert req.finish_reason == "error" and "injected decode failure" in req.error
     assert eng.result(c).output == alone[2] and eng.pool.used == 0
-    warm = eng.submit(PROMPTS[4], NEW, stop_ids=())  # registers PROMPTS[4]'s pages in the prefix table
+    eng.submit(PROMPTS[4], NEW, stop_ids=())  # registers PROMPTS[4]'s pages in the prefix table
     eng.run()
     faults.update(n=1, delete=True)
     failing = eng.submit(PROMPTS[0], NEW, stop_ids=())

@@ -145,7 +145,15 @@ def test_sixteen_concurrent_greedy_requests_equal_the_engine_alone(server, expec
     ({"max_tokens": 10_000}, 400, "max_tokens"),  # prompt + max_tokens beyond the context
     ({"prompt": "word " * 400}, 400, "prompt"),  # prompt longer than the context
     ({"model": "gpt-4"}, 404, "model"),
-    ({"n": 2}, 400, "n"),
+    ({"n": 17}, 400, "n"),
+    ({"seed": 2 ** 63}, 400, "seed"),
+    ({"logprobs": 21}, 400, "logprobs"),
+    ({"presence_penalty": 0.5}, 400, "presence_penalty"),  # accepted at its neutral value only, never ignored
+    ({"logit_bias": {"5": 3.0}}, 400, "logit_bias"),
+    ({"stop_token_ids": [10 ** 6]}, 400, "stop_token_ids"),
+    ({"min_tokens": 5}, 400, "min_tokens"),  # more than max_tokens
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "x" * 10 ** 6}, 400, "prompt"),  # refused by its length before it is tokenised
 ])
 def test_bad_requests_get_their_status_and_the_server_stays_up(server, body, status, param):
     payload = {"model": server["model"], "prompt": "The", "max_tokens": 4} | body

@@ -245,10 +245,12 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams(), *,
                stop_ids: Sequence[int] = (EOS_ID,), stop_strings: Sequence[str] = (),
                on_tokens: Callable | None = None, logprobs: int | None = None,
-               prompt_logprobs: int | None = None) -> int:
+               prompt_logprobs: int | None = None, min_tokens: int = 0, include_stop_str: bool = False) -> int:
         """Queue a request; returns its id. Bad input raises UserError before anything runs. `logprobs` (0 ..
         MAX_LOGPROBS): record each output token's log-probability and that many most likely alternatives
-        (`Request.token_logprobs`); `prompt_logprobs`: the same for the prompt's tokens (`Request.prompt_lps`)."""
+        (`Request.token_logprobs`); `prompt_logprobs`: the same for the prompt's tokens (`Request.prompt_lps`).
+        `min_tokens`: no stop token or stop string ends the request before it has this many tokens;
+        `include_stop_str`: `Request.text` keeps the stop string that ended it."""
         cfg = self.cfg
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -271,11 +273,14 @@ class Engine:
         for name, v in (("logprobs", logprobs), ("prompt_logprobs", prompt_logprobs)):
             if v is not None and not 0 <= v <= MAX_LOGPROBS:
                 raise UserError(f"{name}={v} must be in [0, {MAX_LOGPROBS}]", field=name)
+        if not 0 <= min_tokens <= max_tokens:
+            raise UserError(f"min_tokens={min_tokens} must be in [0, max_tokens={max_tokens}]", field="min_tokens")
         if stop_strings and self.tokenizer is None:
             raise UserError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))", field="stop")
         rid = next(self._ids)
         req = Request(rid, prompt, max_tokens, sampling, frozenset(int(t) for t in stop_ids), tuple(stop_strings),
-                      on_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+                      on_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=min_tokens,
+                      include_stop_str=include_stop_str)
         if prompt_logprobs is not None:
             req.prompt_lps = [None] * len(prompt)
         self.requests[rid] = req
@@ -403,7 +408,7 @@ class Engine:
             return False
         take, reason = [], None
         for t in new:
-            if t in req.stop_ids:
+            if t in req.stop_ids and len(req.output) + len(take) >= req.min_tokens:
                 reason = "stop"
                 break
             take.append(t)
@@ -412,14 +417,18 @@ class Engine:
                 break
         if req.stop_strings and take:
             text = self.tokenizer.decode(req.output + take)
-            hits = [text.find(s, max(0, len(req.text) - len(s))) for s in req.stop_strings]
-            hits = [h for h in hits if h >= 0]
+            floor = len(self.tokenizer.decode(req.output + take[:max(0, req.min_tokens - len(req.output))]))
+            hits = [(h, s) for s in req.stop_strings
+                    if (h := text.find(s, max(floor, len(req.text) - len(s)))) >= 0]
             if hits:
-                cut = min(hits)
-                while take and len(self.tokenizer.decode(req.output + take[:-1])) > cut:
-                    take.pop()  # keep tokens up to the one the stop string starts in (it may be out already)
+                cut, s = min(hits)
+                end = cut + len(s) if req.include_stop_str else cut  # the text ends here
+                # Keep the tokens up to the one the stop string starts in (or, included, ends in); it may be out
+                # already. Tokens past it are dropped.
+                while take and len(self.tokenizer.decode(req.output + take[:-1])) > end - req.include_stop_str:
+                    take.pop()
                 reason = "stop"
-                text = self.tokenizer.decode(req.output + take)[:cut]
+                text = self.tokenizer.decode(req.output + take)[:end]
             req.text = text
         req.output.extend(take)
         if req.logprobs is not None and lps is not None:

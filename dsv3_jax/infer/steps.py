@@ -148,8 +148,8 @@ def prefill_step_spec(graphdef, nlogprobs, state, pools, table, tokens, position
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
-def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft, q, position, valid, seeds, index, temperature,
-                 top_k, top_p):
+def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft, q, position, valid, seeds, index,
+                temperature, top_k, top_p):
     """`steps` MTP speculative steps per row: verify [pending, draft] at [L, L+1], accept or resample, draft
     the next token with the MTP module; rollback of a rejected draft = not advancing L.
     -> emitted [B, steps, 2], n_new [B, steps], log-probabilities of emitted (each [B, steps, 2, ...]) or None,

@@ -1,27 +1,37 @@
 """The OpenAI-compatible HTTP API over an `EngineWorker` (FastAPI; `python serve.py` runs it with uvicorn).
 
-    POST /v1/completions        prompt (string or token ids), max_tokens, temperature, top_p, top_k, seed,
-                                stop (string or list), n=1, stream, speculative (must match the server's mode)
-    POST /v1/chat/completions   messages [{role, content}] through the chat template (chat.py), same fields
+    POST /v1/completions        prompt: a string, a list of strings, token ids or a list of token-id lists;
+                                max_tokens (or max_completion_tokens), temperature (< 1e-5: greedy), top_p, top_k
+                                (-1 / 0 / >= vocabulary: off), seed, n (1..16 choices per prompt), stop (strings),
+                                stop_token_ids, ignore_eos, min_tokens, include_stop_str_in_output, logprobs (0..20:
+                                each token's log-probability and that many alternatives), echo (the prompt's text
+                                and log-probabilities first), stream, stream_options.include_usage
+    POST /v1/chat/completions   messages [{role, content}] (content: a string, null or text parts) through the
+                                chat template (chat.py); the same fields, with logprobs (bool) + top_logprobs
     GET  /v1/models             the one served model
-    GET  /health                200 when the engine thread is alive, 503 otherwise
+    GET  /health                200 when the engine thread is alive, 503 saying why otherwise
     GET  /metrics               Prometheus text: running / waiting requests, prompt and generated tokens,
                                 cache pages used / free, prefix-cache hits, speculative drafts / accepted,
                                 time-to-first-token and inter-token latency histograms
 
-Every response carries `usage` (prompt, completion, total tokens). Streaming answers are server-sent events
-in OpenAI's chunk format, one chunk per committed piece of text, then a final chunk with finish_reason and
-usage, then `data: [DONE]`. Errors have OpenAI's body {"error": {"message", "type", "param", "code"}}:
-a malformed body or a field out of range is 400 naming the field, an unknown model 404, a full queue 429
-with Retry-After. A client that disconnects cancels its request (its pages return to the pool).
+Every response carries `usage` (prompt tokens once per prompt, completion tokens over every choice). Streaming
+answers are server-sent events in OpenAI's chunk format, one chunk per committed piece of text of a choice, a
+final chunk per choice with its finish_reason (the last one with usage), a usage-only chunk when
+stream_options.include_usage asks, then `data: [DONE]`. Errors have OpenAI's body {"error": {"message", "type",
+"param", "code"}}: a malformed body or a field out of range is 400 naming the field, an unknown model 404, a full
+queue 429 with Retry-After, a request whose engine step failed 500 (the engine goes on serving the others), a
+dead engine 503. A client that disconnects cancels its request, streamed or not (its pages return to the pool).
+A request without a seed samples from a fresh random one; a choice i of a seeded request uses seed + i.
 """
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import functools
 import json
 import secrets
 import time
 import uuid
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,21 +39,30 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.data.bpe import EOS_ID
+from dsv3_jax.infer.engine import MAX_LOGPROBS
 from dsv3_jax.infer.sampling import SamplingParams
-from dsv3_jax.serve.chat import TextStream, render_chat
-from dsv3_jax.serve.worker import EngineWorker, QueueFull
+from dsv3_jax.serve.chat import TextStream, message_text, render_chat
+from dsv3_jax.serve.worker import EngineDead, EngineWorker, QueueFull
 
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
     role: str
-    content: str
+    content: str | list[dict] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
 
 
 class _Common(BaseModel):
-    """The fields every request shares. Nullable as clients send them (`"temperature": null` means the default);
+    """The fields every request shares, each bounded here (a value out of range is a 400 naming it, never an
+    error inside the engine). Nullable as clients send them (`"temperature": null` means the default);
     `max_completion_tokens` is what current OpenAI SDKs send for `max_tokens`; `top_k` -1 (vLLM's "off") and any
-    top_k at or past the vocabulary mean no top-k; any integer seed is accepted (reduced mod 2**31 for the
-    engine's int32 keys), and a request without one gets a fresh random seed."""
+    top_k at or past the vocabulary mean no top-k; a seed is any int64 (reduced mod 2**31 for the engine's int32
+    keys), and a request without one gets a fresh random seed. The penalties, min_p and logit_bias are accepted
+    at their neutral values only (`Routes.unsupported`)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -52,19 +71,33 @@ class _Common(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stop: str | list[str] | None = None
-    n: Literal[1] = 1
-    stream: bool = False
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    include_stop_str_in_output: bool | None = None
+    n: int | None = Field(default=None, ge=1, le=16)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
     speculative: bool | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[int]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = None
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers=None):
@@ -73,10 +106,11 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template=None,
-              default_max_tokens: int = 16) -> FastAPI:
-    """The FastAPI app of `Routes` over `worker` (its finished requests feed the metrics)."""
+              default_max_tokens: int = 16, eos_ids=(EOS_ID,)) -> FastAPI:
+    """The FastAPI app of `Routes` over `worker` (its finished requests feed the metrics); `eos_ids` end every
+    request (unless it asks ignore_eos)."""
     app = FastAPI(title="dsv3_jax", docs_url=None, redoc_url=None)
-    routes = Routes(worker, tokenizer, model_name, chat_template, default_max_tokens)
+    routes = Routes(worker, tokenizer, model_name, chat_template, default_max_tokens, eos_ids)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
@@ -137,11 +171,6 @@ class Metrics:
         return generate_latest(self.registry).decode()
 
 
-def usage(req) -> dict:
-    return {"prompt_tokens": len(req.prompt), "completion_tokens": len(req.output),
-            "total_tokens": len(req.prompt) + len(req.output)}
-
-
 def sse(obj) -> str:
     """One server-sent event."""
     return f"data: {json.dumps(obj)}\n\n"
@@ -156,80 +185,201 @@ def refused_field(e: UserError, chat: bool) -> str:
     return prompt_field(chat) if e.field in (None, "prompt") else e.field
 
 
+class Refused(Exception):
+    """A request this server will not run: its HTTP error response."""
+
+    def __init__(self, response: JSONResponse):
+        self.response = response
+
+
+@dataclasses.dataclass
+class Choice:
+    """One engine request behind one choice of an answer."""
+
+    index: int
+    prompt_ids: list[int]
+    prompt_text: str | None  # the prompt's text (echo)
+    rid: int = -1
+    events: asyncio.Queue | None = None
+    req: object = None  # the finished Request
+    stream: TextStream | None = None
+
+
 class Reply:
     """The OpenAI bodies of one answer: the whole completion, or its server-sent-event chunks."""
 
-    def __init__(self, model_name: str, chat: bool):
-        self.model, self.chat = model_name, chat
+    def __init__(self, routes: Routes, body: _Common, chat: bool):
+        self.routes, self.body, self.chat = routes, body, chat
+        self.model = routes.model_name
         self.created, self.id = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.object = "chat.completion" if chat else "text_completion"
-
-    def whole(self, text: str, req) -> dict:
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}} if self.chat
-                  else {"index": 0, "text": text, "logprobs": None})
-        choice["finish_reason"] = req.finish_reason
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": usage(req)}
-
-    def role_chunk(self) -> str:
-        choice = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
-        return sse({"id": self.id, "object": self.object + ".chunk", "created": self.created,
-                    "model": self.model, "choices": [choice]})
-
-    def chunk(self, text: str, finish=None, use=None) -> str:
-        if self.chat:
-            choice = {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+        self.echo = not chat and bool(body.echo)
+        if chat:
+            self.top = body.top_logprobs or 0 if body.logprobs else None
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        out = {"id": self.id, "object": self.object + (".chunk" if self.chat else ""), "created": self.created,
-               "model": self.model, "choices": [choice]}
+            self.top = body.logprobs
+
+    def head(self, choices: list[dict], use=None, chunk: bool = False) -> dict:
+        out = {"id": self.id, "object": self.object + (".chunk" if chunk and self.chat else ""),
+               "created": self.created, "model": self.model, "choices": choices}
         if use is not None:
             out["usage"] = use
-        return sse(out)
+        return out
+
+    def whole(self, choices: list[Choice]) -> dict:
+        body = []
+        for c in choices:
+            req, text = c.req, self.routes.final_text(c.req)
+            if self.chat:
+                one = {"index": c.index, "message": {"role": "assistant", "content": text},
+                       "logprobs": self.logprobs(req.output, req.token_logprobs)}
+            else:
+                pre = c.prompt_text if self.echo else ""
+                one = {"index": c.index, "text": pre + text, "logprobs": self.logprobs(req.output, req.token_logprobs,
+                                                                                       c if self.echo else None)}
+            one["finish_reason"] = req.finish_reason
+            body.append(one)
+        return self.head(body, usage(choices))
+
+    def logprobs(self, ids: list[int], lps: list, echo_of: Choice | None = None, offset: int = 0):
+        """OpenAI's logprobs object for tokens `ids` (their (logprob, top) entries `lps`), None when not asked.
+        Completions: tokens, token_logprobs, top_logprobs (a dict per token, the token itself included, as
+        vLLM does) and text_offset, prompt tokens first with `echo_of` (the first prompt token: null). Chat:
+        content: [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]."""
+        if self.top is None:
+            return None
+        piece = self.routes.piece
+        if self.chat:
+            def entry(t, lp):
+                return {"token": piece(t), "logprob": lp, "bytes": list(piece(t).encode())}
+            return {"content": [entry(t, lp) | {"top_logprobs": [entry(i, v) for i, v in top[:self.top]]}
+                                for t, (lp, top) in zip(ids, lps)]}
+        pairs = list(zip(echo_of.prompt_ids, echo_of.req.prompt_lps)) if echo_of is not None else []
+        pairs += list(zip(ids, lps))
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, e in pairs:
+            out["tokens"].append(piece(t))
+            out["text_offset"].append(offset)
+            offset += len(piece(t))
+            if e is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+            else:
+                lp, top = e
+                out["token_logprobs"].append(lp)
+                out["top_logprobs"].append({piece(i): v for i, v in top} | {piece(t): lp})
+        return out
+
+    def chunk(self, c: Choice, text: str, finish=None, use=None, logprobs=None) -> str:
+        if self.chat:
+            choice = {"index": c.index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return sse(self.head([choice], use, chunk=True))
+
+    def role_chunk(self, c: Choice) -> str:
+        return sse(self.head([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}], chunk=True))
+
+
+def usage(choices: list[Choice]) -> dict:
+    """Prompt tokens once per prompt (the n choices of a prompt share it), completion tokens of every choice."""
+    prompts = {id(c.prompt_ids): len(c.prompt_ids) for c in choices}
+    done = [c.req for c in choices if c.req is not None]
+    completion = sum(len(r.output) for r in done)
+    return {"prompt_tokens": sum(prompts.values()), "completion_tokens": completion,
+            "total_tokens": sum(prompts.values()) + completion}
 
 
 class Routes:
     """The routes over one `EngineWorker`, each a short method; `build_app` registers them."""
 
-    def __init__(self, worker: EngineWorker, tokenizer, model_name: str, chat_template, default_max_tokens: int):
+    def __init__(self, worker: EngineWorker, tokenizer, model_name: str, chat_template, default_max_tokens: int,
+                 eos_ids=(EOS_ID,)):
         self.worker, self.engine, self.tokenizer = worker, worker.engine, tokenizer
         self.model_name, self.chat_template, self.default_max_tokens = model_name, chat_template, default_max_tokens
+        self.eos_ids = tuple(eos_ids)
         self.stats = Metrics()
         worker.on_finish = self.stats.on_finish
+        # The longest token's text: a prompt of more characters than this times the context cannot fit, whatever
+        # it tokenises to, so it is refused before tokenising.
+        self.longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one Routes per server, alive as long as the process)
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     async def health(self):
-        if self.worker.error is not None or not self.worker.thread.is_alive():
-            return error(503, f"the engine thread stopped: {self.worker.error!r}", kind="server_error")
+        if self.worker.dead:
+            return error(503, self.worker.why_dead(), kind="server_error")
         return {"status": "ok"}
 
     async def models(self):
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "dsv3_jax",
-                                            "created": 0}]}
+                                            "created": 0, "max_model_len": self.engine.max_seq_len}]}
 
     async def metrics(self):
         return PlainTextResponse(self.stats.render(self.worker.stats()), media_type="text/plain; version=0.0.4")
 
-    async def completions(self, body: CompletionRequest):
-        ids = body.prompt if isinstance(body.prompt, list) else self.tokenizer.encode(body.prompt).ids
-        return await self.answer(body, ids, chat=False)
+    async def tokenize(self, text: str, chat: bool) -> list[int]:
+        """Token ids of a prompt's text, off the event loop (a long prompt does not stall the running streams);
+        a text too long for the context whatever it tokenises to is refused first."""
+        if len(text) > self.engine.max_seq_len * self.longest_token:
+            raise Refused(error(400, f"the prompt has {len(text)} characters: more than this server's context of "
+                                     f"{self.engine.max_seq_len} tokens can hold", prompt_field(chat)))
+        return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
 
-    async def chat_completions(self, body: ChatRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
+        p = body.prompt
+        if isinstance(p, str):
+            p = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            p = [p]
+        if not p:
+            return error(400, "prompt: the list is empty", "prompt")
         try:
-            text = render_chat([m.model_dump() for m in body.messages], self.chat_template)
+            prompts = [(x, await self.tokenize(x, False)) if isinstance(x, str) else (self.tokenizer.decode(x), x)
+                       for x in p]
+        except Refused as e:
+            return e.response
+        return await self.answer(body, request, prompts, chat=False)
+
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        try:
+            messages = [m.model_dump() | {"content": message_text(m.content)} for m in body.messages]
+            text = render_chat(messages, self.chat_template)
+            prompts = [(text, await self.tokenize(text, True))]
         except UserError as e:
             return error(400, str(e), "messages")
-        return await self.answer(body, self.tokenizer.encode(text).ids, chat=True)
+        except Refused as e:
+            return e.response
+        return await self.answer(body, request, prompts, chat=True)
 
-    def sampling(self, body: _Common) -> SamplingParams:
-        """The request's sampling, every value in the engine's range (see `_Common`)."""
+    def sampling(self, body: _Common, choice: int) -> SamplingParams:
+        """Choice `choice`'s sampling, every value in the engine's range (see `_Common`)."""
         top_k = body.top_k or 0
         if top_k < 0 or top_k >= self.engine.cfg.vocab_size:
             top_k = 0
-        seed = secrets.randbits(31) if body.seed is None else body.seed % 2 ** 31
-        return SamplingParams(1.0 if body.temperature is None else body.temperature, top_k,
-                              1.0 if body.top_p is None else body.top_p, seed)
+        seed = secrets.randbits(31) if body.seed is None else (body.seed + choice) % 2 ** 31
+        t = 1.0 if body.temperature is None else body.temperature
+        return SamplingParams(0.0 if t < 1e-5 else t, top_k, 1.0 if body.top_p is None else body.top_p, seed)
 
-    def refusal(self, body: _Common, stops: list[str], prompt_ids: list[int], chat: bool) -> JSONResponse | None:
+    @staticmethod
+    def unsupported(body: _Common) -> JSONResponse | None:
+        """A 400 for a sampling transform this server does not implement, asked at a non-neutral value (never
+        silently ignored)."""
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+                              ("min_p", 0.0)):
+            v = getattr(body, name)
+            if v is not None and v != neutral:
+                return error(400, f"{name}={v}: not supported by this server (only {neutral}, the neutral value)",
+                             name)
+        if body.logit_bias:
+            return error(400, "logit_bias: not supported by this server (only an empty map)", "logit_bias")
+        return None
+
+    def refusal(self, body: _Common, stops: list[str], prompts, chat: bool) -> JSONResponse | None:
         """The error response for a request this server cannot take, checked before the engine sees it."""
         engine = self.engine
         if body.model != self.model_name:
@@ -240,74 +390,129 @@ class Routes:
                               f"(start it with --speculative to change that)", "speculative")
         if any(not s for s in stops):
             return error(400, "stop: stop strings must be non-empty", "stop")
-        if len(prompt_ids) >= engine.max_seq_len:
-            return error(400, f"the prompt has {len(prompt_ids)} tokens; this server's context holds "
-                              f"{engine.max_seq_len} (prompt + max_tokens)", prompt_field(chat))
-        return None
+        if any(not 0 <= t < engine.cfg.vocab_size for t in body.stop_token_ids or ()):
+            return error(400, f"stop_token_ids: ids must be in [0, {engine.cfg.vocab_size})", "stop_token_ids")
+        for _, ids in prompts:
+            if len(ids) >= engine.max_seq_len:
+                return error(400, f"the prompt has {len(ids)} tokens; this server's context holds "
+                                  f"{engine.max_seq_len} (prompt + max_tokens)", prompt_field(chat))
+        return self.unsupported(body)
 
-    async def answer(self, body: _Common, prompt_ids: list[int], chat: bool):
-        """Submit the request; the whole answer, or a stream of server-sent events."""
+    def engine_args(self, body: _Common, stops: list[str], reply: Reply) -> dict:
+        stop_ids = tuple(body.stop_token_ids or ()) + (() if body.ignore_eos else self.eos_ids)
+        return {"stop_strings": tuple(stops), "stop_ids": stop_ids, "min_tokens": body.min_tokens or 0,
+                "include_stop_str": bool(body.include_stop_str_in_output), "logprobs": reply.top,
+                "prompt_logprobs": reply.top if reply.echo else None}
+
+    async def answer(self, body: _Common, request: Request, prompts: list[tuple[str | None, list[int]]], chat: bool):
+        """Submit every choice (n per prompt); the whole answer, or a stream of server-sent events."""
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        refused = self.refusal(body, stops, prompt_ids, chat)
+        refused = self.refusal(body, stops, prompts, chat)
         if refused is not None:
             return refused
-        sampling = self.sampling(body)
-        max_tokens = body.max_tokens or body.max_completion_tokens or (
-            self.engine.max_seq_len - len(prompt_ids) if chat else self.default_max_tokens)  # (chat: to the context)
-        try:
-            rid, events = await self.worker.submit(prompt_ids, max_tokens, sampling, stop_strings=stops)
-        except QueueFull as e:
-            return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
-        except UserError as e:
-            return error(400, str(e), refused_field(e, chat))
-        reply = Reply(self.model_name, chat)
+        reply = Reply(self, body, chat)
+        n = body.n or 1
+        choices = [Choice(i * n + j, ids, text) for i, (text, ids) in enumerate(prompts) for j in range(n)]
+        kw = self.engine_args(body, stops, reply)
+        for c in choices:
+            max_tokens = body.max_tokens or body.max_completion_tokens or (
+                self.engine.max_seq_len - len(c.prompt_ids) if chat else self.default_max_tokens)  # (chat: to the end)
+            try:
+                c.rid, c.events = await self.worker.submit(c.prompt_ids, max_tokens, self.sampling(body, c.index % n),
+                                                           **kw)
+            except (QueueFull, UserError, EngineDead) as e:
+                for other in choices:
+                    if other.events is not None:
+                        self.worker.cancel(other.rid)
+                if isinstance(e, QueueFull):
+                    return error(429, str(e), kind="rate_limit_error", headers={"Retry-After": "1"})
+                if isinstance(e, EngineDead):
+                    return error(503, str(e), kind="server_error")
+                return error(400, str(e), refused_field(e, chat))
         if not body.stream:
-            return await self.whole(reply, rid, events)
+            return await self.whole(reply, choices, request)
         holdback = max((len(s) for s in stops), default=0)
-        return StreamingResponse(self.stream(reply, rid, events, holdback), media_type="text/event-stream")
+        for c in choices:
+            c.stream = TextStream(self.tokenizer, holdback)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(self.stream(reply, choices, include_usage), media_type="text/event-stream")
 
     def final_text(self, req) -> str:
         return req.text if req.stop_strings else self.tokenizer.decode(req.output)
 
-    async def whole(self, reply: Reply, rid: int, events):
-        """Wait for the request to finish; its completion body (a client that goes away cancels it)."""
+    async def whole(self, reply: Reply, choices: list[Choice], request: Request):
+        """Wait for every choice to finish; the completion body. A client that goes away (looked for every half
+        second) cancels its requests."""
         try:
-            while True:
-                kind, item = await events.get()
-                if kind == "done":
-                    break
-                if kind == "error":
-                    return error(500, item, kind="server_error")
+            for c in choices:
+                while c.req is None:
+                    try:
+                        kind, item, *_ = await asyncio.wait_for(c.events.get(), 0.5)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            raise ConnectionAbortedError("the client went away") from None
+                        continue
+                    if kind == "error":
+                        raise RuntimeError(item)
+                    if kind == "done":
+                        if item.finish_reason == "error":
+                            raise RuntimeError(f"the engine step running this request failed: {item.error}")
+                        c.req = item
+        except RuntimeError as e:
+            self.cancel_all(choices)
+            return error(500, str(e), kind="server_error")
         except BaseException:
-            self.worker.cancel(rid)
+            self.cancel_all(choices)
             raise
-        return reply.whole(self.final_text(item), item)
+        return reply.whole(choices)
 
-    async def stream(self, reply: Reply, rid: int, events, holdback: int):
-        """The request's text as chunks, then the finish reason and usage, then [DONE]."""
-        ts = TextStream(self.tokenizer, holdback)
-        finished = False
-        try:
-            if reply.chat:
-                yield reply.role_chunk()
+    def cancel_all(self, choices: list[Choice]):
+        for c in choices:
+            if c.req is None:
+                self.worker.cancel(c.rid)
+
+    async def stream(self, reply: Reply, choices: list[Choice], include_usage: bool):
+        """Each choice's text as chunks, then its finish reason (the last one with usage), then [DONE]."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(c: Choice):
             while True:
-                kind, item = await events.get()
+                ev = await c.events.get()
+                merged.put_nowait((c, ev))
+                if ev[0] != "tokens":
+                    return
+
+        tasks = [asyncio.create_task(pump(c)) for c in choices]
+        try:
+            for c in choices:
+                if reply.chat:
+                    yield reply.role_chunk(c)
+            left = len(choices)
+            while left:
+                c, (kind, item, *more) = await merged.get()
                 if kind == "tokens":
-                    text = ts.push(item)
-                    if text:
-                        yield reply.chunk(text)
-                elif kind == "error":
-                    yield sse({"error": {"message": item, "type": "server_error"}})
-                    finished = True
+                    text, lps, req = more
+                    if reply.echo and c.stream.ids == []:  # the prompt first (it has run: a token follows it)
+                        yield reply.chunk(c, c.prompt_text, logprobs=reply.logprobs([], [], Choice(
+                            c.index, c.prompt_ids, c.prompt_text, req=req)) if reply.top is not None else None)
+                    out = c.stream.push(item, text)
+                    lp = reply.logprobs(item, lps or [], offset=len(c.stream.sent) - len(out)) if lps else None
+                    if out or lp:
+                        yield reply.chunk(c, out, logprobs=lp)
+                    continue
+                if kind == "error" or item.finish_reason == "error":
+                    message = item if kind == "error" else f"the engine step running this request failed: {item.error}"
+                    yield sse({"error": {"message": message, "type": "server_error", "param": None, "code": 500}})
                     return
-                else:
-                    rest = ts.flush(self.final_text(item))
-                    if rest:
-                        yield reply.chunk(rest)
-                    yield reply.chunk("", item.finish_reason, usage(item))
-                    yield "data: [DONE]\n\n"
-                    finished = True
-                    return
+                c.req, left = item, left - 1
+                rest = c.stream.flush(self.final_text(item))
+                if rest:
+                    yield reply.chunk(c, rest)
+                yield reply.chunk(c, "", item.finish_reason, usage(choices) if not left else None)
+            if include_usage:
+                yield sse(reply.head([], usage(choices), chunk=True))
+            yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # the client went away: free its pages
-                self.worker.cancel(rid)
+            for t in tasks:
+                t.cancel()
+            self.cancel_all(choices)  # a client that went away (or an error): free the pages of the rest

@@ -37,6 +37,22 @@ def load_chat_template(directory: str | None) -> dict | None:
     return {"template": tpl, "bos_token": token(cfg.get("bos_token")), "eos_token": token(cfg.get("eos_token"))}
 
 
+def message_text(content) -> str:
+    """A message's content as text: a string, None (an assistant turn with only tool calls), or OpenAI's content
+    parts, of which only type 'text' is taken (joined by newlines, as vLLM does); other parts are refused."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise UserError(f"content parts of type {part.get('type')!r} are not supported: this model reads text "
+                            f"parts only ({{'type': 'text', 'text': ...}})", field="messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 def render_chat(messages: list[dict], template: dict | None) -> str:
     if template is None:
         return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "assistant:"
@@ -62,14 +78,16 @@ def render_chat(messages: list[dict], template: dict | None) -> str:
 
 class TextStream:
     """Token ids in, complete text suffixes out. `holdback` characters stay unsent until the end (the longest
-    stop string: text that may turn out to be the start of one is never streamed)."""
+    stop string: text that may turn out to be the start of one is never streamed). Given the engine's text so
+    far (`Request.text`, cut before a stop string it found), `push` streams from that text instead of decoding
+    the ids itself: the token a stop string starts in is sent as ids, but its text past the cut never is."""
 
     def __init__(self, tokenizer, holdback: int = 0):
         self.tokenizer, self.ids, self.sent, self.holdback = tokenizer, [], "", holdback
 
-    def push(self, new: list[int]) -> str:
+    def push(self, new: list[int], text: str | None = None) -> str:
         self.ids.extend(new)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids) if text is None else text
         if text.endswith("\ufffd"):
             return ""
         text = text[: max(len(self.sent), len(text) - self.holdback)]
