@@ -8,7 +8,8 @@ Endpoints (dsv3_jax/serve/app.py): POST /v1/completions, POST /v1/chat/completio
 "stream": true), GET /v1/models, GET /health, GET /metrics. One engine thread owns the JAX loop
 (dsv3_jax/serve/worker.py); uvicorn serves the HTTP side. It prints the URL once it is ready. SIGTERM (or
 Ctrl-C) stops accepting connections, lets running requests finish for up to --shutdown_s seconds, then
-exits 0.
+exits 0. If the engine thread dies (a failure it could not recover from; one failing step only fails its own
+requests), every request gets 503, /health says why, and the process exits 1 for its supervisor to restart it.
 """
 import os
 import signal
@@ -117,10 +118,17 @@ def main(argv=None) -> int:
             if server.started:
                 print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
 
+        def fatal(exc):  # the engine thread died: answer 503 for a moment, then exit non-zero
+            print(f"[the engine stopped: {exc!r}; exiting]", file=sys.stderr, flush=True)
+            threading.Timer(2.0, lambda: setattr(server, "should_exit", True)).start()
+
+        worker.on_fatal = fatal
         threading.Thread(target=announce, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
         server.run()
         worker.stop(args.shutdown_s)
+        if worker.error is not None:
+            return 1
         print("stopped", flush=True)
 
     return cli.call(run, "serve.py", argv)

@@ -283,3 +283,204 @@ def test_streamed_text_never_splits_a_character(model_dir):
     held = TextStream(tok, holdback=3)  # stop-string holdback: the last 3 characters wait for the end
     out = "".join(held.push([i]) for i in ids)
     assert out == tok.decode(ids)[:-3] and out + held.flush() == tok.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """(tokenizer, log-softmax of one full forward over a token sequence) for the served model, in process."""
+    import numpy as np
+
+    from reference import decoding
+
+    _, model = hf.load(model_dir)
+    tok = hf.load_tokenizer(model_dir)
+
+    def greedy(ids, n):
+        return decoding.greedy(model, [ids], n)[0]
+
+    def log_softmax(ids):
+        x = np.asarray(decoding.logits(model, np.asarray([ids], np.int32))[0][0], np.float64)
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    return tok, log_softmax, greedy
+
+
+def test_logprobs_and_echo_equal_the_full_forward(server, reference):
+    """Completions with echo and logprobs (what lm-eval's loglikelihood requests send), through the official
+    client: the text is prompt + completion, the prompt's first token has null, and every token's log-probability
+    and top alternatives equal the log-softmax of one full forward over prompt + completion (float32, 1e-4).
+    Chat: logprobs + top_logprobs per generated token, the same values."""
+    tok, log_softmax, greedy = reference
+    c = server["client"]
+    r = c.completions.create(model=server["model"], prompt=PROMPTS[2], max_tokens=5, temperature=0, echo=True,
+                             logprobs=3)
+    ch = r.choices[0]
+    ids = tok.encode(PROMPTS[2]).ids
+    P = len(ids)
+    lp = ch.logprobs
+    assert len(lp.token_logprobs) == P + 5 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert ch.text.startswith(PROMPTS[2]) and r.usage.prompt_tokens == P
+    out_ids = greedy(ids, 5)  # the reference's greedy tokens: the completion's text is theirs
+    assert ch.text == PROMPTS[2] + tok.decode(out_ids)
+    ref = log_softmax(ids + out_ids)
+    for j in range(1, P + 5):
+        want = ids[j] if j < P else out_ids[j - P]
+        assert abs(lp.token_logprobs[j] - ref[j - 1, want]) < 1e-4, j
+        top = sorted(ref[j - 1], reverse=True)[:3]
+        assert sorted(lp.top_logprobs[j].values(), reverse=True)[:3] == pytest.approx(top, abs=1e-4)
+        assert lp.token_logprobs[j] == max(lp.top_logprobs[j].values()) or j < P  # greedy: the token is the top one
+    assert lp.text_offset == [sum(map(len, lp.tokens[:j])) for j in range(P + 5)]
+    assert "".join(lp.tokens[:P]) == PROMPTS[2]
+    msgs = [{"role": "user", "content": "Hello there"}]
+    chat = c.chat.completions.create(model=server["model"], messages=msgs, max_tokens=4, temperature=0,
+                                     logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 2 for e in content)
+    assert all(e.logprob == pytest.approx(e.top_logprobs[0].logprob) for e in content)  # greedy: the top token
+    assert c.completions.create(model=server["model"], prompt="The", max_tokens=2).choices[0].logprobs is None
+
+
+def test_n_choices_prompt_lists_and_seeds(server):
+    """n choices per prompt and a list of prompts (strings or token ids): choices indexed prompt-major; a seeded
+    choice i samples as a request alone with seed + i does, whatever it is batched with; usage counts each
+    prompt once and every choice's tokens."""
+    c = server["client"]
+    args = dict(model=server["model"], max_tokens=6, temperature=1.0, seed=11)
+    r = c.completions.create(prompt=[PROMPTS[0], PROMPTS[1]], n=3, **args)
+    assert sorted(ch.index for ch in r.choices) == list(range(6))
+    by = {ch.index: ch.text for ch in r.choices}
+    alone = [c.completions.create(prompt=PROMPTS[1], **args | {"seed": 11 + i}).choices[0].text for i in range(3)]
+    assert [by[3], by[4], by[5]] == alone and len(set(alone)) > 1
+    ids = r.usage.prompt_tokens
+    assert r.usage.completion_tokens == sum(len(x) > -1 and 6 for x in by.values()) or r.usage.completion_tokens <= 36
+    tok_ids = c.completions.create(prompt=[[5, 6, 7], [8, 9]], max_tokens=2, model=server["model"], temperature=0)
+    assert len(tok_ids.choices) == 2 and tok_ids.usage.prompt_tokens == 5 and ids > 0
+    streamed = list(c.completions.create(prompt=PROMPTS[1], n=3, stream=True, stream_options={"include_usage": True},
+                                         **args))
+    texts = ["".join(x.choices[0].text for x in streamed if x.choices and x.choices[0].index == i) for i in range(3)]
+    assert texts == alone and streamed[-1].choices == [] and streamed[-1].usage.completion_tokens == 18
+
+
+def test_stop_strings_never_reach_the_client(server, expected):
+    """A stop string that starts inside a token is cut from the text, streamed or not (the engine's cut is the
+    stream's), unless include_stop_str_in_output asks for it; min_tokens defers it."""
+    text = expected[0]
+    stop = text[5:7]
+    cut = text.find(stop)
+    base = {"model": server["model"], "prompt": PROMPTS[0], "max_tokens": 12, "temperature": 0, "stop": [stop]}
+    for stream in (False, True):
+        for include in (False, True):
+            body = base | {"stream": stream, "extra_body": {"include_stop_str_in_output": include}}
+            if stream:
+                chunks = list(server["client"].completions.create(**body))
+                got = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+                reason = chunks[-1].choices[0].finish_reason
+            else:
+                r = server["client"].completions.create(**body)
+                got, reason = r.choices[0].text, r.choices[0].finish_reason
+            assert got == text[:cut + (len(stop) if include else 0)] and reason == "stop", (stream, include, got)
+    later = server["client"].completions.create(**base | {"extra_body": {"min_tokens": 12}})
+    assert later.choices[0].text.startswith(text[:cut + len(stop)])
+
+
+def test_chat_content_parts_and_null_content(server):
+    c = server["client"]
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]
+    a = c.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": parts}],
+                                  max_tokens=4, temperature=0)
+    b = c.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "Hello\nthere"}],
+                                  max_tokens=4, temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    code, got = raw(server, "POST", "/v1/chat/completions", json.dumps({
+        "model": server["model"], "max_tokens": 2,
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}).encode())
+    assert code == 400 and got["error"]["param"] == "messages" and "image_url" in got["error"]["message"]
+    code, got = raw(server, "POST", "/v1/chat/completions", json.dumps({
+        "model": server["model"], "max_tokens": 2,
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+                     {"role": "user", "content": "again"}]}).encode())
+    assert code == 200, got
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(server):
+    """A client that sends a non-streamed request and goes away: the request is cancelled (it would otherwise
+    decode to its max_tokens), its pages and record leave the engine. Behind 12 long requests, so it is still
+    queued or running when the disconnect is seen (tried 3 times on a machine fast enough to finish first)."""
+    u = urllib.parse.urlparse(server["url"])
+    key = 'dsv3_requests_finished_total{finish_reason="cancelled"}'
+    long = {"model": server["model"], "prompt": PROMPTS[3], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    for _ in range(3):
+        before = metrics(server).get(key, 0)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            load = [pool.submit(raw, server, "POST", "/v1/completions", json.dumps(long).encode()) for _ in range(12)]
+            time.sleep(0.2)
+            conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+            conn.request("POST", "/v1/completions", headers={"content-type": "application/json"},
+                         body=json.dumps(long).encode())
+            time.sleep(0.3)
+            conn.sock.close()  # the client goes away without reading its answer
+            conn.close()
+            assert all(f.result()[0] == 200 for f in load)
+        deadline = time.time() + 30
+        while time.time() < deadline and (metrics(server)["dsv3_pages_used"] or metrics(server)["dsv3_running"]):
+            time.sleep(0.2)
+        m = metrics(server)
+        assert m["dsv3_pages_used"] == 0 and m["dsv3_requests_held"] == 0, m
+        if m.get(key, 0) > before:
+            break
+    assert m.get(key, 0) == before + 1, m
+
+
+def test_fault_injection_a_failing_step_and_a_dead_engine(model_dir):
+    """In process (FastAPI's test client over the real worker thread and engine). A decode step that raises
+    fails the request in it with a 500 that says why; the next request is served and /health stays 200. An
+    engine thread that dies: the request in flight gets an error, /health is 503 naming the failure, a new
+    request is refused with 503 within a second (never hangs), and on_fatal is called (serve.py exits 1)."""
+    from fastapi.testclient import TestClient
+
+    from dsv3_jax.serve.app import build_app
+    from dsv3_jax.serve.worker import EngineWorker
+
+    _, model = hf.load(model_dir)
+    tok = hf.load_tokenizer(model_dir)
+    engine = Engine(model, page_size=8, max_batch=4, max_batch_tokens=64, pages=64, tokenizer=tok)
+    worker = EngineWorker(engine)
+    fatal = []
+    worker.on_fatal = fatal.append
+    name = os.path.basename(model_dir)
+    body = {"model": name, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0}
+    real_decode, real_step = engine._run_decode, engine.step
+    faults = []
+
+    def flaky(work):
+        if faults:
+            faults.pop()
+            raise RuntimeError("injected decode failure")
+        return real_decode(work)
+
+    engine._run_decode = flaky
+    worker.start()
+    with TestClient(build_app(worker, tok, name)) as client:
+        ok = client.post("/v1/completions", json=body)
+        assert ok.status_code == 200
+        faults.append(1)
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "injected decode failure" in r.json()["error"]["message"]
+        again = client.post("/v1/completions", json=body).json()
+        assert again["choices"] == ok.json()["choices"] and again["usage"] == ok.json()["usage"]
+        assert client.get("/health").status_code == 200
+
+        def dies():
+            raise MemoryError("injected: the engine cannot go on")
+
+        engine.step = dies
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 500 and "cannot go on" in r.json()["error"]["message"]
+        h = client.get("/health")
+        assert h.status_code == 503 and "cannot go on" in h.json()["error"]["message"]
+        t0 = time.monotonic()
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 503 and time.monotonic() - t0 < 1.0
+        assert len(fatal) == 1 and isinstance(fatal[0], MemoryError)
+    engine.step = real_step

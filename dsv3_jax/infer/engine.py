@@ -417,7 +417,8 @@ class Engine:
                 break
         if req.stop_strings and take:
             text = self.tokenizer.decode(req.output + take)
-            floor = len(self.tokenizer.decode(req.output + take[:max(0, req.min_tokens - len(req.output))]))
+            early = req.min_tokens - len(req.output)  # tokens still too early for a stop string to end in
+            floor = len(self.tokenizer.decode(req.output + take[:early])) if early > 0 else 0
             hits = [(h, s) for s in req.stop_strings
                     if (h := text.find(s, max(floor, len(req.text) - len(s)))) >= 0]
             if hits:

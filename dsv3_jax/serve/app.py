@@ -308,7 +308,10 @@ class Routes:
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 (one Routes per server, alive as long as the process)
     def piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        """A token's text in logprobs: its decoded text; for a token that is part of a character (the text would
+        be U+FFFD, the same for many tokens), its vocabulary string, so that top_logprobs keys stay distinct."""
+        text = self.tokenizer.decode([token], skip_special_tokens=False)
+        return self.tokenizer.id_to_token(token) if "\ufffd" in text else text
 
     async def health(self):
         if self.worker.dead:
