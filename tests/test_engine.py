@@ -410,3 +410,16 @@ def test_preemption_takes_the_newest_running_request_first():
     work = sch.schedule()
     assert [r.rid for r in sch.running] == [0] and [r.rid for r in sch.waiting] == [1, 2]
     assert reqs[0].preemptions == 0 and reqs[1].preemptions == 1
+
+
+def test_speculative_sampling_of_a_one_token_prompt_draws_its_first_token_from_the_model(model):
+    """A one-token prompt has nothing to prefill: it once went straight to a verify step with no draft, whose
+    empty draft distribution accepted token 0 every time. Its first token is the one plain decoding draws with
+    the same seed (the key of output token 0 is the same in both), for every seed."""
+    plain, spec = engine(model, pages=64), engine(model, pages=64, speculative=True)
+    firsts = []
+    for eng in (plain, spec):
+        ids = [eng.submit([20], 2, SamplingParams(temperature=1.0, seed=s), stop_ids=()) for s in range(8)]
+        eng.run()
+        firsts.append([eng.result(r).output[0] for r in ids])
+    assert firsts[0] == firsts[1] and len(set(firsts[0])) > 2, firsts

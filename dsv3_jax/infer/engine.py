@@ -343,8 +343,10 @@ class Engine:
         for w in work:
             if w.request.started is None:
                 w.request.started, w.request.compile_at_start = t_start, self.compile_seconds
-        prefill = [w for w in work if w.n > 1 or not w.sample]
-        decode = [w for w in work if w.n == 1 and w.sample]
+        # A speculative row goes through prefill until it has a draft: a one-token prompt too (verifying the
+        # draft it does not have would emit token 0).
+        decode = [w for w in work if w.n == 1 and w.sample and not (self.speculative and w.request.draft_q is None)]
+        prefill = [w for w in work if not any(w is d for d in decode)]
         # Prefill rows go in one call per length bucket (a 9-token tail is not padded to a 256-token chunk);
         # all calls are dispatched before any result is read.
         groups: dict[int, list[Work]] = {}
