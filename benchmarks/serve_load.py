@@ -296,7 +296,7 @@ def soak(args, tokenizer, work):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
-    pages_end = float(re.search(r"^dsv3_pages_used ([0-9.e+]+)$", text, re.M).group(1))
+    pages_end = float(re.search(r"^dsv3:cache_pages_used{[^}]*} ([0-9.e+]+)$", text, re.M).group(1))
     rss_end = rss_mib(proc.pid)
     proc.terminate()
     code = proc.wait(timeout=120)

@@ -101,7 +101,11 @@ def raw(server, method: str, path: str, body: bytes | None = None, headers: dict
 
 def metrics(server) -> dict:
     text = raw(server, "GET", "/metrics")[1]
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(dsv3_\S+) ([0-9.e+-]+)$", text, re.M)}
+    out = {}
+    for m in re.finditer(r"^(dsv3:[^{ ]+)(?:\{([^}]*)\})? ([0-9.e+-]+)$", text, re.M):
+        labels = ",".join(x for x in (m.group(2) or "").split(",") if x and not x.startswith("model_name="))
+        out[m.group(1) + (f"{{{labels}}}" if labels else "")] = float(m.group(3))
+    return out
 
 
 def test_completions_and_chat_streamed_and_not(server, expected):
@@ -173,7 +177,7 @@ def test_unusual_valid_requests_are_served_and_the_server_stays_up(server, extra
     """Values clients send that once killed the engine for everyone (a seed past 2**32, a top_k past int32: an
     OverflowError in the engine thread, then /health 503 and every later request hanging) or were refused
     (nulls, top_k -1) are served; a seed is reduced mod 2**31, so 2**32 + 7 samples as 7 does; the request
-    leaves nothing behind in the engine (/metrics' dsv3_requests_held)."""
+    leaves nothing behind in the engine (/metrics' dsv3:requests_held)."""
     payload = {"model": server["model"], "prompt": "The", "max_tokens": 4, "temperature": 1.0} | extra
     code, got = raw(server, "POST", "/v1/completions", json.dumps(payload).encode())
     assert code == 200, got
@@ -182,7 +186,7 @@ def test_unusual_valid_requests_are_served_and_the_server_stays_up(server, extra
     if extra.get("seed") == 2 ** 32 + 7:
         same = raw(server, "POST", "/v1/completions", json.dumps(payload | {"seed": 7}).encode())[1]
         assert same["choices"][0]["text"] == got["choices"][0]["text"]
-    assert metrics(server)["dsv3_requests_held"] == 0
+    assert metrics(server)["dsv3:requests_held"] == 0
 
 
 def test_unseeded_sampling_differs_and_chat_runs_to_the_context_without_max_tokens(server):
@@ -219,7 +223,7 @@ def test_malformed_json_and_a_cancelled_stream(server):
     code, got = raw(server, "POST", "/v1/completions", b"{not json")
     assert code == 400 and "JSON" in got["error"]["message"]
     u = urllib.parse.urlparse(server["url"])
-    key = 'dsv3_requests_finished_total{finish_reason="cancelled"}'
+    key = 'dsv3:request_success_total{finished_reason="cancelled"}'
     before = metrics(server).get(key, 0)
     for _ in range(3):  # a busy machine may finish the 200 tokens before the disconnect is seen: try again
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
@@ -236,11 +240,11 @@ def test_malformed_json_and_a_cancelled_stream(server):
         deadline = time.time() + 60  # the client is gone: the request is cancelled and its pages come back
         while time.time() < deadline:
             m = metrics(server)
-            if m.get("dsv3_running") == 0 and m.get("dsv3_pages_used") == 0:
+            if m.get("dsv3:num_requests_running") == 0 and m.get("dsv3:cache_pages_used") == 0:
                 break
             time.sleep(0.2)
         m = metrics(server)
-        assert m["dsv3_running"] == 0 and m["dsv3_pages_used"] == 0, m
+        assert m["dsv3:num_requests_running"] == 0 and m["dsv3:cache_pages_used"] == 0, m
         if m.get(key, 0) > before:
             break
     assert m.get(key, 0) > before, m
@@ -263,9 +267,9 @@ def test_a_full_queue_gets_429_with_retry_after(server):
     assert all(c in (200, 429) for c, _, _ in results)
     assert all(g["usage"]["completion_tokens"] == 100 for c, g, _ in results if c == 200)
     deadline = time.time() + 60
-    while time.time() < deadline and metrics(server).get("dsv3_pages_used", 1) != 0:
+    while time.time() < deadline and metrics(server).get("dsv3:cache_pages_used", 1) != 0:
         time.sleep(0.2)
-    assert metrics(server)["dsv3_pages_used"] == 0 and raw(server, "GET", "/health")[0] == 200
+    assert metrics(server)["dsv3:cache_pages_used"] == 0 and raw(server, "GET", "/health")[0] == 200
 
 
 def test_streamed_text_never_splits_a_character(model_dir):
@@ -408,7 +412,7 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(server):
     decode to its max_tokens), its pages and record leave the engine. Behind 12 long requests, so it is still
     queued or running when the disconnect is seen (tried 3 times on a machine fast enough to finish first)."""
     u = urllib.parse.urlparse(server["url"])
-    key = 'dsv3_requests_finished_total{finish_reason="cancelled"}'
+    key = 'dsv3:request_success_total{finished_reason="cancelled"}'
     long = {"model": server["model"], "prompt": PROMPTS[3], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
     for _ in range(3):
         before = metrics(server).get(key, 0)
@@ -423,10 +427,11 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_goes_away(server):
             conn.close()
             assert all(f.result()[0] == 200 for f in load)
         deadline = time.time() + 30
-        while time.time() < deadline and (metrics(server)["dsv3_pages_used"] or metrics(server)["dsv3_running"]):
+        busy = lambda m: m["dsv3:cache_pages_used"] or m["dsv3:num_requests_running"]  # noqa: E731
+        while time.time() < deadline and busy(metrics(server)):
             time.sleep(0.2)
         m = metrics(server)
-        assert m["dsv3_pages_used"] == 0 and m["dsv3_requests_held"] == 0, m
+        assert m["dsv3:cache_pages_used"] == 0 and m["dsv3:requests_held"] == 0, m
         if m.get(key, 0) > before:
             break
     assert m.get(key, 0) == before + 1, m
@@ -566,3 +571,30 @@ def test_api_key_body_limit_request_ids_and_tokenize(model_dir):
         chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, headers=key).json()
         assert tok.decode(chat["tokens"]) == "user: Hi\nassistant:"
     worker.stop(5)
+
+
+def test_metrics_have_vllms_names_and_meanings(server):
+    """One request of 7 tokens (ignore_eos: it runs to its max_tokens): the generation-token counter rises by
+    7, the per-gap inter-token histogram by 6 observations and the per-request ones by 1, the success counter
+    of 'length' by 1; the same long prompt twice: the second finds its full pages in the prefix cache (hits
+    counted in tokens, a multiple of the page size, 8); every series carries the model_name label."""
+    body = {"model": server["model"], "prompt": PROMPTS[3] * 3, "max_tokens": 7, "temperature": 0,
+            "ignore_eos": True}
+    before = metrics(server)
+    code, got = raw(server, "POST", "/v1/completions", json.dumps(body).encode())
+    assert code == 200 and got["usage"]["completion_tokens"] == 7
+    mid = metrics(server)
+    d = lambda k, a=before, b=mid: b.get(k, 0) - a.get(k, 0)  # noqa: E731
+    assert d("dsv3:generation_tokens_total") == 7 and d("dsv3:prompt_tokens_total") == got["usage"]["prompt_tokens"]
+    assert d("dsv3:inter_token_latency_seconds_count") == 6
+    assert d("dsv3:request_time_per_output_token_seconds_count") == 1
+    assert d("dsv3:e2e_request_latency_seconds_count") == 1
+    assert d('dsv3:request_success_total{finished_reason="length"}') == 1
+    raw(server, "POST", "/v1/completions", json.dumps(body).encode())
+    after = metrics(server)
+    hits = d("dsv3:prefix_cache_hits_total", mid, after)
+    assert hits >= 8 and hits % 8 == 0 and d("dsv3:prefix_cache_queries_total", mid, after) == got["usage"][
+        "prompt_tokens"]
+    assert after["dsv3:num_requests_running"] == 0 and after["dsv3:kv_cache_usage_perc"] == 0
+    text = raw(server, "GET", "/metrics")[1]
+    assert f'dsv3:num_requests_waiting{{model_name="{server["model"]}"}}' in text

@@ -99,6 +99,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.preemptions = 0
+        self.prefix_queries = self.prefix_hits = 0  # tokens looked up in the prefix table, and found
 
     @property
     def idle(self) -> bool:
@@ -144,6 +145,9 @@ class Scheduler:
             self.pool.release(hit)
             self.pool.hits -= len(hit)
             return False
+        if self.prefix_sharing and req.prompt_logprobs is None:
+            self.prefix_queries += len(req.sequence)
+            self.prefix_hits += start
         req.pages, req.computed = hit, start
         req.prefix_hit_tokens += start
         self.running.append(req)

@@ -10,9 +10,8 @@
                                 chat template (chat.py); the same fields, with logprobs (bool) + top_logprobs
     GET  /v1/models             the one served model
     GET  /health                200 when the engine thread is alive, 503 saying why otherwise
-    GET  /metrics               Prometheus text: running / waiting requests, prompt and generated tokens,
-                                cache pages used / free, prefix-cache hits, speculative drafts / accepted,
-                                time-to-first-token and inter-token latency histograms
+    POST /tokenize, /detokenize vLLM's: {prompt} or {messages} -> {tokens, count, max_model_len}; {tokens} -> {prompt}
+    GET  /metrics               Prometheus text with vLLM's metric names under `dsv3:` (`Metrics`)
 
 Every response carries `usage` (prompt tokens once per prompt, completion tokens over every choice). Streaming
 answers are server-sent events in OpenAI's chunk format, one chunk per committed piece of text of a choice, a
@@ -147,42 +146,103 @@ async def bad_request(request: Request, exc: RequestValidationError):
 
 
 class Metrics:
-    """The Prometheus registry: counters and histograms fed by finished requests, gauges read from the engine."""
+    """Prometheus metrics with vLLM's names and meanings under our prefix (`dsv3:` for `vllm:`), so dashboards
+    built for vLLM read them, each with a `model_name` label:
 
-    def __init__(self):
+    counters   prompt_tokens, generation_tokens (counted as each step produces them), request_success
+               {finished_reason}, num_preemptions, prefix_cache_queries / prefix_cache_hits (tokens),
+               spec_decode_num_drafts / spec_decode_num_accepted_tokens
+    gauges     num_requests_running, num_requests_waiting, kv_cache_usage_perc (0..1); ours: requests_held
+               (records the engine still holds: 0 when idle), cache_pages_used, cache_pages_free
+    histograms e2e_request_latency_seconds, request_queue_time_seconds, request_prefill_time_seconds,
+               request_decode_time_seconds, time_to_first_token_seconds, request_time_per_output_token_seconds
+               (a request's mean gap), inter_token_latency_seconds (every gap between a request's tokens;
+               tokens of one multi-token dispatch arrive together: gap 0), request_prompt_tokens,
+               request_generation_tokens
+    """
+
+    LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+    TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+    def __init__(self, model_name: str):
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = reg = CollectorRegistry()
-        self.prompt = Counter("dsv3_prompt_tokens", "Prompt tokens of finished requests", registry=reg)
-        self.generated = Counter("dsv3_generated_tokens", "Generated tokens of finished requests", registry=reg)
-        self.finished = Counter("dsv3_requests_finished", "Finished requests", ["finish_reason"], registry=reg)
-        self.drafted = Counter("dsv3_spec_drafted", "MTP drafts verified", registry=reg)
-        self.accepted = Counter("dsv3_spec_accepted", "MTP drafts accepted", registry=reg)
-        self.ttft = Histogram("dsv3_time_to_first_token_seconds", "Time to first token", registry=reg,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.itl = Histogram("dsv3_inter_token_latency_seconds", "Mean gap between a request's tokens", registry=reg,
-                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
-        self.gauges = {k: Gauge(f"dsv3_{k}", f"{k.replace('_', ' ')} (engine)", registry=reg)
-                       for k in ("running", "waiting", "requests_held", "pages_used", "pages_free", "prefix_hits",
-                                 "preemptions")}
+        self.model_name = model_name
+        label = ["model_name"]
+
+        def counter(name, doc, extra=()):
+            return Counter(f"dsv3:{name}", doc, label + list(extra), registry=reg)
+
+        def hist(name, doc, buckets):
+            return Histogram(f"dsv3:{name}", doc, label, registry=reg, buckets=buckets)
+
+        self.prompt = counter("prompt_tokens", "Prompt tokens processed")
+        self.generated = counter("generation_tokens", "Tokens generated")
+        self.success = counter("request_success", "Finished requests", ["finished_reason"])
+        self.preemptions = counter("num_preemptions", "Requests preempted (pages ran out)")
+        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        self.drafts = counter("spec_decode_num_drafts", "MTP drafts verified")
+        self.accepted = counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted")
+        self.hist = {k: hist(k, doc, b) for k, doc, b in (
+            ("e2e_request_latency_seconds", "Arrival to finish", self.LATENCY),
+            ("request_queue_time_seconds", "Arrival to first scheduled", self.LATENCY),
+            ("request_prefill_time_seconds", "First scheduled to first token", self.LATENCY),
+            ("request_decode_time_seconds", "First token to last token", self.LATENCY),
+            ("time_to_first_token_seconds", "Arrival to first token", self.LATENCY),
+            ("request_time_per_output_token_seconds", "A request's mean gap between tokens", self.LATENCY),
+            ("inter_token_latency_seconds", "Each gap between a request's tokens", self.LATENCY),
+            ("request_prompt_tokens", "Prompt tokens per request", self.TOKENS),
+            ("request_generation_tokens", "Generated tokens per request", self.TOKENS))}
+        self.gauges = {k: Gauge(f"dsv3:{k}", doc, label, registry=reg) for k, doc in (
+            ("num_requests_running", "Requests in the running batch"),
+            ("num_requests_waiting", "Requests waiting to be scheduled"),
+            ("kv_cache_usage_perc", "Fraction of the latent-cache pages in use (0..1)"),
+            ("requests_held", "Request records the engine holds (0 when idle)"),
+            ("cache_pages_used", "Cache pages in use"), ("cache_pages_free", "Cache pages free"))}
+        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
+
+    def _l(self, metric, **extra):
+        return metric.labels(model_name=self.model_name, **extra)
+
+    def on_tokens(self, req, new):  # engine thread: counted per step, as vLLM does
+        if len(req.output) == len(new) and req.preemptions == 0:  # its first tokens: its prompt has run
+            self._l(self.prompt).inc(len(req.prompt))
+        self._l(self.generated).inc(len(new))
 
     def on_finish(self, req):  # engine thread
-        self.prompt.inc(len(req.prompt))
-        self.generated.inc(len(req.output))
-        self.finished.labels(req.finish_reason or "unknown").inc()
-        self.drafted.inc(req.drafted)
-        self.accepted.inc(req.accepted)
-        if req.token_times and req.started is not None:
-            self.ttft.observe(max(0.0, req.token_times[0] - req.arrival))
-        if len(req.token_times) > 1:
-            self.itl.observe((req.token_times[-1] - req.token_times[0]) / (len(req.token_times) - 1))
+        self._l(self.success, finished_reason=req.finish_reason or "unknown").inc()
+        self._l(self.drafts).inc(req.drafted)
+        self._l(self.accepted).inc(req.accepted)
+        h = {k: self._l(v) for k, v in self.hist.items()}
+        h["request_prompt_tokens"].observe(len(req.prompt))
+        h["request_generation_tokens"].observe(len(req.output))
+        end, times = time.perf_counter(), req.token_times
+        h["e2e_request_latency_seconds"].observe(max(0.0, end - req.arrival))
+        if req.started is not None:
+            h["request_queue_time_seconds"].observe(max(0.0, req.started - req.arrival))
+        if times and req.started is not None:
+            h["request_prefill_time_seconds"].observe(max(0.0, times[0] - req.started))
+            h["time_to_first_token_seconds"].observe(max(0.0, times[0] - req.arrival))
+            h["request_decode_time_seconds"].observe(times[-1] - times[0])
+        if len(times) > 1:
+            h["request_time_per_output_token_seconds"].observe((times[-1] - times[0]) / (len(times) - 1))
+            for a, b in zip(times, times[1:]):
+                h["inter_token_latency_seconds"].observe(b - a)
 
     def render(self, stats: dict) -> str:
         from prometheus_client import generate_latest
 
-        for k, v in stats.items():
-            if k in self.gauges:
-                self.gauges[k].set(v)
+        for key, counter in (("preemptions", self.preemptions), ("prefix_queries", self.prefix_queries),
+                             ("prefix_hits", self.prefix_hits)):  # the engine's running totals, as counters
+            self._l(counter).inc(max(0, stats[key] - self._seen[key]))
+            self._seen[key] = max(self._seen[key], stats[key])
+        pages = max(1, stats["pages"])
+        for k, v in (("num_requests_running", stats["running"]), ("num_requests_waiting", stats["waiting"]),
+                     ("kv_cache_usage_perc", stats["pages_used"] / pages), ("requests_held", stats["requests_held"]),
+                     ("cache_pages_used", stats["pages_used"]), ("cache_pages_free", stats["pages_free"])):
+            self._l(self.gauges[k]).set(v)
         return generate_latest(self.registry).decode()
 
 
@@ -315,8 +375,8 @@ class Routes:
         self.worker, self.engine, self.tokenizer = worker, worker.engine, tokenizer
         self.model_name, self.chat_template, self.default_max_tokens = model_name, chat_template, default_max_tokens
         self.eos_ids = tuple(eos_ids)
-        self.stats = Metrics()
-        worker.on_finish = self.stats.on_finish
+        self.stats = Metrics(model_name)
+        worker.on_finish, worker.on_tokens = self.stats.on_finish, self.stats.on_tokens
         # The longest token's text: a prompt of more characters than this times the context cannot fit, whatever
         # it tokenises to, so it is refused before tokenising.
         self.longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
@@ -484,14 +544,19 @@ class Routes:
     async def whole(self, reply: Reply, choices: list[Choice], request: Request):
         """Wait for every choice to finish; the completion body. A client that goes away (looked for every half
         second) cancels its requests."""
+        looked = time.monotonic()
         try:
             for c in choices:
                 while c.req is None:
                     try:
                         kind, item, *_ = await asyncio.wait_for(c.events.get(), 0.5)
                     except TimeoutError:
+                        kind = item = None
+                    if time.monotonic() - looked >= 0.5:  # (events keep coming while it decodes)
+                        looked = time.monotonic()
                         if await request.is_disconnected():
                             raise ConnectionAbortedError("the client went away") from None
+                    if kind is None:
                         continue
                     if kind == "error":
                         raise RuntimeError(item)
@@ -502,6 +567,9 @@ class Routes:
         except RuntimeError as e:
             self.cancel_all(choices)
             return error(500, str(e), kind="server_error")
+        except ConnectionAbortedError as e:  # no one reads this; 499 is "client closed the request" in logs
+            self.cancel_all(choices)
+            return error(499, str(e))
         except BaseException:
             self.cancel_all(choices)
             raise

@@ -43,6 +43,7 @@ class EngineWorker:
         self.error: BaseException | None = None
         self.on_finish = None  # callback(Request) in the engine thread (metrics)
         self.on_fatal = None  # callback(exception) in the engine thread once it dies
+        self.on_tokens = None  # callback(Request, new ids) in the engine thread (metrics)
 
     def start(self):
         self.thread.start()
@@ -81,8 +82,8 @@ class EngineWorker:
         sch, pool = self.engine.scheduler, self.engine.pool
         return {"running": len(sch.running), "waiting": len(sch.waiting),
                 "requests_held": len(self.engine.requests), "pages_used": pool.used,
-                "pages_free": pool.available, "pages": pool.pages - 1, "prefix_hits": pool.hits,
-                "preemptions": sch.preemptions}
+                "pages_free": pool.available, "pages": pool.pages - 1, "prefix_queries": sch.prefix_queries,
+                "prefix_hits": sch.prefix_hits, "preemptions": sch.preemptions}
 
     def stop(self, deadline_s: float = 30.0):
         self.accepting = False
@@ -100,6 +101,8 @@ class EngineWorker:
     def _on_tokens(self, req, new):
         """('tokens', new ids, the text so far when the request has stop strings (cut before one it found), the
         new tokens' log-probabilities when it asked, the request)."""
+        if self.on_tokens is not None:
+            self.on_tokens(req, new)
         text = req.text if req.stop_strings else None
         lps = req.token_logprobs[-len(new):] if req.logprobs is not None else None
         self._post(req.rid, ("tokens", list(new), text, lps, req))
