@@ -8,9 +8,10 @@ run on one machine.
 
 --http starts `python serve.py` (with --warmup) on a free localhost port and runs --clients streaming clients
 (plain HTTP, one request after another each, cycling through the same workload, greedy) for --duration
-seconds; it reports requests completed, errors (expected 0), output tokens/s, TTFT and ITL p50/p99 as seen by
-the clients, cache pages in use at the end (expected 0), the server's RSS at start and end, and its exit code
-after SIGTERM.
+seconds; it reports requests completed, errors (expected 0), output tokens/s, TTFT, TPOT and ITL p50/p99 as
+seen by the clients (a streamed chunk may carry several tokens: they arrive with gap 0), cache pages in use at
+the end (expected 0), the server's RSS at start and end, and its exit code after SIGTERM. The soak with every
+kind of request (cancels, errors, logprobs, n, stop strings) is benchmarks/serve_soak.py.
 
 Workload (seeded by --seed): --requests requests, prompt lengths uniform in [16, 512] tokens cut from the
 demo corpus (`data.corpus.default_corpus`, tokenised by the demo tokenizer), max_tokens uniform in [16, 256],
@@ -31,11 +32,13 @@ start-up) and reports the compilations the measured run still triggered (0 expec
 engine warms up the same way; compile time that still falls inside a run is subtracted.
 
 Metrics per system: output tokens/s and requests/s over the run's wall time; time to first token (arrival ->
-first token seen by the client) p50/p99; inter-token latency p50/p99 over requests, each request's being
-its mean gap between tokens ((last - first) / (tokens - 1)), since the engine hands tokens to the client
-in bursts of --decode_steps; transformers' batched rows get the times of the batch's steps (a logits
-processor stamps each step). The engine also reports compilations, pages in use at peak, prefix-cache hits
-(prompts here share no prefixes, so hits are ~0) and preemptions.
+first token seen by the client) p50/p99; time per output token (TPOT) p50/p99 over requests, each request's
+mean gap between tokens ((last - first) / (tokens - 1)); inter-token latency (ITL) p50/p99 over every gap
+between consecutive tokens of a request, as vLLM and SGLang report it: the engine hands tokens to the client
+in bursts of --decode_steps, so most gaps are 0 and p99 is the burst interval; transformers' batched rows
+get the times of the batch's steps (a logits processor stamps each step). The engine also reports
+compilations, pages in use at peak, prefix-cache hits (prompts here share no prefixes, so hits are ~0) and
+preemptions.
 """
 import argparse
 import json
@@ -76,12 +79,14 @@ def workload(tokenizer, n: int, seed: int, rate: float | None):
 def summarise(name, records, wall, extra=None):
     """records: [(arrival, [token times], n_tokens)] -> the system's row."""
     ttft = [times[0] - arr for arr, times, _ in records if times]
-    itl = [(times[-1] - times[0]) / (len(times) - 1) for _, times, _ in records if len(times) > 1]
+    tpot = [(times[-1] - times[0]) / (len(times) - 1) for _, times, _ in records if len(times) > 1]
+    gaps = [b - a for _, times, _ in records for a, b in zip(times, times[1:])]
     tokens = sum(n for _, _, n in records)
     q = lambda xs, p: float(np.percentile(xs, p)) if xs else None  # noqa: E731
     row = {"system": name, "requests": len(records), "output_tokens": tokens, "seconds": wall,
            "output_tokens_per_sec": tokens / wall, "requests_per_sec": len(records) / wall,
-           "ttft_p50_s": q(ttft, 50), "ttft_p99_s": q(ttft, 99), "itl_p50_s": q(itl, 50), "itl_p99_s": q(itl, 99)}
+           "ttft_p50_s": q(ttft, 50), "ttft_p99_s": q(ttft, 99), "tpot_p50_s": q(tpot, 50), "tpot_p99_s": q(tpot, 99),
+           "itl_p50_s": q(gaps, 50), "itl_p99_s": q(gaps, 99)}
     row.update(extra or {})
     return row
 
@@ -278,8 +283,8 @@ def soak(args, tokenizer, work):
                     if chunk.get("usage"):
                         n = chunk["usage"]["completion_tokens"]
                 conn.close()
-                if times and n > 1:  # tokens come in chunks: spread them evenly between the first and last chunk
-                    times = list(np.linspace(times[0], times[-1], n))
+                if times and n > len(times):  # n tokens came in len(times) chunks: the tokens that shared a
+                    times = [times[0]] * (n - len(times)) + times  # chunk arrived with gap 0 (which chunk: no matter)
                 with lock:
                     records.append((t0, times, n))
             except Exception as e:  # noqa: BLE001 - counted and reported, the soak goes on
@@ -306,7 +311,8 @@ def soak(args, tokenizer, work):
                      "server_rss_mib_end": rss_end, "server_exit_code": code})
     print(f"soak: {args.clients} streaming clients for {args.duration:.0f}s: {row['requests']} requests completed, "
           f"{row['errors']} errors, {row['output_tokens_per_sec']:.1f} output tokens/s, TTFT p50/p99 "
-          f"{1000 * row['ttft_p50_s']:.0f}/{1000 * row['ttft_p99_s']:.0f} ms, ITL p50/p99 "
+          f"{1000 * row['ttft_p50_s']:.0f}/{1000 * row['ttft_p99_s']:.0f} ms, TPOT p50/p99 "
+          f"{1000 * row['tpot_p50_s']:.0f}/{1000 * row['tpot_p99_s']:.0f} ms, ITL (each gap) p50/p99 "
           f"{1000 * row['itl_p50_s']:.0f}/{1000 * row['itl_p99_s']:.0f} ms, pages in use at the end {pages_end:.0f}, "
           f"server RSS {rss_start:.0f} -> {rss_end:.0f} MiB, exit code {code}")
     return row
@@ -367,14 +373,16 @@ def main(argv=None):
             rows.append(run_transformers(tf, work, args.concurrency if s == "transformers_batched" else 1, s))
         print(f"  {s}: {rows[-1]['output_tokens_per_sec']:.1f} output tokens/s ({time.perf_counter() - t:.0f}s)",
               flush=True)
-    fmt = "{:<22}{:>12}{:>10}{:>11}{:>11}{:>11}{:>11}{:>9}"
-    print(fmt.format("system", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "vs eng"))
+    fmt = "{:<22}{:>12}{:>10}{:>11}{:>11}{:>11}{:>11}{:>11}{:>11}{:>9}"
+    print(fmt.format("system", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50",
+                     "ITL p99", "vs eng"))
     eng = next((r for r in rows if r["system"] == "engine"), None)
     ms = lambda x: "-" if x is None else f"{1000 * x:.0f} ms"  # noqa: E731
     for r in rows:
         ratio = "" if eng is None else f"{eng['output_tokens_per_sec'] / r['output_tokens_per_sec']:.2f}x"
         print(fmt.format(r["system"], f"{r['output_tokens_per_sec']:.1f}", f"{r['requests_per_sec']:.2f}",
-                         ms(r["ttft_p50_s"]), ms(r["ttft_p99_s"]), ms(r["itl_p50_s"]), ms(r["itl_p99_s"]), ratio))
+                         ms(r["ttft_p50_s"]), ms(r["ttft_p99_s"]), ms(r["tpot_p50_s"]), ms(r["tpot_p99_s"]),
+                         ms(r["itl_p50_s"]), ms(r["itl_p99_s"]), ratio))
     for r in rows:
         if "compilations" in r:
             print(f"{r['system']}: {r['warmup_compilations']} shapes compiled at warm-up, {r['compilations']} in the "

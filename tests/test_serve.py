@@ -598,3 +598,58 @@ def test_metrics_have_vllms_names_and_meanings(server):
     assert after["dsv3:num_requests_running"] == 0 and after["dsv3:kv_cache_usage_perc"] == 0
     text = raw(server, "GET", "/metrics")[1]
     assert f'dsv3:num_requests_waiting{{model_name="{server["model"]}"}}' in text
+
+
+def _lm_eval(server, model_dir, kind: str, tasks: list[str], monkeypatch, chat_template=False, **extra):
+    """lm-eval (EleutherAI's harness, a client no one here wrote) in process against the served model, on the
+    repository's six-item tasks (benchmarks/lm_eval_tasks); -> its results dict (samples logged)."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.chdir(ROOT)  # (the tasks' data file paths are relative to the repository root)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    path = "/v1/chat/completions" if kind == "local-chat-completions" else "/v1/completions"
+    args = {"model": server["model"], "base_url": server["url"].rsplit("/v1", 1)[0] + path, "num_concurrent": 2,
+            "max_retries": 1, "timeout": 300} | extra
+    return lm_eval.simple_evaluate(model=kind, model_args=args, tasks=tasks, log_samples=True,
+                                   apply_chat_template=chat_template,
+                                   task_manager=TaskManager(include_path=os.path.join(ROOT, "benchmarks",
+                                                                                      "lm_eval_tasks")))
+
+
+def test_lm_eval_loglikelihood_and_generation_against_the_server(server, model_dir, reference, monkeypatch):
+    """lm-eval's local-completions: the multiple-choice task (loglikelihood: echo + logprobs requests) and the
+    generation task (generate_until with stop strings), batched and tokenised as lm-eval sends them, complete
+    with every item answered. Each choice's log-likelihood lm-eval received equals the full forward's over the
+    same token ids (lm-eval's split of context and continuation, replicated here), within 1e-3."""
+    tok, log_softmax, greedy = reference
+    res = _lm_eval(server, model_dir, "local-completions", ["dsv3_mini_choice", "dsv3_mini_gen"], monkeypatch,
+                   tokenizer_backend="huggingface", tokenizer=model_dir, batch_size=4, tokenized_requests=True)
+    assert set(res["results"]) == {"dsv3_mini_choice", "dsv3_mini_gen"}
+    choice = res["samples"]["dsv3_mini_choice"]
+    assert len(choice) == 6 and all(len(s["resps"]) == 3 for s in choice)
+    for s in choice:
+        for (context, continuation), resp in zip([r for r in s["arguments"]], s["resps"]):
+            ll, is_greedy = resp[0]
+            ctx = tok.encode(context, add_special_tokens=False).ids
+            whole = tok.encode(context + continuation, add_special_tokens=False).ids
+            cont = whole[len(ctx):]
+            ref = log_softmax(ctx + cont)
+            want = sum(ref[len(ctx) - 1 + i, t] for i, t in enumerate(cont))
+            assert abs(ll - want) < 1e-3, (context, continuation, ll, want)
+            assert is_greedy == all(ref[len(ctx) - 1 + i].argmax() == t for i, t in enumerate(cont))
+    gen = res["samples"]["dsv3_mini_gen"]
+    assert len(gen) == 6 and all(isinstance(s["resps"][0][0], str) for s in gen)
+    for s in gen[:2]:  # the generated text is the reference's greedy continuation, cut at the first stop string
+        ids = tok.encode(s["arguments"][0][0], add_special_tokens=False).ids
+        text = tok.decode(greedy(ids, 8))
+        cut = min([i for i in (text.find("\n"), text.find(".")) if i >= 0], default=len(text))
+        assert s["resps"][0][0] == text[:cut]
+
+
+def test_lm_eval_chat_completions_generation(server, model_dir, monkeypatch):
+    """lm-eval's local-chat-completions (one request per item, the chat template applied by the server) on the
+    generation task: every item answered."""
+    res = _lm_eval(server, model_dir, "local-chat-completions", ["dsv3_mini_gen"], monkeypatch, chat_template=True)
+    gen = res["samples"]["dsv3_mini_gen"]
+    assert len(gen) == 6 and all(isinstance(s["resps"][0][0], str) for s in gen)
