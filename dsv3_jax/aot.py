@@ -328,7 +328,8 @@ def serve_step_report(config, topology: str, *, step: str = "decode", batch: int
         arr = lambda shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt, sharding=rows)  # noqa: E731
         table = arr((batch, width))
         sampling = (arr((batch,)), arr((batch,)), arr((batch,), jnp.float32), arr((batch,)),
-                    arr((batch,), jnp.float32))  # seeds, index, temperature, top_k, top_p
+                    arr((batch,), jnp.float32), arr((batch,), jnp.float32))  # seeds, index, temperature, top_k,
+        # top_p, min_p
         abstract = abstract_model(cfg)
         if step == "decode":
             fn = engine_steps.decode_step

@@ -16,7 +16,7 @@ Each step (`step`) asks the scheduler (scheduler.py) for rows, then runs at most
 Shapes are bucketed (rows and prefill lengths to powers of two, page tables to powers of two pages), so
 the number of compilations is bounded by the buckets a workload touches (`compilations`).
 
-Sampling is per request: temperature, top_k, top_p and a seed; the key of a request's j-th output token is
+Sampling is per request: temperature, top_k, top_p, min_p and a seed; the key of a request's j-th output token is
 fold_in(PRNGKey(seed), j), so a request's tokens do not depend on what it is batched with. Stop token ids
 end a request without emitting the stop token; stop strings (with a tokenizer) end it at the first
 occurrence in the detokenised output: `Request.text` is cut before it, the token ids run up to the token the
@@ -463,11 +463,12 @@ class Engine:
         temp = np.zeros(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
         top_p = np.ones(rows, np.float32)
+        min_p = np.zeros(rows, np.float32)
         for i, w in enumerate(work):
             s = w.request.sampling
             seeds[i], index[i] = s.seed, len(w.request.output)
-            temp[i], top_k[i], top_p[i] = s.temperature, s.top_k, s.top_p
-        return seeds, index, temp, top_k, top_p
+            temp[i], top_k[i], top_p[i], min_p[i] = s.temperature, s.top_k, s.top_p, s.min_p
+        return seeds, index, temp, top_k, top_p, min_p
 
     @_on_mesh
     def _run_prefill(self, work: list[Work]):

@@ -7,6 +7,8 @@ Shape legend: B batch rows, V vocabulary. Logits come in as float32 [B, V]; all 
         top-k (k > 0):          drop every l_v below the k-th largest (ties at the threshold are kept)
         top-p (p < 1):          sort the surviving tokens by probability, keep the smallest prefix whose
                                 mass reaches p (the first token always survives), drop the rest
+        min-p (m > 0):          drop every token whose probability is below m x the largest (vLLM's order:
+                                after top-k and top-p; the most likely token always survives)
         t ~ softmax(l over the kept tokens)
 
 Speculative sampling (`verify_draft`): a draft d drawn from the draft model's q is accepted with
@@ -15,7 +17,7 @@ token is then distributed exactly as p (Leviathan et al. 2023), whatever q is; g
 special case of one-hot p and q (accept iff d = argmax p).
 
 The parameters are traced scalars (not static), so one compiled decode step serves every setting;
-the greedy branch is selected with `jnp.where`, and top_k = 0 / top_p = 1 disable their filters.
+the greedy branch is selected with `jnp.where`, and top_k = 0 / top_p = 1 / min_p = 0 disable their filters.
 Random draws take an explicit key (`jax.random.fold_in(seed key, step)`), so a seed reproduces a run.
 """
 from __future__ import annotations
@@ -30,12 +32,13 @@ from dsv3_jax.cli import UserError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed for every random draw."""
+    """temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed for every random draw; min_p 0 = off."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int = 0
+    min_p: float = 0.0
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -44,23 +47,28 @@ class SamplingParams:
             raise UserError(f"top_k={self.top_k} must be >= 0 (0 disables top-k)")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables top-p)")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise UserError(f"min_p={self.min_p} must be in [0, 1] (0 disables min-p)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
     def arrays(self):
-        """(temperature f32, top_k int32, top_p f32) scalars for the compiled steps."""
+        """(temperature f32, top_k int32, top_p f32, min_p f32) scalars for the compiled steps."""
         return (jnp.asarray(self.temperature, jnp.float32), jnp.asarray(self.top_k, jnp.int32),
-                jnp.asarray(self.top_p, jnp.float32))
+                jnp.asarray(self.top_p, jnp.float32), jnp.asarray(self.min_p, jnp.float32))
 
 
-def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def filter_logits(logits: jax.Array, temperature, top_k, top_p, min_p=0.0) -> jax.Array:
     """logits [B, V] -> temperature-scaled logits with filtered-out tokens at -inf (a temperature of 0 is
-    treated as 1 here; greedy selection happens in `sample`). The sort runs only if a filter is on."""
+    treated as 1 here; greedy selection happens in `sample`). The sort runs only if top-k or top-p is on."""
     t = jnp.where(temperature > 0, temperature, 1.0)
     l = logits.astype(jnp.float32) / t
-    return jax.lax.cond((top_k > 0) | (top_p < 1.0), _top_k_top_p, lambda l, k, p: l, l, top_k, top_p)
+    l = jax.lax.cond((top_k > 0) | (top_p < 1.0), _top_k_top_p, lambda l, k, p: l, l, top_k, top_p)
+    # min-p: p_v >= m * p_max  <=>  l_v >= l_max + log(m)   (log(0) = -inf keeps everything)
+    floor = jnp.max(l, axis=-1, keepdims=True) + jnp.log(jnp.asarray(min_p, jnp.float32))
+    return jnp.where(l >= floor, l, -jnp.inf)
 
 
 def _top_k_top_p(l, top_k, top_p):
@@ -77,21 +85,22 @@ def _top_k_top_p(l, top_k, top_p):
     return jnp.where(l >= cut, l, -jnp.inf)
 
 
-def probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """The sampling distribution [B, V] after temperature, top-k and top-p."""
-    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1)
+def probabilities(logits: jax.Array, temperature, top_k, top_p, min_p=0.0) -> jax.Array:
+    """The sampling distribution [B, V] after temperature, top-k, top-p and min-p."""
+    return jax.nn.softmax(filter_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
 
 
 # The log-probability reported for a token the request's filters removed (-inf has no JSON form); vLLM's choice.
 LOGPROB_FLOOR = float(jnp.finfo(jnp.float32).min)
 
 
-def log_probabilities(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def log_probabilities(logits: jax.Array, temperature, top_k, top_p, min_p=0.0) -> jax.Array:
     """The log-probabilities [B, V] a request reports: after its sampling transforms (temperature, top-k, top-p)
     when it samples, of the raw logits when it is greedy; removed tokens at LOGPROB_FLOOR. One row's parameters
     (scalars), as in `probabilities`."""
     raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    lp = jnp.where(temperature > 0, jax.nn.log_softmax(filter_logits(logits, temperature, top_k, top_p), axis=-1), raw)
+    lp = jnp.where(temperature > 0,
+                   jax.nn.log_softmax(filter_logits(logits, temperature, top_k, top_p, min_p), axis=-1), raw)
     return jnp.maximum(lp, LOGPROB_FLOOR)
 
 
@@ -99,11 +108,12 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-def sample(key: jax.Array, logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def sample(key: jax.Array, logits: jax.Array, temperature, top_k, top_p, min_p=0.0) -> jax.Array:
     """One token per row [B] int32: argmax when temperature == 0, else a draw from `probabilities`."""
 
     def draw():
-        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p), axis=-1).astype(jnp.int32)
+        l = filter_logits(logits, temperature, top_k, top_p, min_p)
+        return jax.random.categorical(key, l, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, lambda: greedy(logits))
 

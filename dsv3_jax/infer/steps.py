@@ -24,35 +24,34 @@ from dsv3_jax.infer.sampling import greedy, log_probabilities, probabilities, sa
 from dsv3_jax.model import ModelCache
 
 
-def sample_rows(seeds, index, logits, temperature, top_k, top_p):
-    """One token per row [B] with each row's own parameters and key fold_in(PRNGKey(seed), index). When every
-    row is greedy only the argmax runs (per-row sampling under vmap would compute every branch: a sort of the
-    vocabulary per row for top-k/top-p)."""
+def sample_rows(seeds, index, logits, knobs):
+    """One token per row [B] with each row's own parameters (`knobs`: temperature, top_k, top_p, min_p, each
+    [B]) and key fold_in(PRNGKey(seed), index). When every row is greedy only the argmax runs (per-row sampling
+    under vmap would compute every branch: a sort of the vocabulary per row for top-k/top-p)."""
 
-    def one(seed, j, row, t, k, p):
+    def one(seed, j, row, *kn):
         key = jax.random.fold_in(jax.random.PRNGKey(seed), j)
-        return sample(key, row[None], t, k, p)[0]
+        return sample(key, row[None], *kn)[0]
 
     def sampled():
-        return jax.vmap(one)(seeds, index, logits, temperature, top_k, top_p)
+        return jax.vmap(one)(seeds, index, logits, *knobs)
 
-    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy(logits))
+    return jax.lax.cond(jnp.any(knobs[0] > 0), sampled, lambda: greedy(logits))
 
 
-def logprob_rows(logits, chosen, temperature, top_k, top_p, k: int):
-    """logits [N, V] with each row's own parameters, chosen [N] (-1: none) -> (log-probability of chosen [N],
-    top ids [N, k], top log-probabilities [N, k])."""
-    lp = jax.vmap(lambda row, t, kk, p: log_probabilities(row[None], t, kk, p)[0])(logits, temperature, top_k, top_p)
+def logprob_rows(logits, chosen, knobs, k: int):
+    """logits [N, V] with each row's own parameters (`knobs`), chosen [N] (-1: none) -> (log-probability of
+    chosen [N], top ids [N, k], top log-probabilities [N, k])."""
+    lp = jax.vmap(lambda row, *kn: log_probabilities(row[None], *kn)[0])(logits, *knobs)
     top_lp, top_ids = jax.lax.top_k(lp, k)
     picked = jnp.take_along_axis(lp, jnp.maximum(chosen, 0)[:, None], axis=-1)[:, 0]
     return picked, top_ids.astype(jnp.int32), top_lp
 
 
-def _prompt_logprobs(logits, targets, temperature, top_k, top_p, k: int):
+def _prompt_logprobs(logits, targets, knobs, k: int):
     """logits [B, T, V], targets [B, T] -> each of logprob_rows' outputs with a leading [B, T]."""
     B, T, V = logits.shape
-    rep = lambda x: jnp.repeat(x, T)  # noqa: E731
-    out = logprob_rows(logits.reshape(B * T, V), targets.reshape(-1), rep(temperature), rep(top_k), rep(top_p), k)
+    out = logprob_rows(logits.reshape(B * T, V), targets.reshape(-1), tuple(jnp.repeat(x, T) for x in knobs), k)
     return tuple(x.reshape((B, T) + x.shape[1:]) for x in out)
 
 
@@ -68,37 +67,37 @@ def _strip(cache: ModelCache) -> ModelCache:
 # (and runtime) share their compilations.
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def prefill_step(graphdef, nlogprobs, state, pools, table, tokens, positions, last, targets, seeds, index,
-                 temperature, top_k, top_p):
+                 temperature, top_k, top_p, min_p):
     """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last`.
     -> (next [B], log-probabilities (None when nlogprobs is 0), pools)."""
     model = nnx.merge(graphdef, state)
     logits, _, cache = model.decode(tokens, positions, _with_table(pools, table))
     rows = jnp.arange(tokens.shape[0])
-    nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
-    return nxt, _prefill_logprobs(logits, rows, last, nxt, targets, temperature, top_k, top_p, nlogprobs), \
-        _strip(cache)
+    knobs = (temperature, top_k, top_p, min_p)
+    nxt = sample_rows(seeds, index, logits[rows, last], knobs)
+    return nxt, _prefill_logprobs(logits, rows, last, nxt, targets, knobs, nlogprobs), _strip(cache)
 
 
-def _prefill_logprobs(logits, rows, last, nxt, targets, temperature, top_k, top_p, k):
+def _prefill_logprobs(logits, rows, last, nxt, targets, knobs, k):
     if not k:
         return None
-    return (logprob_rows(logits[rows, last], nxt, temperature, top_k, top_p, k),
-            _prompt_logprobs(logits, targets, temperature, top_k, top_p, k))
+    return logprob_rows(logits[rows, last], nxt, knobs, k), _prompt_logprobs(logits, targets, knobs, k)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def decode_step(graphdef, steps, nlogprobs, state, pools, table, token, position, valid, seeds, index, temperature,
-                top_k, top_p):
+                top_k, top_p, min_p):
     """`steps` decode steps of one token per row, each sampled token fed back on the device: -> (tokens [B, steps],
     log-probabilities ([B, steps], [B, steps, K] ids, [B, steps, K]) or None, pools)."""
     model = nnx.merge(graphdef, state)
+    knobs = (temperature, top_k, top_p, min_p)
 
     def body(carry, k):
         pools, tok = carry
         pos = jnp.where(valid, position + k, -1)
         logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table))
-        nxt = sample_rows(seeds, index + k, logits[:, 0], temperature, top_k, top_p)
-        lps = logprob_rows(logits[:, 0], nxt, temperature, top_k, top_p, nlogprobs) if nlogprobs else None
+        nxt = sample_rows(seeds, index + k, logits[:, 0], knobs)
+        lps = logprob_rows(logits[:, 0], nxt, knobs, nlogprobs) if nlogprobs else None
         return (_strip(cache), nxt), (nxt, lps)
 
     (pools, _), (toks, lps) = jax.lax.scan(body, (pools, token), jnp.arange(steps))
@@ -111,26 +110,26 @@ def _keys(seeds, index, salt: int):
     return jax.vmap(lambda s, j: jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(s), j), salt))(seeds, index)
 
 
-def _probs_rows(logits, temperature, top_k, top_p):
-    return jax.vmap(lambda row, t, k, p: probabilities(row[None], t, k, p)[0])(logits, temperature, top_k, top_p)
+def _probs_rows(logits, knobs):
+    return jax.vmap(lambda row, *kn: probabilities(row[None], *kn)[0])(logits, *knobs)
 
 
-def _draft_rows(keys, logits, temperature, top_k, top_p):
+def _draft_rows(keys, logits, knobs):
     """Draft token [B] and its distribution q [B, V] (used by sampling rows only; zeros when all are greedy)
     from MTP logits [B, V]."""
 
     def sampled():
-        q = _probs_rows(logits, temperature, top_k, top_p)
+        q = _probs_rows(logits, knobs)
         drawn = jax.vmap(lambda k, row: jax.random.categorical(k, jnp.log(row)))(keys, q).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy(logits)), q
+        return jnp.where(knobs[0] > 0, drawn, greedy(logits)), q
 
-    return jax.lax.cond(jnp.any(temperature > 0), sampled,
+    return jax.lax.cond(jnp.any(knobs[0] > 0), sampled,
                         lambda: (greedy(logits), jnp.zeros(logits.shape, jnp.float32)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def prefill_step_spec(graphdef, nlogprobs, state, pools, table, tokens, positions, last, targets, next_known, seeds,
-                      index, temperature, top_k, top_p):
+                      index, temperature, top_k, top_p, min_p):
     """`prefill_step` plus the MTP module over the same positions (its input at the chunk's last position is
     the token after it: `next_known`, or the token sampled here when the chunk ends the sequence); returns
     the draft for the token after the sampled one."""
@@ -138,24 +137,26 @@ def prefill_step_spec(graphdef, nlogprobs, state, pools, table, tokens, position
     cache = _with_table(pools, table)
     logits, h, cache = model.decode(tokens, positions, cache)
     rows = jnp.arange(tokens.shape[0])
-    nxt = sample_rows(seeds, index, logits[rows, last], temperature, top_k, top_p)
+    knobs = (temperature, top_k, top_p, min_p)
+    nxt = sample_rows(seeds, index, logits[rows, last], knobs)
     after = jnp.where(next_known >= 0, next_known, nxt)
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).at[rows, last].set(after)
     mtp_logits, cache = model.mtp_decode(h, shifted, positions, cache)
-    draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], temperature, top_k, top_p)
-    lps = _prefill_logprobs(logits, rows, last, nxt, targets, temperature, top_k, top_p, nlogprobs)
+    draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], knobs)
+    lps = _prefill_logprobs(logits, rows, last, nxt, targets, knobs, nlogprobs)
     return nxt, lps, draft, q, _strip(cache)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft, q, position, valid, seeds, index,
-                temperature, top_k, top_p):
+                temperature, top_k, top_p, min_p):
     """`steps` MTP speculative steps per row: verify [pending, draft] at [L, L+1], accept or resample, draft
     the next token with the MTP module; rollback of a rejected draft = not advancing L.
     -> emitted [B, steps, 2], n_new [B, steps], log-probabilities of emitted (each [B, steps, 2, ...]) or None,
     draft [B], q [B, V], pools."""
     model = nnx.merge(graphdef, state)
     rows = jnp.arange(pending.shape[0])
+    knobs = (temperature, top_k, top_p, min_p)
 
     def body(carry, _):
         pools, pending, draft, q, position, index = carry
@@ -164,7 +165,7 @@ def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft,
         a1_g = greedy(logits[:, 0])
 
         def verify_sampled():
-            p1 = _probs_rows(logits[:, 0], temperature, top_k, top_p)
+            p1 = _probs_rows(logits[:, 0], knobs)
             return jax.vmap(lambda k, p, qq, d: tuple(x[0] for x in verify_draft(k, p[None], qq[None], d[None])))(
                 _keys(seeds, index, 2), p1, q, draft)
 
@@ -172,17 +173,16 @@ def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft,
         sampled = temperature > 0
         a1 = jnp.where(sampled, a1_s, a1_g)
         accept = jnp.where(sampled, ok_s, draft == a1_g)
-        a2 = sample_rows(seeds, index + 1, logits[:, 1], temperature, top_k, top_p)
+        a2 = sample_rows(seeds, index + 1, logits[:, 1], knobs)
         mtp_logits, cache = model.mtp_decode(h, jnp.stack([a1, a2], 1), pos, cache)
         n_new = 1 + accept.astype(jnp.int32)
         new_draft, new_q = _draft_rows(_keys(seeds, index + n_new, 1), mtp_logits[rows, accept.astype(jnp.int32)],
-                                       temperature, top_k, top_p)
+                                       knobs)
         emitted = jnp.stack([a1, a2], 1)
         lps = None
         if nlogprobs:
-            two = lambda x: jnp.repeat(x, 2)  # noqa: E731
-            lps = logprob_rows(logits.reshape(-1, logits.shape[-1]), emitted.reshape(-1), two(temperature),
-                               two(top_k), two(top_p), nlogprobs)
+            lps = logprob_rows(logits.reshape(-1, logits.shape[-1]), emitted.reshape(-1),
+                               tuple(jnp.repeat(x, 2) for x in knobs), nlogprobs)
             lps = tuple(x.reshape((-1, 2) + x.shape[1:]) for x in lps)
         out = (emitted, n_new, lps)
         carry = (_strip(cache), jnp.where(accept, a2, a1), new_draft, new_q, position + jnp.where(valid, n_new, 0),

@@ -2,7 +2,7 @@
 
     POST /v1/completions        prompt: a string, a list of strings, token ids or a list of token-id lists;
                                 max_tokens (or max_completion_tokens), temperature (< 1e-5: greedy), top_p, top_k
-                                (-1 / 0 / >= vocabulary: off), seed, n (1..16 choices per prompt), stop (strings),
+                                (-1 / 0 / >= vocabulary: off), min_p, seed, n (1..16 choices per prompt), stop,
                                 stop_token_ids, ignore_eos, min_tokens, include_stop_str_in_output, logprobs (0..20:
                                 each token's log-probability and that many alternatives), echo (the prompt's text
                                 and log-probabilities first), stream, stream_options.include_usage
@@ -61,8 +61,8 @@ class _Common(BaseModel):
     error inside the engine). Nullable as clients send them (`"temperature": null` means the default);
     `max_completion_tokens` is what current OpenAI SDKs send for `max_tokens`; `top_k` -1 (vLLM's "off") and any
     top_k at or past the vocabulary mean no top-k; a seed is any int64 (reduced mod 2**31 for the engine's int32
-    keys), and a request without one gets a fresh random seed. The penalties, min_p and logit_bias are accepted
-    at their neutral values only (`Routes.unsupported`)."""
+    keys), and a request without one gets a fresh random seed. The penalties and logit_bias are accepted at
+    their neutral values only (`Routes.unsupported`)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -464,14 +464,14 @@ class Routes:
             top_k = 0
         seed = secrets.randbits(31) if body.seed is None else (body.seed + choice) % 2 ** 31
         t = 1.0 if body.temperature is None else body.temperature
-        return SamplingParams(0.0 if t < 1e-5 else t, top_k, 1.0 if body.top_p is None else body.top_p, seed)
+        return SamplingParams(0.0 if t < 1e-5 else t, top_k, 1.0 if body.top_p is None else body.top_p, seed,
+                              body.min_p or 0.0)
 
     @staticmethod
     def unsupported(body: _Common) -> JSONResponse | None:
         """A 400 for a sampling transform this server does not implement, asked at a non-neutral value (never
         silently ignored)."""
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
-                              ("min_p", 0.0)):
+        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
             v = getattr(body, name)
             if v is not None and v != neutral:
                 return error(400, f"{name}={v}: not supported by this server (only {neutral}, the neutral value)",
