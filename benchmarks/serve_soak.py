@@ -134,6 +134,8 @@ class Soak:
             self.note("unexpected", f"{kind} -> {status} {text[:200]}")
             return
         texts, finish = self.parse(text, stream, chat, body.get("n", 1))
+        if body.get("echo"):  # the prompt comes first (and may hold the stop string itself)
+            texts = [t[len(prompt):] if t.startswith(prompt) else t for t in texts]
         if any(f is None for f in finish):
             self.note("unexpected", f"{kind}: a choice without finish_reason: {text[-300:]}")
         elif stop and any(stop in t for t in texts):
@@ -207,12 +209,14 @@ def main(argv=None):
         t.start()
     time.sleep(0.2 * args.duration)
     rss_warm = rss_mib(proc.pid)
+    rss_trace = [(round(time.perf_counter() - start), round(rss_warm, 1))]
     while any(t.is_alive() for t in threads):
         time.sleep(5)
         m = metrics(port)
         print(f"  {time.perf_counter() - start:5.0f}s  {dict(soak.outcomes)}  running "
               f"{m.get('dsv3:num_requests_running', 0):.0f} waiting {m.get('dsv3:num_requests_waiting', 0):.0f} "
-              f"pages {m.get('dsv3:cache_pages_used', 0):.0f}", flush=True)
+              f"pages {m.get('dsv3:cache_pages_used', 0):.0f} RSS {rss_mib(proc.pid):.0f} MiB", flush=True)
+        rss_trace.append((round(time.perf_counter() - start), round(rss_mib(proc.pid), 1)))
     for t in threads:
         t.join()
     deadline = time.perf_counter() + 60  # cancelled requests drain
@@ -231,7 +235,8 @@ def main(argv=None):
            "preemptions": m.get("dsv3:num_preemptions_total", 0),
            "pages_in_use_at_end": m["dsv3:cache_pages_used"], "requests_held_at_end": m["dsv3:requests_held"],
            "server_rss_mib_after_warmup": round(rss_warm, 1), "server_rss_mib_end": round(rss_end, 1),
-           "rss_growth_pct": round(100 * (rss_end - rss_warm) / rss_warm, 2), "server_exit_code": code}
+           "rss_growth_pct": round(100 * (rss_end - rss_warm) / rss_warm, 2), "rss_trace_s_mib": rss_trace,
+           "server_exit_code": code}
     print(f"\n{'clients x seconds':<28}{args.clients} x {args.duration:.0f}")
     for k, v in sorted(soak.outcomes.items()):
         print(f"  {k:<26}{v}")

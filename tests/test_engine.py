@@ -423,3 +423,19 @@ def test_speculative_sampling_of_a_one_token_prompt_draws_its_first_token_from_t
         eng.run()
         firsts.append([eng.result(r).output[0] for r in ids])
     assert firsts[0] == firsts[1] and len(set(firsts[0])) > 2, firsts
+
+
+def test_a_wrong_page_table_is_caught_by_the_reference(model, alone):
+    """The tests above can fail: an engine whose page tables are off by one page for every row after the first
+    (each reads its neighbour's cache) no longer gives the reference's greedy tokens."""
+    eng = engine(model, pages=64)
+    real = eng._tables
+
+    def shifted(work, rows, width=None):
+        t = real(work, rows, width)
+        return np.roll(t, 1, axis=0) if len(work) > 1 else t
+
+    eng._tables = shifted
+    ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS[:4]]
+    eng.run()
+    assert [eng.result(r).output for r in ids] != alone[:4]
