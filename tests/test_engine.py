@@ -439,3 +439,33 @@ def test_a_wrong_page_table_is_caught_by_the_reference(model, alone):
     ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS[:4]]
     eng.run()
     assert [eng.result(r).output for r in ids] != alone[:4]
+
+
+def test_penalties_and_logit_bias_equal_a_full_forward_reference(model):
+    """presence, frequency and repetition penalties and a logit bias, greedy: each token is the argmax of the full
+    forward's last logits after the transforms computed in numpy from the request's tokens so far (OpenAI's and
+    vLLM's definitions), step by step; a request without them in the same batch is unchanged."""
+    s = SamplingParams(presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty=1.5, logit_bias=((5, 1.5),))
+    eng = engine(model, pages=64)
+    rid = eng.submit(PROMPTS[1], NEW, s, stop_ids=())
+    plain = eng.submit(PROMPTS[0], NEW, stop_ids=())
+    eng.run()
+    prompt, out = PROMPTS[1], []
+    L = 32
+    for _ in range(NEW):
+        seq = prompt + out
+        buf = np.zeros((1, L), np.int32)
+        buf[0, :len(seq)] = seq
+        l = np.asarray(decoding.logits(model, buf)[0][0, len(seq) - 1], np.float64)
+        l[5] += 1.5
+        seen = np.zeros_like(l, bool)
+        seen[seq] = True
+        l = np.where(seen, np.where(l > 0, l / 1.5, l * 1.5), l)
+        counts = np.bincount(out, minlength=l.size) if out else np.zeros(l.size)
+        l = l - 0.4 * counts - 0.6 * (counts > 0)
+        out.append(int(np.argmax(l)))
+    got = eng.result(rid).output
+    assert got == out and got != decoding.greedy(model, [PROMPTS[1]], NEW)[0]
+    assert eng.result(plain).output == decoding.greedy(model, [PROMPTS[0]], NEW)[0]
+    with pytest.raises(UserError, match="not supported with MTP"):
+        engine(model, speculative=True).submit(PROMPTS[0], 4, s)

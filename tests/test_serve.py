@@ -152,8 +152,10 @@ def test_sixteen_concurrent_greedy_requests_equal_the_engine_alone(server, expec
     ({"n": 17}, 400, "n"),
     ({"seed": 2 ** 63}, 400, "seed"),
     ({"logprobs": 21}, 400, "logprobs"),
-    ({"presence_penalty": 0.5}, 400, "presence_penalty"),  # accepted at its neutral value only, never ignored
-    ({"logit_bias": {"5": 3.0}}, 400, "logit_bias"),
+    ({"presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"logit_bias": {"99999": 3.0}}, 400, "logit_bias"),
+    ({"logit_bias": {"5": 300.0}}, 400, "logit_bias"),
     ({"stop_token_ids": [10 ** 6]}, 400, "stop_token_ids"),
     ({"min_tokens": 5}, 400, "min_tokens"),  # more than max_tokens
     ({"prompt": []}, 400, "prompt"),

@@ -275,6 +275,12 @@ class Engine:
                 raise UserError(f"{name}={v} must be in [0, {MAX_LOGPROBS}]", field=name)
         if not 0 <= min_tokens <= max_tokens:
             raise UserError(f"min_tokens={min_tokens} must be in [0, max_tokens={max_tokens}]", field="min_tokens")
+        if self.speculative and sampling.penalized:
+            raise UserError("presence/frequency/repetition penalties and logit_bias are not supported with MTP "
+                            "speculation (start the server without --speculative to use them)",
+                            field="presence_penalty")
+        if any(not 0 <= t < cfg.vocab_size for t, _ in sampling.logit_bias):
+            raise UserError(f"logit_bias: token ids must be in [0, {cfg.vocab_size})", field="logit_bias")
         if stop_strings and self.tokenizer is None:
             raise UserError("stop strings need the engine's tokenizer (Engine(..., tokenizer=...))", field="stop")
         rid = next(self._ids)
@@ -470,6 +476,33 @@ class Engine:
             temp[i], top_k[i], top_p[i], min_p[i] = s.temperature, s.top_k, s.top_p, s.min_p
         return seeds, index, temp, top_k, top_p, min_p
 
+    @staticmethod
+    def _penalized(work: list[Work]) -> bool:
+        return any(w.request.sampling.penalized for w in work)
+
+    def _penalties(self, work: list[Work], rows: int) -> dict | None:
+        """The token-dependent transforms' arrays of a step (sampling.penalize), None when no row uses them (the
+        usual case: no [rows, V] arrays built or sent). Counts are of each row's output so far; `seen` also
+        covers its prompt."""
+        if not self._penalized(work):
+            return None
+        V = self.cfg.vocab_size
+        pen = {"bias": np.zeros((rows, V), np.float32), "seen": np.zeros((rows, V), bool),
+               "counts": np.zeros((rows, V), np.int32), "presence": np.zeros(rows, np.float32),
+               "frequency": np.zeros(rows, np.float32), "repetition": np.ones(rows, np.float32)}
+        for i, w in enumerate(work):
+            s, req = w.request.sampling, w.request
+            if not s.penalized:
+                continue
+            for t, b in s.logit_bias:
+                pen["bias"][i, t] += b
+            pen["seen"][i, req.prompt] = True
+            pen["seen"][i, req.output] = True
+            np.add.at(pen["counts"][i], req.output, 1)
+            pen["presence"][i], pen["frequency"][i] = s.presence_penalty, s.frequency_penalty
+            pen["repetition"][i] = s.repetition_penalty
+        return dict(zip(pen, self._put(*pen.values())))
+
     @_on_mesh
     def _run_prefill(self, work: list[Work]):
         B = self._rows(len(work))
@@ -494,7 +527,7 @@ class Engine:
         table = self._tables(work, B, min(width, self.table_width))
         t0 = time.perf_counter()
         K = self._logprobs_k(work)
-        fresh = self._note_compile("prefill", B, T, table.shape[1], K)
+        fresh = self._note_compile("prefill", B, T, table.shape[1], K, self._penalized(work))
         if self.speculative:
             next_known = np.full(B, -1, np.int32)
             for i, w in enumerate(work):
@@ -511,7 +544,7 @@ class Engine:
         else:
             nxt, lps, self.pools = steps.prefill_step(self.graphdef, K, self.state, self.pools,
                                                       *self._put(table, tokens, positions, last, targets,
-                                                                 *self._sampling(work, B)))
+                                                                 *self._sampling(work, B)), self._penalties(work, B))
         if fresh:
             jax.block_until_ready(nxt)
             self.compile_seconds += time.perf_counter() - t0
@@ -540,7 +573,7 @@ class Engine:
         table = self._tables(work, B, self._decode_width(reach))
         t0 = time.perf_counter()
         K = self._logprobs_k(work)
-        fresh = self._note_compile("decode", B, table.shape[1], K)
+        fresh = self._note_compile("decode", B, table.shape[1], K, self._penalized(work))
         if self.speculative:
             draft = np.zeros(B, np.int32)
             q = np.zeros((B, self.cfg.vocab_size), np.float32)
@@ -558,7 +591,8 @@ class Engine:
         else:
             toks, lps, self.pools = steps.decode_step(self.decode_graphdef, self.decode_steps, K, self.state,
                                                       self.pools, *self._put(table, token, position, valid,
-                                                                             *self._sampling(work, B)))
+                                                                             *self._sampling(work, B)),
+                                                      self._penalties(work, B))
             out = (toks, lps)
         if fresh:
             jax.block_until_ready(out)

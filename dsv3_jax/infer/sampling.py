@@ -39,6 +39,16 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     min_p: float = 0.0
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token the output holds
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    repetition_penalty: float = 1.0  # tokens of the prompt or output: positive logits / r, negative x r
+    logit_bias: tuple = ()  # ((token id, bias added to its logit), ...)
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any of the logit transforms that need the request's tokens (`penalize`) is on."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -49,6 +59,8 @@ class SamplingParams:
             raise UserError(f"top_p={self.top_p} must be in (0, 1] (1 disables top-p)")
         if not 0.0 <= self.min_p <= 1.0:
             raise UserError(f"min_p={self.min_p} must be in [0, 1] (0 disables min-p)")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 disables it)")
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +70,31 @@ class SamplingParams:
         """(temperature f32, top_k int32, top_p f32, min_p f32) scalars for the compiled steps."""
         return (jnp.asarray(self.temperature, jnp.float32), jnp.asarray(self.top_k, jnp.int32),
                 jnp.asarray(self.top_p, jnp.float32), jnp.asarray(self.min_p, jnp.float32))
+
+
+def penalize(logits: jax.Array, pen: dict | None) -> jax.Array:
+    """The logit transforms that depend on a request's tokens, before temperature and the filters (vLLM's and
+    OpenAI's definitions), rows [B, V] each with their own values; `pen` None = none of them:
+        l += bias                                        (logit_bias)
+        l = l / r where l > 0, l * r where l <= 0        for tokens of the prompt or output (repetition_penalty)
+        l -= frequency x count + presence x [count > 0]  counts over the output (frequency / presence_penalty)
+    pen: {'bias' [B, V], 'seen' [B, V] bool, 'counts' [B, V] int32, 'presence', 'frequency', 'repetition' [B]}."""
+    if pen is None:
+        return logits
+    l = logits.astype(jnp.float32) + pen["bias"]
+    r = pen["repetition"][:, None]
+    l = jnp.where(pen["seen"], jnp.where(l > 0, l / r, l * r), l)
+    counts = pen["counts"].astype(jnp.float32)
+    return l - pen["frequency"][:, None] * counts - pen["presence"][:, None] * (counts > 0)
+
+
+def penalties_seen(pen: dict | None, rows, token, live) -> dict | None:
+    """`pen` after each row's new token [B] (rows where `live`): counted in the output, and seen."""
+    if pen is None:
+        return None
+    add = live.astype(jnp.int32)
+    return pen | {"counts": pen["counts"].at[rows, token].add(add),
+                  "seen": pen["seen"].at[rows, token].set(pen["seen"][rows, token] | live)}
 
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p, min_p=0.0) -> jax.Array:

@@ -20,7 +20,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dsv3_jax.infer.paged_cache import PagedLatentCache
-from dsv3_jax.infer.sampling import greedy, log_probabilities, probabilities, sample, verify_draft
+from dsv3_jax.infer.sampling import (
+    greedy,
+    log_probabilities,
+    penalize,
+    penalties_seen,
+    probabilities,
+    sample,
+    verify_draft,
+)
 from dsv3_jax.model import ModelCache
 
 
@@ -67,40 +75,46 @@ def _strip(cache: ModelCache) -> ModelCache:
 # (and runtime) share their compilations.
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def prefill_step(graphdef, nlogprobs, state, pools, table, tokens, positions, last, targets, seeds, index,
-                 temperature, top_k, top_p, min_p):
-    """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last`.
+                 temperature, top_k, top_p, min_p, pen=None):
+    """Tokens [B, T] at positions [B, T] (-1: padding) through the paged cache; sample after token `last` (after
+    the token-dependent transforms `pen`, sampling.penalize; None: none).
     -> (next [B], log-probabilities (None when nlogprobs is 0), pools)."""
     model = nnx.merge(graphdef, state)
     logits, _, cache = model.decode(tokens, positions, _with_table(pools, table))
     rows = jnp.arange(tokens.shape[0])
     knobs = (temperature, top_k, top_p, min_p)
-    nxt = sample_rows(seeds, index, logits[rows, last], knobs)
-    return nxt, _prefill_logprobs(logits, rows, last, nxt, targets, knobs, nlogprobs), _strip(cache)
+    at_last = penalize(logits[rows, last], pen)
+    nxt = sample_rows(seeds, index, at_last, knobs)
+    return nxt, _prefill_logprobs(logits, at_last, nxt, targets, knobs, nlogprobs), _strip(cache)
 
 
-def _prefill_logprobs(logits, rows, last, nxt, targets, knobs, k):
+def _prefill_logprobs(logits, at_last, nxt, targets, knobs, k):
+    """The sampled token's log-probabilities (from the logits it was drawn from) and the prompt tokens'."""
     if not k:
         return None
-    return logprob_rows(logits[rows, last], nxt, knobs, k), _prompt_logprobs(logits, targets, knobs, k)
+    return logprob_rows(at_last, nxt, knobs, k), _prompt_logprobs(logits, targets, knobs, k)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def decode_step(graphdef, steps, nlogprobs, state, pools, table, token, position, valid, seeds, index, temperature,
-                top_k, top_p, min_p):
-    """`steps` decode steps of one token per row, each sampled token fed back on the device: -> (tokens [B, steps],
-    log-probabilities ([B, steps], [B, steps, K] ids, [B, steps, K]) or None, pools)."""
+                top_k, top_p, min_p, pen=None):
+    """`steps` decode steps of one token per row, each sampled token fed back on the device (and counted in `pen`
+    for the next): -> (tokens [B, steps], log-probabilities ([B, steps], [B, steps, K] ids, [B, steps, K]) or
+    None, pools)."""
     model = nnx.merge(graphdef, state)
     knobs = (temperature, top_k, top_p, min_p)
+    rows = jnp.arange(token.shape[0])
 
     def body(carry, k):
-        pools, tok = carry
+        pools, tok, pen = carry
         pos = jnp.where(valid, position + k, -1)
         logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table))
-        nxt = sample_rows(seeds, index + k, logits[:, 0], knobs)
-        lps = logprob_rows(logits[:, 0], nxt, knobs, nlogprobs) if nlogprobs else None
-        return (_strip(cache), nxt), (nxt, lps)
+        step_logits = penalize(logits[:, 0], pen)
+        nxt = sample_rows(seeds, index + k, step_logits, knobs)
+        lps = logprob_rows(step_logits, nxt, knobs, nlogprobs) if nlogprobs else None
+        return (_strip(cache), nxt, penalties_seen(pen, rows, nxt, valid)), (nxt, lps)
 
-    (pools, _), (toks, lps) = jax.lax.scan(body, (pools, token), jnp.arange(steps))
+    (pools, _, _), (toks, lps) = jax.lax.scan(body, (pools, token, pen), jnp.arange(steps))
     lps = None if lps is None else tuple(jnp.swapaxes(x, 0, 1) for x in lps)
     return toks.T, lps, pools
 
@@ -143,7 +157,7 @@ def prefill_step_spec(graphdef, nlogprobs, state, pools, table, tokens, position
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).at[rows, last].set(after)
     mtp_logits, cache = model.mtp_decode(h, shifted, positions, cache)
     draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], knobs)
-    lps = _prefill_logprobs(logits, rows, last, nxt, targets, knobs, nlogprobs)
+    lps = _prefill_logprobs(logits, logits[rows, last], nxt, targets, knobs, nlogprobs)
     return nxt, lps, draft, q, _strip(cache)
 
 

@@ -2,7 +2,8 @@
 
     POST /v1/completions        prompt: a string, a list of strings, token ids or a list of token-id lists;
                                 max_tokens (or max_completion_tokens), temperature (< 1e-5: greedy), top_p, top_k
-                                (-1 / 0 / >= vocabulary: off), min_p, seed, n (1..16 choices per prompt), stop,
+                                (-1 / 0 / >= vocabulary: off), min_p, presence_penalty, frequency_penalty,
+                                repetition_penalty, logit_bias, seed, n (1..16 choices per prompt), stop,
                                 stop_token_ids, ignore_eos, min_tokens, include_stop_str_in_output, logprobs (0..20:
                                 each token's log-probability and that many alternatives), echo (the prompt's text
                                 and log-probabilities first), stream, stream_options.include_usage
@@ -61,8 +62,7 @@ class _Common(BaseModel):
     error inside the engine). Nullable as clients send them (`"temperature": null` means the default);
     `max_completion_tokens` is what current OpenAI SDKs send for `max_tokens`; `top_k` -1 (vLLM's "off") and any
     top_k at or past the vocabulary mean no top-k; a seed is any int64 (reduced mod 2**31 for the engine's int32
-    keys), and a request without one gets a fresh random seed. The penalties and logit_bias are accepted at
-    their neutral values only (`Routes.unsupported`)."""
+    keys), and a request without one gets a fresh random seed."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -465,19 +465,15 @@ class Routes:
         seed = secrets.randbits(31) if body.seed is None else (body.seed + choice) % 2 ** 31
         t = 1.0 if body.temperature is None else body.temperature
         return SamplingParams(0.0 if t < 1e-5 else t, top_k, 1.0 if body.top_p is None else body.top_p, seed,
-                              body.min_p or 0.0)
+                              body.min_p or 0.0, body.presence_penalty or 0.0, body.frequency_penalty or 0.0,
+                              1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                              tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()))
 
-    @staticmethod
-    def unsupported(body: _Common) -> JSONResponse | None:
-        """A 400 for a sampling transform this server does not implement, asked at a non-neutral value (never
-        silently ignored)."""
-        for name, neutral in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
-            v = getattr(body, name)
-            if v is not None and v != neutral:
-                return error(400, f"{name}={v}: not supported by this server (only {neutral}, the neutral value)",
-                             name)
-        if body.logit_bias:
-            return error(400, "logit_bias: not supported by this server (only an empty map)", "logit_bias")
+    def bad_logit_bias(self, body: _Common) -> JSONResponse | None:
+        for k, v in (body.logit_bias or {}).items():
+            if not k.isdigit() or int(k) >= self.engine.cfg.vocab_size or not -100 <= v <= 100:
+                return error(400, f"logit_bias: {k!r}: {v} needs a token id in [0, {self.engine.cfg.vocab_size}) "
+                                  f"and a bias in [-100, 100]", "logit_bias")
         return None
 
     def refusal(self, body: _Common, stops: list[str], prompts, chat: bool) -> JSONResponse | None:
@@ -497,7 +493,7 @@ class Routes:
             if len(ids) >= engine.max_seq_len:
                 return error(400, f"the prompt has {len(ids)} tokens; this server's context holds "
                                   f"{engine.max_seq_len} (prompt + max_tokens)", prompt_field(chat))
-        return self.unsupported(body)
+        return self.bad_logit_bias(body)
 
     def engine_args(self, body: _Common, stops: list[str], reply: Reply) -> dict:
         stop_ids = tuple(body.stop_token_ids or ()) + (() if body.ignore_eos else self.eos_ids)
