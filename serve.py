@@ -48,6 +48,11 @@ def parser():
                         "tokenizer_config.json's)")
     p.add_argument("--warmup", action="store_true", help="compile every step shape before accepting requests")
     p.add_argument("--shutdown_s", type=float, default=30.0, help="grace period for running requests on SIGTERM")
+    p.add_argument("--tool_parser", default="auto",
+                   help="the model's tool-call format: auto (from the chat template), none, deepseek_v3 (V3, R1), "
+                        "deepseek_v31, kimi_k2")
+    p.add_argument("--reasoning_parser", default="auto", choices=("auto", "none", "deepseek_r1"),
+                   help="split <think> text into reasoning_content: auto (when the chat template knows </think>)")
     p.add_argument("--api_key", default=os.environ.get("DSV3_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $DSV3_API_KEY; none: no key needed)")
     p.add_argument("--open_paths", default="/health,/metrics",
@@ -79,6 +84,14 @@ def main(argv=None) -> int:
         if args.mesh:
             sharding.parse_mesh(args.mesh)
         template = load_chat_template(args.hf or args.checkpoint, args.chat_template)  # (refused before loading)
+        from dsv3_jax.serve.tools import PARSERS, detect_parser
+
+        text = (template or {}).get("template")
+        tool_parser = {"auto": detect_parser(text), "none": None}.get(args.tool_parser, args.tool_parser)
+        if tool_parser is not None and tool_parser not in PARSERS:
+            raise cli.UserError(f"--tool_parser={args.tool_parser}: one of auto, none, {', '.join(sorted(PARSERS))}")
+        reasoning = args.reasoning_parser == "deepseek_r1" or (args.reasoning_parser == "auto" and text is not None
+                                                               and "</think>" in text)
         if args.hf:
             from dsv3_jax.infer.load import load_hf
             from dsv3_jax.interop import hf
@@ -120,7 +133,7 @@ def main(argv=None) -> int:
         app = build_app(worker, tokenizer, name, chat_template=template, default_max_tokens=args.max_tokens,
                         eos_ids=eos_ids(source, tokenizer), api_key=args.api_key or None,
                         open_paths=[p for p in args.open_paths.split(",") if p],
-                        max_body=int(args.max_body_mib * 2**20))
+                        max_body=int(args.max_body_mib * 2**20), tool_parser=tool_parser, reasoning=reasoning)
 
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                 timeout_graceful_shutdown=int(args.shutdown_s))

@@ -44,6 +44,9 @@ from dsv3_jax.infer.engine import MAX_LOGPROBS
 from dsv3_jax.infer.sampling import SamplingParams
 from dsv3_jax.serve.chat import TextStream, chat_ids, message_text, render_chat
 from dsv3_jax.serve.guard import Guard
+from dsv3_jax.serve.metrics import Metrics
+from dsv3_jax.serve.reasoning import ReasoningSplit, prompt_opens_thinking
+from dsv3_jax.serve.tools import PARSERS, ToolStream
 from dsv3_jax.serve.worker import EngineDead, EngineWorker, QueueFull
 
 
@@ -109,6 +112,10 @@ class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict | None = None
 
 
 def error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", headers=None):
@@ -118,11 +125,13 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
 
 def build_app(worker: EngineWorker, tokenizer, model_name: str, *, chat_template=None,
               default_max_tokens: int = 16, eos_ids=(EOS_ID,), api_key: str | None = None,
-              open_paths=("/health", "/metrics"), max_body: int = 32 * 2**20):
+              open_paths=("/health", "/metrics"), max_body: int = 32 * 2**20, tool_parser: str | None = None,
+              reasoning: bool = False):
     """The app of `Routes` over `worker` (its finished requests feed the metrics), behind `Guard` (API key,
-    body limit, request ids: guard.py); `eos_ids` end every request (unless it asks ignore_eos)."""
+    body limit, request ids: guard.py); `eos_ids` end every request (unless it asks ignore_eos); `tool_parser`
+    names the model's tool-call format (tools.PARSERS); `reasoning`: split <think> text into reasoning_content."""
     app = FastAPI(title="dsv3_jax", docs_url=None, redoc_url=None)
-    routes = Routes(worker, tokenizer, model_name, chat_template, default_max_tokens, eos_ids)
+    routes = Routes(worker, tokenizer, model_name, chat_template, default_max_tokens, eos_ids, tool_parser, reasoning)
     app.add_exception_handler(RequestValidationError, bad_request)
     app.add_api_route("/health", routes.health, methods=["GET"])
     app.add_api_route("/v1/models", routes.models, methods=["GET"])
@@ -143,107 +152,6 @@ async def bad_request(request: Request, exc: RequestValidationError):
     if first.get("type") == "json_invalid":
         msg, param = f"the body is not valid JSON: {msg}", None
     return error(400, f"{param}: {msg}" if param else msg, param)
-
-
-class Metrics:
-    """Prometheus metrics with vLLM's names and meanings under our prefix (`dsv3:` for `vllm:`), so dashboards
-    built for vLLM read them, each with a `model_name` label:
-
-    counters   prompt_tokens, generation_tokens (counted as each step produces them), request_success
-               {finished_reason}, num_preemptions, prefix_cache_queries / prefix_cache_hits (tokens),
-               spec_decode_num_drafts / spec_decode_num_accepted_tokens
-    gauges     num_requests_running, num_requests_waiting, kv_cache_usage_perc (0..1); ours: requests_held
-               (records the engine still holds: 0 when idle), cache_pages_used, cache_pages_free
-    histograms e2e_request_latency_seconds, request_queue_time_seconds, request_prefill_time_seconds,
-               request_decode_time_seconds, time_to_first_token_seconds, request_time_per_output_token_seconds
-               (a request's mean gap), inter_token_latency_seconds (every gap between a request's tokens;
-               tokens of one multi-token dispatch arrive together: gap 0), request_prompt_tokens,
-               request_generation_tokens
-    """
-
-    LATENCY = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-    TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
-
-    def __init__(self, model_name: str):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = reg = CollectorRegistry()
-        self.model_name = model_name
-        label = ["model_name"]
-
-        def counter(name, doc, extra=()):
-            return Counter(f"dsv3:{name}", doc, label + list(extra), registry=reg)
-
-        def hist(name, doc, buckets):
-            return Histogram(f"dsv3:{name}", doc, label, registry=reg, buckets=buckets)
-
-        self.prompt = counter("prompt_tokens", "Prompt tokens processed")
-        self.generated = counter("generation_tokens", "Tokens generated")
-        self.success = counter("request_success", "Finished requests", ["finished_reason"])
-        self.preemptions = counter("num_preemptions", "Requests preempted (pages ran out)")
-        self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
-        self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache")
-        self.drafts = counter("spec_decode_num_drafts", "MTP drafts verified")
-        self.accepted = counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted")
-        self.hist = {k: hist(k, doc, b) for k, doc, b in (
-            ("e2e_request_latency_seconds", "Arrival to finish", self.LATENCY),
-            ("request_queue_time_seconds", "Arrival to first scheduled", self.LATENCY),
-            ("request_prefill_time_seconds", "First scheduled to first token", self.LATENCY),
-            ("request_decode_time_seconds", "First token to last token", self.LATENCY),
-            ("time_to_first_token_seconds", "Arrival to first token", self.LATENCY),
-            ("request_time_per_output_token_seconds", "A request's mean gap between tokens", self.LATENCY),
-            ("inter_token_latency_seconds", "Each gap between a request's tokens", self.LATENCY),
-            ("request_prompt_tokens", "Prompt tokens per request", self.TOKENS),
-            ("request_generation_tokens", "Generated tokens per request", self.TOKENS))}
-        self.gauges = {k: Gauge(f"dsv3:{k}", doc, label, registry=reg) for k, doc in (
-            ("num_requests_running", "Requests in the running batch"),
-            ("num_requests_waiting", "Requests waiting to be scheduled"),
-            ("kv_cache_usage_perc", "Fraction of the latent-cache pages in use (0..1)"),
-            ("requests_held", "Request records the engine holds (0 when idle)"),
-            ("cache_pages_used", "Cache pages in use"), ("cache_pages_free", "Cache pages free"))}
-        self._seen = {"preemptions": 0, "prefix_queries": 0, "prefix_hits": 0}
-
-    def _l(self, metric, **extra):
-        return metric.labels(model_name=self.model_name, **extra)
-
-    def on_tokens(self, req, new):  # engine thread: counted per step, as vLLM does
-        if len(req.output) == len(new) and req.preemptions == 0:  # its first tokens: its prompt has run
-            self._l(self.prompt).inc(len(req.prompt))
-        self._l(self.generated).inc(len(new))
-
-    def on_finish(self, req):  # engine thread
-        self._l(self.success, finished_reason=req.finish_reason or "unknown").inc()
-        self._l(self.drafts).inc(req.drafted)
-        self._l(self.accepted).inc(req.accepted)
-        h = {k: self._l(v) for k, v in self.hist.items()}
-        h["request_prompt_tokens"].observe(len(req.prompt))
-        h["request_generation_tokens"].observe(len(req.output))
-        end, times = time.perf_counter(), req.token_times
-        h["e2e_request_latency_seconds"].observe(max(0.0, end - req.arrival))
-        if req.started is not None:
-            h["request_queue_time_seconds"].observe(max(0.0, req.started - req.arrival))
-        if times and req.started is not None:
-            h["request_prefill_time_seconds"].observe(max(0.0, times[0] - req.started))
-            h["time_to_first_token_seconds"].observe(max(0.0, times[0] - req.arrival))
-            h["request_decode_time_seconds"].observe(times[-1] - times[0])
-        if len(times) > 1:
-            h["request_time_per_output_token_seconds"].observe((times[-1] - times[0]) / (len(times) - 1))
-            for a, b in zip(times, times[1:]):
-                h["inter_token_latency_seconds"].observe(b - a)
-
-    def render(self, stats: dict) -> str:
-        from prometheus_client import generate_latest
-
-        for key, counter in (("preemptions", self.preemptions), ("prefix_queries", self.prefix_queries),
-                             ("prefix_hits", self.prefix_hits)):  # the engine's running totals, as counters
-            self._l(counter).inc(max(0, stats[key] - self._seen[key]))
-            self._seen[key] = max(self._seen[key], stats[key])
-        pages = max(1, stats["pages"])
-        for k, v in (("num_requests_running", stats["running"]), ("num_requests_waiting", stats["waiting"]),
-                     ("kv_cache_usage_perc", stats["pages_used"] / pages), ("requests_held", stats["requests_held"]),
-                     ("cache_pages_used", stats["pages_used"]), ("cache_pages_free", stats["pages_free"])):
-            self._l(self.gauges[k]).set(v)
-        return generate_latest(self.registry).decode()
 
 
 def sse(obj) -> str:
@@ -278,6 +186,9 @@ class Choice:
     events: asyncio.Queue | None = None
     req: object = None  # the finished Request
     stream: TextStream | None = None
+    split: ReasoningSplit | None = None  # chat: the reasoning split, when the model thinks
+    tools: ToolStream | None = None  # chat: the tool-call parser of a request with tools
+    content_sent: str = ""  # chat, streamed, without tools: the content sent so far
 
 
 class Reply:
@@ -306,8 +217,12 @@ class Reply:
         for c in choices:
             req, text = c.req, self.routes.final_text(c.req)
             if self.chat:
-                one = {"index": c.index, "message": {"role": "assistant", "content": text},
-                       "logprobs": self.logprobs(req.output, req.token_logprobs)}
+                message = self.message(c, text)
+                one = {"index": c.index, "message": message, "logprobs": self.logprobs(req.output, req.token_logprobs)}
+                if message.get("tool_calls"):
+                    one["finish_reason"] = "tool_calls"
+                    body.append(one)
+                    continue
             else:
                 pre = c.prompt_text if self.echo else ""
                 one = {"index": c.index, "text": pre + text, "logprobs": self.logprobs(req.output, req.token_logprobs,
@@ -315,6 +230,49 @@ class Reply:
             one["finish_reason"] = req.finish_reason
             body.append(one)
         return self.head(body, usage(choices))
+
+    def message(self, c: Choice, text: str) -> dict:
+        """A chat answer's message: its reasoning split off (`reasoning_content`), its tool calls parsed
+        (`tool_calls`, content null when there is none besides them)."""
+        reasoning, content = c.split.whole(text) if c.split is not None else (None, text)
+        calls = []
+        if c.tools is not None:
+            content, calls = c.tools.parser.whole(content)
+            calls = calls if self.body.parallel_tool_calls is not False else calls[:1]
+        out = {"role": "assistant", "content": content if content or not calls else None}
+        if c.split is not None:
+            out["reasoning_content"] = reasoning or None
+        if calls:
+            out["tool_calls"] = [call.openai("call_" + uuid.uuid4().hex[:24]) for call in calls]
+        return out
+
+    def deltas(self, c: Choice, text: str, final: bool) -> list[dict]:
+        """A streamed chat choice's new deltas given its whole text so far: reasoning_content, content, and
+        tool calls (the name first, then argument fragments)."""
+        if c.split is not None:
+            reasoning, _ = c.split.push(text, final)
+            content = c.split.whole(text, final)[1]
+        else:
+            reasoning, content = "", text
+        out = [{"reasoning_content": reasoning}] if reasoning else []
+        if c.tools is None:
+            new = content[len(c.content_sent):] if content.startswith(c.content_sent) else ""
+            c.content_sent += new
+            return out + ([{"content": new}] if new else [])
+        for d in c.tools.push(content, final):
+            if "content" in d:
+                out.append({"content": d["content"]})
+            elif d["index"] == 0 or self.body.parallel_tool_calls is not False:
+                call = {"index": d["index"], "function": {"arguments": d["arguments"]}}
+                if "name" in d:
+                    call |= {"id": d["id"], "type": "function"}
+                    call["function"]["name"] = d["name"]
+                out.append({"tool_calls": [call]})
+        return out
+
+    def delta_chunk(self, c: Choice, delta: dict, finish=None, use=None, logprobs=None) -> str:
+        return sse(self.head([{"index": c.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}], use,
+                             chunk=True))
 
     def logprobs(self, ids: list[int], lps: list, echo_of: Choice | None = None, offset: int = 0):
         """OpenAI's logprobs object for tokens `ids` (their (logprob, top) entries `lps`), None when not asked.
@@ -371,10 +329,11 @@ class Routes:
     """The routes over one `EngineWorker`, each a short method; `build_app` registers them."""
 
     def __init__(self, worker: EngineWorker, tokenizer, model_name: str, chat_template, default_max_tokens: int,
-                 eos_ids=(EOS_ID,)):
+                 eos_ids=(EOS_ID,), tool_parser: str | None = None, reasoning: bool = False):
         self.worker, self.engine, self.tokenizer = worker, worker.engine, tokenizer
         self.model_name, self.chat_template, self.default_max_tokens = model_name, chat_template, default_max_tokens
         self.eos_ids = tuple(eos_ids)
+        self.tool_parser, self.reasoning = tool_parser, reasoning
         self.stats = Metrics(model_name)
         worker.on_finish, worker.on_tokens = self.stats.on_finish, self.stats.on_tokens
         # The longest token's text: a prompt of more characters than this times the context cannot fit, whatever
@@ -410,9 +369,11 @@ class Routes:
             return await asyncio.to_thread(chat_ids, self.tokenizer, text)
         return (await asyncio.to_thread(self.tokenizer.encode, text)).ids
 
-    async def chat_text(self, messages: list[Message]) -> str:
+    async def chat_text(self, messages: list[Message], tools=None, kwargs: dict | None = None) -> str:
+        """The rendered prompt; `tools` and the request's chat_template_kwargs (e.g. {"thinking": true}) reach the
+        template as variables, as transformers passes them."""
         return render_chat([m.model_dump() | {"content": message_text(m.content)} for m in messages],
-                           self.chat_template)
+                           self.chat_template, tools=tools, **(kwargs or {}))
 
     async def tokenize_route(self, body: TokenizeRequest):
         """vLLM's /tokenize: a prompt (as completions tokenise it) or messages (through the chat template)."""
@@ -447,9 +408,31 @@ class Routes:
             return e.response
         return await self.answer(body, request, prompts, chat=False)
 
+    def tool_refusal(self, body: ChatRequest) -> JSONResponse | None:
+        choice = body.tool_choice
+        if choice in ("required",) or isinstance(choice, dict):
+            return error(400, f"tool_choice={choice!r}: forcing a tool call needs constrained decoding, which this "
+                              f"server does not have yet; use 'auto' or 'none'", "tool_choice")
+        if choice not in (None, "auto", "none"):
+            return error(400, f"tool_choice={choice!r}: one of 'none', 'auto'", "tool_choice")
+        if body.tools and choice != "none" and self.tool_parser is None:
+            return error(400, "tools: this model has no tool-call format this server knows (start serve.py with "
+                              f"--tool_parser, one of {sorted(PARSERS)})", "tools")
+        for t in body.tools or ():
+            if t.get("type") != "function" or not isinstance(t.get("function"), dict) or \
+                    not isinstance(t["function"].get("name"), str):
+                return error(400, "tools: each tool is {'type': 'function', 'function': {'name': ..., ...}}", "tools")
+        return None
+
     async def chat_completions(self, body: ChatRequest, request: Request):
+        refused = self.tool_refusal(body)
+        if refused is not None:
+            return refused
+        kwargs = dict(body.chat_template_kwargs or {})
+        if not all(isinstance(k, str) and k.isidentifier() and not k.startswith("_") for k in kwargs):
+            return error(400, "chat_template_kwargs: keys must be plain names", "chat_template_kwargs")
         try:
-            text = await self.chat_text(body.messages)
+            text = await self.chat_text(body.messages, body.tools, kwargs)
             prompts = [(text, await self.tokenize(text, True))]
         except UserError as e:
             return error(400, str(e), "messages")
@@ -510,6 +493,12 @@ class Routes:
         reply = Reply(self, body, chat)
         n = body.n or 1
         choices = [Choice(i * n + j, ids, text) for i, (text, ids) in enumerate(prompts) for j in range(n)]
+        if chat:
+            for c in choices:
+                if self.reasoning:
+                    c.split = ReasoningSplit(open_at_start=prompt_opens_thinking(c.prompt_text))
+                if body.tools and body.tool_choice != "none":
+                    c.tools = ToolStream(PARSERS[self.tool_parser])
         kw = self.engine_args(body, stops, reply)
         for c in choices:
             max_tokens = body.max_tokens or body.max_completion_tokens or (
@@ -602,8 +591,13 @@ class Routes:
                             c.index, c.prompt_ids, c.prompt_text, req=req)) if reply.top is not None else None)
                     out = c.stream.push(item, text)
                     lp = reply.logprobs(item, lps or [], offset=len(c.stream.sent) - len(out)) if lps else None
-                    if out or lp:
-                        yield reply.chunk(c, out, logprobs=lp)
+                    if not reply.chat:
+                        if out or lp:
+                            yield reply.chunk(c, out, logprobs=lp)
+                        continue
+                    deltas = reply.deltas(c, c.stream.sent, final=False) if out else []
+                    for k, delta in enumerate(deltas or ([{}] if lp else [])):
+                        yield reply.delta_chunk(c, delta, logprobs=lp if k == 0 else None)
                     continue
                 if kind == "error" or item.finish_reason == "error":
                     message = item if kind == "error" else f"the engine step running this request failed: {item.error}"
@@ -611,9 +605,16 @@ class Routes:
                     return
                 c.req, left = item, left - 1
                 rest = c.stream.flush(self.final_text(item))
-                if rest:
-                    yield reply.chunk(c, rest)
-                yield reply.chunk(c, "", item.finish_reason, usage(choices) if not left else None)
+                use = usage(choices) if not left else None
+                if not reply.chat:
+                    if rest:
+                        yield reply.chunk(c, rest)
+                    yield reply.chunk(c, "", item.finish_reason, use)
+                    continue
+                for delta in reply.deltas(c, c.stream.sent, final=True):
+                    yield reply.delta_chunk(c, delta)
+                finish = "tool_calls" if c.tools is not None and c.tools.called else item.finish_reason
+                yield reply.delta_chunk(c, {}, finish, use)
             if include_usage:
                 yield sse(reply.head([], usage(choices), chunk=True))
             yield "data: [DONE]\n\n"

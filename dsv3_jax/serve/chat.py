@@ -118,7 +118,7 @@ def message_text(content) -> str | None:
     return "\n".join(texts)
 
 
-def render_chat(messages: list[dict], template: dict | None) -> str:
+def render_chat(messages: list[dict], template: dict | None, tools=None, **kwargs) -> str:
     if template is None:
         return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"] or "") for m in messages) + \
             "assistant:"
@@ -132,7 +132,10 @@ def render_chat(messages: list[dict], template: dict | None) -> str:
         raise UserError(f"the chat template refuses these messages: {message}", field="messages")
 
     try:
-        return env.from_string(template["template"]).render(messages=messages, add_generation_prompt=True,
+        reserved = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"}
+        kwargs = {k: v for k, v in kwargs.items() if k not in reserved}
+        return env.from_string(template["template"]).render(**kwargs, messages=messages, tools=tools,
+                                                           add_generation_prompt=True,
                                                            bos_token=template["bos_token"],
                                                            eos_token=template["eos_token"],
                                                            raise_exception=raise_exception)
