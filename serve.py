@@ -44,13 +44,13 @@ def parser():
     p.add_argument("--max_waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
     p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of a completion request that gives none")
     p.add_argument("--chat_template", default=None,
-                   help="a Jinja chat template file (default: the checkpoint's chat_template.jinja or "
-                        "tokenizer_config.json's)")
+                   help="a Jinja chat template file, or deepseek_v32 for V3.2's encoder (default: the "
+                        "checkpoint's chat_template.jinja or tokenizer_config.json's; V3.2's encoder for V3.2)")
     p.add_argument("--warmup", action="store_true", help="compile every step shape before accepting requests")
     p.add_argument("--shutdown_s", type=float, default=30.0, help="grace period for running requests on SIGTERM")
     p.add_argument("--tool_parser", default="auto",
                    help="the model's tool-call format: auto (from the chat template), none, deepseek_v3 (V3, R1), "
-                        "deepseek_v31, kimi_k2")
+                        "deepseek_v31, deepseek_v32, kimi_k2")
     p.add_argument("--reasoning_parser", default="auto", choices=("auto", "none", "deepseek_r1"),
                    help="split <think> text into reasoning_content: auto (when the chat template knows </think>)")
     p.add_argument("--api_key", default=os.environ.get("DSV3_API_KEY"),
@@ -91,7 +91,7 @@ def main(argv=None) -> int:
         if tool_parser is not None and tool_parser not in PARSERS:
             raise cli.UserError(f"--tool_parser={args.tool_parser}: one of auto, none, {', '.join(sorted(PARSERS))}")
         reasoning = args.reasoning_parser == "deepseek_r1" or (args.reasoning_parser == "auto" and text is not None
-                                                               and "</think>" in text)
+                                                               and ("</think>" in text or text == "deepseek_v32"))
         if args.hf:
             from dsv3_jax.infer.load import load_hf
             from dsv3_jax.interop import hf

@@ -30,6 +30,14 @@ def written(fmt: str, content: str = "Let me check. ") -> str:
         calls = "".join(f"<｜tool▁call▁begin｜>{n}<｜tool▁sep｜>{a}<｜tool▁call▁end｜>"
                         for (n, _), a in zip(CALLS, args))
         return f"{content}<｜tool▁calls▁begin｜>{calls}<｜tool▁calls▁end｜>"
+    if fmt == "deepseek_v32":  # DSML: one parameter per argument, strings as they are, others as JSON
+        def param(k, v):
+            s = "true" if isinstance(v, str) else "false"
+            value = v if s == "true" else json.dumps(v)
+            return f'<｜DSML｜parameter name="{k}" string="{s}">{value}</｜DSML｜parameter>'
+        invokes = "\n".join(f'<｜DSML｜invoke name="{n}">\n' + "\n".join(param(k, v) for k, v in a.items())
+                            + "\n</｜DSML｜invoke>" for n, a in CALLS)
+        return f"{content.rstrip()}\n\n<｜DSML｜function_calls>\n{invokes}\n</｜DSML｜function_calls>"
     calls = "".join(f"<|tool_call_begin|>functions.{n}:{i}<|tool_call_argument_begin|>{a}<|tool_call_end|>"
                     for i, ((n, _), a) in enumerate(zip(CALLS, args)))
     return f"{content}<|tool_calls_section_begin|>{calls}<|tool_calls_section_end|>"
@@ -55,12 +63,13 @@ def test_each_format_parses_whole_and_streamed_at_every_split(fmt):
     parser = PARSERS[fmt]
     text = written(fmt)
     content, calls = parser.whole(text)
-    assert content == "Let me check. " and [(c.name, json.loads(c.arguments)) for c in calls] == CALLS
+    want = "Let me check." if fmt == "deepseek_v32" else "Let me check. "
+    assert content == want and [(c.name, json.loads(c.arguments)) for c in calls] == CALLS
     # streamed: every prefix in turn (character by character: every marker and every JSON token split)
     stream = ToolStream(parser)
     deltas = [d for n in range(1, len(text) + 1) for d in stream.push(text[:n])] + stream.push(text, final=True)
     got_content, got = assemble(deltas)
-    assert got_content == "Let me check. " and [(n, json.loads(a)) for n, a in got] == CALLS
+    assert got_content == want and [(n, json.loads(a)) for n, a in got] == CALLS
     # no delta ever carried part of a marker
     assert not any(m in json.dumps(deltas, ensure_ascii=False) for m in ("<｜", "<|", "```"))
     # streamed in uneven chunks
@@ -74,10 +83,16 @@ def test_each_format_parses_whole_and_streamed_at_every_split(fmt):
 def test_malformed_answers_are_plain_content(fmt):
     parser = PARSERS[fmt]
     good = written(fmt)
-    broken = [good.replace(json.dumps(CALLS[0][1]), '{"city": "Par'),  # arguments that are not JSON
-              good.replace(json.dumps(CALLS[0][1]), "[1, 2]"),  # JSON, not an object
-              good[: len(good) // 2],  # cut in the middle of the section
-              good.replace("begin", "bgin", 2)]  # markers out of place
+    if fmt == "deepseek_v32":
+        broken = [good.replace('string="false">[1, 2]', 'string="false">[1, 2'),  # a non-string that is not JSON
+                  good[: len(good) // 2],  # cut in the middle of the section
+                  good.replace("invoke name", "invoek name", 1)]  # markup out of place
+    else:
+        broken = [good.replace(json.dumps(CALLS[0][1]), '{"city": "Par'),  # arguments that are not JSON
+                  good.replace(json.dumps(CALLS[0][1]), "[1, 2]"),  # JSON, not an object
+                  good[: len(good) // 2],  # cut in the middle of the section
+                  good.replace("begin", "bgin", 2)]  # markers out of place
+    assert all(b != good for b in broken)
     for text in broken:
         assert parser.whole(text) == (text, []), text
         stream = ToolStream(parser)  # a stream never raises either
@@ -89,6 +104,34 @@ def test_malformed_answers_are_plain_content(fmt):
     stream = ToolStream(parser)
     assert assemble([d for n in range(1, len(plain) + 1) for d in stream.push(plain[:n])]
                     + stream.push(plain, final=True)) == (plain, [])
+
+
+def test_deepseek_v32_encoder_writes_the_documented_prompt():
+    """V3.2 ships a Python encoder, not a template: ours against prompts written by hand from DeepSeek's
+    documented format, in chat and in thinking mode, with a tool call and its result in the history."""
+    from dsv3_jax.serve.dsml import encode_v32
+
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1, "y": "a b"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}]
+    calls = ('\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="f">\n'
+             '<｜DSML｜parameter name="x" string="false">1</｜DSML｜parameter>\n'
+             '<｜DSML｜parameter name="y" string="true">a b</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
+             '</｜DSML｜function_calls><｜end▁of▁sentence｜>')
+    results = "\n\n<function_results>\n<result>ok</result>\n</function_results>\n\n"
+    bos = "<｜begin▁of▁sentence｜>"
+    assert encode_v32(msgs) == f"{bos}S<｜User｜>Hi<｜Assistant｜></think>{calls}{results}</think>"
+    assert encode_v32(msgs, thinking=True) == \
+        f"{bos}S<｜User｜>Hi<｜Assistant｜><think></think>{calls}{results}<think>"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    prompt = encode_v32(msgs[1:2], tools=tools)
+    tail = '<functions>\n{"name": "f", "parameters": {"type": "object"}}\n</functions>\n'
+    assert prompt.startswith(bos + "\n\n## Tools\n") and prompt.endswith(tail + "<｜User｜>Hi<｜Assistant｜></think>")
+    from dsv3_jax.cli import UserError
+
+    with pytest.raises(UserError, match="no assistant tool call"):
+        encode_v32([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}])
 
 
 def test_format_detection_from_templates():
@@ -263,4 +306,31 @@ def test_reasoning_content_through_the_official_client(deepseek_dir, stream):
                 content += d.content or ""
                 reasoning += (d.model_extra or {}).get("reasoning_content") or ""
         assert (reasoning, content) == ("Two and two make four.", "The answer is 4.")
+    worker.stop(5)
+
+
+def test_deepseek_v32_end_to_end(deepseek_dir, tmp_path):
+    """A V3.2 checkpoint (config.json's architectures, no template): the server renders with the V3.2 encoder,
+    `chat_template_kwargs: {"thinking": true}` opens the answer inside <think> (so the answer's reasoning is
+    split off though it starts without the tag), and DSML tool calls come back as tool_calls."""
+    from dsv3_jax.serve.chat import load_chat_template
+
+    d = tmp_path / "v32"
+    shutil.copytree(deepseek_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del cfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps({"architectures": ["DeepseekV32ForCausalLM"]}))
+    template = load_chat_template(str(d))
+    assert template["encoder"] == "deepseek_v32" and detect_parser(template["template"]) == "deepseek_v32"
+    answer = "Checking the weather.</think>" + written("deepseek_v32", "Sure.")
+    client, engine, worker, tok = serve_script(str(d), answer, tool_parser="deepseek_v32", reasoning=True)
+    r = client.chat.completions.create(model="ds", messages=[{"role": "user", "content": "Weather?"}], tools=TOOLS,
+                                       extra_body={"chat_template_kwargs": {"thinking": True}})
+    m = r.choices[0].message
+    prompt = tok.decode(engine.prompts[-1], skip_special_tokens=False)
+    assert prompt.endswith("<｜User｜>Weather?<｜Assistant｜><think>")
+    assert m.model_extra["reasoning_content"] == "Checking the weather." and m.content == "Sure."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == CALLS
+    assert r.choices[0].finish_reason == "tool_calls"
     worker.stop(5)

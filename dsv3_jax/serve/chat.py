@@ -1,7 +1,9 @@
 """Chat prompts and streamed text, as the checkpoint's own files define them.
 
 Chat template, the first of: `--chat_template FILE`; DIR/chat_template.jinja; DIR/tokenizer_config.json's
-`chat_template` (a string, or a list of {name, template}: the one named 'default', else the first). It is
+`chat_template` (a string, or a list of {name, template}: the one named 'default', else the first); for a
+DeepSeek-V3.2 checkpoint without one (V3.2 ships a Python encoder instead), its encoder (dsml.py; also
+`--chat_template deepseek_v32`). It is
 rendered as transformers renders it, with `messages`, `add_generation_prompt=True` and the config's bos/eos
 tokens, in jinja2's sandbox. Without one: the plain template used for the demo tokenizer, one line per message
 and an open assistant turn:
@@ -25,6 +27,7 @@ from dsv3_jax.cli import UserError
 from dsv3_jax.data.bpe import EOS_ID
 
 PLAIN_TEMPLATE = "{role}: {content}\n"
+V32 = "deepseek_v32"  # DeepSeek-V3.2 ships a Python encoder, not a template: dsml.encode_v32 stands for one
 
 
 def _json(directory: str | None, name: str) -> dict:
@@ -57,6 +60,10 @@ def load_chat_template(directory: str | None, template_file: str | None = None) 
 
     cfg = _json(directory, "tokenizer_config.json")
     jinja_file = None if directory is None else os.path.join(directory, "chat_template.jinja")
+    v32 = "DeepseekV32ForCausalLM" in (_json(directory, "config.json").get("architectures") or ())
+    if template_file == V32 or (template_file is None and v32 and not isinstance(cfg.get("chat_template"), (str, list))
+                                and not (jinja_file and os.path.isfile(jinja_file))):
+        return {"template": V32, "encoder": V32, "bos_token": "", "eos_token": ""}  # V3.2: its encoder (dsml.py)
     if template_file is not None:
         if not os.path.isfile(template_file):
             raise UserError(f"--chat_template {template_file}: no such file")
@@ -119,6 +126,10 @@ def message_text(content) -> str | None:
 
 
 def render_chat(messages: list[dict], template: dict | None, tools=None, **kwargs) -> str:
+    if template is not None and template.get("encoder") == V32:
+        from dsv3_jax.serve.dsml import encode_v32
+
+        return encode_v32(messages, tools, thinking=bool(kwargs.get("thinking")))
     if template is None:
         return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"] or "") for m in messages) + \
             "assistant:"

@@ -13,6 +13,9 @@ Formats (as the models write them; the markers are the tokenizer's added tokens)
                 ... <｜tool▁calls▁end｜>
   kimi_k2       Kimi-K2: <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX
                 <|tool_call_argument_begin|>{ARGS}<|tool_call_end|> ... <|tool_calls_section_end|>
+  deepseek_v32  DeepSeek-V3.2's DSML: <｜DSML｜function_calls> <｜DSML｜invoke name="NAME"> <｜DSML｜parameter
+                name="KEY" string="true|false">VALUE</｜DSML｜parameter> ... </｜DSML｜invoke> ...
+                </｜DSML｜function_calls> (dsml.py: its prompt encoder); arguments are sent whole per call
 
 A parser reads the text so far and returns the content before the tool section and every call it can see, the
 last one's arguments as far as they go (text that may be the start of a marker is held back). `ToolStream`
@@ -141,12 +144,88 @@ DEEPSEEK_V31 = MarkerFormat("deepseek_v31", "<｜tool▁calls▁begin｜>", "<�
 KIMI_K2 = MarkerFormat("kimi_k2", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
                        "<|tool_call_end|>", "<|tool_call_argument_begin|>",
                        re.compile(r"(?:functions\.)?(?P<name>[^\s:<]+):\d+"))
-PARSERS = {p.name: p for p in (DEEPSEEK_V3, DEEPSEEK_V31, KIMI_K2)}
+D = "｜DSML｜"  # DeepSeek-V3.2's markup (dsml.py writes it into prompts)
+CALLS_BEGIN, CALLS_END = f"<{D}function_calls>", f"</{D}function_calls>"
+INVOKE_END, PARAM_END = f"</{D}invoke>", f"</{D}parameter>"
+INVOKE = re.compile(rf'<{D}invoke name="(?P<name>[^"]+)">')
+PARAM = re.compile(rf'<{D}parameter name="(?P<key>[^"]+)" string="(?P<s>true|false)">')
+
+
+class DsmlFormat:
+    """V3.2's tool calls, read as tools.MarkerFormat reads the others (`whole`, `parse`). A call's arguments are
+    known once its invoke closes (then sent whole); its name as soon as the invoke tag is complete."""
+
+    name = "deepseek_v32"
+    markers = [CALLS_BEGIN, CALLS_END, INVOKE_END, PARAM_END, f"<{D}invoke", f"<{D}parameter"]
+
+    def whole(self, text: str) -> tuple[str, list[ToolCall]]:
+        try:
+            content, calls, _ = self.parse(text, final=True)
+        except Malformed:
+            return text, []
+        if not calls or any(not c.complete for c in calls):
+            return (text, []) if CALLS_BEGIN in text else (content, [])
+        return content, calls
+
+    def parse(self, text: str, final: bool = False):
+        start = text.find(CALLS_BEGIN)
+        if start < 0:
+            hold = 0 if final else _held(text, [CALLS_BEGIN, "\n\n" + CALLS_BEGIN])
+            return text[:len(text) - hold], [], len(text) - hold
+        content, pos, calls = text[:start].rstrip("\n"), start + len(CALLS_BEGIN), []
+        while True:
+            rest = text[pos:].lstrip("\n")
+            pos = len(text) - len(rest)
+            if rest.startswith(CALLS_END):
+                return content, calls, pos + len(CALLS_END)
+            m = INVOKE.match(rest)
+            if m is None:
+                opening = f'<{D}invoke name="'
+                partial = opening.startswith(rest) or CALLS_END.startswith(rest) or (
+                    rest.startswith(opening) and '">' not in rest)
+                if not rest or (not final and partial):
+                    return content, calls, pos
+                raise Malformed(f"expected an invoke at {rest[:30]!r}")
+            end = rest.find(INVOKE_END)
+            if end < 0:
+                calls.append(ToolCall(m.group("name"), "", complete=False))
+                return content, calls, pos
+            calls.append(ToolCall(m.group("name"), json.dumps(self._arguments(rest[m.end():end]), ensure_ascii=False)))
+            pos += end + len(INVOKE_END)
+
+    @staticmethod
+    def _arguments(body: str) -> dict:
+        args, pos = {}, 0
+        while True:
+            body_rest = body[pos:].lstrip("\n")
+            if not body_rest:
+                return args
+            m = PARAM.match(body_rest)
+            e = body_rest.find(PARAM_END)
+            if m is None or e < 0:
+                raise Malformed(f"expected a parameter at {body_rest[:30]!r}")
+            value = body_rest[m.end():e]
+            if m.group("s") == "true":
+                args[m.group("key")] = value
+            else:
+                try:
+                    args[m.group("key")] = json.loads(value)
+                except ValueError:
+                    raise Malformed(f"parameter {m.group('key')!r} is not JSON: {value[:30]!r}") from None
+            pos = len(body) - len(body_rest) + e + len(PARAM_END)
+
+
+DSML = DsmlFormat()
+
+
+PARSERS = {p.name: p for p in (DEEPSEEK_V3, DEEPSEEK_V31, KIMI_K2, DSML)}
 
 
 def detect_parser(chat_template: str | None, vocab: dict | None = None) -> str | None:
     """The tool format a checkpoint speaks, from its chat template (or its vocabulary): None if no known one."""
     text = chat_template or ""
+    if text == "deepseek_v32" or D in text:  # (V3.2 has no template: its encoder stands for it)
+        return "deepseek_v32"
     if "<|tool_calls_section_begin|>" in text or (vocab and "<|tool_calls_section_begin|>" in vocab):
         return "kimi_k2"
     if "<｜tool▁calls▁begin｜>" in text:
