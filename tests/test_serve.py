@@ -655,3 +655,25 @@ def test_lm_eval_chat_completions_generation(server, model_dir, monkeypatch):
     res = _lm_eval(server, model_dir, "local-chat-completions", ["dsv3_mini_gen"], monkeypatch, chat_template=True)
     gen = res["samples"]["dsv3_mini_gen"]
     assert len(gen) == 6 and all(isinstance(s["resps"][0][0], str) for s in gen)
+
+
+def test_structured_outputs_through_the_official_client(server):
+    """response_format json_schema (chat) and structured_outputs choice / regex (completions): what the client
+    receives parses and validates (jsonschema) or matches; a schema that does not compile is a 400 naming it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    c = server["client"]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    for seed in range(2):
+        r = c.chat.completions.create(model=server["model"], messages=[{"role": "user", "content": "A number"}],
+                                      max_tokens=60, temperature=1.0, seed=seed, response_format={
+                                          "type": "json_schema", "json_schema": {"name": "n", "schema": schema}})
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = c.completions.create(model=server["model"], prompt="The", max_tokens=10, temperature=1.0, n=3,
+                             extra_body={"structured_outputs": {"choice": ["alpha", "beta"]}})
+    assert {ch.text for ch in r.choices} <= {"alpha", "beta"}
+    code, got = raw(server, "POST", "/v1/completions", json.dumps({
+        "model": server["model"], "prompt": "The", "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}).encode())
+    assert code == 400 and got["error"]["param"] == "response_format", got

@@ -245,12 +245,15 @@ class Engine:
     def submit(self, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams(), *,
                stop_ids: Sequence[int] = (EOS_ID,), stop_strings: Sequence[str] = (),
                on_tokens: Callable | None = None, logprobs: int | None = None,
-               prompt_logprobs: int | None = None, min_tokens: int = 0, include_stop_str: bool = False) -> int:
+               prompt_logprobs: int | None = None, min_tokens: int = 0, include_stop_str: bool = False,
+               constraint=None) -> int:
         """Queue a request; returns its id. Bad input raises UserError before anything runs. `logprobs` (0 ..
         MAX_LOGPROBS): record each output token's log-probability and that many most likely alternatives
         (`Request.token_logprobs`); `prompt_logprobs`: the same for the prompt's tokens (`Request.prompt_lps`).
         `min_tokens`: no stop token or stop string ends the request before it has this many tokens;
-        `include_stop_str`: `Request.text` keeps the stop string that ended it."""
+        `include_stop_str`: `Request.text` keeps the stop string that ended it. `constraint`: a grammar state
+        (serve/structured.py's `Grammar`: `allowed()` -> [V] bool, `advance(token)` -> bool, `done`): every token
+        is drawn from the tokens it allows, one token per dispatch, and the request ends when it is done."""
         cfg = self.cfg
         prompt = [int(t) for t in prompt]
         if not prompt:
@@ -275,6 +278,9 @@ class Engine:
                 raise UserError(f"{name}={v} must be in [0, {MAX_LOGPROBS}]", field=name)
         if not 0 <= min_tokens <= max_tokens:
             raise UserError(f"min_tokens={min_tokens} must be in [0, max_tokens={max_tokens}]", field="min_tokens")
+        if self.speculative and constraint is not None:
+            raise UserError("structured outputs are not supported with MTP speculation yet (start the server "
+                            "without --speculative to use them)", field="response_format")
         if self.speculative and sampling.penalized:
             raise UserError("presence/frequency/repetition penalties and logit_bias are not supported with MTP "
                             "speculation (start the server without --speculative to use them)",
@@ -286,7 +292,7 @@ class Engine:
         rid = next(self._ids)
         req = Request(rid, prompt, max_tokens, sampling, frozenset(int(t) for t in stop_ids), tuple(stop_strings),
                       on_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs, min_tokens=min_tokens,
-                      include_stop_str=include_stop_str)
+                      include_stop_str=include_stop_str, constraint=constraint)
         if prompt_logprobs is not None:
             req.prompt_lps = [None] * len(prompt)
         self.requests[rid] = req
@@ -359,7 +365,11 @@ class Engine:
         for w in prefill:
             groups.setdefault(_bucket4(w.n), []).append(w)
         out_p = [(g, self._run_prefill(g)) for g in groups.values()]
+        # Rows under a grammar decode one token per dispatch (the host advances the grammar between tokens).
+        bound = [w for w in decode if w.request.constraint is not None]
+        decode = [w for w in decode if w.request.constraint is None]
         out_d = self._run_decode(decode) if decode else None
+        out_b = self._run_decode(bound, 1) if bound else None
         finished = []
         now = time.perf_counter()
         for group, (out, lps) in out_p:
@@ -389,13 +399,15 @@ class Engine:
                     self._emit(req, emitted[i, k, :n_new[i, k]].tolist(), now, _row_logprobs(got, slice(None)))
                 if req.done:
                     finished.append(req)
-        elif decode:
-            toks, lps = out_d
+        for rows, out, n in ((() if self.speculative else decode, out_d, self.decode_steps), (bound, out_b, 1)):
+            if not rows:
+                continue
+            toks, lps = out
             toks = np.asarray(toks)
             lps = None if lps is None else jax.tree.map(np.asarray, lps)
-            for i, w in enumerate(decode):
+            for i, w in enumerate(rows):
                 req = w.request
-                req.computed += self.decode_steps
+                req.computed += n
                 if self._emit(req, toks[i].tolist(), now, _row_logprobs(lps, i)):
                     finished.append(req)
         return finished
@@ -439,6 +451,13 @@ class Engine:
                 reason = "stop"
                 text = self.tokenizer.decode(req.output + take)[:end]
             req.text = text
+        if req.constraint is not None:
+            for t in take:
+                if not req.constraint.advance(t):  # (cannot happen: the token was drawn from the allowed ones)
+                    req.error = f"the grammar refused token {t}"
+                    reason = "error"
+            if req.constraint.done and reason is None:
+                reason = "stop"
         req.output.extend(take)
         if req.logprobs is not None and lps is not None:
             req.token_logprobs.extend((lp, top[:req.logprobs]) for lp, top in lps[:len(take)])
@@ -478,20 +497,23 @@ class Engine:
 
     @staticmethod
     def _penalized(work: list[Work]) -> bool:
-        return any(w.request.sampling.penalized for w in work)
+        return any(w.request.sampling.penalized or w.request.constraint is not None for w in work)
 
     def _penalties(self, work: list[Work], rows: int) -> dict | None:
         """The token-dependent transforms' arrays of a step (sampling.penalize), None when no row uses them (the
         usual case: no [rows, V] arrays built or sent). Counts are of each row's output so far; `seen` also
-        covers its prompt."""
+        covers its prompt; `allowed` is each constrained row's grammar mask for its next token."""
         if not self._penalized(work):
             return None
         V = self.cfg.vocab_size
         pen = {"bias": np.zeros((rows, V), np.float32), "seen": np.zeros((rows, V), bool),
                "counts": np.zeros((rows, V), np.int32), "presence": np.zeros(rows, np.float32),
-               "frequency": np.zeros(rows, np.float32), "repetition": np.ones(rows, np.float32)}
+               "frequency": np.zeros(rows, np.float32), "repetition": np.ones(rows, np.float32),
+               "allowed": np.ones((rows, V), bool)}
         for i, w in enumerate(work):
             s, req = w.request.sampling, w.request
+            if req.constraint is not None and w.sample:
+                pen["allowed"][i] = req.constraint.allowed()
             if not s.penalized:
                 continue
             for t, b in s.logit_bias:
@@ -560,8 +582,9 @@ class Engine:
         return min(_bucket(reach, 4), self.table_width)
 
     @_on_mesh
-    def _run_decode(self, work: list[Work]):
+    def _run_decode(self, work: list[Work], n_steps: int | None = None):
         B = self._rows(len(work))
+        n_steps = n_steps or self.decode_steps
         token = np.zeros(B, np.int32)
         position = np.zeros(B, np.int32)
         valid = np.zeros(B, bool)
@@ -573,7 +596,7 @@ class Engine:
         table = self._tables(work, B, self._decode_width(reach))
         t0 = time.perf_counter()
         K = self._logprobs_k(work)
-        fresh = self._note_compile("decode", B, table.shape[1], K, self._penalized(work))
+        fresh = self._note_compile("decode", B, table.shape[1], K, self._penalized(work), n_steps)
         if self.speculative:
             draft = np.zeros(B, np.int32)
             q = np.zeros((B, self.cfg.vocab_size), np.float32)
@@ -589,7 +612,7 @@ class Engine:
                 w.request.draft, w.request.draft_q = int(draft[i]), q[i]
             out = (emitted, n_new, lps)
         else:
-            toks, lps, self.pools = steps.decode_step(self.decode_graphdef, self.decode_steps, K, self.state,
+            toks, lps, self.pools = steps.decode_step(self.decode_graphdef, n_steps, K, self.state,
                                                       self.pools, *self._put(table, token, position, valid,
                                                                              *self._sampling(work, B)),
                                                       self._penalties(work, B))

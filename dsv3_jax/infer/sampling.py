@@ -78,14 +78,17 @@ def penalize(logits: jax.Array, pen: dict | None) -> jax.Array:
         l += bias                                        (logit_bias)
         l = l / r where l > 0, l * r where l <= 0        for tokens of the prompt or output (repetition_penalty)
         l -= frequency x count + presence x [count > 0]  counts over the output (frequency / presence_penalty)
-    pen: {'bias' [B, V], 'seen' [B, V] bool, 'counts' [B, V] int32, 'presence', 'frequency', 'repetition' [B]}."""
+        l = -inf where the row's grammar allows no token  (structured outputs: `allowed`)
+    pen: {'bias' [B, V], 'seen' [B, V] bool, 'counts' [B, V] int32, 'presence', 'frequency', 'repetition' [B],
+    'allowed' [B, V] bool}."""
     if pen is None:
         return logits
     l = logits.astype(jnp.float32) + pen["bias"]
     r = pen["repetition"][:, None]
     l = jnp.where(pen["seen"], jnp.where(l > 0, l / r, l * r), l)
     counts = pen["counts"].astype(jnp.float32)
-    return l - pen["frequency"][:, None] * counts - pen["presence"][:, None] * (counts > 0)
+    l = l - pen["frequency"][:, None] * counts - pen["presence"][:, None] * (counts > 0)
+    return jnp.where(pen["allowed"], l, -jnp.inf)  # a structured output's grammar: the tokens it allows now
 
 
 def penalties_seen(pen: dict | None, rows, token, live) -> dict | None:

@@ -48,6 +48,7 @@ class Request:
     logprobs: int | None = None  # report each output token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (no prefix-cache hits then)
     min_tokens: int = 0  # stop tokens and stop strings do not end the request before this many tokens
+    constraint: object = None  # a structured output's grammar state: allowed() -> [V] bool, advance(token), done
     include_stop_str: bool = False  # `text` keeps the stop string that ended the request
     token_logprobs: list = dataclasses.field(default_factory=list)  # per output token: (logprob, [(id, logprob)])
     prompt_lps: list | None = None  # per prompt token (the first: None), as token_logprobs

@@ -6,7 +6,9 @@
                                 repetition_penalty, logit_bias, seed, n (1..16 choices per prompt), stop,
                                 stop_token_ids, ignore_eos, min_tokens, include_stop_str_in_output, logprobs (0..20:
                                 each token's log-probability and that many alternatives), echo (the prompt's text
-                                and log-probabilities first), stream, stream_options.include_usage
+                                and log-probabilities first), stream, stream_options.include_usage,
+                                response_format (json_object, json_schema), structured_outputs (json, regex,
+                                choice, grammar): output held to the grammar by token masks (structured.py)
     POST /v1/chat/completions   messages [{role, content}] (content: a string, null or text parts) through the
                                 chat template (chat.py); the same fields, with logprobs (bool) + top_logprobs
     GET  /v1/models             the one served model
@@ -84,6 +86,8 @@ class _Common(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     speculative: bool | None = None
+    response_format: dict | None = None  # {"type": "text" | "json_object" | "json_schema", ...} (structured.py)
+    structured_outputs: dict | None = None  # vLLM's: {"json" | "regex" | "choice" | "grammar": ...}
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0)
@@ -334,6 +338,7 @@ class Routes:
         self.model_name, self.chat_template, self.default_max_tokens = model_name, chat_template, default_max_tokens
         self.eos_ids = tuple(eos_ids)
         self.tool_parser, self.reasoning = tool_parser, reasoning
+        self._grammars = None
         self.stats = Metrics(model_name)
         worker.on_finish, worker.on_tokens = self.stats.on_finish, self.stats.on_tokens
         # The longest token's text: a prompt of more characters than this times the context cannot fit, whatever
@@ -478,6 +483,24 @@ class Routes:
                                   f"{engine.max_seq_len} (prompt + max_tokens)", prompt_field(chat))
         return self.bad_logit_bias(body)
 
+    @staticmethod
+    def structure(body: _Common) -> tuple[dict, str] | None:
+        """(grammar spec, field) of a request asking for a structured output, None for free text."""
+        rf = body.response_format
+        if rf is not None and rf.get("type") not in (None, "text"):
+            return rf, "response_format"
+        if body.structured_outputs:
+            return body.structured_outputs, "structured_outputs"
+        return None
+
+    def grammars(self):
+        """The server's grammar engine (structured.Grammars), built on first use (it indexes the vocabulary)."""
+        if self._grammars is None:
+            from dsv3_jax.serve.structured import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.engine.cfg.vocab_size, self.eos_ids)
+        return self._grammars
+
     def engine_args(self, body: _Common, stops: list[str], reply: Reply) -> dict:
         stop_ids = tuple(body.stop_token_ids or ()) + (() if body.ignore_eos else self.eos_ids)
         return {"stop_strings": tuple(stops), "stop_ids": stop_ids, "min_tokens": body.min_tokens or 0,
@@ -500,7 +523,14 @@ class Routes:
                 if body.tools and body.tool_choice != "none":
                     c.tools = ToolStream(PARSERS[self.tool_parser])
         kw = self.engine_args(body, stops, reply)
+        spec = self.structure(body)
         for c in choices:
+            if spec is not None:
+                try:
+                    kw["constraint"] = self.grammars().make(*spec)
+                except UserError as e:
+                    self.cancel_all([x for x in choices if x.events is not None])
+                    return error(400, str(e), e.field)
             max_tokens = body.max_tokens or body.max_completion_tokens or (
                 self.engine.max_seq_len - len(c.prompt_ids) if chat else self.default_max_tokens)  # (chat: to the end)
             try:
