@@ -469,3 +469,36 @@ def test_penalties_and_logit_bias_equal_a_full_forward_reference(model):
     assert eng.result(plain).output == decoding.greedy(model, [PROMPTS[0]], NEW)[0]
     with pytest.raises(UserError, match="not supported with MTP"):
         engine(model, speculative=True).submit(PROMPTS[0], 4, s)
+
+
+def test_greedy_speculation_drafts_and_accepts_what_the_full_forward_predicts(model, alone):
+    """The drafted / accepted counts of greedy MTP speculation, request by request, equal a simulation on the
+    full forward's teacher-forced logits over prompt + the reference's greedy output: the draft after emitting
+    the token at position t is the MTP head's argmax at t - 1 (it reads token t and predicts t + 1); a verify
+    step accepts it iff it equals the next greedy token, then emits two tokens (the next draft: MTP at the
+    second's position - 1), else one; steps run until max_tokens are out."""
+    eng = engine(model, speculative=True, pages=64)
+    ids = [eng.submit(p, NEW, stop_ids=()) for p in PROMPTS]
+    eng.run()
+    for rid, p, out in zip(ids, PROMPTS, alone):
+        seq = list(p) + out
+        _, mtp = decoding.logits(model, np.asarray([seq], np.int32))
+        pred = np.asarray(jnp.argmax(mtp[0][0], -1))  # pred[t]: MTP at t predicts token t + 2
+        P = len(p)
+        pos, emitted, drafted, accepted = P, 1, 0, 0  # pos: the pending token's position (emitted, not fed)
+        draft = pred[P - 1]
+        while emitted < NEW:
+            drafted += 1
+            if pos + 1 < len(seq) and draft == seq[pos + 1]:
+                accepted += 1
+                emitted += 2
+                draft = pred[pos + 1] if pos + 1 < len(pred) else -1
+                pos += 2
+            else:
+                emitted += 1
+                draft = pred[pos]
+                pos += 1
+        req = eng.result(rid)
+        assert req.output == out and (req.drafted, req.accepted) == (drafted, accepted), (rid, req.drafted,
+                                                                                          req.accepted, drafted,
+                                                                                          accepted)
