@@ -26,6 +26,8 @@ Systems:
                         batch starts: what continuous batching is measured against
   transformers_batched  `DeepseekV3ForCausalLM.generate` on the same weights, left-padded batches of --concurrency
   transformers_single   the same, one request at a time
+  engine_json           the engine with every request held to a JSON object (structured outputs: llguidance's
+                        mask per token, one token per dispatch); an object may close before max_tokens
 Static-batch systems take requests in arrival order (with --rate a batch starts when its last request has
 arrived). The engine compiles every shape it can schedule first (`Engine.warmup`, as a server does at
 start-up) and reports the compilations the measured run still triggered (0 expected); the static system's
@@ -56,7 +58,7 @@ from decode import ensure_demo  # noqa: E402
 from dsv3_jax.infer.engine import Engine  # noqa: E402
 from dsv3_jax.infer.sampling import SamplingParams  # noqa: E402
 
-SYSTEMS = ("engine", "engine_c1", "static", "transformers_batched", "transformers_single")
+SYSTEMS = ("engine", "engine_c1", "static", "transformers_batched", "transformers_single", "engine_json")
 GREEDY = SamplingParams()
 
 
@@ -103,8 +105,8 @@ def make_engine(model, concurrency, args, name):
     return eng
 
 
-def run_engine(model, work, concurrency, args):
-    name = "engine" if concurrency > 1 else "engine_c1"
+def run_engine(model, work, concurrency, args, grammars=None):
+    name = ("engine" if concurrency > 1 else "engine_c1") + ("_json" if grammars is not None else "")
     eng = make_engine(model, concurrency, args, name)
     c0, n0 = eng.compile_seconds, eng.compilations
     times: dict[int, list[float]] = {}
@@ -113,8 +115,9 @@ def run_engine(model, work, concurrency, args):
     t0 = time.perf_counter()
 
     def submit(i, p, m):
-        rid = eng.submit(p, m, GREEDY, stop_ids=(), on_tokens=lambda req, new: times[req.rid].extend(
-            [time.perf_counter()] * len(new)))
+        constraint = None if grammars is None else grammars.make({"type": "json_object"})
+        rid = eng.submit(p, m, GREEDY, stop_ids=(), constraint=constraint,
+                         on_tokens=lambda req, new: times[req.rid].extend([time.perf_counter()] * len(new)))
         times[rid] = []
         arrival[rid] = time.perf_counter() if work[i][0] is None else t0 + work[i][0]
 
@@ -131,7 +134,7 @@ def run_engine(model, work, concurrency, args):
         live -= len(eng.step())
     wall = time.perf_counter() - t0 - (eng.compile_seconds - c0)  # shapes the warm-up missed: not service time
     records = [(arrival[r], times[r], len(eng.result(r).output)) for r in times]
-    return summarise("engine" if concurrency > 1 else "engine_c1", records, wall,
+    return summarise(name, records, wall,
                      {"warmup_compilations": n0, "compilations": eng.compilations - n0,
                       "compile_seconds": eng.compile_seconds - c0,
                       "pages": eng.pool.pages, "pages_peak": eng.pool.peak_used, "prefix_hits": eng.pool.hits,
@@ -366,6 +369,11 @@ def main(argv=None):
             rows.append(run_engine(model, work, args.concurrency, args))
         elif s == "engine_c1":
             rows.append(run_engine(model, work, 1, args))
+        elif s == "engine_json":
+            from dsv3_jax.serve.structured import Grammars
+
+            rows.append(run_engine(model, work, args.concurrency, args, Grammars(tokenizer, model.cfg.vocab_size,
+                                                                                 eos_ids=(1,))))
         elif s == "static":
             rows.append(run_static(model, work, args.concurrency, args))
         else:
