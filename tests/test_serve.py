@@ -59,7 +59,7 @@ def server(model_dir):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "serve.py", f"--hf={model_dir}", f"--port={port}", "--batch_size=4",
                              "--page_size=8", "--max_batch_tokens=64", "--cache_mib=4", "--shutdown_s=10",
-                             "--max_waiting=16"],
+                             "--max_waiting=16", "--tool_parser=deepseek_v31"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()  # "serving NAME at URL" once ready
     if "serving" not in line:
@@ -677,3 +677,31 @@ def test_structured_outputs_through_the_official_client(server):
         "model": server["model"], "prompt": "The", "max_tokens": 4,
         "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}).encode())
     assert code == 400 and got["error"]["param"] == "response_format", got
+
+
+def test_tool_choice_required_and_named_force_valid_calls(server):
+    """tool_choice 'required' and a named function on the small random model, which never calls a tool by itself:
+    the grammar of the tool section (the server runs --tool_parser=deepseek_v31) makes it write one, and each
+    call's arguments validate against that tool's schema (jsonschema), sampled at temperature 1."""
+    jsonschema = pytest.importorskip("jsonschema")
+    c = server["client"]
+    schemas = {"get_weather": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                                                "days": {"type": "integer", "minimum": 1,
+                                                                         "maximum": 9}},
+                               "required": ["city", "days"], "additionalProperties": False},
+               "get_time": {"type": "object", "properties": {"tz": {"enum": ["CET", "UTC"]}}, "required": ["tz"],
+                            "additionalProperties": False}}
+    tools = [{"type": "function", "function": {"name": n, "parameters": s}} for n, s in schemas.items()]
+    msgs = [{"role": "user", "content": "Hi"}]
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        r = c.chat.completions.create(model=server["model"], messages=msgs, tools=tools, tool_choice=choice,
+                                      max_tokens=200, temperature=1.0, seed=3, parallel_tool_calls=False)
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and len(calls) == 1, r
+        name = calls[0].function.name
+        assert name in schemas and (choice == "required" or name == "get_time")
+        jsonschema.validate(json.loads(calls[0].function.arguments), schemas[name])
+    code, got = raw(server, "POST", "/v1/chat/completions", json.dumps({
+        "model": server["model"], "messages": msgs, "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "nope"}}}).encode())
+    assert code == 400 and got["error"]["param"] == "tool_choice"

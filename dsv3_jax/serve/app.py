@@ -48,7 +48,7 @@ from dsv3_jax.serve.chat import TextStream, chat_ids, message_text, render_chat
 from dsv3_jax.serve.guard import Guard
 from dsv3_jax.serve.metrics import Metrics
 from dsv3_jax.serve.reasoning import ReasoningSplit, prompt_opens_thinking
-from dsv3_jax.serve.tools import PARSERS, ToolStream
+from dsv3_jax.serve.tools import PARSERS, ToolStream, call_grammar
 from dsv3_jax.serve.worker import EngineDead, EngineWorker, QueueFull
 
 
@@ -415,11 +415,21 @@ class Routes:
 
     def tool_refusal(self, body: ChatRequest) -> JSONResponse | None:
         choice = body.tool_choice
-        if choice in ("required",) or isinstance(choice, dict):
-            return error(400, f"tool_choice={choice!r}: forcing a tool call needs constrained decoding, which this "
-                              f"server does not have yet; use 'auto' or 'none'", "tool_choice")
-        if choice not in (None, "auto", "none"):
-            return error(400, f"tool_choice={choice!r}: one of 'none', 'auto'", "tool_choice")
+        if not (choice in (None, "auto", "none", "required") or isinstance(choice, dict)):
+            return error(400, f"tool_choice={choice!r}: one of 'none', 'auto', 'required' or "
+                              f"{{'type': 'function', 'function': {{'name': ...}}}}", "tool_choice")
+        if (choice == "required" or isinstance(choice, dict)) and not body.tools:
+            return error(400, f"tool_choice={choice!r} needs tools", "tool_choice")
+        if isinstance(choice, dict):
+            name = (choice.get("function") or {}).get("name")
+            if name not in {(t.get("function") or {}).get("name") for t in body.tools}:
+                return error(400, f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
+        if (choice == "required" or isinstance(choice, dict)) and self.tool_parser == "deepseek_v32":
+            return error(400, "tool_choice 'required' or a named function: not supported for DeepSeek-V3.2's DSML "
+                              "format yet; use 'auto'", "tool_choice")
+        if (choice == "required" or isinstance(choice, dict)) and (body.response_format or body.structured_outputs):
+            return error(400, "tool_choice 'required' or a named function already constrains the output; drop "
+                              "response_format / structured_outputs", "tool_choice")
         if body.tools and choice != "none" and self.tool_parser is None:
             return error(400, "tools: this model has no tool-call format this server knows (start serve.py with "
                               f"--tool_parser, one of {sorted(PARSERS)})", "tools")
@@ -483,9 +493,16 @@ class Routes:
                                   f"{engine.max_seq_len} (prompt + max_tokens)", prompt_field(chat))
         return self.bad_logit_bias(body)
 
-    @staticmethod
-    def structure(body: _Common) -> tuple[dict, str] | None:
-        """(grammar spec, field) of a request asking for a structured output, None for free text."""
+    def structure(self, body: _Common) -> tuple[dict, str] | None:
+        """(grammar spec, field) of a request asking for a structured output, None for free text. A chat's
+        tool_choice 'required' or a named function is one: a tool section calling those tools (tools.call_grammar)."""
+        choice = getattr(body, "tool_choice", None)
+        if choice == "required" or isinstance(choice, dict):
+            tools = body.tools if choice == "required" else [
+                t for t in body.tools if t["function"]["name"] == choice["function"]["name"]]
+            lark = call_grammar(PARSERS[self.tool_parser], tools, self.tokenizer.token_to_id,
+                                parallel=choice == "required" and body.parallel_tool_calls is not False)
+            return {"grammar": lark}, "tool_choice"
         rf = body.response_format
         if rf is not None and rf.get("type") not in (None, "text"):
             return rf, "response_format"

@@ -144,6 +144,40 @@ DEEPSEEK_V31 = MarkerFormat("deepseek_v31", "<｜tool▁calls▁begin｜>", "<�
 KIMI_K2 = MarkerFormat("kimi_k2", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>", "<|tool_call_begin|>",
                        "<|tool_call_end|>", "<|tool_call_argument_begin|>",
                        re.compile(r"(?:functions\.)?(?P<name>[^\s:<]+):\d+"))
+def _literal(text: str, token_id) -> str:
+    """A piece of a Lark grammar that writes `text`: its token when the tokenizer has it as one (`<[id]>`), else
+    the string."""
+    tid = token_id(text)
+    return f"<[{tid}]>" if tid is not None else json.dumps(text)
+
+
+def call_grammar(fmt: MarkerFormat, tools: list[dict], token_id, parallel: bool = True) -> str:
+    """A Lark grammar (llguidance's dialect: `%json` schemas, `<[id]>` tokens) of a tool section in `fmt` that calls
+    one of `tools` (or several, with `parallel`), each call's arguments held to its JSON schema: what
+    `tool_choice` 'required' or a named function makes the model write (serve/structured.py enforces it)."""
+    lit = lambda text: _literal(text, token_id)  # noqa: E731
+    rules, calls = [], []
+    for i, t in enumerate(tools):
+        f = t["function"]
+        schema = f.get("parameters") or {"type": "object"}
+        name = f["name"]
+        if fmt.name == "deepseek_v3":
+            head = f'{lit(fmt.call_begin)} "function" {lit("<｜tool▁sep｜>")} {json.dumps(name + fmt.head_end)}'
+            body = f"{json.dumps(fmt.args_open)} args{i} {json.dumps(fmt.args_close)}"
+        elif fmt.name == "deepseek_v31":
+            head, body = f"{lit(fmt.call_begin)} {json.dumps(name)} {lit(fmt.head_end)}", f"args{i}"
+        else:  # kimi_k2
+            head = f'{lit(fmt.call_begin)} {json.dumps("functions." + name + ":")} /[0-9]/ {lit(fmt.head_end)}'
+            body = f"args{i}"
+        rules.append(f"call{i}: {head} {body} {lit(fmt.call_end)}")
+        rules.append(f"args{i}: %json {json.dumps(schema)}")
+        calls.append(f"call{i}")
+    sep = ' "\\n"?' if fmt.name == "deepseek_v3" else ""  # (V3's template puts a newline between calls)
+    call = "(" + " | ".join(calls) + ")"
+    many = f"{call} ({sep} {call})*" if parallel else call
+    return "\n".join([f"start: {lit(fmt.section_begin)} {many} {lit(fmt.section_end)}"] + rules) + "\n"
+
+
 D = "｜DSML｜"  # DeepSeek-V3.2's markup (dsml.py writes it into prompts)
 CALLS_BEGIN, CALLS_END = f"<{D}function_calls>", f"</{D}function_calls>"
 INVOKE_END, PARAM_END = f"</{D}invoke>", f"</{D}parameter>"
