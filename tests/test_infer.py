@@ -32,13 +32,13 @@ def close(got, want, rel=1e-4):
     np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.abs(want).max())
 
 
-def draftable_model(seed=0, alpha=0.3):
+def draftable_model(seed=0, alpha=0.3, **cfg):
     """A random model whose MTP module is a usable (imperfect) draft model, so that speculative decoding
     both accepts and rejects: attention and FFN outputs are scaled by `alpha`, which makes the main model
     close to a bigram model logits(t_{i+1}) ~ head(norm(Emb(t_i))); the MTP module then passes Emb(t_{i+1})
     straight through (eh_proj = [I; 0], unit enorm, the main model's final norm), predicting t_{i+2} by the
     same bigram table. The residual attention/FFN terms make the two disagree now and then."""
-    cfg = tiny_config(num_nextn_predict_layers=1)
+    cfg = tiny_config(num_nextn_predict_layers=1, **cfg)
     m = build(lambda r: DeepSeekV3(cfg, rngs=r, runtime=tiny_runtime()), seed=seed, std=0.2)
     for blk in (m.dense_layers, m.moe_layers, m.mtp[0].block):
         blk.attn.wo.kernel[...] *= alpha

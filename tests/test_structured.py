@@ -113,3 +113,33 @@ def test_the_mask_is_exactly_the_grammars(setup):
     mask = grammars.make({"choice": [target]}, "structured_outputs").allowed()
     assert mask.dtype == bool and mask.shape == (320,) and 0 < mask.sum() < 320
     assert np.all(~mask[300:])  # ids past the tokenizer's vocabulary are never allowed
+
+
+def test_structured_outputs_under_mtp_speculation_equal_decoding_without_it():
+    """Drafts are checked against the grammar (a draft it refuses is never accepted; the second token of an
+    accepted pair is drawn under the grammar advanced by the draft): greedy constrained decoding with MTP
+    speculation gives exactly the tokens of constrained decoding without it, and accepts some drafts."""
+    from test_infer import draftable_model
+
+    from dsv3_jax.data import bpe
+    from dsv3_jax.serve.structured import Grammars
+
+    model = draftable_model(vocab_size=320)
+    tok = bpe.train_tokenizer(["abc-42 yes no maybe 0123456789 [1, 2]"] * 50, vocab_size=model.cfg.vocab_size)
+    grammars = Grammars(tok, model.cfg.vocab_size, eos_ids=(1,))
+    spec = {"type": "json_schema", "json_schema": {"schema": {
+        "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "maxItems": 4}}}
+    outs = []
+    for speculative in (False, True):
+        eng = Engine(model, page_size=4, max_batch=4, max_batch_tokens=24, pages=64, decode_steps=3,
+                     cache_dtype=jnp.float32, tokenizer=tok, max_seq_len=56, speculative=speculative)
+        ids = [eng.submit(p, 40, stop_ids=(1,), constraint=grammars.make(spec)) for p in ([3, 5, 7], [20], [9, 2, 4])]
+        eng.run()
+        outs.append([eng.result(r).output for r in ids])
+        assert all(eng.result(r).finish_reason == "stop" for r in ids)
+        if speculative:
+            assert sum(eng.result(r).accepted for r in ids) > 0
+    assert outs[0] == outs[1]
+    for out in outs[1]:
+        value = json.loads(tok.decode(out))
+        assert isinstance(value, list) and all(isinstance(v, int) for v in value)

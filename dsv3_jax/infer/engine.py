@@ -278,9 +278,6 @@ class Engine:
                 raise UserError(f"{name}={v} must be in [0, {MAX_LOGPROBS}]", field=name)
         if not 0 <= min_tokens <= max_tokens:
             raise UserError(f"min_tokens={min_tokens} must be in [0, max_tokens={max_tokens}]", field="min_tokens")
-        if self.speculative and constraint is not None:
-            raise UserError("structured outputs are not supported with MTP speculation yet (start the server "
-                            "without --speculative to use them)", field="response_format")
         if self.speculative and sampling.penalized:
             raise UserError("presence/frequency/repetition penalties and logit_bias are not supported with MTP "
                             "speculation (start the server without --speculative to use them)",
@@ -383,13 +380,15 @@ class Engine:
                 self.scheduler.register_prefix(req)
                 if w.sample and self._emit(req, [int(toks[i])], now, _row_logprobs(lps and lps[0], i)):
                     finished.append(req)
-        if decode and self.speculative:
-            emitted, n_new, lps = out_d
+        for rows, out in (((decode, out_d), (bound, out_b)) if self.speculative else ()):
+            if not rows:
+                continue
+            emitted, n_new, lps = out
             emitted, n_new = np.asarray(emitted), np.asarray(n_new)
             lps = None if lps is None else jax.tree.map(np.asarray, lps)
-            for i, w in enumerate(decode):
+            for i, w in enumerate(rows):
                 req = w.request
-                for k in range(self.decode_steps):
+                for k in range(n_new.shape[1]):
                     if req.done:
                         break
                     req.drafted += 1
@@ -399,7 +398,7 @@ class Engine:
                     self._emit(req, emitted[i, k, :n_new[i, k]].tolist(), now, _row_logprobs(got, slice(None)))
                 if req.done:
                     finished.append(req)
-        for rows, out, n in ((() if self.speculative else decode, out_d, self.decode_steps), (bound, out_b, 1)):
+        for rows, out, n in (() if self.speculative else ((decode, out_d, self.decode_steps), (bound, out_b, 1))):
             if not rows:
                 continue
             toks, lps = out
@@ -452,12 +451,13 @@ class Engine:
                 text = self.tokenizer.decode(req.output + take)[:end]
             req.text = text
         if req.constraint is not None:
-            for t in take:
+            for j, t in enumerate(take):
                 if not req.constraint.advance(t):  # (cannot happen: the token was drawn from the allowed ones)
-                    req.error = f"the grammar refused token {t}"
-                    reason = "error"
-            if req.constraint.done and reason is None:
-                reason = "stop"
+                    req.error, reason, take = f"the grammar refused token {t}", "error", take[:j]
+                    break
+                if req.constraint.done:  # complete: nothing may follow (a speculative second token is dropped)
+                    reason, take = reason or "stop", take[:j + 1]
+                    break
         req.output.extend(take)
         if req.logprobs is not None and lps is not None:
             req.token_logprobs.extend((lp, top[:req.logprobs]) for lp, top in lps[:len(take)])
@@ -494,6 +494,30 @@ class Engine:
             seeds[i], index[i] = s.seed, len(w.request.output)
             temp[i], top_k[i], top_p[i], min_p[i] = s.temperature, s.top_k, s.top_p, s.min_p
         return seeds, index, temp, top_k, top_p, min_p
+
+    def _allowed(self, work: list[Work], rows: int, draft: bool = False):
+        """Speculative steps' grammar masks (structured outputs), None when no row has a grammar: [rows, V] for the
+        token a prefill samples; with `draft`, [rows, 2, V]: the mask now and the mask after the row's draft (the
+        grammar advanced on a copy; a draft the grammar refuses leaves that mask open, as it cannot be accepted)."""
+        if not any(w.request.constraint is not None for w in work):
+            return None
+        V = self.cfg.vocab_size
+        out = np.ones((rows, 2, V) if draft else (rows, V), bool)
+        for i, w in enumerate(work):
+            g = w.request.constraint
+            if g is None or not w.sample:
+                continue
+            now = g.allowed()
+            if not draft:
+                out[i] = now
+                continue
+            out[i, 0] = now
+            if now[w.request.draft]:
+                after = g.copy()
+                if after.advance(w.request.draft) and not after.done:
+                    out[i, 1] = after.allowed()
+        (out,) = self._put(out)
+        return out
 
     @staticmethod
     def _penalized(work: list[Work]) -> bool:
@@ -549,7 +573,7 @@ class Engine:
         table = self._tables(work, B, min(width, self.table_width))
         t0 = time.perf_counter()
         K = self._logprobs_k(work)
-        fresh = self._note_compile("prefill", B, T, table.shape[1], K, self._penalized(work))
+        fresh = self._note_compile("prefill", B, T, table.shape[1], K, self._penalized(work))  # (spec: grammar)
         if self.speculative:
             next_known = np.full(B, -1, np.int32)
             for i, w in enumerate(work):
@@ -558,7 +582,8 @@ class Engine:
                     next_known[i] = seq[w.start + w.n]
             nxt, lps, draft, q, self.pools = steps.prefill_step_spec(
                 self.graphdef, K, self.state, self.pools, *self._put(table, tokens, positions, last, targets,
-                                                                      next_known, *self._sampling(work, B)))
+                                                                      next_known, *self._sampling(work, B)),
+                self._allowed(work, B))
             draft, q = np.asarray(draft), np.asarray(q)
             for i, w in enumerate(work):
                 if w.sample:
@@ -596,7 +621,7 @@ class Engine:
         table = self._tables(work, B, self._decode_width(reach))
         t0 = time.perf_counter()
         K = self._logprobs_k(work)
-        fresh = self._note_compile("decode", B, table.shape[1], K, self._penalized(work), n_steps)
+        fresh = self._note_compile("decode", B, table.shape[1], K, self._penalized(work), n_steps)  # (spec: grammar)
         if self.speculative:
             draft = np.zeros(B, np.int32)
             q = np.zeros((B, self.cfg.vocab_size), np.float32)
@@ -605,8 +630,9 @@ class Engine:
                 if w.request.draft_q is not None:
                     q[i] = w.request.draft_q
             emitted, n_new, lps, draft, q, self.pools = steps.verify_step(
-                self.decode_graphdef, self.decode_steps, K, self.state, self.pools,
-                *self._put(table, token, draft, q, position, valid, *self._sampling(work, B)))
+                self.decode_graphdef, n_steps, K, self.state, self.pools,
+                *self._put(table, token, draft, q, position, valid, *self._sampling(work, B)),
+                self._allowed(work, B, draft=True))
             draft, q = np.asarray(draft), np.asarray(q)
             for i, w in enumerate(work):
                 w.request.draft, w.request.draft_q = int(draft[i]), q[i]

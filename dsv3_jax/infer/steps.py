@@ -143,29 +143,37 @@ def _draft_rows(keys, logits, knobs):
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3,))
 def prefill_step_spec(graphdef, nlogprobs, state, pools, table, tokens, positions, last, targets, next_known, seeds,
-                      index, temperature, top_k, top_p, min_p):
+                      index, temperature, top_k, top_p, min_p, allowed=None):
     """`prefill_step` plus the MTP module over the same positions (its input at the chunk's last position is
     the token after it: `next_known`, or the token sampled here when the chunk ends the sequence); returns
-    the draft for the token after the sampled one."""
+    the draft for the token after the sampled one. `allowed` [B, V] (structured outputs): the sampled token's
+    grammar mask."""
     model = nnx.merge(graphdef, state)
     cache = _with_table(pools, table)
     logits, h, cache = model.decode(tokens, positions, cache)
     rows = jnp.arange(tokens.shape[0])
     knobs = (temperature, top_k, top_p, min_p)
-    nxt = sample_rows(seeds, index, logits[rows, last], knobs)
+    nxt = sample_rows(seeds, index, _masked(logits[rows, last], allowed), knobs)
     after = jnp.where(next_known >= 0, next_known, nxt)
     shifted = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1).at[rows, last].set(after)
     mtp_logits, cache = model.mtp_decode(h, shifted, positions, cache)
     draft, q = _draft_rows(_keys(seeds, index + 1, 1), mtp_logits[rows, last], knobs)
-    lps = _prefill_logprobs(logits, logits[rows, last], nxt, targets, knobs, nlogprobs)
+    lps = _prefill_logprobs(logits, _masked(logits[rows, last], allowed), nxt, targets, knobs, nlogprobs)
     return nxt, lps, draft, q, _strip(cache)
+
+
+def _masked(logits, allowed):
+    return logits if allowed is None else jnp.where(allowed, logits, -jnp.inf)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(4,))
 def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft, q, position, valid, seeds, index,
-                temperature, top_k, top_p, min_p):
+                temperature, top_k, top_p, min_p, allowed=None):
     """`steps` MTP speculative steps per row: verify [pending, draft] at [L, L+1], accept or resample, draft
-    the next token with the MTP module; rollback of a rejected draft = not advancing L.
+    the next token with the MTP module; rollback of a rejected draft = not advancing L. `allowed` [B, 2, V]
+    (structured outputs, with steps = 1): the grammar's masks at L and, if the draft is taken, at L + 1 (a draft
+    the grammar refuses has probability 0 there, so it is never accepted: the output is what decoding without
+    speculation under the same grammar gives).
     -> emitted [B, steps, 2], n_new [B, steps], log-probabilities of emitted (each [B, steps, 2, ...]) or None,
     draft [B], q [B, V], pools."""
     model = nnx.merge(graphdef, state)
@@ -176,6 +184,8 @@ def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft,
         pools, pending, draft, q, position, index = carry
         pos = jnp.where(valid[:, None], position[:, None] + jnp.arange(2), -1)
         logits, h, cache = model.decode(jnp.stack([pending, draft], 1), pos, _with_table(pools, table))
+        if allowed is not None:
+            logits = jnp.where(allowed, logits, -jnp.inf)
         a1_g = greedy(logits[:, 0])
 
         def verify_sampled():

@@ -11,7 +11,10 @@ computes the mask of a 129k-token vocabulary in tens of microseconds from a toke
 regular expressions and Lark grammars directly, and needs no per-schema compilation step that would stall a
 request (xgrammar compiles a schema first; outlines-core builds a full index). The engine applies the mask on
 the device (sampling.penalize: disallowed tokens at -inf, before temperature, top-k, top-p and min-p), so
-constrained and free rows share one step; a constrained row decodes one token per dispatch.
+constrained and free rows share one step; a constrained row decodes one token per dispatch. Under MTP
+speculation a verify step gets two masks per row, now and after its draft (the grammar advanced on a copy):
+a draft the grammar refuses has probability 0 and is never accepted, so the output is what decoding without
+speculation gives.
 
 Request specs (OpenAI's and vLLM's forms):
     response_format {"type": "json_object"}                      any JSON object
@@ -43,6 +46,9 @@ class Grammar:
         if mask.size < self.vocab_size:  # (ids past the tokenizer's vocabulary: never allowed)
             mask = np.concatenate([mask, np.zeros(self.vocab_size - mask.size, bool)])
         return mask
+
+    def copy(self) -> Grammar:
+        return Grammar(self.matcher.deep_copy(), self.vocab_size)
 
     def advance(self, token: int) -> bool:
         return bool(self.matcher.consume_token(int(token))) and not self.matcher.is_error()
