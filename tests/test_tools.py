@@ -334,3 +334,32 @@ def test_deepseek_v32_end_to_end(deepseek_dir, tmp_path):
     assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == CALLS
     assert r.choices[0].finish_reason == "tool_calls"
     worker.stop(5)
+
+
+@pytest.mark.parametrize("fmt", sorted(PARSERS))
+def test_the_forcing_grammar_of_each_format_accepts_its_calls_and_only_them(fmt, deepseek_dir):
+    """tool_choice 'required' / named: the grammar (tools.call_grammar, run by llguidance over DeepSeek's real
+    tokenizer) accepts the section each format's model writes for calls to the given tools, token by token, and
+    refuses a call to another function or arguments outside the tool's schema."""
+    pytest.importorskip("llguidance")
+    from dsv3_jax.interop import hf
+    from dsv3_jax.serve.structured import Grammars
+    from dsv3_jax.serve.tools import call_grammar
+
+    tok = hf.load_tokenizer(deepseek_dir)
+    grammars = Grammars(tok, 129_280, eos_ids=(1,))
+    schemas = [{"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "f"]}},
+                "required": ["city", "unit"]},
+               {"type": "object", "properties": {"tz": {"type": "string"}, "n": {"type": "array"}},
+                "required": ["tz", "n"]}]
+    tools = [{"type": "function", "function": {"name": n, "parameters": s}} for (n, _), s in zip(CALLS, schemas)]
+    text = written(fmt, "").lstrip("\n")
+    lark = call_grammar(PARSERS[fmt], tools, tok.token_to_id)
+
+    def accepts(t):
+        ids = tok.encode(t, add_special_tokens=False).ids
+        return grammars.make({"grammar": lark}, "tool_choice").matcher.validate_tokens(ids) == len(ids)
+
+    assert accepts(text)
+    assert not accepts(text.replace("get_time", "get_tide"))
+    assert not accepts(text.replace("celsius", "kelvin"))

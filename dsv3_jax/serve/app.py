@@ -424,9 +424,6 @@ class Routes:
             name = (choice.get("function") or {}).get("name")
             if name not in {(t.get("function") or {}).get("name") for t in body.tools}:
                 return error(400, f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
-        if (choice == "required" or isinstance(choice, dict)) and self.tool_parser == "deepseek_v32":
-            return error(400, "tool_choice 'required' or a named function: not supported for DeepSeek-V3.2's DSML "
-                              "format yet; use 'auto'", "tool_choice")
         if (choice == "required" or isinstance(choice, dict)) and (body.response_format or body.structured_outputs):
             return error(400, "tool_choice 'required' or a named function already constrains the output; drop "
                               "response_format / structured_outputs", "tool_choice")

@@ -151,10 +151,45 @@ def _literal(text: str, token_id) -> str:
     return f"<[{tid}]>" if tid is not None else json.dumps(text)
 
 
+def _dsml_grammar(tools: list[dict], parallel: bool) -> str:
+    """V3.2's tool section as a Lark grammar: per tool an invoke with its schema's required parameters in order,
+    strings as they are (string="true": one of an enum, else text without '<'; a pattern or format is not
+    enforced), the others as JSON under their own schema."""
+    q = json.dumps  # a Lark string literal
+    nl = q("\n")
+    rules, calls = [], []
+    for i, t in enumerate(tools):
+        f = t["function"]
+        schema = f.get("parameters") or {}
+        props = schema.get("properties") or {}
+        params = []
+        for j, key in enumerate(schema.get("required") or []):
+            sub = props.get(key, {})
+            head = f'<{D}parameter name="{key}" string='
+            enum = sub.get("enum")
+            if enum and all(isinstance(v, str) for v in enum):  # written as they are (string="true")
+                value = "(" + " | ".join(q(v) for v in enum) + ")"
+                rules.append(f"p{i}_{j}: {q(head + chr(34) + 'true' + chr(34) + '>')} {value} {q(PARAM_END)}")
+            elif sub.get("type") == "string":  # (a pattern or format is not enforced here)
+                rules.append(f"p{i}_{j}: {q(head + chr(34) + 'true' + chr(34) + '>')} /[^<]*/ {q(PARAM_END)}")
+            else:
+                rules.append(f"p{i}_{j}: {q(head + chr(34) + 'false' + chr(34) + '>')} v{i}_{j} {q(PARAM_END)}")
+                rules.append(f"v{i}_{j}: %json {json.dumps(sub)}")
+            params.append(f"p{i}_{j}")
+        invoke = q(f'<{D}invoke name="{f["name"]}">')
+        rules.append(f"call{i}: {invoke} {nl} {(' ' + nl + ' ').join(params) or q('')} {nl} {q(INVOKE_END)}")
+        calls.append(f"call{i}")
+    call = "(" + " | ".join(calls) + ")"
+    many = f"{call} ({nl} {call})*" if parallel else call
+    return "\n".join([f"start: {q(CALLS_BEGIN)} {nl} {many} {nl} {q(CALLS_END)}"] + rules) + "\n"
+
+
 def call_grammar(fmt: MarkerFormat, tools: list[dict], token_id, parallel: bool = True) -> str:
     """A Lark grammar (llguidance's dialect: `%json` schemas, `<[id]>` tokens) of a tool section in `fmt` that calls
     one of `tools` (or several, with `parallel`), each call's arguments held to its JSON schema: what
     `tool_choice` 'required' or a named function makes the model write (serve/structured.py enforces it)."""
+    if fmt.name == "deepseek_v32":
+        return _dsml_grammar(tools, parallel)
     lit = lambda text: _literal(text, token_id)  # noqa: E731
     rules, calls = [], []
     for i, t in enumerate(tools):
