@@ -143,3 +143,21 @@ def test_structured_outputs_under_mtp_speculation_equal_decoding_without_it():
     for out in outs[1]:
         value = json.loads(tok.decode(out))
         assert isinstance(value, list) and all(isinstance(v, int) for v in value)
+
+
+def test_a_thinking_model_thinks_before_the_format_holds(setup):
+    """AfterReasoning: under a prompt that opened <think>, every token is free until the end-of-reasoning token,
+    then the grammar holds (exactly its mask), and the request is done when the grammar is."""
+    from dsv3_jax.serve.structured import AfterReasoning
+
+    model, tok, grammars = setup
+    END = 7  # (the id standing for </think> here)
+    g = AfterReasoning(grammars.make({"choice": ["yes"]}, "structured_outputs"), END)
+    assert g.allowed().all() and not g.done
+    assert g.advance(42) and g.advance(99) and g.allowed().all()  # thinking: anything goes
+    assert g.advance(END)
+    plain = grammars.make({"choice": ["yes"]}, "structured_outputs")
+    np.testing.assert_array_equal(g.allowed(), plain.allowed())
+    for t in tok.encode("yes").ids:
+        assert g.advance(t)
+    assert g.done

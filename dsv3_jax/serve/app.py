@@ -48,6 +48,7 @@ from dsv3_jax.serve.chat import TextStream, chat_ids, message_text, render_chat
 from dsv3_jax.serve.guard import Guard
 from dsv3_jax.serve.metrics import Metrics
 from dsv3_jax.serve.reasoning import ReasoningSplit, prompt_opens_thinking
+from dsv3_jax.serve.structured import AfterReasoning
 from dsv3_jax.serve.tools import PARSERS, ToolStream, call_grammar
 from dsv3_jax.serve.worker import EngineDead, EngineWorker, QueueFull
 
@@ -542,6 +543,9 @@ class Routes:
             if spec is not None:
                 try:
                     kw["constraint"] = self.grammars().make(*spec)
+                    end = self.tokenizer.token_to_id("</think>")
+                    if c.split is not None and c.split.open_at_start and end is not None:
+                        kw["constraint"] = AfterReasoning(kw["constraint"], end)  # think first, then the format
                 except UserError as e:
                     self.cancel_all([x for x in choices if x.events is not None])
                     return error(400, str(e), e.field)

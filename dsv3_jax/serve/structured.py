@@ -59,6 +59,31 @@ class Grammar:
         return bool(self.matcher.is_stopped())
 
 
+class AfterReasoning:
+    """A grammar that starts after the model's reasoning: every token is free until `end_id` (`</think>`) is
+    generated, then `grammar` holds (a thinking model under response_format thinks first, then answers in the
+    format). The engine sees the same interface as `Grammar`."""
+
+    def __init__(self, grammar: Grammar, end_id: int, thinking: bool = True):
+        self.grammar, self.end_id, self.thinking = grammar, end_id, thinking
+
+    def allowed(self) -> np.ndarray:
+        return np.ones(self.grammar.vocab_size, bool) if self.thinking else self.grammar.allowed()
+
+    def copy(self) -> AfterReasoning:
+        return AfterReasoning(self.grammar.copy(), self.end_id, self.thinking)
+
+    def advance(self, token: int) -> bool:
+        if self.thinking:
+            self.thinking = int(token) != self.end_id
+            return True
+        return self.grammar.advance(token)
+
+    @property
+    def done(self) -> bool:
+        return not self.thinking and self.grammar.done
+
+
 class Grammars:
     def __init__(self, tokenizer, vocab_size: int, eos_ids):
         import llguidance
