@@ -13,10 +13,12 @@ the same in many tests). The cache has no size limit: with one, JAX re-reads the
 entry while another process writes the same one; JAX then warns and compiles instead, so nothing wrong is loaded.
 Set DSV3_TEST_COMPILATION_CACHE=0 to run without it.
 """
+import gc
 import os
 import shutil
 import tempfile
 
+import pytest
 from testenv import xla_flags
 
 os.environ["XLA_FLAGS"] = xla_flags(devices=8)  # (and the fast-compile flags: see testenv.py)
@@ -43,3 +45,16 @@ def pytest_unconfigure(config):
 # files to the front instead (collection order under --no-loadscope-reorder) was not faster on 2 cores (18 min
 # 35 s at 2c861f3, against 14 min 36 s for xdist's own order at 18480ce earlier the same evening; the machine's
 # speed varied that evening, so the comparison is weak), so the order is left to xdist.
+
+
+# Memory maps: every compiled XLA CPU program holds mmaps of its code, and jit's caches keep every program a test
+# file compiled. A worker that runs many files then reaches the kernel's limit (vm.max_map_count, 65,530 here),
+# mmap fails inside XLA, and the worker aborts in a loop (seen at a13de7f: the last file of a worker, 65,532 maps).
+# So each test file's programs are dropped when the file is done; the persistent cache above makes any later
+# compilation of the same program a load from disk.
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs_after_each_file():
+    yield
+    gc.collect()
+    jax.clear_caches()
+    gc.collect()
