@@ -8,14 +8,10 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import TYPE_CHECKING
 
 from dsv3_jax.serve.chat import TextStream
 from dsv3_jax.serve.reasoning import ReasoningSplit
 from dsv3_jax.serve.tools import ToolStream
-
-if TYPE_CHECKING:
-    from dsv3_jax.serve.app import Routes, _Common
 
 
 def sse(obj) -> str:
@@ -42,7 +38,8 @@ class Choice:
 class Reply:
     """The OpenAI bodies of one answer: the whole completion, or its server-sent-event chunks."""
 
-    def __init__(self, routes: Routes, body: _Common, chat: bool):  # (the routes it answers for: app.py)
+    def __init__(self, routes, body, chat: bool):
+        """`routes`: the app.Routes answering (its model name, token pieces, final text); `body`: the request."""
         self.routes, self.body, self.chat = routes, body, chat
         self.model = routes.model_name
         self.created, self.id = int(time.time()), ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
