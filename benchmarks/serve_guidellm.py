@@ -17,15 +17,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
+from _serve import start_server  # noqa: E402
 from decode import ensure_demo  # noqa: E402
 
 
@@ -42,9 +41,6 @@ def main(argv=None):
     if shutil.which("guidellm") is None:
         raise SystemExit('guidellm is not installed: pip install -e ".[bench]"')
     ensure_demo(args.workdir, args.train_steps)
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
     model = os.path.basename(os.path.normpath(args.workdir))
     with tempfile.TemporaryDirectory(prefix="dsv3_guidellm_") as d:
         tok = os.path.join(d, "tokenizer")
@@ -53,15 +49,8 @@ def main(argv=None):
         with open(os.path.join(tok, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
                        "eos_token": "<|end_of_text|>"}, f)
-        server = subprocess.Popen([sys.executable, "serve.py", f"--checkpoint={args.workdir}", f"--port={port}",
-                                   f"--batch_size={args.streams}", "--max_seq_len=512", "--warmup"],
-                                  cwd=C.ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        t0 = time.perf_counter()
-        line = server.stdout.readline()
-        if "serving" not in line:
-            server.kill()
-            raise SystemExit(f"serve.py did not start: {line!r}")
-        print(f"server ready in {time.perf_counter() - t0:.0f}s: {line.strip()}", flush=True)
+        server, port = start_server([f"--checkpoint={args.workdir}", f"--batch_size={args.streams}",
+                                     "--max_seq_len=512", "--warmup"])
         out = os.path.join(d, "guidellm.json")
         cmd = ["guidellm", "run", "--backend", f"kind=openai_http,target=http://127.0.0.1:{port},model={model}",
                "--profile", f"kind=concurrent,streams={args.streams}",

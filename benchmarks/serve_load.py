@@ -230,33 +230,18 @@ def run_transformers(tf, work, concurrency, name):
 
 
 # ---------------------------------------------------------------------------------------------- HTTP soak
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-
 def soak(args, tokenizer, work):
     """N streaming clients against `python serve.py` for a set duration (the --http mode)."""
     import http.client
     import re
-    import socket
-    import subprocess
     import threading
 
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    cmd = [sys.executable, "serve.py", f"--checkpoint={args.workdir}", f"--port={port}",
-           f"--batch_size={args.concurrency}", f"--page_size={args.page_size}",
-           f"--max_batch_tokens={args.max_batch_tokens}", f"--decode_steps={args.decode_steps}",
-           f"--max_waiting={4 * args.clients}", "--max_seq_len=768", "--warmup"]
-    t_start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=C.ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise SystemExit(f"serve.py did not start: {line!r}")
-    print(f"  server ready in {time.perf_counter() - t_start:.0f}s (warm-up included): {line.strip()}", flush=True)
+    from _serve import rss_mib, start_server
+
+    proc, port = start_server([f"--checkpoint={args.workdir}", f"--batch_size={args.concurrency}",
+                               f"--page_size={args.page_size}", f"--max_batch_tokens={args.max_batch_tokens}",
+                               f"--decode_steps={args.decode_steps}", f"--max_waiting={4 * args.clients}",
+                               "--max_seq_len=768", "--warmup"])
     rss_start = rss_mib(proc.pid)
     model = os.path.basename(os.path.normpath(args.workdir))
     records, errors, lock = [], [], threading.Lock()

@@ -31,8 +31,6 @@ import os
 import random
 import re
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -40,6 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
+from _serve import rss_mib, start_server  # noqa: E402
 from decode import ensure_demo  # noqa: E402
 
 KINDS = (("stream", 0.35), ("whole", 0.2), ("chat", 0.1), ("cancel_sse", 0.1), ("cancel_http", 0.1),
@@ -47,11 +46,6 @@ KINDS = (("stream", 0.35), ("whole", 0.2), ("chat", 0.1), ("cancel_sse", 0.1), (
 STOPS = ["\n", ".", " the"]
 INVALID = [{"temperature": -1}, {"top_p": 0}, {"seed": 2 ** 64}, {"n": 100}, {"logprobs": 50}, {"model": "nope"},
            {"prompt": "word " * 4000}, {"max_tokens": 0}, "{not json"]
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
 def metrics(port: int) -> dict:
@@ -186,20 +180,9 @@ def main(argv=None):
     from dsv3_jax.data import corpus
 
     prompts = [t[:rng_len] for t, rng_len in zip(corpus.default_corpus()[:64], [40, 120, 300, 600] * 16)]
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    cmd = [sys.executable, "serve.py", f"--checkpoint={args.workdir}", f"--port={port}",
-           f"--batch_size={args.batch_size}", f"--cache_mib={args.cache_mib}", f"--max_waiting={4 * args.clients}",
-           "--max_seq_len=512", "--warmup", "--shutdown_s=30"]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=C.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = proc.stdout.readline()
-    if "serving" not in line:
-        proc.kill()
-        raise SystemExit(f"serve.py did not start: {line!r} {proc.stderr.read()[-2000:]}")
-    threading.Thread(target=proc.stderr.read, daemon=True).start()  # (drained, so it never blocks the server)
-    print(f"server ready in {time.perf_counter() - t0:.0f}s: {line.strip()}", flush=True)
+    proc, port = start_server([f"--checkpoint={args.workdir}", f"--batch_size={args.batch_size}",
+                               f"--cache_mib={args.cache_mib}", f"--max_waiting={4 * args.clients}",
+                               "--max_seq_len=512", "--warmup", "--shutdown_s=30"])
     model = os.path.basename(os.path.normpath(args.workdir))
     soak = Soak(args, port, model, prompts)
     start = time.perf_counter()
