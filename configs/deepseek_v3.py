@@ -39,7 +39,7 @@ def get_config():
     m.fp8 = False  # set True for the FP8 training recipe
     m.expert_capacity_factor = 0.0  # dropless expert parallelism
     m.expert_dispatch = "auto"  # ragged_all_to_all on GPU/TPU; padded all_to_all on CPU
-    m.attention = "auto"  # cuDNN flash attention on GPU (MLA head dims need Hopper, cuDNN 9.10)
+    m.attention = "auto"  # cuDNN flash attention on GPU (MLA head dims need Hopper, cuDNN 9.10), blockwise on TPU
 
     c.train.steps = 450_000  # recalled order of magnitude: 14.8T tokens / (15360 x 4096)
     c.train.batch_size = 15360

@@ -40,7 +40,7 @@ def get_config():
     m.fp8 = False  # FP8 block-scaled GEMMs (True: DeepSeek-V3 recipe; on CPU the jnp formulation)
     m.expert_capacity_factor = 0.0  # expert parallelism: 0 = dropless
     m.expert_dispatch = "auto"  # expert parallelism: ragged_all_to_all on GPU/TPU, all_to_all on CPU
-    m.attention = "auto"  # training attention core: einsum on CPU, cuDNN flash attention on GPU
+    m.attention = "auto"  # training attention core: einsum on CPU, cuDNN flash attention on GPU, blockwise on TPU
 
     c.train.steps = 300
     c.train.batch_size = 16

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from dsv3_jax import runtime as runtime_lib
+from dsv3_jax.blockwise_attention import blockwise_attention
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8.resident import QWeight
@@ -156,9 +157,15 @@ class MLA(nnx.Module):
     # ------------------------------------------------------------------ training path / prefill
     def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype) -> jax.Array:
         """Causal attention with K/V expanded from the latent: [B, T, *] -> [B, T, D]. The core is the einsum
-        below (the reference) or, per `Runtime.attention`, `jax.nn.dot_product_attention` ('xla', 'cudnn')."""
+        below (the reference) or, per `Runtime.attention`, the blockwise (flash) form in plain JAX ('blockwise',
+        `blockwise_attention.py`: no [T, T] scores in memory) or `jax.nn.dot_product_attention` ('xla', 'cudnn')."""
         cfg = self.cfg
         k_nope, v = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)  # [B, S, N, dn], [B, S, N, dv]
+        if self.runtime.attention == "blockwise":
+            q, k = self.full_heads(q_nope, q_pe, k_nope, k_pe)
+            block = self.runtime.attention_block
+            out = blockwise_attention(q, k, v, scale=cfg.softmax_scale, block_q=block, block_k=block)
+            return self.wo(out.astype(dtype))
         if self.runtime.attention != "einsum":
             out = self.fused_core(q_nope, q_pe, k_nope, k_pe, v)
             if out is not None:
@@ -174,15 +181,20 @@ class MLA(nnx.Module):
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(f32)).astype(dtype)  # [B, T, N, dv]
         return self.wo(out)
 
+    def full_heads(self, q_nope, q_pe, k_nope, k_pe):
+        """q = [q_nope, q_pe], k = [k_nope, k_pe shared by the heads]: [B, T, N, dn + dr] each."""
+        N = self.cfg.num_attention_heads
+        q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
+        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (N, k_pe.shape[-1])).astype(k_nope.dtype)
+        return q, jnp.concatenate([k_nope, k_pe], axis=-1)
+
     def fused_core(self, q_nope, q_pe, k_nope, k_pe, v) -> jax.Array | None:
         """softmax(q.k * scale, causal) v by `jax.nn.dot_product_attention` (cuDNN: flash attention, no [T, T]
         scores in memory; MLA's qk head dim 192 differs from v's 128, which cuDNN runs from Hopper and 9.10 on):
         q = [q_nope, q_pe], k = [k_nope, k_pe shared by the heads] -> [B, T, N, dv]. None when 'auto' chose
         cuDNN and cuDNN refuses these shapes or dtype (the einsum runs); an explicit 'cudnn' raises."""
-        rt, N = self.runtime, self.cfg.num_attention_heads
-        q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)
-        k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (N, k_pe.shape[-1])).astype(k_nope.dtype)
-        k = jnp.concatenate([k_nope, k_pe], axis=-1)
+        rt = self.runtime
+        q, k = self.full_heads(q_nope, q_pe, k_nope, k_pe)
         def core(v):
             return jax.nn.dot_product_attention(q, k, v, scale=self.cfg.softmax_scale, is_causal=True,
                                                 implementation=rt.attention)

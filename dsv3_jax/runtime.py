@@ -34,6 +34,7 @@ What it holds, and who reads it:
                                                              of `infer.paged_attention`)
     attention, attention_fallback                            the causal attention core of training and prefill:
                                                              'einsum' (scores materialised, the reference),
+                                                             'blockwise' (flash attention in plain JAX),
                                                              'xla' or 'cudnn' (jax.nn.dot_product_attention;
                                                              cudnn: flash attention, MLA's 192/128 head dims on
                                                              Hopper); fallback: einsum where cuDNN refuses
@@ -63,7 +64,7 @@ GROUPED_IMPLS = ("ragged", "mgpu")  # rows sorted by expert, grouped GEMMs (expe
 DISPATCHES = ("padded", "ragged")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/pipeline/schedules.py
 PAGED_ATTENTION = ("jnp", "pallas")
-ATTENTION = ("einsum", "xla", "cudnn")  # the training / prefill attention core (mla.MLA.expanded)
+ATTENTION = ("einsum", "blockwise", "xla", "cudnn")  # the training / prefill attention core (mla.MLA.expanded)
 FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
 # keys of a config's `model` section that describe the run, with their defaults
 MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8": False,
@@ -209,6 +210,7 @@ class Runtime:
     paged_attention: str = "jnp"
     attention: str = "einsum"
     attention_fallback: bool = False  # 'auto' chose cudnn: einsum where cuDNN refuses the shapes or dtype
+    attention_block: int = 512  # 'blockwise': query and key rows per tile
 
     def __post_init__(self):
         for name, value, choices in (("expert_impl", self.expert_impl, EXPERT_IMPLS),
@@ -223,6 +225,9 @@ class Runtime:
         if self.block_size <= 0:
             raise UserError(f"moe_block_size={self.block_size} must be > 0 (rows per expert block).",
                             key="moe_block_size")
+        if self.attention_block <= 0:
+            raise UserError(f"Runtime.attention_block={self.attention_block} must be > 0 (rows per attention tile).",
+                            key="Runtime.attention_block")
         if self.capacity_factor < 0:
             raise UserError(f"expert_capacity_factor={self.capacity_factor} must be >= 0 (0: dropless).",
                             key="expert_capacity_factor")
@@ -348,8 +353,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
       expert_dispatch  'ragged' (ragged_all_to_all; with a capacity factor, a receive buffer of cf x a balanced
                        rank's rows) on GPU/TPU, else 'padded' (all_to_all; XLA:CPU has no ragged_all_to_all)
       microbatches 0   twice the pipeline stages (1 without a pipeline)
-      attention        'cudnn' on GPU (flash attention; einsum where cuDNN refuses the shapes or dtype), else
-                       'einsum'
+      attention        'cudnn' on GPU (flash attention; einsum where cuDNN refuses the shapes or dtype), 'blockwise'
+                       on TPU (flash attention in plain JAX, blockwise_attention.py), else 'einsum'
     """
     p = platform()
     choices = ("auto",) + EXPERT_IMPLS
@@ -368,7 +373,7 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
         raise UserError(f"attention={attention!r}: choose from {('auto',) + ATTENTION}.", key="attention")
     fallback = attention == "auto" and p == "gpu"
     if attention == "auto":
-        attention = "cudnn" if p == "gpu" else "einsum"
+        attention = {"gpu": "cudnn", "tpu": "blockwise"}.get(p, "einsum")
     impl = ("blocks" if p == "cpu" else "ragged") if moe_impl == "auto" else moe_impl
     grouped_fp8 = fp8 or fp8_weights  # the FP8 grouped GEMM uses the block layout
     if grouped_fp8 and impl in GROUPED_IMPLS:
