@@ -27,14 +27,21 @@ import dataclasses
 import jax
 
 from dsv3_jax.objective import model_losses
+from dsv3_jax.param_kinds import cast_for_compute
 from dsv3_jax.parallel.pipeline import slot_state
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Plain:
-    """`jax.value_and_grad` of the model, the state in the layer layout."""
+    """`jax.value_and_grad` of the model, the state in the layer layout. `compute_dtype`: the weights used in it
+    are cast to it before the model runs (`param_kinds.cast_for_compute`; None: not, as under FP8 training, whose
+    GEMMs quantise the float32 masters)."""
 
     layout = None
+    compute_dtype: object = None
+
+    def _params(self, params):
+        return params if self.compute_dtype is None else cast_for_compute(params, self.compute_dtype)
 
     def state_specs(self, specs: dict, shapes: dict, sizes: dict) -> dict:
         return specs
@@ -47,14 +54,14 @@ class Plain:
 
     def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None):
         def objective(params):
-            terms, stats = model_losses(graphdef, params, biases, window)
+            terms, stats = model_losses(graphdef, self._params(params), biases, window)
             total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
             return total, (terms, stats)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
 
     def loss(self, graphdef, params, biases, window, *, mesh=None):
-        return model_losses(graphdef, params, biases, window)[0]["loss"]
+        return model_losses(graphdef, self._params(params), biases, window)[0]["loss"]
 
     def save_meta(self) -> dict:
         return slot_state.save_meta(self.layout)
@@ -110,7 +117,7 @@ class Pipelined(Plain):
 def program_for(rt, model_cfg, seq_len: int) -> Plain:
     """The program of a train step under `rt`: the scheduled pipeline when its mesh has more than one stage."""
     if rt.stages <= 1:
-        return Plain()
+        return Plain(compute_dtype=None if rt.fp8 else model_cfg.compute_dtype)
     from dsv3_jax.parallel.pipeline import executor
 
     prog, gds = executor.for_training(model_cfg, rt, seq_len)
