@@ -27,8 +27,8 @@ import dataclasses
 import jax
 
 from dsv3_jax.objective import model_losses
-from dsv3_jax.param_kinds import cast_for_compute
 from dsv3_jax.parallel.pipeline import slot_state
+from dsv3_jax.param_kinds import cast_for_compute
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -195,6 +195,20 @@ def test_fp8_resident_decode_compiles_for_tpu7x_with_the_pallas_gemm_partitioned
     assert r["mesh"] == {"expert": 4, "tensor": 2}, r  # (before the partitioning: "Mosaic kernels cannot be
     # automatically partitioned")
 
+@pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu-aot]' under Python "
+                                           ">= 3.12); benchmarks/aot.py and README's AOT table run it")
+def test_decode_with_the_paged_attention_kernel_compiles_for_v5e_2x2():
+    """The Pallas paged-attention kernel (Mosaic) in the engine's decode step, rows split over data 2 x expert 2:
+    it compiles only in its own shard_map (before it: "Mosaic kernels cannot be automatically partitioned")."""
+    from test_train import micro_config
+
+    c = micro_config()
+    c.mesh.data, c.mesh.expert = 2, 2
+    r = aot.serve_step_report(c, "v5e:2x2", step="decode", batch=8, context=256, page_size=16,
+                              paged_attention="pallas")
+    assert r["paged_attention"] == "pallas" and r["hbm_fits"] and r["mesh"] == {"data": 2, "expert": 2}, r
+
+
 def test_out_of_memory_messages_of_xla_are_read_by_hand():
     G, T = 1024 ** 3, 1024 ** 4
     assert aot._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 108.30G of 94.75G hbm.") \

@@ -62,6 +62,26 @@ def test_paged_attention_matches_numpy(impl, backend, dtype):
         assert np.isfinite(got).all()
 
 
+def test_the_kernel_on_a_mesh_runs_each_devices_rows_and_heads():
+    """Under a mesh (data 2 x tensor 2 of the 8 fake devices) the kernel runs in its own shard_map (rows over the
+    batch axes, heads over 'tensor': a Pallas kernel cannot be partitioned by XLA), and equals numpy."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dsv3_jax import sharding
+
+    args = _case(jnp.float32, seed=1)
+    mesh = sharding.make_mesh(dict(data=2, tensor=2), jax.devices()[:4])
+    rows = NamedSharding(mesh, P("data"))
+    placed = [jax.device_put(a, rows if i in (0, 1, 4, 5) else NamedSharding(mesh, P())) for i, a in enumerate(args)]
+    f = jax.jit(lambda *a: paged_attention(*a, scale=0.125, layer=1, impl="pallas", backend="triton", block_q=4))
+    with jax.set_mesh(mesh):
+        got = np.asarray(f(*placed))
+        assert "shard_map" in str(jax.make_jaxpr(f)(*placed))
+    want = numpy_reference(*args, scale=0.125, layer=1)
+    np.testing.assert_allclose(got[:3], want[:3], rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_paged_attention_kernel_lowers_for_accelerators(platform):
     """At V3's sizes (128 heads, R 512, dr 64, pages of 64, bf16), stacked pools of 3 layers."""

@@ -25,6 +25,7 @@ the reference on CPU and lowers for CUDA and TPU, but no accelerator run has yet
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -214,5 +215,40 @@ def paged_attention(q_abs, q_pe, c_pool, pe_pool, page_table, positions, *, scal
         return reference(q_abs, q_pe, c_pool, pe_pool, page_table, positions, scale=scale, layer=layer)
     if impl != "pallas":
         raise UserError(f"paged attention impl={impl!r}: choose 'jnp' or 'pallas'")
-    return _pallas(q_abs, q_pe, c_pool, pe_pool, page_table, positions, scale=scale, layer=layer, block_q=block_q,
-                   backend=runtime.fp8_backend(backend), interpret=runtime.fp8_interpret(interpret))
+    kw = dict(scale=scale, block_q=block_q, backend=runtime.fp8_backend(backend),
+              interpret=runtime.fp8_interpret(interpret))
+    return _partitioned(q_abs, q_pe, c_pool, pe_pool, page_table, positions, layer, **kw)
+
+
+def _partitioned(q_abs, q_pe, c_pool, pe_pool, page_table, positions, layer, **kw):
+    """`_pallas`, in its own `shard_map` under a mesh context (a Pallas kernel is opaque to XLA's partitioner:
+    "Mosaic kernels cannot be automatically partitioned", as for the FP8 GEMMs, `fp8/gemm.py`): each device runs
+    its rows (split over the batch axes) and its heads (split over 'tensor') against the whole pool, which the
+    engine holds replicated over those axes. Without a mesh, inside `shard_map` already, or on one device, the
+    kernel is called as it is."""
+    from jax.sharding import PartitionSpec as P
+
+    from dsv3_jax.sharding import BATCH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    lay = jnp.zeros((), jnp.int32) if layer is None else jnp.asarray(layer, jnp.int32)
+    local = lambda q, qp, c, pe, t, pos, lay: _pallas(  # noqa: E731
+        q, qp, c, pe, t, pos, layer=None if layer is None else lay, **kw)
+    if mesh.empty or mesh.manual_axes or mesh.size == 1:
+        return local(q_abs, q_pe, c_pool, pe_pool, page_table, positions, lay)
+    if "stage" in mesh.axis_names and mesh.shape["stage"] > 1:
+        raise UserError("paged_attention='pallas' on a mesh with pipeline stages: the kernel reads a whole pool per "
+                        "device, and the engine splits the pools over 'stage' by layer; serve with "
+                        "paged_attention='jnp' there.", key="paged_attention")
+
+    def split(names, size):
+        axes = [a for a in names if a in mesh.axis_names and mesh.shape[a] > 1]
+        while axes and size % math.prod(mesh.shape[a] for a in axes):
+            axes.pop()
+        return tuple(axes) or None
+
+    rows, heads = split(BATCH_AXES, q_abs.shape[0]), split(("tensor",), q_abs.shape[2])
+    q_spec = P(rows, None, heads, None)
+    specs = (q_spec, q_spec, P(), P(), P(rows, None), P(rows, None), P())
+    return jax.shard_map(local, in_specs=specs, out_specs=q_spec, check_vma=False)(
+        q_abs, q_pe, c_pool, pe_pool, page_table, positions, lay)
