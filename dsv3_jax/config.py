@@ -85,6 +85,11 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = dataclasses.field(default_factory=RopeScaling)
     initializer_range: float = 0.006
+    # DeepSeek Sparse Attention (V3.2, `dsa.py`): index_topk > 0 adds the lightning indexer to every layer and
+    # each query attends only to the index_topk keys it scores highest; 0 is dense MLA (V3, V3.1, R1)
+    index_topk: int = 0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
     dtype: str = "bfloat16"  # activations / matmul inputs
     param_dtype: str = "float32"  # master weights
 
@@ -131,6 +136,16 @@ class ModelConfig:
             raise UserError(
                 f"ModelConfig.dtype={self.dtype!r} / param_dtype={self.param_dtype!r}: choose from {sorted(_DTYPES)}."
             )
+        if self.index_topk < 0:
+            raise UserError(f"ModelConfig.index_topk={self.index_topk} must be >= 0 (0: dense attention).")
+        if self.dsa:
+            if self.q_lora_rank is None:
+                raise UserError("ModelConfig.index_topk > 0 (sparse attention) needs q_lora_rank: the indexer's "
+                                "queries come from the query latent.")
+            if self.index_n_heads <= 0 or self.index_head_dim < self.qk_rope_head_dim or self.index_head_dim % 2:
+                raise UserError(f"ModelConfig.index_n_heads={self.index_n_heads} must be > 0 and index_head_dim="
+                                f"{self.index_head_dim} even and >= qk_rope_head_dim={self.qk_rope_head_dim} (RoPE "
+                                f"turns its first qk_rope_head_dim channels).")
         if self.has_moe:
             self._validate_moe()
 
@@ -179,6 +194,11 @@ class ModelConfig:
     @property
     def has_moe(self) -> bool:
         return self.first_k_dense_replace < self.num_hidden_layers
+
+    @property
+    def dsa(self) -> bool:
+        """DeepSeek Sparse Attention (V3.2): the indexer and top-k attention in every layer."""
+        return self.index_topk > 0
 
     @property
     def num_dense_layers(self) -> int:

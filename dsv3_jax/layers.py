@@ -51,6 +51,23 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """(x - mean) / sqrt(var + eps) * w + b, statistics in float32; output in the input dtype (the V3.2 indexer's
+    key norm)."""
+
+    def __init__(self, dim: int, eps: float, *, axis_name: str, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), (axis_name,), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), (axis_name,), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
 def fp8_params(rngs: nnx.Rngs, init, kshape, nshape, kaxes, naxes, lead=(), lead_axes=()):
     """An FP8-resident weight ([*lead, N..., K...] e4m3, the checkpoint's orientation, axes permuted with it)
     and its block scales ([*lead, Nb, Kb] f32, replicated along the block axes), as two `Fp8Param`s. The

@@ -46,6 +46,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.blockwise_attention import blockwise_attention
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.dsa import Indexer, topk_keep
 from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.layers import Einsum, RMSNorm
 from dsv3_jax.rope import apply_rope
@@ -140,12 +141,30 @@ class MLA(nnx.Module):
         self.kv_norm = RMSNorm(R, cfg.rms_norm_eps, axis_name="kv_lora", **nkw)
         self.wkv_b = Einsum("BTR,RNH->BTNH", (R, N, dn + dv), ("kv_lora", "heads", "kv_head_dim"), **kw)
         self.wo = Einsum("BTNH,NHD->BTD", (N, dv, D), ("heads", "v_head_dim", "embed"), **kw)
+        if cfg.dsa:  # DeepSeek Sparse Attention (V3.2): the lightning indexer picks each query's keys (dsa.py)
+            self.indexer = Indexer(cfg, rngs=rngs)
 
     def queries(self, x, cos, sin):
-        """q_nope [B, T, N, dn], roped q_pe [B, T, N, dr]."""
-        q = self.wq(x) if self.cfg.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        """q_nope [B, T, N, dn], roped q_pe [B, T, N, dr], and the normed query latent q_lat [B, T, Q] (None
+        without q_lora)."""
+        if self.cfg.q_lora_rank is None:
+            q, q_lat = self.wq(x), None
+        else:
+            q_lat = self.q_norm(self.wq_a(x))
+            q = self.wq_b(q_lat)
         q_nope, q_pe = jnp.split(q, [self.cfg.qk_nope_head_dim], axis=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
+        return q_nope, apply_rope(q_pe, cos, sin), q_lat
+
+    def sparse_keep(self, x, q_lat, cos, sin) -> jax.Array | None:
+        """DSA's selection over the sequence itself: keep [B, T, T] (causal, and each query's index_topk keys
+        scored highest by the indexer); None for dense MLA."""
+        if not self.cfg.dsa:
+            return None
+        T = x.shape[1]
+        q, w = self.indexer.queries(x, q_lat, cos, sin)
+        scores = self.indexer.scores(q, w, self.indexer.keys(x, cos, sin))
+        causal = jnp.broadcast_to(jnp.arange(T)[:, None] >= jnp.arange(T)[None, :], scores.shape)
+        return topk_keep(scores, causal, self.cfg.index_topk)
 
     def latent(self, x, cos, sin):
         """Normalised latent c_kv [B, T, R] and roped shared key k_pe [B, T, dr]."""
@@ -155,18 +174,20 @@ class MLA(nnx.Module):
         return self.kv_norm(c_kv), k_pe
 
     # ------------------------------------------------------------------ training path / prefill
-    def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype) -> jax.Array:
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype, keep=None) -> jax.Array:
         """Causal attention with K/V expanded from the latent: [B, T, *] -> [B, T, D]. The core is the einsum
         below (the reference) or, per `Runtime.attention`, the blockwise (flash) form in plain JAX ('blockwise',
-        `blockwise_attention.py`: no [T, T] scores in memory) or `jax.nn.dot_product_attention` ('xla', 'cudnn')."""
+        `blockwise_attention.py`: no [T, T] scores in memory) or `jax.nn.dot_product_attention` ('xla', 'cudnn').
+        `keep` [B, T, T] (sparse attention's selection, causal already): the einsum core with that mask."""
         cfg = self.cfg
         k_nope, v = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)  # [B, S, N, dn], [B, S, N, dv]
-        if self.runtime.attention == "blockwise":
+        dense = keep is None  # sparse attention's selection is a [T, T] mask: the einsum core applies it (no
+        if dense and self.runtime.attention == "blockwise":  # blockwise sparse core yet)
             q, k = self.full_heads(q_nope, q_pe, k_nope, k_pe)
             block = self.runtime.attention_block
             out = blockwise_attention(q, k, v, scale=cfg.softmax_scale, block_q=block, block_k=block)
             return self.wo(out.astype(dtype))
-        if self.runtime.attention != "einsum":
+        if dense and self.runtime.attention != "einsum":
             out = self.fused_core(q_nope, q_pe, k_nope, k_pe, v)
             if out is not None:
                 return self.wo(out.astype(dtype))
@@ -176,7 +197,7 @@ class MLA(nnx.Module):
         scores *= cfg.softmax_scale
         T = q_nope.shape[1]
         causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-        scores = jnp.where(causal, scores, jnp.finfo(f32).min)
+        scores = jnp.where(causal if keep is None else keep[:, None], scores, jnp.finfo(f32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(f32)).astype(dtype)  # [B, T, N, dv]
         return self.wo(out)
@@ -220,9 +241,10 @@ class MLA(nnx.Module):
     def prefill(self, x, cos, sin):
         """The training path, also returning the latent it used: out [B, T, D], c_kv [B, T, R], k_pe [B, T, dr]."""
         with jax.named_scope("attention"):
-            q_nope, q_pe = self.queries(x, cos, sin)
+            q_nope, q_pe, q_lat = self.queries(x, cos, sin)
             c_kv, k_pe = self.latent(x, cos, sin)
-            return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
+            keep = self.sparse_keep(x, q_lat, cos, sin)
+            return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep), c_kv, k_pe
 
     # ------------------------------------------------------------------ absorbed decode path
     def absorbed_kv_b(self, dtype) -> jax.Array:
@@ -257,7 +279,11 @@ class MLA(nnx.Module):
         """x [B, T, D] at positions [B, T] (consecutive per row): write their latents into the cache at those
         slots, attend over slots s <= position. Returns (out [B, T, D], cache)."""
         with jax.named_scope("attention"):
-            q_nope, q_pe = self.queries(x, cos, sin)
+            if self.cfg.dsa:
+                raise UserError("index_topk > 0: decoding a sparse-attention (V3.2) model from a cache is not built "
+                                "yet (the cache would need the indexer's keys); the full forward (training, "
+                                "scoring) runs it.", key="index_topk")
+            q_nope, q_pe, _ = self.queries(x, cos, sin)
             c_new, k_new = self.latent(x, cos, sin)
             cache = cache.write(positions, c_new, k_new, layer)
             return self.absorbed(q_nope, q_pe, cache, positions, layer, x.dtype), cache

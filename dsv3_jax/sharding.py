@@ -54,6 +54,8 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("expert_mlp", "tensor"),
     ("router_experts", None),
     ("mtp_concat", None),
+    ("index_heads", "tensor"),
+    ("index_head_dim", None),
     # inference cache
     ("cache_length", None),
 )

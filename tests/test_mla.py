@@ -83,7 +83,7 @@ def test_latent_and_absorbed_attention(q_lora):
 
     @nnx.jit
     def parts(m, x, c, s):
-        q_nope, q_pe = m.queries(x, c, s)
+        q_nope, q_pe, _ = m.queries(x, c, s)
         c_kv, k_pe = m.latent(x, c, s)
         return q_nope, q_pe, c_kv, k_pe, m(x, c, s)
 

@@ -59,6 +59,9 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
              "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _REQUIRED_MOE = ("n_routed_experts", "moe_intermediate_size", "n_shared_experts", "num_experts_per_tok",
                  "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob")
+# DeepSeek-V3.2 (model_type deepseek_v32: sparse attention, `dsa.py`): the indexer's fields, all required there
+_DSA = ("index_topk", "index_n_heads", "index_head_dim")
+_MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
 # transformers' DeepseekV3Config defaults where a field is absent from config.json (only those that
 # differ from ModelConfig's).
 _HF_DEFAULTS = {"max_position_embeddings": 4096, "initializer_range": 0.02}
@@ -74,7 +77,8 @@ _IGNORED = {
 # HF-only fields checked against the model (see `_check_hf_only`).
 _CHECKED = {"head_dim", "qk_head_dim", "num_key_value_heads", "hidden_act", "tie_word_embeddings",
             "attention_bias", "topk_method", "moe_layer_freq", "rope_interleave", "quantization_config",
-            "num_mtp_layers", "rope_theta", "rope_scaling", "rope_parameters"}
+            "num_mtp_layers", "rope_theta", "rope_scaling", "rope_parameters", "mlp_layer_types", "layer_types",
+            "mlp_bias"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +105,16 @@ def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
         if d.setdefault("num_nextn_predict_layers", mtp) != mtp:
             raise UserError(f"config.json: num_mtp_layers={mtp} but num_nextn_predict_layers="
                             f"{d['num_nextn_predict_layers']}; they name the same thing")
-    unknown = sorted(set(d) - set(_SAME) - _IGNORED - _CHECKED)
+    model_type = d.get("model_type", "deepseek_v3")
+    if model_type not in _MODEL_TYPES:
+        raise UserError(f"config.json: model_type={model_type!r}; dsv3_jax reads {sorted(_MODEL_TYPES)}")
+    dsa = model_type == "deepseek_v32"
+    unknown = sorted(set(d) - set(_SAME) - _IGNORED - _CHECKED - (set(_DSA) if dsa else set()))
     if unknown:
         raise UserError(f"config.json: unknown field(s) {unknown}; dsv3_jax reads DeepSeek-V3 configs "
-                        f"(model_type deepseek_v3). Remove them or extend dsv3_jax.interop.hf_config if they matter.")
-    if d.get("model_type", "deepseek_v3") != "deepseek_v3":
-        raise UserError(f"config.json: model_type={d['model_type']!r} is not 'deepseek_v3'")
-    absent = [k for k in _REQUIRED if k not in d]
+                        f"(model_type deepseek_v3; deepseek_v32 adds {', '.join(_DSA)}). Remove them or extend "
+                        f"dsv3_jax.interop.hf_config if they matter.")
+    absent = [k for k in _REQUIRED + (_DSA if dsa else ()) if k not in d]
     if d.get("n_routed_experts"):
         absent += [k for k in _REQUIRED_MOE if k not in d]
     if absent:
@@ -120,6 +127,10 @@ def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
     if fields.get("scoring_func", "sigmoid") != "sigmoid":
         raise UserError(f"config.json: scoring_func={fields['scoring_func']!r}; DeepSeek-V3 routing needs 'sigmoid'")
     theta, scaling = _parse_rope(d, fields.get("max_position_embeddings", ModelConfig.max_position_embeddings))
+    if dsa:
+        fields.update({k: d[k] for k in _DSA})
+        if int(d["index_topk"]) <= 0:
+            raise UserError(f"config.json: index_topk={d['index_topk']!r} must be > 0 for model_type deepseek_v32")
     fields.update(rope_theta=theta, rope_scaling=scaling, **overrides)
     try:
         cfg = ModelConfig(**fields)
@@ -206,6 +217,16 @@ def _check_hf_only(d: dict, cfg: ModelConfig):
         bad("topk_method", "only 'noaux_tc' (sigmoid scores, bias-corrected group top-k) is implemented")
     if d.get("moe_layer_freq", 1) != 1:
         bad("moe_layer_freq", "every layer after first_k_dense_replace is MoE")
+    if d.get("mlp_bias", False):
+        bad("mlp_bias", "the MLPs have no biases")
+    mlp = d.get("mlp_layer_types")
+    want = ["dense"] * cfg.first_k_dense_replace + ["sparse"] * (cfg.num_hidden_layers - cfg.first_k_dense_replace)
+    if mlp is not None and list(mlp) != want:
+        bad("mlp_layer_types", f"first_k_dense_replace={cfg.first_k_dense_replace} dense layers, then MoE ('sparse')")
+    layers = d.get("layer_types")
+    kind = "indexed_attention" if cfg.dsa else "full_attention"
+    if layers is not None and any(t != kind for t in layers):
+        bad("layer_types", f"every layer is {kind!r} in this model_type")
 
 
 def _fp8_block(d: dict) -> tuple[int, int] | None:
@@ -226,8 +247,9 @@ def _fp8_block(d: dict) -> tuple[int, int] | None:
 def config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "float32", fp8_block=None, bos_token_id=0,
                  eos_token_id=1) -> dict:
     """ModelConfig -> config.json dict in the release's spelling (rope_theta + rope_scaling)."""
-    d = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3"}
-    d.update({k: getattr(cfg, k) for k in _SAME})
+    model_type = "deepseek_v32" if cfg.dsa else "deepseek_v3"
+    d = {"architectures": [_MODEL_TYPES[model_type]], "model_type": model_type}
+    d.update({k: getattr(cfg, k) for k in _SAME + (_DSA if cfg.dsa else ())})
     rs = cfg.rope_scaling
     d.update(
         rope_theta=cfg.rope_theta,

@@ -249,6 +249,13 @@ def _block(cfg: ModelConfig, prefix: str, leaf: Path, index: tuple, moe: bool, f
     add(att + ("kv_norm", "scale"), index, a + "kv_a_layernorm.weight", "copy")
     add(att + ("wkv_b", "kernel"), index, a + "kv_b_proj.weight", "kv_b", q=True)
     add(att + ("wo", "kernel"), index, a + "o_proj.weight", "o", q=True)
+    if cfg.dsa:  # V3.2's lightning indexer (dsa.py); its RoPE channels are rotate-half in every checkpoint
+        ix, ia = att + ("indexer",), a + "indexer."
+        add(ix + ("wq_b", "kernel"), index, ia + "wq_b.weight", "kv_b", q=True)  # [H*Dh, Q] -> [Q, H, Dh]
+        add(ix + ("wk", "kernel"), index, ia + "wk.weight", "t", q=True)
+        add(ix + ("k_norm", "scale"), index, ia + "k_norm.weight", "copy")
+        add(ix + ("k_norm", "bias"), index, ia + "k_norm.bias", "copy")
+        add(ix + ("weights_proj", "kernel"), index, ia + "weights_proj.weight", "t")
     m, ffn = prefix + "mlp.", leaf + ("ffn",)
     if not moe:
         for ours, theirs in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):

@@ -1,0 +1,85 @@
+"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2): the lightning indexer and the top-k key selection it drives.
+
+In every layer of a V3.2 model (`ModelConfig.index_topk > 0`) the indexer scores every earlier key for each query,
+and MLA attends only to the `index_topk` keys scored highest (all of them while there are no more than that):
+
+    q      = wq_b(q_lat)                            [B, T, H, Dh]   (q_lat: MLA's normed query latent)
+    k      = LayerNorm(wk(x))                       [B, S, Dh]      (one key per token, shared by the H heads)
+    q, k   : RoPE on the first qk_rope_head_dim channels, rotate-half pairs (i, i + d/2) (MLA's own RoPE
+             turns interleaved pairs; transformers' DeepseekV32Indexer and DeepSeek's code do the same)
+    w      = weights_proj(x) * H^-0.5               [B, T, H]
+    score  = sum_h w[h] * relu(Dh^-0.5 * q[h] . k)  [B, T, S] float32
+    keep   = the index_topk largest scores among the keys s <= t (ties: the lower index, as lax.top_k)
+
+Defaults H = 64, Dh = 128, index_topk = 2048 (V3.2's config.json). DeepSeek's kernels apply a Hadamard rotation
+and FP8 to q and k before scoring; the rotation is orthogonal (it leaves q . k unchanged) and the FP8 is a
+precision choice, so this computes the scores in the compute dtype with float32 accumulation, as transformers does.
+
+`tests/test_dsa.py`: index_topk >= T equals dense MLA exactly; transformers' DeepseekV32ForCausalLM (tiny, random,
+index_topk < T so the selection decides the result) gives the same logits.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Einsum, LayerNorm
+
+F32 = jnp.float32
+
+
+def rope_half(x: jax.Array, cos: jax.Array, sin: jax.Array, dims: int) -> jax.Array:
+    """Rotate-half RoPE on the first `dims` channels of x [B, T, (H,) D] by cos/sin [B, T, dims/2] (the frequency
+    tables MLA uses): pairs (i, i + dims/2); float32 math."""
+    xf = x.astype(F32)
+    rot, rest = xf[..., :dims], xf[..., dims:]
+    a, b = rot[..., : dims // 2], rot[..., dims // 2:]
+    if x.ndim == 4:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    y = jnp.concatenate([a * cos - b * sin, b * cos + a * sin, rest], axis=-1)
+    return y.astype(x.dtype)
+
+
+class Indexer(nnx.Module):
+    """The lightning indexer of one layer (weights as V3.2's `self_attn.indexer.*`)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, Q, H, Dh = cfg.hidden_size, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim
+        kw = dict(std=cfg.initializer_range, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.wq_b = Einsum("BTQ,QHK->BTHK", (Q, H, Dh), ("q_lora", "index_heads", "index_head_dim"), **kw)
+        self.wk = Einsum("BTD,DK->BTK", (D, Dh), ("embed", "index_head_dim"), **kw)
+        self.k_norm = LayerNorm(Dh, 1e-6, axis_name="index_head_dim", param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.weights_proj = Einsum("BTD,DH->BTH", (D, H), ("embed", "index_heads"), **kw)
+
+    def keys(self, x, cos, sin) -> jax.Array:
+        """The index key of each token: x [B, T, D] -> [B, T, Dh] (what a cache keeps beside the latent)."""
+        return rope_half(self.k_norm(self.wk(x)), cos, sin, self.cfg.qk_rope_head_dim)
+
+    def queries(self, x, q_lat, cos, sin) -> tuple[jax.Array, jax.Array]:
+        """(q [B, T, H, Dh], per-head weights [B, T, H] float32) of the queries."""
+        q = rope_half(self.wq_b(q_lat), cos, sin, self.cfg.qk_rope_head_dim)
+        w = self.weights_proj(x).astype(F32) * self.cfg.index_n_heads ** -0.5
+        return q, w
+
+    def scores(self, q, w, k) -> jax.Array:
+        """sum_h w[h] relu(Dh^-0.5 q[h] . k[s]): q [B, T, H, Dh], w [B, T, H], k [B, S, Dh] -> [B, T, S] float32."""
+        s = jnp.einsum("BTHK,BSK->BTHS", q, k.astype(q.dtype), preferred_element_type=F32)
+        s = jax.nn.relu(s * self.cfg.index_head_dim ** -0.5)
+        return jnp.einsum("BTH,BTHS->BTS", w, s)
+
+
+def topk_keep(scores: jax.Array, valid: jax.Array, k: int) -> jax.Array:
+    """keep [B, T, S] bool: the k highest `scores` [B, T, S] among the `valid` keys of each query (all of them
+    where there are no more than k)."""
+    S = scores.shape[-1]
+    if k >= S:
+        return valid
+    masked = jnp.where(valid, scores, -jnp.inf)
+    _, idx = jax.lax.top_k(masked, k)  # [B, T, k]
+    chosen = jnp.zeros(scores.shape, jnp.bool_)
+    B, T = scores.shape[:2]
+    chosen = chosen.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], idx].set(True)
+    return chosen & valid

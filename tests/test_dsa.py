@@ -1,0 +1,119 @@
+"""DeepSeek Sparse Attention (V3.2, dsv3_jax/dsa.py) against transformers 5.25's DeepseekV32ForCausalLM (PyTorch,
+CPU, float32): tiny random V3.2 models saved with `save_pretrained`, loaded with `hf.load`, logits compared with
+index_topk smaller than the sequence, so that the indexer's selection decides the result (a test that the
+selection matters: the same weights with dense attention differ). Also: index_topk >= the length is dense MLA
+exactly, the half-split RoPE and the top-k against numpy, config.json in V3.2's released form, and the decode
+path refusing in one line (the indexer's key cache is not built yet)."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from test_interop import max_diff, our_logits, randomize, ref, tokens_for, torch_logits  # noqa: F401
+
+from dsv3_jax.cli import UserError
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.dsa import rope_half, topk_keep
+from dsv3_jax.interop import hf
+from dsv3_jax.interop.hf_config import parse_config
+from dsv3_jax.model import DeepSeekV3
+
+TOL = 1e-4
+# 16 indexer heads: a key every head's ReLU zeroes scores exactly 0, and ties would leave the top-k to each
+# library's tie order (16 heads: probability ~2^-16 per key)
+V32 = dict(vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+           num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+           qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+           n_group=4, topk_group=2, first_k_dense_replace=1, max_position_embeddings=128, index_topk=5,
+           index_n_heads=16, index_head_dim=8)
+
+
+def hf_v32(transformers, cfg: dict, seed: int):
+    config = transformers.DeepseekV32Config(**cfg, attn_implementation="eager")
+    return randomize(transformers.DeepseekV32ForCausalLM(config), seed).eval()
+
+
+@pytest.mark.parametrize("topk", [5, 11])
+def test_v32_logits_match_transformers(ref, tmp_path, topk):  # noqa: F811
+    """index_topk 5 and 11 over 16 tokens, BF16-free float32; the loaded model's dense twin differs."""
+    cfg_dict = dict(V32, index_topk=topk)
+    model = hf_v32(ref, cfg_dict, seed=3)
+    model.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == "deepseek_v32"
+    tokens = tokens_for(cfg_dict["vocab_size"], seed=4)
+    cfg, ours = hf.load(str(tmp_path))
+    assert cfg.dsa and cfg.index_topk == topk and (cfg.index_n_heads, cfg.index_head_dim) == (16, 8)
+    want = torch_logits(model, tokens)
+    got = our_logits(ours, tokens)[0]
+    assert max_diff(got, want) <= TOL * max(1.0, float(np.abs(want).max()))
+    dense = _dense_twin(ours)  # the selection decides the result: without it the logits move
+    assert max_diff(our_logits(dense, tokens)[0], want) > 100 * TOL
+
+
+def _dense_twin(model):
+    """The same weights in a dense-MLA model (index_topk 0: no indexer)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(model.cfg, index_topk=0)
+    dense = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0)))
+    want = nnx.state(dense)
+    got = nnx.to_flat_state(nnx.state(model))
+    keep = {path: v for path, v in got if "indexer" not in path}
+    flat = [(path, keep[path]) for path, _ in nnx.to_flat_state(want)]
+    nnx.update(dense, nnx.from_flat_state(flat))
+    return dense
+
+
+def test_topk_at_least_the_length_is_dense_mla_exactly(ref, tmp_path):  # noqa: F811
+    model = hf_v32(ref, dict(V32, index_topk=16), seed=5)
+    model.save_pretrained(tmp_path)
+    _, ours = hf.load(str(tmp_path))
+    tokens = tokens_for(V32["vocab_size"], seed=6)
+    np.testing.assert_array_equal(our_logits(ours, tokens)[0], our_logits(_dense_twin(ours), tokens)[0])
+
+
+def test_half_split_rope_and_topk_by_hand():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 2, 3, 6)).astype(np.float32)  # rotate the first 4 of 6 channels
+    ang = rng.normal(size=(1, 2, 2))
+    got = np.asarray(rope_half(jnp.asarray(x), jnp.cos(ang), jnp.sin(ang), 4))
+    c, s = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+    want = np.concatenate([x[..., 0:2] * c - x[..., 2:4] * s, x[..., 2:4] * c + x[..., 0:2] * s, x[..., 4:]], -1)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    scores = jnp.asarray([[[3.0, 1.0, 2.0, 9.0], [0.5, 4.0, 4.5, 1.0]]])  # [1, 2, 4]
+    valid = jnp.asarray([[[True, True, True, False], [True, True, True, True]]])
+    keep = np.asarray(topk_keep(scores, valid, 2))
+    assert keep.tolist() == [[[True, False, True, False], [False, True, True, False]]]
+
+
+def test_released_v32_config_and_bad_fields():
+    """V3.2's config.json as released (the indexer fields, no rope_interleave, layer types) parses; each missing
+    or inconsistent field gets one line naming it."""
+    released = dict(V32, architectures=["DeepseekV32ForCausalLM"], model_type="deepseek_v32", index_topk=2048,
+                    num_nextn_predict_layers=1, rope_theta=10000, routed_scaling_factor=2.5, norm_topk_prob=True,
+                    mlp_layer_types=["dense", "sparse", "sparse"],
+                    layer_types=["indexed_attention"] * 3, mlp_bias=False, qk_head_dim=12, head_dim=4)
+    cfg = parse_config(released).model
+    assert cfg.index_topk == 2048 and cfg.num_nextn_predict_layers == 1
+    for change, match in ((dict(index_topk=None), "index_topk"), (dict(model_type="deepseek_v4"), "model_type"),
+                          (dict(mlp_layer_types=["sparse"] * 3), "mlp_layer_types"),
+                          (dict(layer_types=["full_attention"] * 3), "layer_types")):
+        d = {k: v for k, v in {**released, **change}.items() if v is not None}
+        with pytest.raises(UserError, match=match):
+            parse_config(d)
+    with pytest.raises(UserError, match="unknown field"):  # a V3 config.json does not carry the indexer's fields
+        parse_config(dict(V32, model_type="deepseek_v3"))
+
+
+def test_decoding_a_sparse_model_from_a_cache_is_refused():
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8,
+                      qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_nextn_predict_layers=0,
+                      index_topk=4, index_n_heads=2, index_head_dim=8, rope_scaling=None, dtype="float32")
+    model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
+    assert model(jnp.zeros((1, 6), jnp.int32)).logits.shape == (1, 6, 32)
+    cache = model.init_cache(1, 8)
+    with pytest.raises(UserError, match="index_topk"):
+        jax.eval_shape(lambda: model.decode(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), cache))
