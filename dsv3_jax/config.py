@@ -201,6 +201,12 @@ class ModelConfig:
         return self.index_topk > 0
 
     @property
+    def cache_rope_width(self) -> int:
+        """Channels of a cached token's k_pe entry: the roped shared key (qk_rope_head_dim), and with sparse
+        attention the indexer's key (index_head_dim) beside it (`mla.LatentCache`, `infer.paged_cache`)."""
+        return self.qk_rope_head_dim + (self.index_head_dim if self.dsa else 0)
+
+    @property
     def num_dense_layers(self) -> int:
         return self.first_k_dense_replace
 

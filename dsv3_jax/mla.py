@@ -69,7 +69,7 @@ class LatentCache:
     def zeros(cls, cfg: ModelConfig, batch: int, capacity: int, dtype, layers: int | None = None) -> LatentCache:
         lead = () if layers is None else (layers,)
         return cls(c_kv=jnp.zeros(lead + (batch, capacity, cfg.kv_lora_rank), dtype),
-                   k_pe=jnp.zeros(lead + (batch, capacity, cfg.qk_rope_head_dim), dtype))
+                   k_pe=jnp.zeros(lead + (batch, capacity, cfg.cache_rope_width), dtype))
 
     @staticmethod
     def logical_axes(stacked: bool) -> LatentCache:
@@ -100,12 +100,19 @@ class LatentCache:
             return self.c_kv, self.k_pe
         return self.c_kv[layer], self.k_pe[layer]
 
-    def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp") -> jax.Array:
-        """The absorbed core over slots s <= positions[b, t] -> o_lat [B, T, N, R] f32 (`impl` is for paged
-        caches; a dense cache has one read)."""
+    def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp",
+               keep=None) -> jax.Array:
+        """The absorbed core over slots s <= positions[b, t] (and, given keep [B, T, S], only those it keeps)
+        -> o_lat [B, T, N, R] f32 (`impl` is for paged caches; a dense cache has one read)."""
         c_kv, k_pe = self.layer(layer)
         mask = jnp.arange(self.capacity)[None, None, :] <= positions[:, :, None]  # [B, T, S]
-        return latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale)
+        if keep is not None:
+            mask = mask & keep
+        return latent_attention(q_abs, q_pe, c_kv, k_pe[..., : q_pe.shape[-1]], mask, scale)
+
+    def key_channels(self, layer=None) -> jax.Array:
+        """The cached k_pe entries [B, S, cache_rope_width] (the indexer's keys follow the rope channels)."""
+        return self.layer(layer)[1]
 
 
 def latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale) -> jax.Array:
@@ -155,16 +162,12 @@ class MLA(nnx.Module):
         q_nope, q_pe = jnp.split(q, [self.cfg.qk_nope_head_dim], axis=-1)
         return q_nope, apply_rope(q_pe, cos, sin), q_lat
 
-    def sparse_keep(self, x, q_lat, cos, sin) -> jax.Array | None:
-        """DSA's selection over the sequence itself: keep [B, T, T] (causal, and each query's index_topk keys
-        scored highest by the indexer); None for dense MLA."""
-        if not self.cfg.dsa:
-            return None
-        T = x.shape[1]
+    def sparse_keep(self, x, q_lat, cos, sin, k_idx, valid) -> jax.Array:
+        """DSA's selection: keep [B, T, S], each query's index_topk keys scored highest by the indexer among the
+        `valid` [B, T, S] ones (x [B, T, D] and q_lat give the queries, k_idx [B, S, Dh] are the keys)."""
         q, w = self.indexer.queries(x, q_lat, cos, sin)
-        scores = self.indexer.scores(q, w, self.indexer.keys(x, cos, sin))
-        causal = jnp.broadcast_to(jnp.arange(T)[:, None] >= jnp.arange(T)[None, :], scores.shape)
-        return topk_keep(scores, causal, self.cfg.index_topk)
+        scores = self.indexer.scores(q, w, k_idx)
+        return topk_keep(scores, jnp.broadcast_to(valid, scores.shape), self.cfg.index_topk)
 
     def latent(self, x, cos, sin):
         """Normalised latent c_kv [B, T, R] and roped shared key k_pe [B, T, dr]."""
@@ -243,8 +246,13 @@ class MLA(nnx.Module):
         with jax.named_scope("attention"):
             q_nope, q_pe, q_lat = self.queries(x, cos, sin)
             c_kv, k_pe = self.latent(x, cos, sin)
-            keep = self.sparse_keep(x, q_lat, cos, sin)
-            return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep), c_kv, k_pe
+            if not self.cfg.dsa:
+                return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
+            T = x.shape[1]
+            k_idx = self.indexer.keys(x, cos, sin)
+            keep = self.sparse_keep(x, q_lat, cos, sin, k_idx, jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])
+            out = self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep)
+            return out, c_kv, jnp.concatenate([k_pe, k_idx.astype(k_pe.dtype)], axis=-1)  # (the cache's entry)
 
     # ------------------------------------------------------------------ absorbed decode path
     def absorbed_kv_b(self, dtype) -> jax.Array:
@@ -258,7 +266,7 @@ class MLA(nnx.Module):
         w = QWeight(qw.q.reshape(N * H, R), qw.s).dequantize(dtype)  # [N*H, R]
         return w.reshape(N, H, R).transpose(2, 0, 1)
 
-    def absorbed(self, q_nope, q_pe, cache, positions, layer, dtype) -> jax.Array:
+    def absorbed(self, q_nope, q_pe, cache, positions, layer, dtype, keep=None) -> jax.Array:
         """Attention over the latent cache with W_UK absorbed into the query and W_UV into the output.
 
         q_nope [B, T, N, dn], q_pe [B, T, N, dr] at positions [B, T]; the cache (dense or paged) runs the core
@@ -271,7 +279,7 @@ class MLA(nnx.Module):
         w_uk, w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope.astype(dt), w_uk, preferred_element_type=f32).astype(dt)
         o_lat = cache.attend(q_abs, q_pe.astype(dt), positions, layer, scale=cfg.softmax_scale,
-                             impl=self.runtime.paged_attention)  # [B, T, N, R] float32
+                             impl=self.runtime.paged_attention, keep=keep)  # [B, T, N, R] float32
         out = jnp.einsum("BTNR,RNH->BTNH", o_lat.astype(dt), w_uv, preferred_element_type=f32)  # [B, T, N, dv]
         return self.wo(out.astype(dtype))
 
@@ -279,11 +287,14 @@ class MLA(nnx.Module):
         """x [B, T, D] at positions [B, T] (consecutive per row): write their latents into the cache at those
         slots, attend over slots s <= position. Returns (out [B, T, D], cache)."""
         with jax.named_scope("attention"):
-            if self.cfg.dsa:
-                raise UserError("index_topk > 0: decoding a sparse-attention (V3.2) model from a cache is not built "
-                                "yet (the cache would need the indexer's keys); the full forward (training, "
-                                "scoring) runs it.", key="index_topk")
-            q_nope, q_pe, _ = self.queries(x, cos, sin)
+            q_nope, q_pe, q_lat = self.queries(x, cos, sin)
             c_new, k_new = self.latent(x, cos, sin)
+            if self.cfg.dsa:  # the indexer's key is cached beside the rope key
+                k_new = jnp.concatenate([k_new, self.indexer.keys(x, cos, sin).astype(k_new.dtype)], axis=-1)
             cache = cache.write(positions, c_new, k_new, layer)
-            return self.absorbed(q_nope, q_pe, cache, positions, layer, x.dtype), cache
+            keep = None
+            if self.cfg.dsa:
+                k_idx = cache.key_channels(layer)[..., self.cfg.qk_rope_head_dim:]  # [B, S, Dh]
+                valid = jnp.arange(k_idx.shape[1])[None, None, :] <= positions[:, :, None]
+                keep = self.sparse_keep(x, q_lat, cos, sin, k_idx.astype(x.dtype), valid)
+            return self.absorbed(q_nope, q_pe, cache, positions, layer, x.dtype, keep), cache

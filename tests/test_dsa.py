@@ -6,7 +6,6 @@ exactly, the half-split RoPE and the top-k against numpy, config.json in V3.2's 
 path refusing in one line (the indexer's key cache is not built yet)."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from flax import nnx
 from test_interop import max_diff, our_logits, randomize, ref, tokens_for, torch_logits  # noqa: F401
 
 from dsv3_jax.cli import UserError
-from dsv3_jax.config import ModelConfig
 from dsv3_jax.dsa import rope_half, topk_keep
 from dsv3_jax.interop import hf
 from dsv3_jax.interop.hf_config import parse_config
@@ -107,13 +105,25 @@ def test_released_v32_config_and_bad_fields():
         parse_config(dict(V32, model_type="deepseek_v3"))
 
 
-def test_decoding_a_sparse_model_from_a_cache_is_refused():
-    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8,
-                      qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_nextn_predict_layers=0,
-                      index_topk=4, index_n_heads=2, index_head_dim=8, rope_scaling=None, dtype="float32")
-    model = DeepSeekV3(cfg, rngs=nnx.Rngs(0))
-    assert model(jnp.zeros((1, 6), jnp.int32)).logits.shape == (1, 6, 32)
-    cache = model.init_cache(1, 8)
-    with pytest.raises(UserError, match="index_topk"):
-        jax.eval_shape(lambda: model.decode(jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), cache))
+def test_engine_greedy_equals_the_full_forward_with_sparse_attention(ref, tmp_path):  # noqa: F811
+    """The paged engine keeps each layer's indexer key beside the latent and selects the exact top-k at every
+    chunked-prefill and decode step: its greedy tokens equal greedy by repeated full forwards (the reference,
+    tests/reference/decoding.py), with index_topk 5 below every prompt's length; the dense twin's differ."""
+    from dsv3_jax.infer.engine import Engine
+
+    from reference import decoding
+
+    model = hf_v32(ref, V32, seed=7)
+    model.save_pretrained(tmp_path)
+    _, ours = hf.load(str(tmp_path))
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(2, V32["vocab_size"], n).tolist() for n in (7, 13, 21)]
+    want = decoding.greedy(ours, prompts, 8)
+    eng = Engine(ours, page_size=4, max_batch=4, max_batch_tokens=16, max_prefill_chunk=6, pages=40, decode_steps=2,
+                 cache_dtype=jnp.float32, max_seq_len=40)
+    ids = [eng.submit(p, 8, stop_ids=()) for p in prompts]
+    eng.run()
+    assert [eng.result(i).output for i in ids] == want
+    assert decoding.greedy(_dense_twin(ours), prompts, 8) != want
+    with pytest.raises(UserError, match="paged_attention='jnp'"):
+        Engine(ours, page_size=4, max_batch=2, max_batch_tokens=8, pages=20, max_seq_len=40, paged_attention="pallas")

@@ -169,6 +169,10 @@ class Engine:
                             f"{cfg.max_position_embeddings}]")
         self.table_width = _bucket(self.scheduler.pages_needed(self.max_seq_len + self.scheduler.lookahead))
         self.runtime = model.runtime.for_engine(paged_attention)
+        if cfg.dsa and self.runtime.paged_attention == "pallas":
+            raise UserError("engine: paged_attention='pallas' reads every slot up to a row's position; a sparse-"
+                            "attention model (index_topk > 0) is served with paged_attention='jnp'.",
+                            key="paged_attention")
         self.decode_runtime = self.runtime.for_decode()
         self.graphdef, self.state = nnx.split(with_runtime(model, self.runtime))
         self.decode_graphdef = nnx.split(with_runtime(model, self.decode_runtime))[0]

@@ -45,13 +45,16 @@ def gather_pages(pool, page_table):
     return pool[page_table].reshape(B, M * pool.shape[-2], pool.shape[-1])
 
 
-def reference(q_abs, q_pe, c_pool, pe_pool, page_table, positions, *, scale, layer=None):
-    """The plain-jnp read: gather the pages in table order, dense masked softmax. -> o_lat [B, T, N, R] f32."""
+def reference(q_abs, q_pe, c_pool, pe_pool, page_table, positions, *, scale, layer=None, keep=None):
+    """The plain-jnp read: gather the pages in table order, dense masked softmax (and, given keep [B, T, S],
+    only the slots sparse attention kept). -> o_lat [B, T, N, R] f32."""
     if layer is not None:
         c_pool, pe_pool = c_pool[layer], pe_pool[layer]
     c_kv, k_pe = gather_pages(c_pool, page_table), gather_pages(pe_pool, page_table)
     mask = jnp.arange(c_kv.shape[1])[None, None, :] <= positions[:, :, None]  # [B, T, S]
-    return latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale)
+    if keep is not None:
+        mask = mask & keep
+    return latent_attention(q_abs, q_pe, c_kv, k_pe[..., : q_pe.shape[-1]], mask, scale)
 
 
 # ---------------------------------------------------------------------------------------------- kernel body
@@ -203,18 +206,22 @@ def _pallas(q_abs, q_pe, c_pool, pe_pool, page_table, positions, *, scale, layer
 
 
 def paged_attention(q_abs, q_pe, c_pool, pe_pool, page_table, positions, *, scale, layer=None, impl="jnp",
-                    backend="auto", interpret=None, block_q=None):
+                    backend="auto", interpret=None, block_q=None, keep=None):
     """Absorbed attention over a paged latent pool -> o_lat [B, T, N, R] float32.
 
     q_abs [B, T, N, R] (W_UK absorbed), q_pe [B, T, N, dr] (roped), c_pool [(L,) P, G, R], pe_pool [(L,) P, G, dr],
     page_table [B, M] int32, positions [B, T] (-1: padding, sees nothing useful), layer: index into a stacked
     pool. impl 'jnp' | 'pallas'; backend 'triton' | 'mosaic_tpu' | 'auto'; interpret (default: on CPU);
-    block_q: (token, head) rows per program (default: up to 64).
+    block_q: (token, head) rows per program (default: up to 64); keep [B, T, M*G]: sparse attention's
+    selection (V3.2; 'jnp' only), the pools' k_pe then carrying the indexer's keys after the rope channels.
     """
     if impl == "jnp":
-        return reference(q_abs, q_pe, c_pool, pe_pool, page_table, positions, scale=scale, layer=layer)
+        return reference(q_abs, q_pe, c_pool, pe_pool, page_table, positions, scale=scale, layer=layer, keep=keep)
     if impl != "pallas":
         raise UserError(f"paged attention impl={impl!r}: choose 'jnp' or 'pallas'")
+    if keep is not None or pe_pool.shape[-1] != q_pe.shape[-1]:
+        raise UserError("paged_attention='pallas' reads every slot up to a row's position: sparse attention "
+                        "(index_topk > 0) is served with paged_attention='jnp'.", key="paged_attention")
     kw = dict(scale=scale, block_q=block_q, backend=runtime.fp8_backend(backend),
               interpret=runtime.fp8_interpret(interpret))
     return _partitioned(q_abs, q_pe, c_pool, pe_pool, page_table, positions, layer, **kw)

@@ -49,7 +49,7 @@ class PagedLatentCache:
     def zeros(cls, cfg, pages: int, page_size: int, dtype, layers: int | None = None) -> PagedLatentCache:
         lead = () if layers is None else (layers,)
         return cls(c_kv=jnp.zeros(lead + (pages, page_size, cfg.kv_lora_rank), dtype),
-                   k_pe=jnp.zeros(lead + (pages, page_size, cfg.qk_rope_head_dim), dtype),
+                   k_pe=jnp.zeros(lead + (pages, page_size, cfg.cache_rope_width), dtype),
                    page_table=jnp.zeros((1, 1), jnp.int32))
 
     @property
@@ -80,17 +80,23 @@ class PagedLatentCache:
         c_kv, k_pe = (self.c_kv, self.k_pe) if layer is None else (self.c_kv[layer], self.k_pe[layer])
         return gather_pages(c_kv, self.page_table), gather_pages(k_pe, self.page_table)
 
-    def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp") -> jax.Array:
+    def attend(self, q_abs, q_pe, positions, layer=None, *, scale: float, impl: str = "jnp",
+               keep=None) -> jax.Array:
         """The absorbed core read through the page table -> o_lat [B, T, N, R] f32 (`paged_attention`:
-        'jnp' gathers the pages, 'pallas' is the kernel)."""
+        'jnp' gathers the pages, 'pallas' is the kernel; `keep` [B, T, S]: sparse attention's selection)."""
         return paged_attention(q_abs, q_pe, self.c_kv, self.k_pe, self.page_table, positions, scale=scale,
-                               layer=layer, impl=impl)
+                               layer=layer, impl=impl, keep=keep)
+
+    def key_channels(self, layer=None) -> jax.Array:
+        """The row's cached k_pe entries [B, M*G, cache_rope_width] in table order (the indexer's keys follow
+        the rope channels)."""
+        return gather_pages(self.k_pe if layer is None else self.k_pe[layer], self.page_table)
 
 
 def bytes_per_token(cfg, itemsize: int, mtp: bool = False) -> int:
     """Cache bytes one token takes in every main layer (and the MTP layer when speculating)."""
     layers = cfg.num_hidden_layers + (1 if mtp else 0)
-    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * layers * itemsize
+    return (cfg.kv_lora_rank + cfg.cache_rope_width) * layers * itemsize
 
 
 def pages_for_budget(cfg, budget_bytes: int, page_size: int, itemsize: int, mtp: bool = False) -> int:
