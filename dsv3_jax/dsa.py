@@ -83,3 +83,44 @@ def topk_keep(scores: jax.Array, valid: jax.Array, k: int) -> jax.Array:
     B, T = scores.shape[:2]
     chosen = chosen.at[jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None], idx].set(True)
     return chosen & valid
+
+
+def sparse_latent_attention(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: Indexer, *, topk: int, scale: float,
+                            block: int) -> jax.Array:
+    """Sparse attention block by block in the latent (absorbed) form, memory O(T x topk), not O(T^2):
+
+        for each block of `block` queries: the indexer's scores against every key [B, block, S], the top-k keys
+        among the causal ones, their latents gathered [B, block, topk, R + dr], and a softmax over those only.
+
+    q_abs [B, T, N, R] (W_UK absorbed), q_pe [B, T, N, dr], c_kv [B, T, R], k_pe [B, T, dr], the indexer's q_idx
+    [B, T, H, Dh], w [B, T, H], k_idx [B, T, Dh] -> o_lat [B, T, N, R] float32 (times W_UV gives the heads'
+    outputs). The same numbers as the plain form (`topk_keep` as a [T, T] mask over the expanded heads) up to
+    summation order; each block is rematerialised in the backward."""
+    B, T, N, R = q_abs.shape
+    bq = min(block, T)
+    Tp = -(-T // bq) * bq
+    k = min(topk, T)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    q_abs, q_pe, q_idx, w = pad(q_abs), pad(q_pe), pad(q_idx), pad(w)
+    keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # [B, T, R + dr]
+    rows = jnp.arange(B)[:, None, None]
+
+    @jax.checkpoint
+    def one_block(i):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, 1)  # noqa: E731
+        qa, qp = sl(q_abs), sl(q_pe)
+        scores = indexer.scores(sl(q_idx), sl(w), k_idx)  # [B, bq, T]
+        qpos = i * bq + jnp.arange(bq)
+        causal = qpos[:, None] >= jnp.arange(T)[None, :]
+        _, idx = jax.lax.top_k(jnp.where(causal[None], scores, -jnp.inf), k)  # [B, bq, k]
+        chosen = idx <= qpos[None, :, None]  # fewer than k earlier keys: the rest are future ones, dropped
+        sel = keys[rows, idx]  # [B, bq, k, R + dr]
+        c_sel, pe_sel = sel[..., :R], sel[..., R:]
+        s = jnp.einsum("BTNR,BTKR->BTNK", qa, c_sel.astype(qa.dtype), preferred_element_type=F32)
+        s += jnp.einsum("BTNH,BTKH->BTNK", qp, pe_sel.astype(qp.dtype), preferred_element_type=F32)
+        s = jnp.where(chosen[:, :, None, :], s * scale, jnp.finfo(F32).min)
+        p = jax.nn.softmax(s, axis=-1)
+        return jnp.einsum("BTNK,BTKR->BTNR", p.astype(qa.dtype), c_sel.astype(qa.dtype), preferred_element_type=F32)
+
+    out = jax.lax.map(one_block, jnp.arange(Tp // bq))  # [nb, B, bq, N, R]
+    return jnp.moveaxis(out, 0, 1).reshape(B, Tp, N, R)[:, :T]

@@ -46,7 +46,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.blockwise_attention import blockwise_attention
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.dsa import Indexer, topk_keep
+from dsv3_jax.dsa import Indexer, sparse_latent_attention, topk_keep
 from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.layers import Einsum, RMSNorm
 from dsv3_jax.rope import apply_rope
@@ -250,9 +250,24 @@ class MLA(nnx.Module):
                 return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
             T = x.shape[1]
             k_idx = self.indexer.keys(x, cos, sin)
+            entry = jnp.concatenate([k_pe, k_idx.astype(k_pe.dtype)], axis=-1)  # (what a cache keeps)
+            if self.runtime.attention == "blockwise":  # block by block in the latent form: no [T, T] array
+                return self.sparse_blockwise(x, q_nope, q_pe, q_lat, c_kv, k_pe, k_idx, cos, sin), c_kv, entry
             keep = self.sparse_keep(x, q_lat, cos, sin, k_idx, jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])
-            out = self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep)
-            return out, c_kv, jnp.concatenate([k_pe, k_idx.astype(k_pe.dtype)], axis=-1)  # (the cache's entry)
+            return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep), c_kv, entry
+
+    def sparse_blockwise(self, x, q_nope, q_pe, q_lat, c_kv, k_pe, k_idx, cos, sin) -> jax.Array:
+        """Sparse attention of the training path in the absorbed form, block by block (`dsa.sparse_latent_attention`:
+        memory O(T x index_topk)): -> [B, T, D]."""
+        cfg, dt, f32 = self.cfg, x.dtype, jnp.float32
+        w_uk, w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
+        q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=f32).astype(dt)
+        q_idx, w = self.indexer.queries(x, q_lat, cos, sin)
+        o_lat = sparse_latent_attention(q_abs, q_pe.astype(dt), c_kv, k_pe, q_idx, w, k_idx, self.indexer,
+                                        topk=cfg.index_topk, scale=cfg.softmax_scale,
+                                        block=self.runtime.attention_block)
+        out = jnp.einsum("BTNR,RNH->BTNH", o_lat.astype(dt), w_uv, preferred_element_type=f32)
+        return self.wo(out.astype(dt))
 
     # ------------------------------------------------------------------ absorbed decode path
     def absorbed_kv_b(self, dtype) -> jax.Array:
