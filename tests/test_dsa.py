@@ -130,50 +130,66 @@ def test_engine_greedy_equals_the_full_forward_with_sparse_attention(ref, tmp_pa
         Engine(ours, page_size=4, max_batch=2, max_batch_tokens=8, pages=20, max_seq_len=40, paged_attention="pallas")
 
 
-def test_blockwise_sparse_form_equals_the_plain_form_without_a_square_array():
-    """attention='blockwise' runs sparse attention block by block in the latent form (dsa.sparse_latent_attention):
-    over T = 24 in blocks of 5 with index_topk 6 (and 30 >= T: dense), its output and every gradient equal the plain
-    form's (the [T, T] top-k mask over the expanded heads); at T = 64 its gradient program holds no [T, T] array."""
+def _sparse_mla(topk, attention, block=5):
     import dataclasses
 
     from dsv3_jax import runtime
     from dsv3_jax.config import ModelConfig
     from dsv3_jax.mla import MLA
-    from dsv3_jax.rope import rope_tables
 
     from reference import build
 
-    for topk in (6, 30):
-        cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8,
-                          qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_nextn_predict_layers=0,
-                          index_topk=topk, index_n_heads=8, index_head_dim=8, rope_scaling=None, dtype="float32",
-                          initializer_range=0.3)
-        plain = build(lambda r: MLA(cfg, rngs=r, runtime=runtime.resolve(attention="einsum")), seed=1)
-        rt = dataclasses.replace(runtime.resolve(attention="blockwise"), attention_block=5)
-        blocks = build(lambda r: MLA(cfg, rngs=r, runtime=rt), seed=1)
-        B, T = 2, 24
-        x = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, 16)), jnp.float32)
-        cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
+    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=8, kv_lora_rank=8,
+                      qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, num_nextn_predict_layers=0,
+                      index_topk=topk, index_n_heads=8, index_head_dim=8, rope_scaling=None, dtype="float32",
+                      initializer_range=0.3)
+    rt = dataclasses.replace(runtime.resolve(attention=attention), attention_block=block)
+    return build(lambda r: MLA(cfg, rngs=r, runtime=rt), seed=1)
 
-        def grads(m):
-            return nnx.grad(lambda m, x: (m(x, cos, sin) ** 2).sum(), argnums=(0, 1))(m, x)
 
-        np.testing.assert_allclose(np.asarray(blocks(x, cos, sin)), np.asarray(plain(x, cos, sin)), rtol=1e-5,
-                                   atol=1e-5)
-        (gp, gxp), (gb, gxb) = grads(plain), grads(blocks)
-        np.testing.assert_allclose(np.asarray(gxb), np.asarray(gxp), rtol=1e-4, atol=1e-5)
-        for a, b in zip(jax.tree.leaves(nnx.state(gp)), jax.tree.leaves(nnx.state(gb)), strict=True):
-            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+def _tables(model, B, T):
+    from dsv3_jax.rope import rope_tables
+
+    return rope_tables(model.cfg, jnp.broadcast_to(jnp.arange(T), (B, T)))
+
+
+@pytest.mark.parametrize("topk", [6, 30])
+def test_blockwise_sparse_form_equals_the_plain_form(topk):
+    """attention='blockwise' runs sparse attention block by block in the latent form (dsa.sparse_latent_attention):
+    over T = 24 in blocks of 5 with index_topk 6 (and 30 >= T: dense), its output and every gradient equal the plain
+    form's (the [T, T] top-k mask over the expanded heads, the same weights)."""
+    plain, blocks = _sparse_mla(topk, "einsum"), _sparse_mla(topk, "blockwise")
+    B, T = 2, 24
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, 16)), jnp.float32)
+    cos, sin = _tables(plain, B, T)
+
+    def grads(m):
+        return nnx.grad(lambda m, x: (m(x, cos, sin) ** 2).sum(), argnums=(0, 1))(m, x)
+
+    np.testing.assert_allclose(np.asarray(blocks(x, cos, sin)), np.asarray(plain(x, cos, sin)), rtol=1e-5, atol=1e-5)
+    (gp, gxp), (gb, gxb) = grads(plain), grads(blocks)
+    np.testing.assert_allclose(np.asarray(gxb), np.asarray(gxp), rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(nnx.state(gp)), jax.tree.leaves(nnx.state(gb)), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+def test_blockwise_sparse_form_holds_no_square_array():
+    """At T = 64 (index_topk 6, blocks of 5) the gradient program of the blockwise form holds no [T, T] array; the
+    plain form's does (the check can fail)."""
+    from test_blockwise_attention import _subjaxprs
+
     T = 64
     x = jnp.zeros((1, T, 16), jnp.float32)
-    cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (1, T)))
-    gd, st = nnx.split(blocks)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda st, x: nnx.merge(gd, st)(x, cos, sin).sum(), argnums=(0, 1)))(st, x)
-    from test_blockwise_attention import _subjaxprs
 
     def square(jx):
         return any(list(getattr(v.aval, "shape", ())).count(T) >= 2 for e in jx.eqns for v in e.outvars) or any(
             square(sub) for e in jx.eqns for sub in _subjaxprs(e))
 
-    assert not square(jaxpr.jaxpr)
+    def program(model):
+        cos, sin = _tables(model, 1, T)
+        gd, st = nnx.split(model)
+        return jax.make_jaxpr(jax.grad(lambda st, x: nnx.merge(gd, st)(x, cos, sin).sum(), argnums=(0, 1)))(st, x)
+
+    assert not square(program(_sparse_mla(6, "blockwise")).jaxpr)
+    assert square(program(_sparse_mla(6, "einsum")).jaxpr)
