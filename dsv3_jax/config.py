@@ -48,9 +48,9 @@ class RopeScaling:
             raise UserError(f"rope_scaling.factor={self.factor} must be >= 1 (target context / original context).")
         if self.original_max_position_embeddings <= 0:
             raise UserError("rope_scaling.original_max_position_embeddings must be > 0.")
-        if not self.beta_fast > self.beta_slow > 0:
+        if not self.beta_fast >= self.beta_slow > 0:  # (equal: Kimi-K2's 1 and 1, a one-channel ramp)
             raise UserError(
-                f"rope_scaling needs beta_fast > beta_slow > 0, got beta_fast={self.beta_fast}, "
+                f"rope_scaling needs beta_fast >= beta_slow > 0, got beta_fast={self.beta_fast}, "
                 f"beta_slow={self.beta_slow} (DeepSeek-V3 uses 32 and 1)."
             )
 

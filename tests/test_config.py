@@ -59,7 +59,7 @@ BAD = [
     (dict(param_dtype="float64"), "param_dtype"),
     (dict(rope_scaling=dict(type="linear")), "rope_scaling.type"),
     (dict(rope_scaling=dict(factor=0.5)), "rope_scaling.factor"),
-    (dict(rope_scaling=dict(beta_fast=1.0, beta_slow=1.0)), "beta_fast"),
+    (dict(rope_scaling=dict(beta_fast=1.0, beta_slow=2.0)), "beta_fast"),
     (dict(rope_scaling=dict(original_max_position_embeddings=0)), "original_max_position_embeddings"),
 ]
 

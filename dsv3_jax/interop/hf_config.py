@@ -61,7 +61,10 @@ _REQUIRED_MOE = ("n_routed_experts", "moe_intermediate_size", "n_shared_experts"
                  "first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob")
 # DeepSeek-V3.2 (model_type deepseek_v32: sparse attention, `dsa.py`): the indexer's fields, all required there
 _DSA = ("index_topk", "index_n_heads", "index_head_dim")
-_MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
+# model types whose checkpoints are DeepSeek-V3's architecture (Kimi-K2 ships its configs as kimi_k2, with
+# DeepseekV3ForCausalLM as the architecture; Moonlight, V3.1 and R1 as deepseek_v3)
+_MODEL_TYPES = {"deepseek_v3": "DeepseekV3ForCausalLM", "kimi_k2": "DeepseekV3ForCausalLM",
+                "deepseek_v32": "DeepseekV32ForCausalLM"}
 # transformers' DeepseekV3Config defaults where a field is absent from config.json (only those that
 # differ from ModelConfig's).
 _HF_DEFAULTS = {"max_position_embeddings": 4096, "initializer_range": 0.02}
