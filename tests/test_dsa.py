@@ -193,3 +193,38 @@ def test_blockwise_sparse_form_holds_no_square_array():
 
     assert not square(program(_sparse_mla(6, "blockwise")).jaxpr)
     assert square(program(_sparse_mla(6, "einsum")).jaxpr)
+
+
+def test_v32_checkpoints_save_and_load_with_the_indexer(ref, tmp_path):  # noqa: F811
+    """hf.save writes a V3.2 directory transformers loads back to the same logits (float32, the indexer's weights
+    included, config.json deepseek_v32); the FP8 save stores the indexer's wq_b and wk as E4M3 blocks and keeps
+    weights_proj and the key norm in full precision, and the FP8 directory loads to transformers' logits on its
+    tensors dequantised by torch."""
+    import torch
+    from test_interop import read_all, torch_dequantize, write_dir
+
+    model = hf_v32(ref, V32, seed=9)
+    model.save_pretrained(tmp_path / "src")
+    cfg, ours = hf.load(str(tmp_path / "src"))
+    hf.save(ours, cfg, str(tmp_path / "f32"), mtp=False)
+    config = json.load(open(tmp_path / "f32" / "config.json"))
+    assert config["model_type"] == "deepseek_v32" and config["index_topk"] == V32["index_topk"]
+    back = ref.DeepseekV32ForCausalLM.from_pretrained(str(tmp_path / "f32"), attn_implementation="eager").eval()
+    tokens = tokens_for(V32["vocab_size"], seed=10)
+    assert max_diff(torch_logits(back, tokens), torch_logits(model, tokens)) <= 1e-5
+    hf.save(ours, cfg, str(tmp_path / "fp8"), fp8=True, mtp=False)
+    q8 = read_all(tmp_path / "fp8")
+    ix = "model.layers.1.self_attn.indexer."
+    assert q8[ix + "wq_b.weight"].dtype == torch.float8_e4m3fn and ix + "wq_b.weight_scale_inv" in q8
+    assert q8[ix + "wk.weight"].dtype == torch.float8_e4m3fn
+    assert q8[ix + "weights_proj.weight"].dtype == torch.float32 and q8[ix + "k_norm.bias"].dtype == torch.float32
+    _, ours8 = hf.load(str(tmp_path / "fp8"))
+    assert ours8.cfg.dsa
+    # the reference for the FP8 directory: transformers on its tensors dequantised here by torch
+    deq = {k: (torch_dequantize(v, q8[k + "_scale_inv"]) if v.dtype == torch.float8_e4m3fn else v)
+           for k, v in q8.items() if not k.endswith("_scale_inv")}
+    config8 = json.load(open(tmp_path / "fp8" / "config.json"))
+    config8.pop("quantization_config")
+    write_dir(tmp_path / "deq", deq, config8)
+    back8 = ref.DeepseekV32ForCausalLM.from_pretrained(str(tmp_path / "deq"), attn_implementation="eager").eval()
+    assert max_diff(our_logits(ours8, tokens)[0], torch_logits(back8, tokens)) <= TOL * 10
