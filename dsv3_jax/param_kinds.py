@@ -47,8 +47,8 @@ def param_kind(path: Sequence) -> str:
         return "embedding"
     if names[0] == "lm_head":
         return "lm_head"
-    if last == "scale":
-        return "norms"
+    if last == "scale" or (last == "bias" and any(n.endswith("norm") for n in names)):  # (LayerNorm's bias:
+        return "norms"  # the V3.2 indexer's key norm)
     if last.endswith("bias"):
         return "bias"
     if "attn" in names:

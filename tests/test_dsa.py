@@ -109,7 +109,8 @@ def test_released_v32_config_and_bad_fields():
 def test_engine_greedy_equals_the_full_forward_with_sparse_attention(ref, tmp_path):  # noqa: F811
     """The paged engine keeps each layer's indexer key beside the latent and selects the exact top-k at every
     chunked-prefill and decode step: its greedy tokens equal greedy by repeated full forwards (the reference,
-    tests/reference/decoding.py), with index_topk 5 below every prompt's length; the dense twin's differ."""
+    tests/reference/decoding.py), with index_topk 5 below every prompt's length, staggered arrivals and a prefix
+    hit (the indexer keys of shared pages are reused with them); the dense twin's differ."""
     from dsv3_jax.infer.engine import Engine
 
     from reference import decoding
@@ -119,12 +120,17 @@ def test_engine_greedy_equals_the_full_forward_with_sparse_attention(ref, tmp_pa
     _, ours = hf.load(str(tmp_path))
     rng = np.random.default_rng(8)
     prompts = [rng.integers(2, V32["vocab_size"], n).tolist() for n in (7, 13, 21)]
+    prompts.append(prompts[2][:12] + [5, 6, 7])  # shares 3 full pages with the third: a prefix hit
     want = decoding.greedy(ours, prompts, 8)
     eng = Engine(ours, page_size=4, max_batch=4, max_batch_tokens=16, max_prefill_chunk=6, pages=40, decode_steps=2,
                  cache_dtype=jnp.float32, max_seq_len=40)
-    ids = [eng.submit(p, 8, stop_ids=()) for p in prompts]
+    ids = [eng.submit(p, 8, stop_ids=()) for p in prompts[:3]]
+    for _ in range(6):  # staggered: the fourth arrives while the others decode
+        eng.step()
+    ids.append(eng.submit(prompts[3], 8, stop_ids=()))
     eng.run()
     assert [eng.result(i).output for i in ids] == want
+    assert eng.result(ids[3]).prefix_hit_tokens == 12
     assert decoding.greedy(_dense_twin(ours), prompts, 8) != want
     with pytest.raises(UserError, match="paged_attention='jnp'"):
         Engine(ours, page_size=4, max_batch=2, max_batch_tokens=8, pages=20, max_seq_len=40, paged_attention="pallas")
