@@ -170,10 +170,12 @@ def test_blockwise_sparse_form_equals_the_plain_form(topk):
     x = jnp.asarray(np.random.default_rng(2).normal(size=(B, T, 16)), jnp.float32)
     cos, sin = _tables(plain, B, T)
 
+    @nnx.jit
     def grads(m):
         return nnx.grad(lambda m, x: (m(x, cos, sin) ** 2).sum(), argnums=(0, 1))(m, x)
 
-    np.testing.assert_allclose(np.asarray(blocks(x, cos, sin)), np.asarray(plain(x, cos, sin)), rtol=1e-5, atol=1e-5)
+    forward = nnx.jit(lambda m: m(x, cos, sin))
+    np.testing.assert_allclose(np.asarray(forward(blocks)), np.asarray(forward(plain)), rtol=1e-5, atol=1e-5)
     (gp, gxp), (gb, gxb) = grads(plain), grads(blocks)
     np.testing.assert_allclose(np.asarray(gxb), np.asarray(gxp), rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(nnx.state(gp)), jax.tree.leaves(nnx.state(gb)), strict=True):
