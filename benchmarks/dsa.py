@@ -27,6 +27,7 @@ from flax import nnx
 
 from dsv3_jax import runtime
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.flops import attention_costs
 from dsv3_jax.mla import MLA, LatentCache
 from dsv3_jax.rope import rope_tables
 
@@ -77,22 +78,6 @@ def measure(T: int, topk: int, block: int) -> dict:
     return out
 
 
-def costs_at(cfg: ModelConfig, context: int) -> dict:
-    """Per token and layer at position `context`: attention FLOPs (absorbed MLA over the keys it reads, and the
-    indexer's scoring of every earlier key) and the cache bytes read, dense against sparse (BF16 cache)."""
-    N, R, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
-    H, Dh, k = cfg.index_n_heads, cfg.index_head_dim, min(cfg.index_topk, context)
-    mla = lambda keys: 2 * N * keys * (R + dr + R)  # noqa: E731  (scores against R + dr, weighted sum over R)
-    dense_flops = mla(context)
-    sparse_flops = mla(k) + 2 * H * context * Dh + 2 * H * context  # + the indexer: q . k per head, weights
-    dense_bytes = context * (R + dr) * 2
-    sparse_bytes = k * (R + dr) * 2 + context * Dh * 2
-    return {"context": context, "dense_attn_flops": dense_flops, "sparse_attn_flops": sparse_flops,
-            "flops_ratio": dense_flops / sparse_flops, "dense_cache_bytes_read": dense_bytes,
-            "sparse_cache_bytes_read": sparse_bytes, "bytes_ratio": dense_bytes / sparse_bytes,
-            "cache_bytes_per_token_dense": (R + dr) * 2, "cache_bytes_per_token_sparse": (R + dr + Dh) * 2}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--contexts", default="4096,16384,65536")
@@ -116,7 +101,7 @@ def main():
     print("\nDeepSeek-V3.2 sizes, per token and layer (decode at that context):")
     print(f"{'context':>8} {'dense FLOPs':>12} {'sparse FLOPs':>13} {'x':>6} {'dense bytes':>12} {'sparse bytes':>13}"
           f" {'x':>6}")
-    v32_rows = [costs_at(v32, c) for c in (4096, 16384, 65536, 131072)]
+    v32_rows = [attention_costs(v32, c) for c in (4096, 16384, 65536, 131072)]
     for r in v32_rows:
         print(f"{r['context']:>8} {r['dense_attn_flops']:>12.3e} {r['sparse_attn_flops']:>13.3e} "
               f"{r['flops_ratio']:>6.2f} {r['dense_cache_bytes_read']:>12,} {r['sparse_cache_bytes_read']:>13,} "

@@ -65,3 +65,21 @@ def decode_flops_per_token(model, context: int) -> float:
     attn = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * context * (
         2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
     return 2 * p["main"] + attn
+
+
+def attention_costs(cfg, context: int, itemsize: int = 2) -> dict:
+    """Per token and layer at position `context` (decode), absorbed MLA dense against DeepSeek Sparse Attention
+    (`cfg.index_topk`; V3.2): attention FLOPs (scores against R + dr and the weighted sum over R for every key
+    read, per head; sparse adds the indexer's q . k per head and its head weights for every earlier key) and the
+    cache bytes read (sparse: its top-k latents and every earlier indexer key), 2 FLOPs per multiply-add."""
+    N, R, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    H, Dh, k = cfg.index_n_heads, cfg.index_head_dim, min(cfg.index_topk, context)
+    mla = lambda keys: 2 * N * keys * (R + dr + R)  # noqa: E731
+    dense_flops, dense_bytes = mla(context), context * (R + dr) * itemsize
+    sparse_flops = mla(k) + 2 * H * context * Dh + 2 * H * context
+    sparse_bytes = k * (R + dr) * itemsize + context * Dh * itemsize
+    return {"context": context, "dense_attn_flops": dense_flops, "sparse_attn_flops": sparse_flops,
+            "flops_ratio": dense_flops / sparse_flops, "dense_cache_bytes_read": dense_bytes,
+            "sparse_cache_bytes_read": sparse_bytes, "bytes_ratio": dense_bytes / sparse_bytes,
+            "cache_bytes_per_token_dense": (R + dr) * itemsize,
+            "cache_bytes_per_token_sparse": (R + dr + Dh) * itemsize}

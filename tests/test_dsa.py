@@ -14,6 +14,7 @@ from flax import nnx
 from test_interop import max_diff, our_logits, randomize, ref, tokens_for, torch_logits  # noqa: F401
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.config import ModelConfig
 from dsv3_jax.dsa import rope_half, topk_keep
 from dsv3_jax.interop import hf
 from dsv3_jax.interop.hf_config import parse_config
@@ -236,3 +237,20 @@ def test_v32_checkpoints_save_and_load_with_the_indexer(ref, tmp_path):  # noqa:
     write_dir(tmp_path / "deq", deq, config8)
     back8 = ref.DeepseekV32ForCausalLM.from_pretrained(str(tmp_path / "deq"), attn_implementation="eager").eval()
     assert max_diff(our_logits(ours8, tokens)[0], torch_logits(back8, tokens)) <= TOL * 10
+
+
+def test_dsa_costs_by_hand_and_in_the_dry_run(capsys):
+    """The per-token attention FLOPs and cache bytes the dry run prints for a V3.2 config, by hand at V3.2's sizes
+    (128 heads, R 512, dr 64; indexer 64 x 128; top 2,048) at context 4,096."""
+    from dsv3_jax.flops import attention_costs
+    from dsv3_jax.train.plan import dry_run
+
+    v32 = ModelConfig(index_topk=2048)
+    a = attention_costs(v32, 4096)
+    assert a["dense_attn_flops"] == 2 * 128 * 4096 * (512 + 64 + 512)
+    assert a["sparse_attn_flops"] == 2 * 128 * 2048 * 1088 + 2 * 64 * 4096 * 128 + 2 * 64 * 4096
+    assert a["dense_cache_bytes_read"] == 4096 * 576 * 2
+    assert a["sparse_cache_bytes_read"] == (2048 * 576 + 4096 * 128) * 2
+    counts = dry_run(v32)
+    assert counts["dsa_cache_bytes_per_token_layer"] == (576 + 128) * 2
+    assert "attention FLOPs 1.141e+09 -> 6.381e+08" in capsys.readouterr().out

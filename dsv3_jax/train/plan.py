@@ -15,6 +15,7 @@ from flax import nnx
 
 from dsv3_jax import param_kinds, sharding
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.flops import attention_costs
 from dsv3_jax.model import DeepSeekV3, abstract_model, param_counts
 from dsv3_jax.parallel.pipeline.dry_run import print_pipeline_plan
 
@@ -47,6 +48,13 @@ def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 
             ("activated per token", counts["params_active"])]
     for k, v in rows:
         print(f"{k:<28}{v:>20,}  ({v / 1e9:.1f}B)")
+    if cfg.dsa:  # DeepSeek Sparse Attention: what the indexer saves per decoded token and layer (BF16 cache)
+        print(f"sparse attention (index_topk {cfg.index_topk}), per token and layer, dense -> sparse:")
+        for c in (4096, 16384, 65536, 131072):
+            a = attention_costs(cfg, c)
+            print(f"  context {c:>7,}: attention FLOPs {a['dense_attn_flops']:.3e} -> {a['sparse_attn_flops']:.3e}, "
+                  f"cache bytes read {a['dense_cache_bytes_read']:,} -> {a['sparse_cache_bytes_read']:,}")
+        counts["dsa_cache_bytes_per_token_layer"] = attention_costs(cfg, 1)["cache_bytes_per_token_sparse"]
     if mesh_sizes is not None:
         print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat, microbatches, grad_accum)
         if mesh_sizes["stage"] > 1:
