@@ -4,6 +4,8 @@ highest (dsv3_jax/dsa.py). Needs an accelerator mesh; `--dry_run` works anywhere
 import importlib.util
 import os
 
+import ml_collections
+
 
 def get_config():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseek_v3.py")
@@ -15,4 +17,7 @@ def get_config():
     m.index_topk = 2048
     m.index_n_heads = 64
     m.index_head_dim = 128
+    # training stage (V3.2 report): 'dense_warmup' (dense attention, only the indexer trains toward it; V3.2: 1,000
+    # steps of 16 x 128K tokens at lr 1e-3) then 'sparse' (everything trains; V3.2: 15,000 steps at 7.3e-6)
+    m.dsa = ml_collections.ConfigDict({"stage": "sparse", "loss_weight": 1.0})
     return c

@@ -15,6 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()  # ModelConfig fields, filled in by each configs/*.py
+    c.init_from = ""  # a new run starts from the weights of another run's workdir (or the converter's output)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

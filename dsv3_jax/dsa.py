@@ -124,3 +124,66 @@ def sparse_latent_attention(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: I
 
     out = jax.lax.map(one_block, jnp.arange(Tp // bq))  # [nb, B, bq, N, R]
     return jnp.moveaxis(out, 0, 1).reshape(B, Tp, N, R)[:, :T]
+
+
+# ---------------------------------------------------------------------------------------------- training
+def indexer_terms(logits, index_scores, causal, keep, warmup: bool):
+    """The indexer's training terms for a block of queries (DeepSeek-V3.2 report, section 2.1):
+
+        dense warm-up   target p_t = mean over heads of softmax(logits over the causal keys)  (the dense attention)
+                        KL(p_t || softmax(I_t over the causal keys))
+        sparse          target p_t = mean over heads of softmax(logits over the kept keys)    (the sparse attention)
+                        KL(p_t || softmax(I_t over the kept keys))
+        recall_t        = the dense attention's mass (mean over heads) inside the kept keys
+
+    logits [B, N, T, S] float32: the main attention's scaled scores, before any mask (detached here); index_scores
+    [B, T, S]: the indexer's (its gradient is the KL's); causal [T, S] or [B, T, S]; keep [B, T, S] (the top-k
+    among the causal keys). -> (kl [B, T], recall [B, T]) float32, recall without gradient. The target is detached:
+    the indexer learns the attention's distribution, the attention does not learn the indexer's."""
+    f32 = jnp.float32
+    neg = jnp.finfo(f32).min
+    logits = jax.lax.stop_gradient(logits.astype(f32))
+    causal = jnp.broadcast_to(causal, keep.shape)
+    dense = jax.nn.softmax(jnp.where(causal[:, None], logits, neg), axis=-1).mean(1)  # [B, T, S]
+    recall = jnp.where(keep, dense, 0.0).sum(-1)
+    if warmup:
+        target, allowed = dense, causal
+    else:
+        target, allowed = jax.nn.softmax(jnp.where(keep[:, None], logits, neg), axis=-1).mean(1), keep
+    target = jnp.where(allowed, target, 0.0)
+    log_q = jax.nn.log_softmax(jnp.where(allowed, index_scores.astype(f32), neg), axis=-1)
+    pos = target > 0
+    log_t = jnp.log(jnp.where(pos, target, 1.0))
+    kl = jnp.where(pos, target * (log_t - jnp.where(pos, log_q, 0.0)), 0.0).sum(-1)
+    return kl, jax.lax.stop_gradient(recall)
+
+
+def indexer_terms_blockwise(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: Indexer, *, topk: int, scale: float,
+                            block: int, warmup: bool):
+    """`indexer_terms` block by block over the queries, with the attention's logits in the latent form (q_abs . c_kv
+    + q_pe . k_pe, the same numbers as the expanded form's): memory O(block x T) per block, never [T, T]. Inputs as
+    `sparse_latent_attention`'s -> (mean KL, mean recall) over the B x T queries."""
+    B, T, N, R = q_abs.shape
+    bq = min(block, T)
+    nb = -(-T // bq)
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, nb * bq - T)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
+    stop = jax.lax.stop_gradient
+    q_abs, q_pe, q_idx, w = pad(stop(q_abs)), pad(stop(q_pe)), pad(q_idx), pad(w)
+    c_kv, k_pe = stop(c_kv), stop(k_pe)
+
+    @jax.checkpoint
+    def one_block(i):
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, i * bq, bq, 1)  # noqa: E731
+        qa, qp = sl(q_abs), sl(q_pe)
+        logits = jnp.einsum("BTNR,BSR->BNTS", qa, c_kv.astype(qa.dtype), preferred_element_type=F32)
+        logits += jnp.einsum("BTNH,BSH->BNTS", qp, k_pe.astype(qp.dtype), preferred_element_type=F32)
+        scores = indexer.scores(sl(q_idx), sl(w), k_idx)  # [B, bq, T]
+        qpos = i * bq + jnp.arange(bq)
+        causal = jnp.broadcast_to(qpos[:, None] >= jnp.arange(T)[None, :], scores.shape)
+        keep = topk_keep(jax.lax.stop_gradient(scores), causal, topk)
+        kl, recall = indexer_terms(logits * scale, scores, causal, keep, warmup)
+        real = (qpos < T)[None, :]
+        return jnp.where(real, kl, 0.0).sum(), jnp.where(real, recall, 0.0).sum()
+
+    kl, recall = jax.lax.map(one_block, jnp.arange(nb))
+    return kl.sum() / (B * T), recall.sum() / (B * T)

@@ -1,6 +1,7 @@
-"""Per-layer statistics of the MoE layers, as one named structure.
+"""Per-layer statistics of the blocks (their MoE routing and their sparse-attention indexer), as one named structure.
 
-Every FFN returns a `LayerStats` beside its output (a dense FFN returns zeros), a layer stack returns
+Every FFN returns a `LayerStats` beside its output (a dense FFN returns zeros), the block adds its attention's
+indexer terms (zeros without DeepSeek Sparse Attention), a layer stack returns
 them stacked on a leading layer axis, and the model reports them in `ModelOutput.moe_stats`: a dict
 keyed by the path of each MoE module in the model tree ("moe_layers/ffn" for the stacked main layers,
 "mtp/0/block/ffn" for the first MTP block, ...), which is the path of that module's `RouterBias` less
@@ -10,6 +11,8 @@ Fields (add more here; everything that moves them uses `jax.tree.map`):
     counts   [..., E] float32  token-expert rows routed to each expert (no gradient)
     balance  [...]             sequence-wise balance loss, unweighted (mean over sequences)
     dropped  [...]             token-expert rows dropped by expert capacity (no gradient)
+    indexer_kl    [...]        DSA: the indexer's KL to the attention distribution, mean over queries (`dsa.py`)
+    index_recall  [...]        DSA: the dense attention mass inside the selected top-k keys (no gradient)
 When stats of micro-batches are summed (pipeline, gradient accumulation), `MEAN_FIELDS` are the ones
 that are means, divided back by `per_microbatch(n)`.
 """
@@ -27,13 +30,20 @@ class LayerStats:
     counts: jax.Array
     balance: jax.Array
     dropped: jax.Array
+    indexer_kl: jax.Array = None  # (None only while constructing: __post_init__-free zeros, see `zeros`)
+    index_recall: jax.Array = None
 
-    MEAN_FIELDS = ("balance",)
+    MEAN_FIELDS = ("balance", "indexer_kl", "index_recall")
 
     @classmethod
     def zeros(cls, num_experts: int, lead: tuple[int, ...] = ()) -> LayerStats:
         z = jnp.zeros(lead, jnp.float32)
-        return cls(counts=jnp.zeros(lead + (num_experts,), jnp.float32), balance=z, dropped=z)
+        return cls(counts=jnp.zeros(lead + (num_experts,), jnp.float32), balance=z, dropped=z, indexer_kl=z,
+                   index_recall=z)
+
+    def with_indexer(self, kl, recall) -> LayerStats:
+        """These stats with a block's indexer terms (scalars of one layer)."""
+        return self.replace(indexer_kl=jnp.asarray(kl, jnp.float32), index_recall=jnp.asarray(recall, jnp.float32))
 
     def per_microbatch(self, n: int) -> LayerStats:
         """Stats summed over n micro-batches -> the whole batch's (means divided by n, counts kept)."""
@@ -64,6 +74,15 @@ def mean_balance(moe_stats: dict[str, LayerStats]) -> jax.Array:
     """Mean over every MoE layer of the balance loss (scalar; 0 without MoE layers)."""
     rows = [s.balance for s in ordered(moe_stats)]
     return jnp.concatenate(rows).mean() if rows else jnp.zeros((), jnp.float32)
+
+
+def indexer_means(stats: dict[str, LayerStats]) -> tuple[jax.Array, jax.Array]:
+    """(indexer KL, top-k recall): means over every block of `stats` (path -> LayerStats of any blocks)."""
+    rows = ordered(stats)
+    if not rows:
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    return (jnp.concatenate([s.indexer_kl for s in rows]).mean(),
+            jnp.concatenate([s.index_recall for s in rows]).mean())
 
 
 def total_dropped(moe_stats: dict[str, LayerStats]) -> jax.Array:

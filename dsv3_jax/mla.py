@@ -46,7 +46,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.blockwise_attention import blockwise_attention
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
-from dsv3_jax.dsa import Indexer, sparse_latent_attention, topk_keep
+from dsv3_jax.dsa import Indexer, indexer_terms, indexer_terms_blockwise, sparse_latent_attention, topk_keep
 from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.layers import Einsum, RMSNorm
 from dsv3_jax.rope import apply_rope
@@ -252,19 +252,58 @@ class MLA(nnx.Module):
             k_idx = self.indexer.keys(x, cos, sin)
             entry = jnp.concatenate([k_pe, k_idx.astype(k_pe.dtype)], axis=-1)  # (what a cache keeps)
             if self.runtime.attention == "blockwise":  # block by block in the latent form: no [T, T] array
-                return self.sparse_blockwise(x, q_nope, q_pe, q_lat, c_kv, k_pe, k_idx, cos, sin), c_kv, entry
+                q_idx, w = self.indexer.queries(x, q_lat, cos, sin)
+                return self.sparse_blockwise(q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, x.dtype), c_kv, entry
             keep = self.sparse_keep(x, q_lat, cos, sin, k_idx, jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])
             return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep), c_kv, entry
 
-    def sparse_blockwise(self, x, q_nope, q_pe, q_lat, c_kv, k_pe, k_idx, cos, sin) -> jax.Array:
+    def train(self, x, cos, sin):
+        """The training forward: (out [B, T, D], indexer KL, top-k recall), the last two means over the queries
+        (zeros without sparse attention; `dsa.indexer_terms`). The indexer reads a detached copy of x and of the
+        query latent, so it learns only from its KL and the model only from the language-model loss (V3.2's
+        sparse stage; in the dense warm-up the attention is dense and only the indexer trains)."""
+        if not self.cfg.dsa:
+            z = jnp.zeros((), jnp.float32)
+            return self(x, cos, sin), z, z
+        cfg, rt = self.cfg, self.runtime
+        warmup = rt.dsa_stage == "dense_warmup"
+        with jax.named_scope("attention"):
+            q_nope, q_pe, q_lat = self.queries(x, cos, sin)
+            c_kv, k_pe = self.latent(x, cos, sin)
+            xd, q_lat_d = jax.lax.stop_gradient(x), jax.lax.stop_gradient(q_lat)
+            k_idx = self.indexer.keys(xd, cos, sin)
+            q_idx, w = self.indexer.queries(xd, q_lat_d, cos, sin)
+            if rt.attention == "blockwise":  # no [T, T] array: the terms block by block in the latent form
+                out = (self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype) if warmup
+                       else self.sparse_blockwise(q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, x.dtype))
+                q_abs = self.absorbed_query(q_nope, x.dtype)
+                kl, recall = indexer_terms_blockwise(q_abs, q_pe.astype(x.dtype), c_kv, k_pe, q_idx, w, k_idx,
+                                                     self.indexer, topk=cfg.index_topk, scale=cfg.softmax_scale,
+                                                     block=rt.attention_block, warmup=warmup)
+                return out, kl, recall
+            T = x.shape[1]
+            scores = self.indexer.scores(q_idx, w, k_idx)  # [B, T, T]
+            causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+            keep = topk_keep(jax.lax.stop_gradient(scores), jnp.broadcast_to(causal, scores.shape), cfg.index_topk)
+            out = self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, None if warmup else keep)
+            k_nope = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)[0]
+            logits = jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=jnp.float32)
+            logits += jnp.einsum("BTNH,BSH->BNTS", q_pe, k_pe, preferred_element_type=jnp.float32)
+            kl, recall = indexer_terms(logits * cfg.softmax_scale, scores, causal, keep, warmup)
+            return out, kl.mean(), recall.mean()
+
+    def absorbed_query(self, q_nope, dtype) -> jax.Array:
+        """q_abs = W_UK q_nope [B, T, N, R] in `dtype` (the latent form's query)."""
+        w_uk = jnp.split(self.absorbed_kv_b(dtype), [self.cfg.qk_nope_head_dim], axis=-1)[0]
+        return jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
+
+    def sparse_blockwise(self, q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, dt) -> jax.Array:
         """Sparse attention of the training path in the absorbed form, block by block (`dsa.sparse_latent_attention`:
-        memory O(T x index_topk)): -> [B, T, D]."""
-        cfg, dt, f32 = self.cfg, x.dtype, jnp.float32
-        w_uk, w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)  # [R, N, dn|dv]
-        q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=f32).astype(dt)
-        q_idx, w = self.indexer.queries(x, q_lat, cos, sin)
-        o_lat = sparse_latent_attention(q_abs, q_pe.astype(dt), c_kv, k_pe, q_idx, w, k_idx, self.indexer,
-                                        topk=cfg.index_topk, scale=cfg.softmax_scale,
+        memory O(T x index_topk)), the indexer's queries q_idx, w and keys k_idx given: -> [B, T, D]."""
+        cfg, f32 = self.cfg, jnp.float32
+        w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)[1]  # [R, N, dv]
+        o_lat = sparse_latent_attention(self.absorbed_query(q_nope, dt), q_pe.astype(dt), c_kv, k_pe, q_idx, w, k_idx,
+                                        self.indexer, topk=cfg.index_topk, scale=cfg.softmax_scale,
                                         block=self.runtime.attention_block)
         out = jnp.einsum("BTNR,RNH->BTNH", o_lat.astype(dt), w_uv, preferred_element_type=f32)
         return self.wo(out.astype(dt))

@@ -64,6 +64,8 @@ class ModelOutput:
     logits: jax.Array  # [B, T, V] float32
     mtp_logits: tuple  # D arrays [B, T, V]; depth k position i predicts token i + k + 1
     moe_stats: dict  # MoE module path -> LayerStats ([L, ...] for the stacked main layers)
+    indexer_kl: jax.Array = None  # DSA: mean over every block (main and MTP) of the indexer's KL (0 without DSA)
+    index_recall: jax.Array = None  # DSA: mean over every block of the top-k keys' share of the dense attention
     num_experts: int = struct.field(pytree_node=False, default=0)
 
     @property
@@ -102,9 +104,11 @@ class Block(nnx.Module):
         self.num_experts = cfg.n_routed_experts
 
     def __call__(self, x, cos, sin):
-        """x [B, T, D] -> (x, LayerStats (zeros for a dense FFN))."""
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        return self.feed_forward(x)
+        """The training forward: x [B, T, D] -> (x, LayerStats: the FFN's (zeros for a dense one) and the attention's
+        indexer terms (zeros without sparse attention))."""
+        a, kl, recall = self.attn.train(self.attn_norm(x), cos, sin)
+        x, stats = self.feed_forward(x + a)
+        return x, stats.with_indexer(kl, recall)
 
     def feed_forward(self, x):
         """x + FFN(RMSNorm(x)) -> (x, LayerStats (zeros for a dense FFN))."""
@@ -217,7 +221,8 @@ def head_logits(cfg: ModelConfig, lm_head, h: jax.Array) -> jax.Array:
 def model_tail(m, x: jax.Array, tokens: jax.Array, cos, sin):
     """What follows the blocks: final norm and head, then the MTP chain. `m` has the model's `cfg`, `embed`,
     `norm`, `lm_head` and `mtp` (the model itself, or a pipeline's last stage holding just those).
-    -> (logits [B, T, V], mtp_logits (D x [B, T, V]), {MTP MoE path: LayerStats})."""
+    -> (logits [B, T, V], mtp_logits (D x [B, T, V]), {MTP block's FFN path: LayerStats}) (the MTP blocks are MoE
+    blocks when the model has MoE: `moe_only` keeps those stats)."""
     cfg = m.cfg
     B = tokens.shape[0]
     h = m.norm(x)
@@ -227,10 +232,15 @@ def model_tail(m, x: jax.Array, tokens: jax.Array, cos, sin):
         shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
         with jax.named_scope(f"mtp_{k}"):
             h, st = module(h, m.embed(shifted), cos, sin)
-        if cfg.has_moe:
-            stats[f"mtp/{k - 1}/block/ffn"] = st
+        stats[f"mtp/{k - 1}/block/ffn"] = st
         mtp_logits.append(head_logits(cfg, m.lm_head, module.norm(h)))
     return logits, tuple(mtp_logits), stats
+
+
+def moe_only(cfg: ModelConfig, block_stats: dict) -> dict:
+    """The stats of the MoE blocks among `block_stats` (FFN path -> LayerStats of every block): everything but the
+    dense stack, when the model has MoE."""
+    return {k: v for k, v in block_stats.items() if cfg.has_moe and not k.startswith("dense_layers")}
 
 
 class DeepSeekV3(nnx.Module):
@@ -258,17 +268,17 @@ class DeepSeekV3(nnx.Module):
         cos, sin = rope_tables(cfg, positions)
         x = self.embed(tokens)
         run_stack = strategies.stack(self.runtime)
-        moe_stats = {}
+        block_stats = {}
         for name, stack in (("dense_layers", self.dense_layers), ("moe_layers", self.moe_layers)):
             if stack is not None:
                 x = constrain(x, ("batch", "length", "act_embed"))
                 with jax.named_scope(name):
-                    x, stats = run_stack(stack, x, cos, sin)
-                if stack.is_moe:
-                    moe_stats[f"{name}/ffn"] = stats
+                    x, block_stats[f"{name}/ffn"] = run_stack(stack, x, cos, sin)
         logits, mtp_logits, mtp_stats = model_tail(self, x, tokens, cos, sin)
-        return ModelOutput(logits=logits, mtp_logits=mtp_logits, moe_stats=moe_stats | mtp_stats,
-                           num_experts=cfg.n_routed_experts)
+        block_stats |= mtp_stats
+        kl, recall = layer_stats.indexer_means(block_stats)
+        return ModelOutput(logits=logits, mtp_logits=mtp_logits, moe_stats=moe_only(cfg, block_stats), indexer_kl=kl,
+                           index_recall=recall, num_experts=cfg.n_routed_experts)
 
     # ------------------------------------------------------------------ inference (latent cache)
     def init_cache(self, batch: int, capacity: int, dtype=None, mtp: bool = False) -> ModelCache:

@@ -35,8 +35,27 @@ def prediction_losses(logits, mtp_logits, window):
 
 def model_losses(graphdef, params, biases, window: jax.Array):
     """All loss terms of the model (`nnx.merge(graphdef, params, biases)`) on one window [B, T+1]: (dict of
-    scalars, moe_stats: MoE module path -> LayerStats, see `ModelOutput`)."""
-    out = nnx.merge(graphdef, params, biases)(window[:, :-1])
+    scalars, moe_stats: MoE module path -> LayerStats, see `ModelOutput`). A model with sparse attention adds
+    'indexer_kl' and 'index_recall' (`dsa.indexer_terms`, means over its blocks)."""
+    model = nnx.merge(graphdef, params, biases)
+    out = model(window[:, :-1])
     main, mtp = prediction_losses(out.logits, out.mtp_logits, window)
-    return ({"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens},
-            out.moe_stats)
+    terms = {"loss": main, "mtp_loss": mtp, "balance_loss": out.balance_loss, "dropped_tokens": out.dropped_tokens}
+    if model.cfg.dsa:
+        terms |= {"indexer_kl": out.indexer_kl, "index_recall": out.index_recall}
+    return terms, out.moe_stats
+
+
+def indexer_setting(rt, cfg) -> tuple[float, bool] | None:
+    """(weight of the indexer's KL, dense warm-up?) of a model with sparse attention trained under `rt`, else None."""
+    return (rt.dsa_loss_weight, rt.dsa_stage == "dense_warmup") if cfg.dsa else None
+
+
+def total_loss(terms: dict, lam, alpha, indexer: tuple[float, bool] | None = None):
+    """The objective from its terms: CE_main + lam * CE_mtp + alpha * L_bal (+ w * KL_indexer with sparse attention,
+    `indexer_setting`). In DSA's dense warm-up only the indexer trains: the objective is w * KL_indexer alone (its
+    target is detached and the indexer reads detached inputs, so every other gradient is zero)."""
+    if indexer is not None and indexer[1]:
+        return indexer[0] * terms["indexer_kl"]
+    total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
+    return total if indexer is None else total + indexer[0] * terms["indexer_kl"]

@@ -88,3 +88,8 @@ def in_mtp(path: Sequence) -> bool:
 def decays(path: Sequence) -> bool:
     """AdamW weight decay applies (everything but RMSNorm gains and biases)."""
     return param_kind(path) not in ("norms", "bias")
+
+
+def in_indexer(path: Sequence) -> bool:
+    """True for the parameters of a sparse-attention indexer (`dsa.Indexer`): what DSA's dense warm-up trains."""
+    return "indexer" in path_names(path)

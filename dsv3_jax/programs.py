@@ -26,7 +26,7 @@ import dataclasses
 
 import jax
 
-from dsv3_jax.objective import model_losses
+from dsv3_jax.objective import indexer_setting, model_losses, total_loss
 from dsv3_jax.parallel.pipeline import slot_state
 from dsv3_jax.param_kinds import cast_for_compute
 
@@ -39,6 +39,7 @@ class Plain:
 
     layout = None
     compute_dtype: object = None
+    indexer: tuple | None = None  # sparse attention: (KL weight, dense warm-up?), `objective.indexer_setting`
 
     def _params(self, params):
         return params if self.compute_dtype is None else cast_for_compute(params, self.compute_dtype)
@@ -55,8 +56,7 @@ class Plain:
     def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None):
         def objective(params):
             terms, stats = model_losses(graphdef, self._params(params), biases, window)
-            total = terms["loss"] + lam * terms["mtp_loss"] + alpha * terms["balance_loss"]
-            return total, (terms, stats)
+            return total_loss(terms, lam, alpha, self.indexer), (terms, stats)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
 
@@ -100,7 +100,7 @@ class Pipelined(Plain):
         from dsv3_jax.parallel.pipeline import executor
 
         return executor.step_grads(self.program, self.graphdefs, self.cfg, params, biases, window, lam, alpha,
-                                   mesh=mesh)
+                                   mesh=mesh, indexer=self.indexer)
 
     def loss(self, graphdef, params, biases, window, *, mesh=None):
         """The main loss, from the program (its gradients are dropped: evaluation is rare)."""
@@ -116,9 +116,10 @@ class Pipelined(Plain):
 
 def program_for(rt, model_cfg, seq_len: int) -> Plain:
     """The program of a train step under `rt`: the scheduled pipeline when its mesh has more than one stage."""
+    indexer = indexer_setting(rt, model_cfg)
     if rt.stages <= 1:
-        return Plain(compute_dtype=None if rt.fp8 else model_cfg.compute_dtype)
+        return Plain(compute_dtype=None if rt.fp8 else model_cfg.compute_dtype, indexer=indexer)
     from dsv3_jax.parallel.pipeline import executor
 
     prog, gds = executor.for_training(model_cfg, rt, seq_len)
-    return Pipelined(program=prog, graphdefs=gds, cfg=model_cfg)
+    return Pipelined(program=prog, graphdefs=gds, cfg=model_cfg, indexer=indexer)

@@ -38,13 +38,19 @@ What it holds, and who reads it:
                                                              'xla' or 'cudnn' (jax.nn.dot_product_attention;
                                                              cudnn: flash attention, MLA's 192/128 head dims on
                                                              Hopper); fallback: einsum where cuDNN refuses
+    dsa_stage, dsa_loss_weight                               DeepSeek Sparse Attention training (V3.2): 'sparse'
+                                                             (attend to the indexer's top-k; the indexer learns
+                                                             the sparse attention's distribution) or
+                                                             'dense_warmup' (attend densely; only the indexer
+                                                             learns, toward the dense distribution), and the
+                                                             weight of the indexer's KL in the loss (`dsa.py`)
     backend                                                  what the above was resolved for
 
 The config keys users type keep their sections: `model.moe_impl`, `model.moe_block_size`, `model.fp8`,
-`model.expert_capacity_factor`, `model.expert_dispatch`, `model.attention` (HF-style configs have always carried them
-there), `train.remat`, `mesh.*` (axes, `mesh.microbatches`, `mesh.pipeline_schedule`) and the `fp8`
-section (the fields of `Fp8Options`). `ModelConfig.from_dict` skips the run keys: `split_model_section`
-takes them out first.
+`model.expert_capacity_factor`, `model.expert_dispatch`, `model.attention`, `model.dsa.stage`, `model.dsa.loss_weight`
+(HF-style configs have always carried them there), `train.remat`, `mesh.*` (axes, `mesh.microbatches`,
+`mesh.pipeline_schedule`) and the `fp8` section (the fields of `Fp8Options`). `ModelConfig.from_dict` skips the run
+keys: `split_model_section` takes them out first.
 """
 from __future__ import annotations
 
@@ -65,10 +71,12 @@ DISPATCHES = ("padded", "ragged")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")  # parallel/pipeline/schedules.py
 PAGED_ATTENTION = ("jnp", "pallas")
 ATTENTION = ("einsum", "blockwise", "xla", "cudnn")  # the training / prefill attention core (mla.MLA.expanded)
+DSA_STAGES = ("sparse", "dense_warmup")  # DeepSeek Sparse Attention's two training stages (dsa.py)
 FP8_WEIGHT_MODES = ("w8a8", "weight_only")  # activations quantised 1x128 | left in the compute dtype
 # keys of a config's `model` section that describe the run, with their defaults
 MODEL_RUN_KEYS: dict[str, Any] = {"moe_impl": "auto", "moe_block_size": 64, "fp8": False,
-                                  "expert_capacity_factor": 0.0, "expert_dispatch": "auto", "attention": "auto"}
+                                  "expert_capacity_factor": 0.0, "expert_dispatch": "auto", "attention": "auto",
+                                  "dsa": {}}  # {stage, loss_weight}: DeepSeek Sparse Attention's training stage
 
 
 # ----------------------------------------------------------------------------- the one backend query
@@ -211,6 +219,8 @@ class Runtime:
     attention: str = "einsum"
     attention_fallback: bool = False  # 'auto' chose cudnn: einsum where cuDNN refuses the shapes or dtype
     attention_block: int = 512  # 'blockwise': query and key rows per tile
+    dsa_stage: str = "sparse"  # DeepSeek Sparse Attention training: 'sparse' | 'dense_warmup' (models with an indexer)
+    dsa_loss_weight: float = 1.0  # weight of the indexer's KL in the training loss
 
     def __post_init__(self):
         for name, value, choices in (("expert_impl", self.expert_impl, EXPERT_IMPLS),
@@ -218,7 +228,8 @@ class Runtime:
                                      ("expert_dispatch", self.expert_dispatch, DISPATCHES),
                                      ("pipeline_schedule", self.pipeline_schedule, SCHEDULES),
                                      ("paged_attention", self.paged_attention, PAGED_ATTENTION),
-                                     ("attention", self.attention, ATTENTION)):
+                                     ("attention", self.attention, ATTENTION),
+                                     ("dsa_stage", self.dsa_stage, DSA_STAGES)):
             if value not in choices:
                 raise UserError(f"Runtime.{name}={value!r}: choose from {choices} (build a Runtime with "
                                 f"dsv3_jax.runtime.resolve, which also accepts 'auto').", key=f"Runtime.{name}")
@@ -228,6 +239,9 @@ class Runtime:
         if self.attention_block <= 0:
             raise UserError(f"Runtime.attention_block={self.attention_block} must be > 0 (rows per attention tile).",
                             key="Runtime.attention_block")
+        if not self.dsa_loss_weight >= 0:
+            raise UserError(f"dsa.loss_weight={self.dsa_loss_weight} must be >= 0 (the weight of the indexer's KL).",
+                            key="dsa.loss_weight")
         if self.capacity_factor < 0:
             raise UserError(f"expert_capacity_factor={self.capacity_factor} must be >= 0 (0: dropless).",
                             key="expert_capacity_factor")
@@ -335,8 +349,9 @@ class Runtime:
         paged = "; paged attention pallas" if self.paged_attention == "pallas" else ""
         attn = "" if self.attention == "einsum" else (
             f"; attention {self.attention}" + (" (einsum where cuDNN refuses)" if self.attention_fallback else ""))
+        dsa = "; dsa dense warm-up (indexer only)" if self.dsa_stage == "dense_warmup" else ""
         return (f"runtime: {self.backend}, {mesh}; experts {experts}, decode {self.decode_expert_impl}; "
-                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}{paged}{attn}")
+                f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}{paged}{attn}{dsa}")
 
 
 def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", moe_block_size: int = 64,
@@ -344,7 +359,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
             remat: bool = False, microbatches: int = 0, pipeline_schedule: str = "gpipe", pipeline_chunks: int = 1,
             pipeline_stage_layers: str = "", fp8: bool = False,
             fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None,
-            fp8_weights: str | None = None, attention: str = "auto") -> Runtime:
+            fp8_weights: str | None = None, attention: str = "auto", dsa_stage: str = "sparse",
+            dsa_loss_weight: float = 1.0) -> Runtime:
     """A concrete Runtime for this backend. 'auto' means:
       moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere
                        ('mgpu': the Mosaic GPU grouped GEMM on Hopper, grouped_gemm_mgpu.py, asked for by name);
@@ -397,7 +413,7 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                    pipeline_stage_layers=str(pipeline_stage_layers or ""), fp8=bool(fp8),
                    fp8_options=resolve_fp8(fp8_options),
                    fp8_weights=fp8_weights or None, attention_f32_core=p == "cpu", attention=attention,
-                   attention_fallback=fallback)
+                   attention_fallback=fallback, dsa_stage=dsa_stage, dsa_loss_weight=float(dsa_loss_weight))
 
 
 def default_microbatches(stages: int) -> int:
@@ -439,6 +455,14 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
     _, run = split_model_section(config.model)
     mesh_section = config.get("mesh") or {}
     train = config.get("train") or {}
+    dsa = dict(run["dsa"].to_dict() if hasattr(run["dsa"], "to_dict") else run["dsa"] or {})
+    unknown = sorted(set(dsa) - {"stage", "loss_weight"})
+    if unknown:
+        raise ConfigError(f"config.model.dsa has unknown key(s) {unknown}; valid keys are ['loss_weight', 'stage'].",
+                          key="model.dsa")
+    if dsa.get("stage", "sparse") not in DSA_STAGES:
+        raise ConfigError(f"config.model.dsa.stage={dsa['stage']!r}: choose from {DSA_STAGES} (V3.2's two training "
+                          f"stages: the indexer's dense warm-up, then sparse training).", key="model.dsa.stage")
     try:
         return resolve(mesh=mesh, moe_impl=run["moe_impl"], moe_block_size=run["moe_block_size"], fp8=run["fp8"],
                        expert_capacity_factor=run["expert_capacity_factor"], expert_dispatch=run["expert_dispatch"],
@@ -446,7 +470,8 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
                        pipeline_schedule=mesh_section.get("pipeline_schedule", "gpipe"),
                        pipeline_chunks=int(mesh_section.get("pipeline_chunks", 1)),
                        pipeline_stage_layers=mesh_section.get("pipeline_stage_layers", ""),
-                       fp8_options=fp8_options_from(config.get("fp8")), attention=run["attention"])
+                       fp8_options=fp8_options_from(config.get("fp8")), attention=run["attention"],
+                       dsa_stage=dsa.get("stage", "sparse"), dsa_loss_weight=dsa.get("loss_weight", 1.0))
     except ConfigError:
         raise
     except UserError as e:
@@ -455,7 +480,7 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
 
 # the config section of each resolver argument a config sets (the `key` of the resolver's errors)
 _CONFIG_SECTION = {"moe_impl": "model", "moe_block_size": "model", "expert_capacity_factor": "model",
-                   "expert_dispatch": "model", "attention": "model", "microbatches": "mesh",
+                   "expert_dispatch": "model", "dsa.loss_weight": "model", "attention": "model", "microbatches": "mesh",
                    "pipeline_schedule": "mesh", "pipeline_chunks": "mesh"}
 
 

@@ -388,6 +388,14 @@ class Checkpointer:
             state = convert(state)
         return step, state, ({} if meta is None else dict(meta))
 
+    def saved_abstract(self, step: int | None = None) -> dict:
+        """The saved state's tree (newest step by default) as ShapeDtypeStructs, from its metadata: no array is read."""
+        self._mngr.wait_until_finished()
+        step = self._mngr.latest_step() if step is None else int(step)
+        if step is None:
+            raise FileNotFoundError(f"no finalized checkpoint in {self.directory}")
+        return self._saved_abstract(step)
+
     def _saved_abstract(self, step: int) -> dict:
         """The saved state's tree as ShapeDtypeStructs on the first local device (from its metadata)."""
         md = self._mngr.item_metadata(step)[_STATE]

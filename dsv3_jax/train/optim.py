@@ -206,11 +206,14 @@ def make_optimizer(
     weight_decay: float = 0.1,
     clip_norm: float | None = 1.0,
     mu_dtype: Any = None,
+    trainable: Callable[[Any], bool] | None = None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Global-norm clipping followed by masked, decoupled AdamW with the DeepSeek-V3 schedule.
 
     Returns ``(tx, schedule)``; ``schedule(step)`` gives the lr for logging. ``clip_norm`` of
-    None or 0 disables clipping.
+    None or 0 disables clipping. ``trainable(path) -> bool`` (None: every parameter) freezes the others: their
+    updates are zero and the optimizer holds no moments for them (``optax.multi_transform`` with
+    ``set_to_zero``); clipping sees only the trainable gradients.
     """
     schedule = lr_schedule(peak_lr, warmup_steps, constant_steps, decay_steps, final_ratio)
     parts = []
@@ -227,4 +230,9 @@ def make_optimizer(
             mu_dtype=mu_dtype,
         )
     )
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    if trainable is not None:
+        labels = lambda params: jax.tree_util.tree_map_with_path(  # noqa: E731
+            lambda p, _: "train" if trainable(p) else "frozen", params)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule

@@ -58,9 +58,9 @@ from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import sharding
 from dsv3_jax.layer_stats import LayerStats
-from dsv3_jax.model import model_tail
+from dsv3_jax.model import model_tail, moe_only
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.objective import prediction_losses
+from dsv3_jax.objective import prediction_losses, total_loss
 from dsv3_jax.parallel.pipeline.schedules import FIELDS, TickTable
 from dsv3_jax.parallel.pipeline.slot_state import StackLayout, gather_slots, pool_split_dim, slot_spec, stack_specs
 from dsv3_jax.parallel.pipeline.slot_state import stack_from_slots as from_slots  # noqa: F401  (tests read gradients back)
@@ -154,11 +154,12 @@ def place(program: Program, state: dict, mesh) -> tuple:
     return ends, slots
 
 
-def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, *, mesh):
+def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, *, mesh, indexer=None):
     """The scheduled pipeline's step: ((total, terms, moe stats {path: LayerStats in model order}), grads) with
     grads = (d ends params, {kind: d slot params [S, v, k, ...]}).
 
-    ends = (params, biases) of `Ends`; slots = {kind: (params, biases) in slot layout}; window [B, T+1]."""
+    ends = (params, biases) of `Ends`; slots = {kind: (params, biases) in slot layout}; window [B, T+1]; indexer:
+    sparse attention's (KL weight, dense warm-up?) (`objective.indexer_setting`), the objective's as in `total_loss`."""
     tbl = program.table
     S, M, v = tbl.S, tbl.M, tbl.v
     K = S * v
@@ -175,7 +176,10 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
               "last_f": (last & (a["f_valid"] == 1)).any(1), "first_b": (first_b & (a["b_valid"] == 1)).any(1)}
     any_op = {k: jnp.asarray(v) for k, v in any_op.items()}  # per tick, the same on every stage
     real_all = {k: jnp.asarray(program.index[k] >= 0) for k in kinds}  # [S, v, k]
-    bal_cot = alpha / (program.moe_layers * M)
+    warmup = indexer is not None and indexer[1]
+    bal_cot = 0.0 if warmup else alpha / (program.moe_layers * M)
+    n_blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers  # the indexer's KL is a mean over every block
+    kl_cot = 0.0 if indexer is None else indexer[0] / (n_blocks * M)
 
     def body(ends_params, ends_biases, slot_params, slot_biases, window, lam):
         s = jax.lax.axis_index("stage")
@@ -205,9 +209,12 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
             logits = sharding.constrain(logits, ("batch", None, None))  # the loss gathers the target logits
             mtp_logits = [sharding.constrain(lg, ("batch", None, None)) for lg in mtp_logits]
             ce, mtp = prediction_losses(logits, mtp_logits, win)
-            bal = sum((st.balance for st in mtp_stats.values()), jnp.zeros((), jnp.float32))
-            loss = ce + lam * mtp + alpha * bal / program.moe_layers
-            return loss, (ce, mtp, mtp_stats)
+            zero = jnp.zeros((), jnp.float32)
+            bal = sum((st.balance for st in moe_only(cfg, mtp_stats).values()), zero)
+            kl = sum((st.indexer_kl for st in mtp_stats.values()), zero)
+            terms = {"loss": ce, "mtp_loss": mtp, "balance_loss": bal / program.moe_layers,
+                     "indexer_kl": kl / n_blocks}
+            return total_loss(terms, lam, alpha, indexer), (ce, mtp, mtp_stats)
 
         def chunk_fn(p, x, c):  # p: {kind: params [k, ...]} of chunk c -> (y, {kind: LayerStats [k]})
             h, out = x, {}
@@ -290,7 +297,9 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                 (_, st), vjp = jax.vjp(lambda p, x: chunk_fn(p, x, c), chunk_params(c), x)
                 dst = {kk: LayerStats(counts=jnp.zeros_like(st[kk].counts),
                                       balance=jnp.full_like(st[kk].balance, bal_cot if kk == "moe" else 0.0),
-                                      dropped=jnp.zeros_like(st[kk].dropped)) for kk in kinds}
+                                      dropped=jnp.zeros_like(st[kk].dropped),
+                                      indexer_kl=jnp.full_like(st[kk].indexer_kl, kl_cot),
+                                      index_recall=jnp.zeros_like(st[kk].index_recall)) for kk in kinds}
                 dp, dx = vjp((dy, dst))
                 g_slots = {kk: jax.tree.map(lambda g, d: g.at[c].add(jnp.where(ok, d, 0)), g_slots[kk], dp[kk])
                            for kk in kinds}
@@ -317,6 +326,9 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         g_ends = jax.lax.psum(g_ends, "stage")
         ce, mtp = jax.lax.psum(acc["ce"], "stage"), jax.lax.psum(acc["mtp"], "stage")
         mtp_stats = jax.tree.map(lambda a: jax.lax.psum(a, "stage"), acc["mtp_stats"])
+        # the main blocks' indexer terms, summed over their slots (ghost slots hold zeros) and micro-batches
+        idx_sums = jax.lax.psum(jnp.stack([sum(acc["stats"][k].indexer_kl.sum() for k in kinds),
+                                           sum(acc["stats"][k].index_recall.sum() for k in kinds)]), "stage")
         moe_stats = None
         if "moe" in kinds:  # [v, k] slots -> the MoE layers in model order, summed over stages (a psum of [L, E]
             idx = jnp.asarray(program.index["moe"])[s].reshape(-1)  # loads, not a gather of other stages' slots)
@@ -333,7 +345,7 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
             if "pool" in g_held[k]:
                 g_held[k]["pool"] = jax.tree.map(lambda g, d: jax.lax.psum(g, "stage") if d < 0 else g,
                                                  g_held[k]["pool"], program.pool_dims[k])
-        return ce, mtp, mtp_stats, moe_stats, g_ends, g_held
+        return ce, mtp, mtp_stats, moe_stats, idx_sums, g_ends, g_held
 
     ends_params, ends_biases = ends
     slot_params = {k: slots[k][0] for k in kinds}
@@ -343,20 +355,27 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
     held_specs = {k: _held_specs(program, k, slot_params[k]) for k in kinds}
     fn = jax.shard_map(body, mesh=mesh, axis_names={"stage"}, check_vma=False,
                        in_specs=(rep(ends_params), rep(ends_biases), held_specs, on_stage(slot_biases), P(), P()),
-                       out_specs=(P(), P(), P(), P(), P(), held_specs))
+                       out_specs=(P(), P(), P(), P(), P(), P(), held_specs))
     with jax.named_scope("pipeline"):
-        ce, mtp, mtp_stats, main_stats, g_ends, g_slots = fn(ends_params, ends_biases, slot_params, slot_biases,
-                                                              window, lam)
+        ce, mtp, mtp_stats, main_stats, idx_sums, g_ends, g_slots = fn(ends_params, ends_biases, slot_params,
+                                                                        slot_biases, window, lam)
     moe_stats = {}
     if "moe" in kinds:
         main = main_stats.per_microbatch(M)
         moe_stats["moe_layers/ffn"] = main
-    moe_stats |= {k: st.per_microbatch(M) for k, st in mtp_stats.items()}
+    mtp_stats = {k: st.per_microbatch(M) for k, st in mtp_stats.items()}
+    moe_stats |= moe_only(cfg, mtp_stats)
     from dsv3_jax import layer_stats
 
     terms = {"loss": ce, "mtp_loss": mtp, "balance_loss": layer_stats.mean_balance(moe_stats),
              "dropped_tokens": layer_stats.total_dropped(moe_stats)}
-    total = ce + lam * mtp + alpha * terms["balance_loss"]
+    if cfg.dsa:  # means over every block: the main ones (summed over micro-batches here) and the MTP ones
+        n_blocks = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        mtp_kl, mtp_recall = (sum((getattr(st, f) for st in mtp_stats.values()), jnp.zeros((), jnp.float32))
+                              for f in ("indexer_kl", "index_recall"))
+        terms |= {"indexer_kl": (idx_sums[0] / M + mtp_kl) / n_blocks,
+                  "index_recall": (idx_sums[1] / M + mtp_recall) / n_blocks}
+    total = total_loss(terms, lam, alpha, indexer)
     return (total, terms, moe_stats), (g_ends, g_slots)
 
 
@@ -414,7 +433,7 @@ def _vjp_aux(last_fn, ends_params, y, win):
 ENDS = ("embed", "norm", "lm_head", "mtp")  # the parameter paths of `Ends`
 
 
-def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, lam, alpha, *, mesh):
+def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, lam, alpha, *, mesh, indexer=None):
     """`value_and_grad` on the train state's pure dicts: ((total, (terms, moe stats)), grads shaped like params),
     the form `step.make_train_step` takes from `jax.value_and_grad`. `params` hold the stacks in the slot
     layout (`slot_state.py`), so they go to the program as they are and their gradients come back in it;
@@ -423,7 +442,7 @@ def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, l
     slots = {kind: (params[f"{kind}_layers"], gather_slots(biases.get(f"{kind}_layers", {}), program.index[kind]))
              for kind in program.slots}
     (total, terms, stats), (g_ends, g_slots) = value_and_grad(program, gds, cfg, ends, slots, window, lam, alpha,
-                                                               mesh=mesh)
+                                                               mesh=mesh, indexer=indexer)
     grads = dict(g_ends) | {f"{kind}_layers": g for kind, g in g_slots.items()}
     return (total, (terms, stats)), grads
 
