@@ -1,8 +1,11 @@
 """The DeepSeek-V3-architecture checkpoints people run besides V3 itself, against transformers 5.25's
 DeepseekV3ForCausalLM (PyTorch, CPU, float32): tiny random checkpoints in the shapes of Kimi-K2 (one expert group,
 first_k_dense_replace 1, many experts) and Moonlight-16B-A3B (queries projected directly: q_lora_rank null, two
-shared experts, no RoPE scaling), saved with `save_pretrained`, loaded with `hf.load`, logits compared; and
-config.json in each model's released form (Kimi-K2's model_type kimi_k2 with its auto_map and training-only
+shared experts, no RoPE scaling), saved with `save_pretrained`, loaded with `hf.load`, logits compared;
+Mistral-Large-3's
+form (transformers' Mistral3ForConditionalGeneration: a Pixtral vision tower around a deepseek_v3 `text_config`, the
+language model's tensors under `language_model.`), whose text logits we match with the vision tower left unloaded;
+and config.json in each model's released form (Kimi-K2's model_type kimi_k2 with its auto_map and training-only
 fields; Moonlight's; DeepSeek-V3.1's and R1's are V3's) parses to the network it describes."""
 import pytest
 from test_interop import hf_model, max_diff, our_logits, ref, tokens_for, torch_logits  # noqa: F401
@@ -91,3 +94,34 @@ def test_released_configs_parse_to_their_networks():
                        ({k: v for k, v in KIMI_K2.items() if k != "n_group"}, "n_group")):
         with pytest.raises(UserError, match=match):
             parse_config(bad)
+
+
+def test_mistral_large_3_form_loads_its_language_model(ref, tmp_path, caplog):  # noqa: F811
+    """A tiny random Mistral3ForConditionalGeneration whose text model is DeepSeek-V3-shaped, saved by transformers:
+    its text-only logits (no image) equal ours, the vision tower and projector are skipped with one warning, and a
+    wrapper around anything but a DeepSeek-V3 is refused naming text_config.model_type."""
+    import torch  # noqa: F401
+
+    text = ref.DeepseekV3Config(**SHAPES["kimi_k2"] | dict(num_hidden_layers=2, rope_scaling=None),
+                                attn_implementation="eager")
+    vision = ref.PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, head_dim=8, image_size=32, patch_size=16)
+    config = ref.Mistral3Config(vision_config=vision, text_config=text, tie_word_embeddings=False)
+    from test_interop import randomize
+
+    model = randomize(ref.Mistral3ForConditionalGeneration(config), 21).eval()
+    model.save_pretrained(tmp_path)
+    tokens = tokens_for(text.vocab_size, seed=22)
+    with caplog.at_level("WARNING"):
+        cfg, ours = hf.load(str(tmp_path))
+    assert any("language model only" in r.getMessage() for r in caplog.records)
+    assert (cfg.num_hidden_layers, cfg.n_routed_experts) == (2, 24)
+    assert max_diff(our_logits(ours, tokens)[0], torch_logits(model, tokens)) <= TOL
+    import json
+
+    d = json.load(open(tmp_path / "config.json"))
+    assert d["model_type"] == "mistral3" and d["text_config"]["model_type"] == "deepseek_v3"
+    with pytest.raises(UserError, match="text_config.model_type"):
+        parse_config(dict(d, text_config=dict(d["text_config"], model_type="mistral")))
+    with pytest.raises(UserError, match="unknown field"):
+        parse_config(dict(d, audio_config={}))

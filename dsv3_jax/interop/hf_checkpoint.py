@@ -108,6 +108,11 @@ def open_checkpoint(path: str, *, mtp: str | bool = "auto", runtime: Runtime | N
     path = os.path.abspath(os.fspath(path))
     hfc = parse_config(read_config(path), **overrides)
     tensors = st.SafetensorsDir(path)
+    if hfc.text_prefixes:  # a multimodal wrapper (Mistral-Large-3): its language model only
+        skipped = tensors.language_model(hfc.text_prefixes, hfc.skipped_prefixes)
+        if skipped:
+            log.warning("%s: loading the language model only; the other towers' %d tensors (%s...) are not loaded",
+                        path, len(skipped), skipped[0])
     cfg = hfc.model
     depth = _mtp_depth(cfg, tensors, mtp)
     if depth != cfg.num_nextn_predict_layers:

@@ -93,6 +93,10 @@ class HFConfig:
     fp8_block: tuple[int, int] | None = None  # weight_block_size when quantization_config says fp8
     bos_token_id: int | None = 0
     eos_token_id: Any = 1
+    # a multimodal wrapper's language model (Mistral-Large-3: model_type mistral3 around a deepseek_v3 text_config):
+    # its tensors sit under one of these prefixes, and the other towers' tensors (skipped) under those
+    text_prefixes: tuple[str, ...] = ()
+    skipped_prefixes: tuple[str, ...] = ()
 
 
 def config_from_hf(d: Mapping[str, Any], **overrides) -> ModelConfig:
@@ -100,9 +104,22 @@ def config_from_hf(d: Mapping[str, Any], **overrides) -> ModelConfig:
     return parse_config(d, **overrides).model
 
 
+# Multimodal wrappers whose language model is a DeepSeek-V3 (`text_config`): the wrapper's own fields (the vision
+# tower's config, the projector's options) and where transformers saves the text model's tensors (the old and the
+# new naming) and the other towers'.
+_WRAPPERS = {"mistral3": {"fields": {"vision_config", "image_token_index", "image_token_id", "projector_hidden_act",
+                                     "multimodal_projector_bias", "spatial_merge_size", "vision_feature_layer",
+                                     "text_config"},
+                          "text": ("language_model.model.", "model.language_model.", "language_model."),
+                          "skipped": ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                                      "model.multi_modal_projector.")}}
+
+
 def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
     """config.json (as a dict) -> HFConfig; raises a UserError naming the field for anything we cannot load."""
     d = dict(d)
+    if d.get("model_type") in _WRAPPERS:
+        return _parse_wrapper(d, **overrides)
     if "num_mtp_layers" in d:  # transformers 5 alias
         mtp = d.pop("num_mtp_layers")
         if d.setdefault("num_nextn_predict_layers", mtp) != mtp:
@@ -142,6 +159,32 @@ def parse_config(d: Mapping[str, Any], **overrides) -> HFConfig:
     _check_hf_only(d, cfg)
     return HFConfig(cfg, rope_interleave=bool(d.get("rope_interleave", True)), fp8_block=_fp8_block(d),
                     bos_token_id=d.get("bos_token_id", 0), eos_token_id=d.get("eos_token_id", 1))
+
+
+def _parse_wrapper(d: dict, **overrides) -> HFConfig:
+    """A multimodal wrapper (Mistral-Large-3's `mistral3`): its DeepSeek-V3 `text_config` is the model; the vision
+    tower and the projector are not loaded (hf.load says so in one line)."""
+    kind = d["model_type"]
+    w = _WRAPPERS[kind]
+    text = d.get("text_config")
+    if not isinstance(text, Mapping) or text.get("model_type") not in ("deepseek_v3", "deepseek_v32"):
+        got = text.get("model_type") if isinstance(text, Mapping) else text
+        raise UserError(f"config.json: model_type {kind!r} wraps a text_config of model_type {got!r}; dsv3_jax reads "
+                        f"one whose language model is a DeepSeek-V3 (text_config.model_type deepseek_v3)")
+    unknown = sorted(set(d) - w["fields"] - _IGNORED - {"tie_word_embeddings", "quantization_config"})
+    if unknown:
+        raise UserError(f"config.json: unknown field(s) {unknown} of a {kind} config; dsv3_jax reads its text_config "
+                        f"and skips {sorted(w['fields'] - {'text_config'})}")
+    inner = dict(text)
+    if d.get("tie_word_embeddings") and not inner.get("tie_word_embeddings", False):
+        inner["tie_word_embeddings"] = True  # the wrapper's tie applies to its language model's head
+    if "quantization_config" in d:
+        inner.setdefault("quantization_config", d["quantization_config"])
+    for k in ("bos_token_id", "eos_token_id"):
+        if k in d and k not in inner:
+            inner[k] = d[k]
+    hfc = parse_config(inner, **overrides)
+    return dataclasses.replace(hfc, text_prefixes=w["text"], skipped_prefixes=w["skipped"])
 
 
 def _parse_rope(d: dict, max_pos: int) -> tuple[float, RopeScaling | None]:

@@ -171,6 +171,28 @@ class SafetensorsDir:
             if unlisted:
                 raise UserError(f"tensors missing from {INDEX_FILE}'s weight_map: {unlisted[:5]}")
 
+    def language_model(self, prefixes: tuple[str, ...], skipped: tuple[str, ...]) -> list[str]:
+        """Keep only a multimodal checkpoint's language model, named as a text-only checkpoint names it: a key under
+        one of `prefixes` loses it ('language_model.model.layers.0...' -> 'model.layers.0...', 'language_model.lm_head'
+        -> 'lm_head', 'model.language_model.norm' -> 'model.norm'); keys under `skipped` (the other towers) are
+        dropped and returned. Anything else stays as it is (and the plan's check names it)."""
+        out, dropped = {}, []
+        for key, info in self.tensors.items():
+            if key.startswith(skipped):
+                dropped.append(key)
+                continue
+            for p in prefixes:
+                if key.startswith(p):
+                    rest = key[len(p):]
+                    key = rest if rest.startswith(("model.", "lm_head.")) else (
+                        "model." + rest if p.endswith("model.") else rest)
+                    break
+            if key in out:
+                raise UserError(f"tensor {key!r} is stored twice under the language model's prefixes {prefixes}")
+            out[key] = info
+        self.tensors = out
+        return dropped
+
     def __contains__(self, key: str) -> bool:
         return key in self.tensors
 
