@@ -2,9 +2,9 @@
 DeepseekV3ForCausalLM (PyTorch, CPU, float32): tiny random checkpoints in the shapes of Kimi-K2 (one expert group,
 first_k_dense_replace 1, many experts) and Moonlight-16B-A3B (queries projected directly: q_lora_rank null, two
 shared experts, no RoPE scaling), saved with `save_pretrained`, loaded with `hf.load`, logits compared;
-Mistral-Large-3's
-form (transformers' Mistral3ForConditionalGeneration: a Pixtral vision tower around a deepseek_v3 `text_config`, the
-language model's tensors under `language_model.`), whose text logits we match with the vision tower left unloaded;
+Mistral-Large-3's form (transformers' Mistral3ForConditionalGeneration: a Pixtral vision tower around a deepseek_v3
+`text_config`, the language model's tensors under `language_model.`), whose text logits we match with the vision
+tower left unloaded;
 and config.json in each model's released form (Kimi-K2's model_type kimi_k2 with its auto_map and training-only
 fields; Moonlight's; DeepSeek-V3.1's and R1's are V3's) parses to the network it describes."""
 import pytest
