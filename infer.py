@@ -31,6 +31,8 @@ flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0: off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest set of tokens with this much mass (1: off).")
 flags.DEFINE_integer("seed", 0, "Random seed for sampling.")
 flags.DEFINE_boolean("speculative", False, "MTP speculative decoding (the MTP module drafts, the model verifies).")
+flags.DEFINE_boolean("index_fp8", False, "Sparse attention (V3.2): cache the indexer's keys as FP8 with a per-token "
+                     "scale (Dh + 4 bytes per token and layer instead of 2 Dh in BF16).")
 flags.DEFINE_string("output_json", None, "Write a JSON list, one {text, tokens, tokens_per_sec, acceptance_rate} "
                                          "per prompt.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. 'data=2,tensor=4' (axes: data, stage, fsdp, expert, tensor; "
@@ -93,7 +95,7 @@ def dry_run() -> None:
     sharding.validate_mesh(sizes, cfg_hf.model)
     itemsize = 2 if FLAGS.cache_dtype is None else jnp_itemsize(cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype"))
     plan = serving_plan(cfg_hf.model, sizes, fp8_block=cfg_hf.fp8_block or (128, 128), keep_fp8=FLAGS.keep_fp8,
-                        hbm_bytes=int(FLAGS.hbm_gib * GIB), cache_itemsize=itemsize)
+                        hbm_bytes=int(FLAGS.hbm_gib * GIB), cache_itemsize=itemsize, index_fp8=FLAGS.index_fp8)
     print_plan(plan, sizes)
 
 
@@ -191,7 +193,7 @@ def main(argv):
                     max_batch_tokens=max(FLAGS.max_batch_tokens, FLAGS.batch_size), pages=pages,
                     decode_steps=FLAGS.decode_steps, cache_dtype=jnp.dtype(cache_dtype) if cache_dtype else None,
                     speculative=FLAGS.speculative, mesh=mesh, max_seq_len=capacity,
-                    paged_attention=FLAGS.paged_attention)
+                    paged_attention=FLAGS.paged_attention, index_fp8=FLAGS.index_fp8)
     streaming = FLAGS.batch_size == 1  # requests then run one after another, in order
     streams = {}
 

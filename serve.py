@@ -41,6 +41,8 @@ def parser():
     p.add_argument("--cache_mib", type=float, default=256.0, help="device memory of the latent-cache page pool")
     p.add_argument("--max_seq_len", type=int, default=0, help="longest prompt + max_tokens (0: the model's context)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding for every request")
+    p.add_argument("--index_fp8", action="store_true",
+                   help="sparse attention (V3.2): cache the indexer's keys as FP8 with a per-token scale")
     p.add_argument("--max_waiting", type=int, default=256, help="queued requests beyond this get HTTP 429")
     p.add_argument("--max_tokens", type=int, default=16, help="max_tokens of a completion request that gives none")
     p.add_argument("--chat_template", default=None,
@@ -121,7 +123,8 @@ def main(argv=None) -> int:
                         max_batch_tokens=max(args.max_batch_tokens, args.batch_size),
                         cache_bytes=int(args.cache_mib * 2**20), decode_steps=args.decode_steps,
                         speculative=args.speculative, mesh=mesh, tokenizer=tokenizer,
-                        max_seq_len=args.max_seq_len or None, paged_attention=args.paged_attention)
+                        max_seq_len=args.max_seq_len or None, paged_attention=args.paged_attention,
+                        index_fp8=args.index_fp8)
         print(f"[{engine.runtime.describe()}; {engine.pool.pages} cache pages of {args.page_size} tokens]",
               file=sys.stderr, flush=True)
         if args.warmup:

@@ -136,6 +136,59 @@ def test_engine_greedy_equals_the_full_forward_with_sparse_attention(ref, tmp_pa
     with pytest.raises(UserError, match="paged_attention='jnp'"):
         Engine(ours, page_size=4, max_batch=2, max_batch_tokens=8, pages=20, max_seq_len=40, paged_attention="pallas")
 
+    # the indexer keys held as E4M3 with a per-token scale: greedy equals the full forward whose indexer keys are
+    # rounded the same way (the rounding checked against numpy in test_fp8_index_keys_by_hand)
+    from dsv3_jax import dsa
+    from dsv3_jax.infer.memory_plan import cache_bytes_per_token
+    from dsv3_jax.infer.paged_cache import quantize_keys
+
+    fp8 = Engine(ours, page_size=4, max_batch=4, max_batch_tokens=16, max_prefill_chunk=6, pages=40, decode_steps=2,
+                 cache_dtype=jnp.float32, max_seq_len=40, index_fp8=True)
+    ids = [fp8.submit(p, 8, stop_ids=()) for p in prompts]
+    fp8.run()
+    keys = dsa.Indexer.keys
+
+    def rounded(self, x, cos, sin):
+        q, scale = quantize_keys(keys(self, x, cos, sin))
+        return (q.astype(jnp.float32) * scale).astype(x.dtype)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dsa.Indexer, "keys", rounded)
+        jax.clear_caches()  # the reference's jitted forward is traced again, with the rounded keys
+        rounded_want = decoding.greedy(ours, prompts, 8)
+    jax.clear_caches()
+    assert [fp8.result(i).output for i in ids] == rounded_want
+    per_layer = {k: v // ours.cfg.num_hidden_layers for k, v in cache_bytes_per_token(fp8.pools).items()}
+    R, dr, Dh = ours.cfg.kv_lora_rank, ours.cfg.qk_rope_head_dim, ours.cfg.index_head_dim
+    assert per_layer["main"] == (R + dr) * 4 + Dh + 4  # float32 latent and rope key, E4M3 key and its scale
+    assert cache_bytes_per_token(eng.pools)["main"] // ours.cfg.num_hidden_layers == (R + dr + Dh) * 4
+
+
+def test_fp8_index_keys_by_hand():
+    """quantize_keys against numpy: the scale is amax / 448 per token, every value within E4M3's half-step
+    (2^-4 relative, or 2^-9 of the scale near zero); the V3.2 memory plan per token and layer: 1,408 bytes in BF16,
+    1,284 with FP8 keys."""
+    from dsv3_jax.infer.memory_plan import serving_plan
+    from dsv3_jax.infer.paged_cache import quantize_keys
+
+    k = np.random.default_rng(0).normal(size=(3, 5, 128)).astype(np.float32)
+    k *= np.array([1e-3, 1.0, 50.0], np.float32)[:, None, None]
+    q, scale = quantize_keys(jnp.asarray(k))
+    assert q.dtype == jnp.float8_e4m3fn and scale.shape == (3, 5, 1)
+    np.testing.assert_allclose(np.asarray(scale)[..., 0], np.abs(k).max(-1) / 448, rtol=1e-6)
+    back = np.asarray(q, np.float32) * np.asarray(scale)
+    assert np.all(np.abs(back - k) <= np.maximum(np.abs(k) * 2.0**-4, np.asarray(scale) * 2.0**-9) + 1e-12)
+    from dsv3_jax import sharding
+    from dsv3_jax.infer.paged_cache import bytes_per_token
+
+    v32 = ModelConfig(index_topk=2048)  # V3.2: V3 671B with the indexer (64 heads of 128), 61 layers
+    assert [bytes_per_token(v32, 2, index_fp8=f) for f in (False, True)] == [1408 * 61, 1284 * 61]
+    tiny = ModelConfig(**{k: v for k, v in V32.items() if k != "num_key_value_heads"})
+    sizes = {a: 1 for a in sharding.MESH_AXES}
+    plans = [serving_plan(tiny, sizes, fp8_block=(128, 128), keep_fp8=False, hbm_bytes=2**30, index_fp8=f)
+             for f in (False, True)]  # the plan counts the indexer's keys (without them: (16 + 4) x 2 x 3)
+    assert [p["cache_bytes_per_token"] for p in plans] == [(16 + 4 + 8) * 2 * 3, ((16 + 4) * 2 + 8 + 4) * 3]
+
 
 def _sparse_mla(topk, attention, block=5):
     import dataclasses

@@ -103,7 +103,8 @@ def pool_shardings(pools: ModelCache, mesh):
     def spec(c):
         lead = (sharding.logical_to_spec(("layers",))[0],) if c.c_kv.ndim == 4 else ()
         s = NamedSharding(mesh, PartitionSpec(*lead))
-        return PagedLatentCache(s, s, NamedSharding(mesh, PartitionSpec()))
+        fp8 = c.k_idx is not None
+        return PagedLatentCache(s, s, NamedSharding(mesh, PartitionSpec()), s if fp8 else None, s if fp8 else None)
 
     return jax.tree.map(spec, pools, is_leaf=lambda x: isinstance(x, PagedLatentCache))
 
@@ -126,13 +127,15 @@ class Engine:
     step (default: max_batch_tokens); cache_bytes: device memory for the page pool (or `pages` directly);
     decode_steps: decode tokens per dispatch; cache_dtype: dtype of the cached latent (default: compute);
     prefix_sharing: reuse cached full pages of identical prompt prefixes; paged_attention: how attention reads
-    the pages, 'jnp' | 'pallas' | 'auto' (`runtime.paged_attention_impl`).
+    the pages, 'jnp' | 'pallas' | 'auto' (`runtime.paged_attention_impl`); index_fp8: a sparse-attention model's
+    indexer keys cached as E4M3 with a per-token scale (`paged_cache`), not in the cache dtype.
     """
 
     def __init__(self, model: DeepSeekV3, *, page_size: int = 16, max_batch: int = 16, max_batch_tokens: int = 256,
                  max_prefill_chunk: int | None = None, cache_bytes: int | None = None, pages: int | None = None,
                  decode_steps: int = 4, cache_dtype=None, prefix_sharing: bool = True, tokenizer=None,
-                 speculative: bool = False, mesh=None, max_seq_len: int | None = None, paged_attention: str = "auto"):
+                 speculative: bool = False, mesh=None, max_seq_len: int | None = None, paged_attention: str = "auto",
+                 index_fp8: bool = False):
         cfg = model.cfg
         self.cfg = cfg
         for name, v in (("page_size", page_size), ("max_batch", max_batch), ("max_batch_tokens", max_batch_tokens),
@@ -147,11 +150,16 @@ class Engine:
         if self.speculative and not len(model.mtp):
             raise UserError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         self.cache_dtype = jnp.dtype(cfg.compute_dtype if cache_dtype is None else cache_dtype)
+        if index_fp8 and not cfg.dsa:
+            raise UserError("engine: index_fp8 caches a sparse-attention model's indexer keys in FP8; this model has "
+                            "no indexer (index_topk=0)", key="index_fp8")
+        self.index_fp8 = bool(index_fp8)
         if pages is None:
             if cache_bytes is None:
                 raise UserError("engine: give the page pool a size: cache_bytes (device memory for the latent cache) "
                                 "or pages")
-            pages = pages_for_budget(cfg, cache_bytes, page_size, self.cache_dtype.itemsize, self.speculative)
+            pages = pages_for_budget(cfg, cache_bytes, page_size, self.cache_dtype.itemsize, self.speculative,
+                                     self.index_fp8)
         if pages < 2:
             raise UserError(f"engine: a cache budget of {cache_bytes} bytes holds {pages} pages of {page_size} tokens; "
                             f"at least 2 are needed (raise the budget or lower the page size)")
@@ -211,8 +219,8 @@ class Engine:
 
     def _empty_pools(self) -> ModelCache:
         cfg = self.cfg
-        stack = lambda n: (PagedLatentCache.zeros(cfg, self.pool.pages, self.page_size, self.cache_dtype, n)  # noqa
-                           if n != 0 else None)
+        stack = lambda n: (PagedLatentCache.zeros(cfg, self.pool.pages, self.page_size, self.cache_dtype, n,  # noqa
+                                                  self.index_fp8) if n != 0 else None)
         return ModelCache(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                           mtp=stack(None) if self.speculative else None)
 

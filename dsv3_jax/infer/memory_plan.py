@@ -31,6 +31,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax import sharding
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.infer.paged_cache import bytes_per_token
 from dsv3_jax.interop import layout as L
 
 GIB = 1024**3
@@ -79,7 +80,9 @@ def cache_bytes_per_token(cache) -> dict:
     def per_token(c):
         if c is None:
             return 0
-        return sum(a.dtype.itemsize * a.size // (a.shape[-2] * a.shape[-3]) for a in (c.c_kv, c.k_pe))
+        arrays = [a for a in (c.c_kv, c.k_pe, getattr(c, "k_idx", None), getattr(c, "k_idx_scale", None))
+                  if a is not None]
+        return sum(a.dtype.itemsize * a.size // (a.shape[-2] * a.shape[-3]) for a in arrays)
 
     return {"main": per_token(cache.dense) + per_token(cache.moe), "mtp": per_token(cache.mtp)}
 
@@ -91,12 +94,13 @@ def mha_cache_bytes_per_token(cfg: ModelConfig, itemsize: int) -> int:
 
 
 def serving_plan(cfg: ModelConfig, sizes: dict, *, fp8_block: tuple[int, int] | None, keep_fp8: bool,
-                 hbm_bytes: int, cache_itemsize: int = 2, reserve_fraction: float = 0.05) -> dict:
+                 hbm_bytes: int, cache_itemsize: int = 2, reserve_fraction: float = 0.05,
+                 index_fp8: bool = False) -> dict:
     """The plan as a dict (see the module docstring); `reserve_fraction` of the memory is left for activations
     and the runtime."""
     w = weight_bytes(cfg, sizes, fp8_block if keep_fp8 else None)
     used = w["fp8"] if keep_fp8 else w["bf16"]
-    per_token = cfg.latent_cache_values_per_token() * cfg.num_hidden_layers * cache_itemsize
+    per_token = bytes_per_token(cfg, cache_itemsize, index_fp8=index_fp8)  # (with a V3.2 indexer's keys)
     reserve = hbm_bytes - int(hbm_bytes * (1 - reserve_fraction))
     free = hbm_bytes - reserve - used
     return {"weights_bytes_per_device": used, "weights_bytes_per_device_bf16": w["bf16"],

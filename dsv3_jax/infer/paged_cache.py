@@ -15,6 +15,11 @@ interface of `mla.LatentCache` that `MLA.decode` uses, so the model's decode pat
                                                  sit past the row's positions, so the causal mask hides them)
 Page 0 is never handed out: it absorbs the writes of padding tokens.
 
+Sparse attention (V3.2): each layer's indexer key (index_head_dim values per token) is cached too. By default it
+follows the rope channels in k_pe ([.., dr + Dh], the cache dtype); with `index_fp8` it is held apart as E4M3 with
+one float32 scale per token (`k_idx` [.., G, Dh], `k_idx_scale` [.., G, 1]; DeepSeek's own serving caches it in
+FP8): Dh + 4 bytes instead of 2 Dh in BF16. `key_channels` gives both back as the same [B, S, dr + Dh] view.
+
 Host side (`PagePool`): free pages, a reference count per page, and the prefix table: a full page of a
 prompt is registered under the hash of every token up to its end (the chain of page keys), so a later
 prompt that starts with the same tokens finds the same page. A registered page whose count drops to zero
@@ -44,13 +49,19 @@ class PagedLatentCache:
     c_kv: jax.Array
     k_pe: jax.Array
     page_table: jax.Array  # [B, M] int32
+    k_idx: jax.Array | None = None  # [(L,) P, G, Dh] float8_e4m3fn: the indexer's keys (with `index_fp8`)
+    k_idx_scale: jax.Array | None = None  # [(L,) P, G, 1] float32: their per-token scales
 
     @classmethod
-    def zeros(cls, cfg, pages: int, page_size: int, dtype, layers: int | None = None) -> PagedLatentCache:
-        lead = () if layers is None else (layers,)
-        return cls(c_kv=jnp.zeros(lead + (pages, page_size, cfg.kv_lora_rank), dtype),
-                   k_pe=jnp.zeros(lead + (pages, page_size, cfg.cache_rope_width), dtype),
-                   page_table=jnp.zeros((1, 1), jnp.int32))
+    def zeros(cls, cfg, pages: int, page_size: int, dtype, layers: int | None = None,
+              index_fp8: bool = False) -> PagedLatentCache:
+        lead = (() if layers is None else (layers,)) + (pages, page_size)
+        fp8 = index_fp8 and cfg.dsa
+        return cls(c_kv=jnp.zeros(lead + (cfg.kv_lora_rank,), dtype),
+                   k_pe=jnp.zeros(lead + (cfg.qk_rope_head_dim if fp8 else cfg.cache_rope_width,), dtype),
+                   page_table=jnp.zeros((1, 1), jnp.int32),
+                   k_idx=jnp.zeros(lead + (cfg.index_head_dim,), FP8) if fp8 else None,
+                   k_idx_scale=jnp.zeros(lead + (1,), jnp.float32) if fp8 else None)
 
     @property
     def page_size(self) -> int:
@@ -71,10 +82,17 @@ class PagedLatentCache:
         return page, jnp.where(positions >= 0, positions % G, 0)
 
     def write(self, positions: jax.Array, c_kv: jax.Array, k_pe: jax.Array, layer=None) -> PagedLatentCache:
+        """Write c_kv [B, T, R] and k_pe [B, T, dr (+ Dh: the indexer's key)] at positions [B, T]."""
         page, off = self._slots(positions)
         idx = (page, off) if layer is None else (layer, page, off)
+        new = {}
+        if self.k_idx is not None:
+            dr = self.k_pe.shape[-1]
+            q, scale = quantize_keys(k_pe[..., dr:])
+            new = dict(k_idx=self.k_idx.at[idx].set(q), k_idx_scale=self.k_idx_scale.at[idx].set(scale))
+            k_pe = k_pe[..., :dr]
         return self.replace(c_kv=self.c_kv.at[idx].set(c_kv.astype(self.c_kv.dtype)),
-                            k_pe=self.k_pe.at[idx].set(k_pe.astype(self.k_pe.dtype)))
+                            k_pe=self.k_pe.at[idx].set(k_pe.astype(self.k_pe.dtype)), **new)
 
     def layer(self, layer=None) -> tuple[jax.Array, jax.Array]:
         c_kv, k_pe = (self.c_kv, self.k_pe) if layer is None else (self.c_kv[layer], self.k_pe[layer])
@@ -89,19 +107,43 @@ class PagedLatentCache:
 
     def key_channels(self, layer=None) -> jax.Array:
         """The row's cached k_pe entries [B, M*G, cache_rope_width] in table order (the indexer's keys follow
-        the rope channels)."""
-        return gather_pages(self.k_pe if layer is None else self.k_pe[layer], self.page_table)
+        the rope channels; FP8-held ones dequantised)."""
+        pick = lambda a: a if layer is None else a[layer]  # noqa: E731
+        k_pe = gather_pages(pick(self.k_pe), self.page_table)
+        if self.k_idx is None:
+            return k_pe
+        keys = gather_pages(pick(self.k_idx), self.page_table).astype(jnp.float32)
+        keys = keys * gather_pages(pick(self.k_idx_scale), self.page_table)
+        return jnp.concatenate([k_pe.astype(jnp.float32), keys], axis=-1)
 
 
-def bytes_per_token(cfg, itemsize: int, mtp: bool = False) -> int:
-    """Cache bytes one token takes in every main layer (and the MTP layer when speculating)."""
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8).max)  # 448
+
+
+def quantize_keys(keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-token E4M3 of the indexer's keys [..., Dh]: (q [..., Dh] e4m3, scale [..., 1] float32), keys ~ q * scale,
+    the scale amax / 448 (1 for an all-zero key)."""
+    k = keys.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(k), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (k / scale).astype(FP8), scale
+
+
+def bytes_per_token(cfg, itemsize: int, mtp: bool = False, index_fp8: bool = False) -> int:
+    """Cache bytes one token takes in every main layer (and the MTP layer when speculating): the latent and the
+    rope key in the cache dtype, and with sparse attention the indexer's key (in the cache dtype, or E4M3 and a
+    float32 scale)."""
     layers = cfg.num_hidden_layers + (1 if mtp else 0)
+    if index_fp8 and cfg.dsa:
+        return ((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * itemsize + cfg.index_head_dim + 4) * layers
     return (cfg.kv_lora_rank + cfg.cache_rope_width) * layers * itemsize
 
 
-def pages_for_budget(cfg, budget_bytes: int, page_size: int, itemsize: int, mtp: bool = False) -> int:
+def pages_for_budget(cfg, budget_bytes: int, page_size: int, itemsize: int, mtp: bool = False,
+                     index_fp8: bool = False) -> int:
     """Pages (including the trash page) that fit in `budget_bytes`."""
-    return int(budget_bytes // (page_size * bytes_per_token(cfg, itemsize, mtp)))
+    return int(budget_bytes // (page_size * bytes_per_token(cfg, itemsize, mtp, index_fp8)))
 
 
 def page_keys(tokens, page_size: int, extra: int = 0) -> list[bytes]:
