@@ -11,10 +11,11 @@ mesh, each dim divided (rounded up) by the mesh axes it is sharded over (`shardi
     router, eh_proj) costs 2 bytes (BF16), the router bias 4 (float32);
   * the BF16 comparison costs every parameter 2 bytes (the router bias 4).
 tests/test_memory_plan.py checks the FP8 figure against the bytes a loaded model holds on each device.
-The latent cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 at V3 sizes) for the
-main layers (plus the MTP layer's own when speculating, not counted here), in the cache dtype; it is split
+The latent cache holds kv_lora_rank + qk_rope_head_dim values per token per layer (576 at V3 sizes; V3.2 adds the
+indexer's key, index_head_dim values, or E4M3 plus a float32 scale with `index_fp8`: `paged_cache.bytes_per_token`)
+for the main layers (plus the MTP layer's own when speculating, not counted here), in the cache dtype; it is split
 over the batch axes only, so every device of a batch shard holds the whole cache of its sequences:
-cache_tokens_per_device = (HBM - weights - reserve) / (values x layers x bytes).
+cache_tokens_per_device = (HBM - weights - reserve) / bytes per token.
 `cache_bytes_per_token` measures that figure from a cache's arrays; `mha_cache_bytes_per_token` is what a plain
 multi-head K/V cache of the same model would take (notebook 02, benchmarks/decode.py).
 """
