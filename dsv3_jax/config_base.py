@@ -86,4 +86,5 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.path = ""  # text/markdown/JSONL file or directory; "" uses the embedded corpus
     c.data.tokenizer_path = ""  # an existing tokenizer.json; "" trains a byte-level BPE into the workdir
     c.data.val_fraction = 0.05  # tail of the token stream held out for validation
+    c.data.document_mask = False  # every eos ends a document: attention does not cross it, positions restart
     return c

@@ -86,7 +86,7 @@ def topk_keep(scores: jax.Array, valid: jax.Array, k: int) -> jax.Array:
 
 
 def sparse_latent_attention(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: Indexer, *, topk: int, scale: float,
-                            block: int) -> jax.Array:
+                            block: int, segment_ids=None) -> jax.Array:
     """Sparse attention block by block in the latent (absorbed) form, memory O(T x topk), not O(T^2):
 
         for each block of `block` queries: the indexer's scores against every key [B, block, S], the top-k keys
@@ -95,13 +95,16 @@ def sparse_latent_attention(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: I
     q_abs [B, T, N, R] (W_UK absorbed), q_pe [B, T, N, dr], c_kv [B, T, R], k_pe [B, T, dr], the indexer's q_idx
     [B, T, H, Dh], w [B, T, H], k_idx [B, T, Dh] -> o_lat [B, T, N, R] float32 (times W_UV gives the heads'
     outputs). The same numbers as the plain form (`topk_keep` as a [T, T] mask over the expanded heads) up to
-    summation order; each block is rematerialised in the backward."""
+    summation order; each block is rematerialised in the backward. `segment_ids` [B, T] (packed documents): keys of
+    another document are never chosen."""
     B, T, N, R = q_abs.shape
     bq = min(block, T)
     Tp = -(-T // bq) * bq
     k = min(topk, T)
     pad = lambda x: jnp.pad(x, ((0, 0), (0, Tp - T)) + ((0, 0),) * (x.ndim - 2))  # noqa: E731
     q_abs, q_pe, q_idx, w = pad(q_abs), pad(q_pe), pad(q_idx), pad(w)
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+    seg_q = pad(seg)
     keys = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)  # [B, T, R + dr]
     rows = jnp.arange(B)[:, None, None]
 
@@ -111,9 +114,9 @@ def sparse_latent_attention(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: I
         qa, qp = sl(q_abs), sl(q_pe)
         scores = indexer.scores(sl(q_idx), sl(w), k_idx)  # [B, bq, T]
         qpos = i * bq + jnp.arange(bq)
-        causal = qpos[:, None] >= jnp.arange(T)[None, :]
-        _, idx = jax.lax.top_k(jnp.where(causal[None], scores, -jnp.inf), k)  # [B, bq, k]
-        chosen = idx <= qpos[None, :, None]  # fewer than k earlier keys: the rest are future ones, dropped
+        valid = (qpos[:, None] >= jnp.arange(T)[None, :])[None] & (sl(seg_q)[:, :, None] == seg[:, None, :])
+        _, idx = jax.lax.top_k(jnp.where(valid, scores, -jnp.inf), k)  # [B, bq, k]
+        chosen = jnp.take_along_axis(valid, idx, axis=-1)  # fewer than k valid keys: the rest are dropped
         sel = keys[rows, idx]  # [B, bq, k, R + dr]
         c_sel, pe_sel = sel[..., :R], sel[..., R:]
         s = jnp.einsum("BTNR,BTKR->BTNK", qa, c_sel.astype(qa.dtype), preferred_element_type=F32)
@@ -159,7 +162,7 @@ def indexer_terms(logits, index_scores, causal, keep, warmup: bool):
 
 
 def indexer_terms_blockwise(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: Indexer, *, topk: int, scale: float,
-                            block: int, warmup: bool):
+                            block: int, warmup: bool, segment_ids=None):
     """`indexer_terms` block by block over the queries, with the attention's logits in the latent form (q_abs . c_kv
     + q_pe . k_pe, the same numbers as the expanded form's): memory O(block x T) per block, never [T, T]. Inputs as
     `sparse_latent_attention`'s -> (mean KL, mean recall) over the B x T queries."""
@@ -170,6 +173,8 @@ def indexer_terms_blockwise(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: I
     stop = jax.lax.stop_gradient
     q_abs, q_pe, q_idx, w = pad(stop(q_abs)), pad(stop(q_pe)), pad(q_idx), pad(w)
     c_kv, k_pe = stop(c_kv), stop(k_pe)
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids
+    seg_q = pad(seg)
 
     @jax.checkpoint
     def one_block(i):
@@ -179,7 +184,7 @@ def indexer_terms_blockwise(q_abs, q_pe, c_kv, k_pe, q_idx, w, k_idx, indexer: I
         logits += jnp.einsum("BTNH,BSH->BNTS", qp, k_pe.astype(qp.dtype), preferred_element_type=F32)
         scores = indexer.scores(sl(q_idx), sl(w), k_idx)  # [B, bq, T]
         qpos = i * bq + jnp.arange(bq)
-        causal = jnp.broadcast_to(qpos[:, None] >= jnp.arange(T)[None, :], scores.shape)
+        causal = (qpos[:, None] >= jnp.arange(T)[None, :])[None] & (sl(seg_q)[:, :, None] == seg[:, None, :])
         keep = topk_keep(jax.lax.stop_gradient(scores), causal, topk)
         kl, recall = indexer_terms(logits * scale, scores, causal, keep, warmup)
         real = (qpos < T)[None, :]

@@ -46,6 +46,7 @@ from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.blockwise_attention import blockwise_attention
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data import packing
 from dsv3_jax.dsa import Indexer, indexer_terms, indexer_terms_blockwise, sparse_latent_attention, topk_keep
 from dsv3_jax.fp8.resident import QWeight
 from dsv3_jax.layers import Einsum, RMSNorm
@@ -128,6 +129,12 @@ def latent_attention(q_abs, q_pe, c_kv, k_pe, mask, scale) -> jax.Array:
     return jnp.einsum("BNTS,BSR->BTNR", probs.astype(dt), c_kv, preferred_element_type=f32)
 
 
+def causal_mask(T: int, segment_ids=None) -> jax.Array:
+    """[T, T] key s <= query t, and with `segment_ids` [B, T] (packed documents) [B, T, T]: in the same document."""
+    causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    return causal if segment_ids is None else causal[None] & packing.same_document(segment_ids)
+
+
 class MLA(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, runtime: Runtime | None = None):
         self.cfg = cfg
@@ -177,20 +184,23 @@ class MLA(nnx.Module):
         return self.kv_norm(c_kv), k_pe
 
     # ------------------------------------------------------------------ training path / prefill
-    def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype, keep=None) -> jax.Array:
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, dtype, keep=None, segment_ids=None) -> jax.Array:
         """Causal attention with K/V expanded from the latent: [B, T, *] -> [B, T, D]. The core is the einsum
         below (the reference) or, per `Runtime.attention`, the blockwise (flash) form in plain JAX ('blockwise',
         `blockwise_attention.py`: no [T, T] scores in memory) or `jax.nn.dot_product_attention` ('xla', 'cudnn').
-        `keep` [B, T, T] (sparse attention's selection, causal already): the einsum core with that mask."""
+        `keep` [B, T, T] (sparse attention's selection, causal already): the einsum core with that mask.
+        `segment_ids` [B, T] (packed documents, `data/packing.py`): no query attends to another document's keys
+        (the einsum and blockwise cores; 'xla' / 'cudnn' then run the einsum)."""
         cfg = self.cfg
         k_nope, v = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)  # [B, S, N, dn], [B, S, N, dv]
         dense = keep is None  # sparse attention's selection is a [T, T] mask: the einsum core applies it (no
         if dense and self.runtime.attention == "blockwise":  # blockwise sparse core yet)
             q, k = self.full_heads(q_nope, q_pe, k_nope, k_pe)
             block = self.runtime.attention_block
-            out = blockwise_attention(q, k, v, scale=cfg.softmax_scale, block_q=block, block_k=block)
+            out = blockwise_attention(q, k, v, scale=cfg.softmax_scale, block_q=block, block_k=block,
+                                      segment_ids=segment_ids)
             return self.wo(out.astype(dtype))
-        if dense and self.runtime.attention != "einsum":
+        if dense and segment_ids is None and self.runtime.attention != "einsum":
             out = self.fused_core(q_nope, q_pe, k_nope, k_pe, v)
             if out is not None:
                 return self.wo(out.astype(dtype))
@@ -199,8 +209,8 @@ class MLA(nnx.Module):
         scores += jnp.einsum("BTNH,BSH->BNTS", q_pe, k_pe, preferred_element_type=f32)
         scores *= cfg.softmax_scale
         T = q_nope.shape[1]
-        causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-        scores = jnp.where(causal if keep is None else keep[:, None], scores, jnp.finfo(f32).min)
+        allowed = causal_mask(T, segment_ids) if keep is None else keep
+        scores = jnp.where(allowed[:, None] if allowed.ndim == 3 else allowed, scores, jnp.finfo(f32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         out = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(f32)).astype(dtype)  # [B, T, N, dv]
         return self.wo(out)
@@ -237,34 +247,36 @@ class MLA(nnx.Module):
             raise UserError(f"attention={rt.attention!r} cannot run here ({' '.join(str(e).split())[:200]}); use "
                             f"config.model.attention='auto' or 'einsum'") from None
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        """Causal self-attention over the whole sequence: x [B, T, D] -> [B, T, D]."""
-        return self.prefill(x, cos, sin)[0]
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids=None) -> jax.Array:
+        """Causal self-attention over the whole sequence: x [B, T, D] -> [B, T, D] (within each document of
+        `segment_ids` [B, T])."""
+        return self.prefill(x, cos, sin, segment_ids)[0]
 
-    def prefill(self, x, cos, sin):
+    def prefill(self, x, cos, sin, segment_ids=None):
         """The training path, also returning the latent it used: out [B, T, D], c_kv [B, T, R], k_pe [B, T, dr]."""
         with jax.named_scope("attention"):
             q_nope, q_pe, q_lat = self.queries(x, cos, sin)
             c_kv, k_pe = self.latent(x, cos, sin)
             if not self.cfg.dsa:
-                return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype), c_kv, k_pe
+                return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, segment_ids=segment_ids), c_kv, k_pe
             T = x.shape[1]
             k_idx = self.indexer.keys(x, cos, sin)
             entry = jnp.concatenate([k_pe, k_idx.astype(k_pe.dtype)], axis=-1)  # (what a cache keeps)
             if self.runtime.attention == "blockwise":  # block by block in the latent form: no [T, T] array
                 q_idx, w = self.indexer.queries(x, q_lat, cos, sin)
-                return self.sparse_blockwise(q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, x.dtype), c_kv, entry
-            keep = self.sparse_keep(x, q_lat, cos, sin, k_idx, jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])
+                return (self.sparse_blockwise(q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, x.dtype, segment_ids), c_kv,
+                        entry)
+            keep = self.sparse_keep(x, q_lat, cos, sin, k_idx, causal_mask(T, segment_ids))
             return self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, keep), c_kv, entry
 
-    def train(self, x, cos, sin):
+    def train(self, x, cos, sin, segment_ids=None):
         """The training forward: (out [B, T, D], indexer KL, top-k recall), the last two means over the queries
         (zeros without sparse attention; `dsa.indexer_terms`). The indexer reads a detached copy of x and of the
         query latent, so it learns only from its KL and the model only from the language-model loss (V3.2's
         sparse stage; in the dense warm-up the attention is dense and only the indexer trains)."""
         if not self.cfg.dsa:
             z = jnp.zeros((), jnp.float32)
-            return self(x, cos, sin), z, z
+            return self(x, cos, sin, segment_ids), z, z
         cfg, rt = self.cfg, self.runtime
         warmup = rt.dsa_stage == "dense_warmup"
         with jax.named_scope("attention"):
@@ -274,18 +286,18 @@ class MLA(nnx.Module):
             k_idx = self.indexer.keys(xd, cos, sin)
             q_idx, w = self.indexer.queries(xd, q_lat_d, cos, sin)
             if rt.attention == "blockwise":  # no [T, T] array: the terms block by block in the latent form
-                out = (self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype) if warmup
-                       else self.sparse_blockwise(q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, x.dtype))
+                out = (self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, segment_ids=segment_ids) if warmup
+                       else self.sparse_blockwise(q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, x.dtype, segment_ids))
                 q_abs = self.absorbed_query(q_nope, x.dtype)
                 kl, recall = indexer_terms_blockwise(q_abs, q_pe.astype(x.dtype), c_kv, k_pe, q_idx, w, k_idx,
                                                      self.indexer, topk=cfg.index_topk, scale=cfg.softmax_scale,
-                                                     block=rt.attention_block, warmup=warmup)
+                                                     block=rt.attention_block, warmup=warmup, segment_ids=segment_ids)
                 return out, kl, recall
             T = x.shape[1]
             scores = self.indexer.scores(q_idx, w, k_idx)  # [B, T, T]
-            causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-            keep = topk_keep(jax.lax.stop_gradient(scores), jnp.broadcast_to(causal, scores.shape), cfg.index_topk)
-            out = self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, None if warmup else keep)
+            causal = jnp.broadcast_to(causal_mask(T, segment_ids), scores.shape)
+            keep = topk_keep(jax.lax.stop_gradient(scores), causal, cfg.index_topk)
+            out = self.expanded(q_nope, q_pe, c_kv, k_pe, x.dtype, None if warmup else keep, segment_ids)
             k_nope = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)[0]
             logits = jnp.einsum("BTNH,BSNH->BNTS", q_nope, k_nope, preferred_element_type=jnp.float32)
             logits += jnp.einsum("BTNH,BSH->BNTS", q_pe, k_pe, preferred_element_type=jnp.float32)
@@ -297,14 +309,14 @@ class MLA(nnx.Module):
         w_uk = jnp.split(self.absorbed_kv_b(dtype), [self.cfg.qk_nope_head_dim], axis=-1)[0]
         return jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk, preferred_element_type=jnp.float32).astype(dtype)
 
-    def sparse_blockwise(self, q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, dt) -> jax.Array:
+    def sparse_blockwise(self, q_nope, q_pe, c_kv, k_pe, q_idx, w, k_idx, dt, segment_ids=None) -> jax.Array:
         """Sparse attention of the training path in the absorbed form, block by block (`dsa.sparse_latent_attention`:
         memory O(T x index_topk)), the indexer's queries q_idx, w and keys k_idx given: -> [B, T, D]."""
         cfg, f32 = self.cfg, jnp.float32
         w_uv = jnp.split(self.absorbed_kv_b(dt), [cfg.qk_nope_head_dim], axis=-1)[1]  # [R, N, dv]
         o_lat = sparse_latent_attention(self.absorbed_query(q_nope, dt), q_pe.astype(dt), c_kv, k_pe, q_idx, w, k_idx,
                                         self.indexer, topk=cfg.index_topk, scale=cfg.softmax_scale,
-                                        block=self.runtime.attention_block)
+                                        block=self.runtime.attention_block, segment_ids=segment_ids)
         out = jnp.einsum("BTNR,RNH->BTNH", o_lat.astype(dt), w_uv, preferred_element_type=f32)
         return self.wo(out.astype(dt))
 

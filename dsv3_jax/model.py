@@ -50,6 +50,7 @@ from dsv3_jax import layer_stats, param_kinds, strategies
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
+from dsv3_jax.data import packing
 from dsv3_jax.layer_stats import LayerStats
 from dsv3_jax.layers import MLP, Einsum, Embed, RMSNorm, normal, param
 from dsv3_jax.mla import MLA, LatentCache
@@ -103,10 +104,10 @@ class Block(nnx.Module):
                            fp8_weights=runtime.fp8_resident)
         self.num_experts = cfg.n_routed_experts
 
-    def __call__(self, x, cos, sin):
+    def __call__(self, x, cos, sin, segment_ids=None):
         """The training forward: x [B, T, D] -> (x, LayerStats: the FFN's (zeros for a dense one) and the attention's
-        indexer terms (zeros without sparse attention))."""
-        a, kl, recall = self.attn.train(self.attn_norm(x), cos, sin)
+        indexer terms (zeros without sparse attention)); `segment_ids` [B, T]: packed documents."""
+        a, kl, recall = self.attn.train(self.attn_norm(x), cos, sin, segment_ids)
         x, stats = self.feed_forward(x + a)
         return x, stats.with_indexer(kl, recall)
 
@@ -204,8 +205,8 @@ class MTPModule(nnx.Module):
         self.block = Block(cfg, moe=cfg.has_moe, rngs=rngs, runtime=runtime)
         self.norm = RMSNorm(D, cfg.rms_norm_eps, **nkw)
 
-    def __call__(self, h_prev, emb_next, cos, sin):
-        return self.block(self.combine(h_prev, emb_next), cos, sin)
+    def __call__(self, h_prev, emb_next, cos, sin, segment_ids=None):
+        return self.block(self.combine(h_prev, emb_next), cos, sin, segment_ids)
 
     def combine(self, h_prev, emb_next):
         """eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]): [B, T, D] x 2 -> [B, T, D]."""
@@ -218,7 +219,7 @@ def head_logits(cfg: ModelConfig, lm_head, h: jax.Array) -> jax.Array:
     return jnp.einsum("BTD,DV->BTV", h.astype(dt), lm_head[...].astype(dt), preferred_element_type=jnp.float32)
 
 
-def model_tail(m, x: jax.Array, tokens: jax.Array, cos, sin):
+def model_tail(m, x: jax.Array, tokens: jax.Array, cos, sin, segment_ids=None):
     """What follows the blocks: final norm and head, then the MTP chain. `m` has the model's `cfg`, `embed`,
     `norm`, `lm_head` and `mtp` (the model itself, or a pipeline's last stage holding just those).
     -> (logits [B, T, V], mtp_logits (D x [B, T, V]), {MTP block's FFN path: LayerStats}) (the MTP blocks are MoE
@@ -231,7 +232,7 @@ def model_tail(m, x: jax.Array, tokens: jax.Array, cos, sin):
     for k, module in enumerate(m.mtp, start=1):
         shifted = jnp.concatenate([tokens[:, k:], jnp.zeros((B, k), tokens.dtype)], axis=1)
         with jax.named_scope(f"mtp_{k}"):
-            h, st = module(h, m.embed(shifted), cos, sin)
+            h, st = module(h, m.embed(shifted), cos, sin, segment_ids)
         stats[f"mtp/{k - 1}/block/ffn"] = st
         mtp_logits.append(head_logits(cfg, m.lm_head, module.norm(h)))
     return logits, tuple(mtp_logits), stats
@@ -261,10 +262,14 @@ class DeepSeekV3(nnx.Module):
         """Final-normed hidden [B, T, D] -> float32 logits [B, T, V]."""
         return head_logits(self.cfg, self.lm_head, h)
 
-    def __call__(self, tokens: jax.Array) -> ModelOutput:
+    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None) -> ModelOutput:
+        """The training forward of tokens [B, T]; `segment_ids` [B, T] (packed documents, `data/packing.py`):
+        positions restart at each document and attention stays inside it, so each document's logits are those
+        of running it alone."""
         cfg = self.cfg
         B, T = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+        positions = (jnp.broadcast_to(jnp.arange(T), (B, T)) if segment_ids is None
+                     else packing.positions(segment_ids))
         cos, sin = rope_tables(cfg, positions)
         x = self.embed(tokens)
         run_stack = strategies.stack(self.runtime)
@@ -273,8 +278,8 @@ class DeepSeekV3(nnx.Module):
             if stack is not None:
                 x = constrain(x, ("batch", "length", "act_embed"))
                 with jax.named_scope(name):
-                    x, block_stats[f"{name}/ffn"] = run_stack(stack, x, cos, sin)
-        logits, mtp_logits, mtp_stats = model_tail(self, x, tokens, cos, sin)
+                    x, block_stats[f"{name}/ffn"] = run_stack(stack, x, cos, sin, segment_ids)
+        logits, mtp_logits, mtp_stats = model_tail(self, x, tokens, cos, sin, segment_ids)
         block_stats |= mtp_stats
         kl, recall = layer_stats.indexer_means(block_stats)
         return ModelOutput(logits=logits, mtp_logits=mtp_logits, moe_stats=moe_only(cfg, block_stats), indexer_kl=kl,

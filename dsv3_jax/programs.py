@@ -26,7 +26,7 @@ import dataclasses
 
 import jax
 
-from dsv3_jax.objective import indexer_setting, model_losses, total_loss
+from dsv3_jax.objective import counted_predictions, indexer_setting, model_losses, total_loss
 from dsv3_jax.parallel.pipeline import slot_state
 from dsv3_jax.param_kinds import cast_for_compute
 
@@ -40,6 +40,8 @@ class Plain:
     layout = None
     compute_dtype: object = None
     indexer: tuple | None = None  # sparse attention: (KL weight, dense warm-up?), `objective.indexer_setting`
+    documents: bool = False  # the windows carry packing flags (`data/packing.py`: loss masks, document boundaries)
+    mtp_depth: int = 0  # (with documents: the prediction terms counted per window, `prediction_counts`)
 
     def _params(self, params):
         return params if self.compute_dtype is None else cast_for_compute(params, self.compute_dtype)
@@ -53,15 +55,22 @@ class Plain:
     def to_layers(self, state: dict) -> dict:
         return state
 
-    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None):
+    def prediction_counts(self, window):
+        """[depth + 1] float32: a flagged window's counted predictions per term (`objective.counted_predictions`)."""
+        T = window.shape[1] - 1
+        return jax.numpy.stack([m.sum() for m in counted_predictions(window, T, self.mtp_depth)]).astype("float32")
+
+    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None, denominators=None):
+        """`denominators` (packed documents under gradient accumulation): each term's divisor instead of this
+        window's own count, so that the mean over the step's windows is the step's mean (`make_train_step`)."""
         def objective(params):
-            terms, stats = model_losses(graphdef, self._params(params), biases, window)
+            terms, stats = model_losses(graphdef, self._params(params), biases, window, self.documents, denominators)
             return total_loss(terms, lam, alpha, self.indexer), (terms, stats)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
 
     def loss(self, graphdef, params, biases, window, *, mesh=None):
-        return model_losses(graphdef, self._params(params), biases, window)[0]["loss"]
+        return model_losses(graphdef, self._params(params), biases, window, self.documents)[0]["loss"]
 
     def save_meta(self) -> dict:
         return slot_state.save_meta(self.layout)
@@ -96,11 +105,12 @@ class Pipelined(Plain):
     def to_layers(self, state: dict) -> dict:
         return slot_state.to_layers(state, self.layout)
 
-    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None):
+    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None, denominators=None):
         from dsv3_jax.parallel.pipeline import executor
 
         return executor.step_grads(self.program, self.graphdefs, self.cfg, params, biases, window, lam, alpha,
-                                   mesh=mesh, indexer=self.indexer)
+                                   mesh=mesh, indexer=self.indexer, documents=self.documents,
+                                   denominators=denominators)
 
     def loss(self, graphdef, params, biases, window, *, mesh=None):
         """The main loss, from the program (its gradients are dropped: evaluation is rare)."""
@@ -114,12 +124,15 @@ class Pipelined(Plain):
                 f"fraction {t.bubble:.1%} (counted from its {t.ticks}-tick schedule)")
 
 
-def program_for(rt, model_cfg, seq_len: int) -> Plain:
-    """The program of a train step under `rt`: the scheduled pipeline when its mesh has more than one stage."""
+def program_for(rt, model_cfg, seq_len: int, documents: bool = False) -> Plain:
+    """The program of a train step under `rt`: the scheduled pipeline when its mesh has more than one stage.
+    `documents`: the windows carry packing flags (chat data, `config.data.document_mask`)."""
     indexer = indexer_setting(rt, model_cfg)
     if rt.stages <= 1:
-        return Plain(compute_dtype=None if rt.fp8 else model_cfg.compute_dtype, indexer=indexer)
+        return Plain(compute_dtype=None if rt.fp8 else model_cfg.compute_dtype, indexer=indexer, documents=documents,
+                     mtp_depth=model_cfg.num_nextn_predict_layers)
     from dsv3_jax.parallel.pipeline import executor
 
     prog, gds = executor.for_training(model_cfg, rt, seq_len)
-    return Pipelined(program=prog, graphdefs=gds, cfg=model_cfg, indexer=indexer)
+    return Pipelined(program=prog, graphdefs=gds, cfg=model_cfg, indexer=indexer, documents=documents,
+                     mtp_depth=model_cfg.num_nextn_predict_layers)

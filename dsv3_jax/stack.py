@@ -15,13 +15,14 @@ from flax import nnx
 from dsv3_jax.sharding import constrain
 
 
-def scan_blocks(stack, x, cos, sin, *, remat: bool):
+def scan_blocks(stack, x, cos, sin, *, remat: bool, segment_ids=None):
     """Apply a stacked Block layer by layer; returns x and the layers' LayerStats stacked [L, ...]. Each
-    block's output is constrained to the batch sharding (the block boundary)."""
+    block's output is constrained to the batch sharding (the block boundary). `segment_ids` [B, T]: packed
+    documents (`data/packing.py`)."""
     graphdef, state = nnx.split(stack)
 
     def body(h, layer_state):
-        h, stats = nnx.merge(graphdef, layer_state)(h, cos, sin)
+        h, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids)
         return constrain(h, ("batch", "length", "act_embed")), stats
 
     if remat:
@@ -35,5 +36,5 @@ class ScanStack:
 
     remat: bool = False
 
-    def __call__(self, stack, x, cos, sin):
-        return scan_blocks(stack, x, cos, sin, remat=self.remat)
+    def __call__(self, stack, x, cos, sin, segment_ids=None):
+        return scan_blocks(stack, x, cos, sin, remat=self.remat, segment_ids=segment_ids)

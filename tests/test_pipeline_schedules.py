@@ -229,15 +229,25 @@ def test_dsa_pipeline_with_experts_matches_one_device(stage):
     """DeepSeek Sparse Attention (top 5 of 16 keys) in both training stages, 1f1b over stage 2 x expert 2 x data 2
     against `jax.value_and_grad` of the one-device objective (`objective.total_loss`): the indexer's KL and recall
     (main blocks in slots on both stages, the MTP block on the last) 1e-5, every gradient 1e-4 relative; in the
-    warm-up only the indexers' gradients are non-zero."""
+    warm-up only the indexers' gradients are non-zero. The sparse stage's windows are packed documents with loss
+    masks (`data/packing.py`: each micro-batch's positions, attention and loss follow its own rows' documents)."""
+    from dsv3_jax.data import packing
     from dsv3_jax.objective import total_loss
 
     setting = (0.5, stage == "dense_warmup")
+    documents = stage == "sparse"
+    window = WINDOW
+    if documents:  # 2-3 documents per row at row-dependent places, a few prompt (non-target) tokens
+        rng = np.random.default_rng(3)
+        starts = np.zeros(WINDOW.shape, bool)
+        starts[np.arange(16), rng.integers(3, 8, 16)] = True
+        starts[np.arange(16), rng.integers(9, 14, 16)] = True
+        window = packing.encode(WINDOW, targets=rng.random(WINDOW.shape) > 0.2, starts=starts).astype(np.int32)
     model = DeepSeekV3(DSA_CFG, rngs=nnx.Rngs(0), runtime=runtime.resolve(moe_block_size=8, dsa_stage=stage))
     gd, params, biases = nnx.split(model, nnx.Param, RouterBias)
 
     def objective(p):
-        terms, _ = model_losses(gd, p, biases, jnp.asarray(WINDOW))
+        terms, _ = model_losses(gd, p, biases, jnp.asarray(window), documents)
         return total_loss(terms, LAM, ALPHA, setting), terms
 
     (ref_total, ref_terms), ref_grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
@@ -249,10 +259,10 @@ def test_dsa_pipeline_with_experts_matches_one_device(stage):
         program = executor.plan(model, 2, 4, "1f1b", 1, seq_len=16)
         gds, state = executor.split_model(model)
         ends, slots = executor.place(program, state, mesh)
-        window = sharding.put_global_batch(WINDOW, sharding.batch_sharding(mesh))
+        placed = sharding.put_global_batch(window, sharding.batch_sharding(mesh))
         (total, terms, _), (g_ends, g_slots) = jax.jit(lambda e, s, w: executor.value_and_grad(
-            program, gds, DSA_CFG, e, s, w, jnp.float32(LAM), jnp.float32(ALPHA), mesh=mesh, indexer=setting))(
-            ends, slots, window)
+            program, gds, DSA_CFG, e, s, w, jnp.float32(LAM), jnp.float32(ALPHA), mesh=mesh, indexer=setting,
+            documents=documents))(ends, slots, placed)
         grads = g_ends | {f"{k}_layers": executor.from_slots(g_slots[k], program.slots[k],
                                                              getattr(DSA_CFG, f"num_{k}_layers")) for k in g_slots}
     np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5)

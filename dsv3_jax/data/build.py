@@ -19,6 +19,7 @@ index shuffle for shards). :func:`build_data` is what the training loop calls.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -27,8 +28,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from dsv3_jax.cli import UserError
-from dsv3_jax.data import shards
-from dsv3_jax.data.bpe import encode_corpus, get_tokenizer
+from dsv3_jax.data import packing, shards
+from dsv3_jax.data.bpe import EOS_ID, encode_corpus, get_tokenizer
 from dsv3_jax.data.corpus import load_corpus
 from dsv3_jax.data.loader import ArrayStream, TokenLoader
 from dsv3_jax.io.tokenizer import TOKENIZER_FILENAME, load_tokenizer, tokenizer_hash
@@ -78,6 +79,7 @@ class Prepared:
     val: shards.TokenStream | ArrayStream
     documents: int
     order: str  # "permutation" in memory, "shuffle" for shards (data/loader.py)
+    flagged: bool = False  # the ids carry packing flags (chat shards: loss masks, document starts; data/packing.py)
 
 
 def prepare_in_memory(data_path: str | None, tokenizer_path: str | None, workdir: str, vocab_size: int,
@@ -107,7 +109,7 @@ def open_prepared(directory: str, tokenizer_path: str | None, vocab_size: int) -
                         f"{manifest['vocab_size']}")
     train = shards.TokenStream(directory, manifest["splits"]["train"]["shards"])
     val = shards.TokenStream(directory, manifest["splits"]["val"]["shards"])
-    return Prepared(tokenizer, train, val, manifest["documents"], "shuffle")
+    return Prepared(tokenizer, train, val, manifest["documents"], "shuffle", bool(manifest.get("flags", False)))
 
 
 @dataclasses.dataclass
@@ -120,6 +122,7 @@ class Data:
     n_train_tokens: int
     n_val_tokens: int
     n_documents: int = 0
+    documents: bool = False  # the windows carry packing flags: chat shards, or `document_mask` (data/packing.py)
 
 
 def build_data(
@@ -131,18 +134,22 @@ def build_data(
     val_fraction: float = 0.05,
     seed: int = 0,
     max_val_tokens: int | None = None,
+    document_mask: bool = False,
 ) -> Data:
     """The run's data: a directory written by `python -m dsv3_jax.data.prepare` is opened (`open_prepared`),
     anything else is prepared in memory (`prepare_in_memory`); the train split goes behind the loader and at
-    most ``max_val_tokens`` tokens of the val split are read (None = all)."""
+    most ``max_val_tokens`` tokens of the val split are read (None = all). `document_mask`: every eos ends a
+    document that later tokens do not attend across (`packing.mark_documents`, on each window and val batch)."""
     path = os.path.expanduser(data_path) if data_path else None
     if path and shards.is_prepared(path):
         p = open_prepared(path, tokenizer_path, vocab_size)
     else:
         p = prepare_in_memory(data_path, tokenizer_path, workdir, vocab_size, seq_len, val_fraction)
     n_val = len(p.val) if max_val_tokens is None else min(len(p.val), max_val_tokens)
-    return Data(tokenizer=p.tokenizer, train=TokenLoader(p.train, seq_len, seed, p.order), val=p.val.read(0, n_val),
-                n_train_tokens=len(p.train), n_val_tokens=len(p.val), n_documents=p.documents)
+    mark = functools.partial(packing.mark_documents, eos_id=EOS_ID) if document_mask else None
+    return Data(tokenizer=p.tokenizer, train=TokenLoader(p.train, seq_len, seed, p.order, transform=mark),
+                val=p.val.read(0, n_val), n_train_tokens=len(p.train), n_val_tokens=len(p.val),
+                n_documents=p.documents, documents=p.flagged or document_mask)
 
 
 if __name__ == "__main__":  # quick look: python -m dsv3_jax.data.build [path]

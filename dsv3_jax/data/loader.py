@@ -57,8 +57,8 @@ class ArrayStream:
 class WindowSource:
     """grain random-access source: window k = tokens [k w, (k + 1) w) of a stream, w = seq_len + 1."""
 
-    def __init__(self, stream, window: int):
-        self.stream, self.window = stream, window
+    def __init__(self, stream, window: int, transform=None):
+        self.stream, self.window, self.transform = stream, window, transform
         self.n = len(stream) // window
 
     def __len__(self) -> int:
@@ -66,7 +66,8 @@ class WindowSource:
 
     def __getitem__(self, k: int) -> np.ndarray:
         k = int(k)
-        return self.stream.read(k * self.window, (k + 1) * self.window)
+        w = self.stream.read(k * self.window, (k + 1) * self.window)
+        return w if self.transform is None else self.transform(w)
 
 
 class EpochPermutation(grain.MapDataset):
@@ -132,7 +133,7 @@ class TokenLoader:
     """Shuffled, resumable batches of windows from a token stream (see the module docstring): next_batch(B),
     state(), restore(state), epoch, n_windows. `stream` may be a plain array (held in memory)."""
 
-    def __init__(self, stream, seq_len: int, seed: int = 0, order: str = "permutation"):
+    def __init__(self, stream, seq_len: int, seed: int = 0, order: str = "permutation", transform=None):
         if seq_len < 1:
             raise UserError(f"seq_len must be >= 1, got {seq_len}")
         if seed < 0 or (order == "shuffle" and seed >= 2 ** 32):
@@ -142,7 +143,7 @@ class TokenLoader:
         if not hasattr(stream, "read"):
             stream = ArrayStream(stream)
         self.window, self.seq_len, self.seed, self.order = seq_len + 1, seq_len, int(seed), order
-        source = WindowSource(stream, self.window)
+        source = WindowSource(stream, self.window, transform)  # transform: each window as read (document starts)
         self.n_windows = len(source)
         if self.n_windows == 0:
             raise UserError(f"the train split has {len(stream)} tokens, fewer than one window of "

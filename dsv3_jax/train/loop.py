@@ -34,6 +34,8 @@ from dsv3_jax import distributed, param_kinds, runtime, sharding
 from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.config import ModelConfig
 from dsv3_jax.data import build as data_lib
+from dsv3_jax.data import packing
+from dsv3_jax.data.bpe import EOS_ID
 from dsv3_jax.data.loader import val_batches
 from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer, Reshaped
@@ -360,7 +362,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     def build():
         return data_lib.build_data(config.data.path or None, tokenizer_path(config), workdir,
                                    model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed,
-                                   max_val_tokens=max(t.eval_batches, 1) * t.batch_size * (t.seq_len + 1))
+                                   max_val_tokens=max(t.eval_batches, 1) * t.batch_size * (t.seq_len + 1),
+                                   document_mask=config.data.get("document_mask", False))
 
     # multi-host: process 0 trains and saves the tokenizer; the others then load it from the workdir
     data = build() if main else None
@@ -369,12 +372,15 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     distributed.barrier("dsv3_jax.data")
     data = data or build()
     val = val_batches(data.val, t.seq_len, t.batch_size, t.eval_batches) if data.n_val_tokens else []
+    if config.data.get("document_mask", False):
+        val = [packing.mark_documents(v, EOS_ID) for v in val]
     tokenizer_hash = tokenizer_io.tokenizer_hash(data.tokenizer)
 
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rt = runtime.from_config(config, mesh)
     tx, schedule, lam, gamma, batch_size = make_schedules(config, dict(mesh.shape))
-    program = program_for(rt, model_cfg, t.seq_len)  # plain value_and_grad, or the pipeline (its state layout)
+    # plain value_and_grad, or the pipeline (its state layout); documents: loss masks and document boundaries
+    program = program_for(rt, model_cfg, t.seq_len, documents=data.documents)
     graphdef, state = init_state(model_cfg, tx, t.seed, rt, program)
     if not quiet:
         print(rt.describe())

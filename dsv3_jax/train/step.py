@@ -71,8 +71,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     program = program or Plain()
 
     def grads_and_terms(params, biases, window, lam, alpha):
+        # packed documents: each micro-batch's terms are divided by the step's counts / k, so that their mean over the
+        # k micro-batches is the step's mean over its counted predictions
+        dens = (program.prediction_counts(window) / grad_accum_steps
+                if program.documents and grad_accum_steps > 1 else None)
+
         def grad_fn(params, w):
-            return program.value_and_grad(graphdef, params, biases, w, lam, alpha, mesh=mesh)
+            return program.value_and_grad(graphdef, params, biases, w, lam, alpha, mesh=mesh, denominators=dens)
 
         return _accumulate(grad_fn, params, window)
 

@@ -57,10 +57,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax import sharding
+from dsv3_jax.data import packing
 from dsv3_jax.layer_stats import LayerStats
 from dsv3_jax.model import model_tail, moe_only
 from dsv3_jax.moe import RouterBias
-from dsv3_jax.objective import prediction_losses, total_loss
+from dsv3_jax.objective import counted_predictions, prediction_losses, total_loss
 from dsv3_jax.parallel.pipeline.schedules import FIELDS, TickTable
 from dsv3_jax.parallel.pipeline.slot_state import StackLayout, gather_slots, pool_split_dim, slot_spec, stack_specs
 from dsv3_jax.parallel.pipeline.slot_state import stack_from_slots as from_slots  # noqa: F401  (tests read gradients back)
@@ -154,12 +155,16 @@ def place(program: Program, state: dict, mesh) -> tuple:
     return ends, slots
 
 
-def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, *, mesh, indexer=None):
+def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, *, mesh, indexer=None,
+                   documents: bool = False, denominators=None):
     """The scheduled pipeline's step: ((total, terms, moe stats {path: LayerStats in model order}), grads) with
     grads = (d ends params, {kind: d slot params [S, v, k, ...]}).
 
     ends = (params, biases) of `Ends`; slots = {kind: (params, biases) in slot layout}; window [B, T+1]; indexer:
-    sparse attention's (KL weight, dense warm-up?) (`objective.indexer_setting`), the objective's as in `total_loss`."""
+    sparse attention's (KL weight, dense warm-up?) (`objective.indexer_setting`), the objective's as in `total_loss`;
+    documents: the windows carry packing flags (`data/packing.py`): every micro-batch's positions, attention and
+    loss follow its documents, as the unpipelined objective's do (`denominators`: the terms' divisors for this whole
+    window, as in `objective.prediction_losses`; default its own counts)."""
     tbl = program.table
     S, M, v = tbl.S, tbl.M, tbl.v
     K = S * v
@@ -189,7 +194,21 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         real = {k: real_all[k][s] for k in kinds}  # [v, k]
         micro = window.reshape(b, M, T1).swapaxes(0, 1)  # micro-batch m = rows m, m + M, ...
         micro = sharding.constrain(micro, (None, "batch", None))
-        cos, sin = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
+        cos0, sin0 = rope_tables(cfg, jnp.broadcast_to(jnp.arange(T), (b, T)))
+
+        # packed documents: each term of a micro-batch is its sum over the counted predictions divided by the whole
+        # batch's count / M, so that the M micro-batches' mean is the batch's mean over its counted predictions
+        depth = cfg.num_nextn_predict_layers
+        dens = None
+        if documents:
+            dens = (jnp.stack([m.sum() for m in counted_predictions(window, T, depth)]).astype(jnp.float32)
+                    if denominators is None else denominators) / M
+
+        def read(win):  # a micro-batch window -> (tokens [b, T+1], (cos, sin, segment ids of the inputs or None))
+            if not documents:
+                return win, (cos0, sin0, None)
+            tokens, _, seg = packing.split(win)
+            return tokens, (*rope_tables(cfg, packing.positions(seg[:, :-1])), seg[:, :-1])
 
         def gatherable(ep):  # XLA's partitioner cannot split a gather inside a manual subgroup (it aborts): the
             # embedding table, which token lookups gather from, is gathered whole within the stage first
@@ -205,10 +224,11 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
 
         def last_fn(ep, x, win):
             m = nnx.merge(gds["ends"], gatherable(ep), ends_biases)
-            logits, mtp_logits, mtp_stats = model_tail(m, x, win[:, :-1], cos, sin)
+            tokens, pos = read(win)
+            logits, mtp_logits, mtp_stats = model_tail(m, x, tokens[:, :-1], *pos)
             logits = sharding.constrain(logits, ("batch", None, None))  # the loss gathers the target logits
             mtp_logits = [sharding.constrain(lg, ("batch", None, None)) for lg in mtp_logits]
-            ce, mtp = prediction_losses(logits, mtp_logits, win)
+            ce, mtp = prediction_losses(logits, mtp_logits, win, documents, dens)
             zero = jnp.zeros((), jnp.float32)
             bal = sum((st.balance for st in moe_only(cfg, mtp_stats).values()), zero)
             kl = sum((st.indexer_kl for st in mtp_stats.values()), zero)
@@ -216,7 +236,7 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                      "indexer_kl": kl / n_blocks}
             return total_loss(terms, lam, alpha, indexer), (ce, mtp, mtp_stats)
 
-        def chunk_fn(p, x, c):  # p: {kind: params [k, ...]} of chunk c -> (y, {kind: LayerStats [k]})
+        def chunk_fn(p, x, c, pos):  # p: {kind: params [k, ...]} of chunk c -> (y, {kind: LayerStats [k]})
             h, out = x, {}
             for kind in kinds:
                 gd, lb = gds[kind], jax.tree.map(lambda a: a[c], sb[kind])
@@ -225,7 +245,7 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                     lp, lbias, r = xs
 
                     def run(h):
-                        return nnx.merge(gd, lp, lbias)(h, cos, sin)
+                        return nnx.merge(gd, lp, lbias)(h, *pos)
 
                     if program.remat:
                         run = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable)
@@ -239,7 +259,7 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
         def chunk_params(c):
             return {k: jax.tree.map(lambda a: a[c], sp[k]) for k in kinds}
 
-        x_shape = jax.eval_shape(first_fn, ends_params, micro[0, :, :-1])
+        x_shape = jax.eval_shape(first_fn, ends_params, read(micro[0])[0][:, :-1])
         zeros_x = jnp.zeros(x_shape.shape, x_shape.dtype)
         mtp_stats0 = jax.eval_shape(lambda ep: last_fn(ep, zeros_x, micro[0])[1][2], ends_params)
         acc0 = {"ce": jnp.zeros((), jnp.float32), "mtp": jnp.zeros((), jnp.float32),
@@ -263,10 +283,11 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                 m, c, slot = (jnp.maximum(row[f], 0) for f in ("f_micro", "f_chunk", "f_slot"))
                 k = c * S + s
                 win = micro[m]
-                x = jax.lax.cond(anyop["first_f"], lambda: first_fn(ends_params, win[:, :-1]), lambda: xbuf[slot])
+                tokens, pos = read(win)
+                x = jax.lax.cond(anyop["first_f"], lambda: first_fn(ends_params, tokens[:, :-1]), lambda: xbuf[slot])
                 x = jnp.where(ok & (k == 0), x, xbuf[slot])
                 xbuf = xbuf.at[slot].set(jnp.where(ok, x, xbuf[slot]))
-                y, st = chunk_fn(chunk_params(c), x, c)
+                y, st = chunk_fn(chunk_params(c), x, c, pos)
                 stats = {kk: jax.tree.map(lambda a, n: a.at[c].add(jnp.where(ok, n, 0)), acc["stats"][kk], st[kk])
                          for kk in kinds}
                 acc = acc | {"stats": stats}
@@ -294,7 +315,8 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                 m, c, xs_, ds_ = (jnp.maximum(row[f], 0) for f in ("b_micro", "b_chunk", "b_xslot", "b_dyslot"))
                 k = c * S + s
                 x, dy = xbuf[xs_], dybuf[ds_]
-                (_, st), vjp = jax.vjp(lambda p, x: chunk_fn(p, x, c), chunk_params(c), x)
+                tokens, pos = read(micro[m])
+                (_, st), vjp = jax.vjp(lambda p, x: chunk_fn(p, x, c, pos), chunk_params(c), x)
                 dst = {kk: LayerStats(counts=jnp.zeros_like(st[kk].counts),
                                       balance=jnp.full_like(st[kk].balance, bal_cot if kk == "moe" else 0.0),
                                       dropped=jnp.zeros_like(st[kk].dropped),
@@ -305,7 +327,7 @@ def value_and_grad(program: Program, gds, cfg, ends, slots, window, lam, alpha, 
                            for kk in kinds}
 
                 def embed_grad(g_ends):
-                    _, vjp_e = jax.vjp(lambda ep: first_fn(ep, micro[m][:, :-1]), ends_params)
+                    _, vjp_e = jax.vjp(lambda ep: first_fn(ep, tokens[:, :-1]), ends_params)
                     return masked(ok & (k == 0), jax.tree.map(jnp.add, g_ends, vjp_e(dx)[0]), g_ends)
 
                 g_ends = jax.lax.cond(anyop["first_b"], embed_grad, lambda g: g, g_ends)
@@ -433,7 +455,8 @@ def _vjp_aux(last_fn, ends_params, y, win):
 ENDS = ("embed", "norm", "lm_head", "mtp")  # the parameter paths of `Ends`
 
 
-def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, lam, alpha, *, mesh, indexer=None):
+def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, lam, alpha, *, mesh, indexer=None,
+               documents: bool = False, denominators=None):
     """`value_and_grad` on the train state's pure dicts: ((total, (terms, moe stats)), grads shaped like params),
     the form `step.make_train_step` takes from `jax.value_and_grad`. `params` hold the stacks in the slot
     layout (`slot_state.py`), so they go to the program as they are and their gradients come back in it;
@@ -442,7 +465,8 @@ def step_grads(program: Program, gds, cfg, params: dict, biases: dict, window, l
     slots = {kind: (params[f"{kind}_layers"], gather_slots(biases.get(f"{kind}_layers", {}), program.index[kind]))
              for kind in program.slots}
     (total, terms, stats), (g_ends, g_slots) = value_and_grad(program, gds, cfg, ends, slots, window, lam, alpha,
-                                                               mesh=mesh, indexer=indexer)
+                                                               mesh=mesh, indexer=indexer, documents=documents,
+                                                               denominators=denominators)
     grads = dict(g_ends) | {f"{kind}_layers": g for kind, g in g_slots.items()}
     return (total, (terms, stats)), grads
 
