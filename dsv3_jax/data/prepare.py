@@ -1,4 +1,5 @@
 """Prepare a corpus once: text files -> token shards a run trains from (format: `dsv3_jax/data/shards.py`).
+With --chat: JSONL conversations -> shards with loss masks and document starts (`dsv3_jax/data/chat.py`).
 
     python -m dsv3_jax.data.prepare --input PATH [PATH ...] --tokenizer tokenizer.json|DIR --output DIR
                                     [--val_fraction 0.005] [--workers N] [--shard_tokens 16777216]
@@ -38,6 +39,7 @@ import numpy as np
 
 from dsv3_jax import cli
 from dsv3_jax.cli import UserError
+from dsv3_jax.data import packing
 from dsv3_jax.data.bpe import EOS_ID, split_document
 from dsv3_jax.data.corpus import JSONL_SUFFIXES as JSONL
 from dsv3_jax.data.corpus import TEXT_SUFFIXES as TEXT
@@ -326,6 +328,71 @@ def prepare(inputs: list[str], tokenizer_path: str, out: str, *, val_fraction: f
     return manifest
 
 
+def prepare_chat(inputs: list[str], tokenizer_path: str, out: str, *, chat_template: str | None = None,
+                 targets: str = "assistant", max_tokens: int = 0, val_fraction: float = 0.005,
+                 shard_tokens: int = 1 << 24, on_error: str = "fail", overwrite: bool = False,
+                 log=lambda m: print(m, file=sys.stderr)) -> dict:
+    """Write the prepared directory `out` from JSONL conversations (`data/chat.py`): flagged ids (loss masks,
+    document starts) in the same shard format, the manifest saying so ("flags": true); returns the manifest."""
+    from dsv3_jax.data import chat
+
+    if targets not in chat.TARGETS:
+        raise UserError(f"--targets {targets!r}: choose one of {', '.join(chat.TARGETS)}")
+    if on_error not in ("fail", "skip") or max_tokens < 0 or not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--on_error {on_error!r} (fail|skip), --max_tokens {max_tokens} (>= 0) and --val_fraction "
+                        f"{val_fraction} (in [0, 1)): one is out of range")
+    tok_file = os.path.join(tokenizer_path, tokenizer_io.TOKENIZER_FILENAME) if os.path.isdir(tokenizer_path) \
+        else tokenizer_path
+    tokenizer = tokenizer_io.load_tokenizer(tok_file, what="--tokenizer")
+    render, template_name = chat.renderer(os.path.dirname(os.path.abspath(tok_file)), chat_template)
+    files = input_files(inputs)
+    bad_kind = [name for path, name in files if _kind(path) != "jsonl"]
+    if bad_kind:
+        raise UserError(f"--chat reads JSONL conversations (one {{\"messages\": [...]}} per line); {bad_kind[0]} is "
+                        f"not .jsonl")
+    _check_output(out, overwrite, log)
+    shutil.copyfile(tok_file, os.path.join(out, tokenizer_io.TOKENIZER_FILENAME))
+    writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
+    skipped, targets_n, t0 = [], 0, time.perf_counter()
+    for path, name in files:
+        for lineno, rec in chat.conversations(path, _open):
+            try:
+                if isinstance(rec, chat.BadConversation):
+                    raise rec
+                ids = chat.encode_conversation(chat.check_messages(rec), tokenizer, render, targets, max_tokens)
+            except chat.BadConversation as e:
+                where = f"{path}:{lineno}"
+                if on_error == "fail":
+                    raise UserError(f"{where}: {e}; fix or remove it, or pass --on_error skip") from None
+                skipped.append(f"{name}:{lineno}")
+                log(f"skipped {where}: {e}")
+                continue
+            targets_n += int(np.sum((ids & packing.NOT_TARGET) == 0))
+            writers["val" if in_val(f"{name}:{lineno}", val_fraction) else "train"].add(ids, 1)
+    for w in writers.values():
+        w.close()
+    manifest = {
+        "format": FORMAT, "dtype": "uint32", "eos_id": EOS_ID, "flags": True,
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "tokenizer_sha256": tokenizer_io.tokenizer_hash(tokenizer),
+        "documents": sum(w.documents for w in writers.values()), "tokens": sum(w.tokens for w in writers.values()),
+        "target_tokens": targets_n, "skipped": len(skipped), "skipped_records": skipped[:1000],
+        "chat": {"targets": targets, "template": template_name, "max_tokens": max_tokens},
+        "val_fraction": val_fraction, "shard_tokens": shard_tokens, "inputs": [name for _, name in files],
+        "splits": {s: {"tokens": w.tokens, "documents": w.documents, "shards": w.shards} for s, w in writers.items()},
+    }
+    if not manifest["documents"]:
+        raise UserError(f"no usable conversation in {', '.join(inputs)} ({len(skipped)} skipped); see the lines above")
+    tmp = os.path.join(out, MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, os.path.join(out, MANIFEST))
+    log(f"prepared {manifest['documents']:,} conversations, {manifest['tokens']:,} tokens of which "
+        f"{targets_n:,} targets ({targets}; template: {template_name}) in {time.perf_counter() - t0:.1f}s; "
+        f"{len(skipped)} bad conversations skipped -> {out}")
+    return manifest
+
+
 def main(argv=None) -> int:
     p = cli.ArgumentParser(prog="python -m dsv3_jax.data.prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True, help="files or directories of .txt/.md/.jsonl(.gz)")
@@ -337,9 +404,21 @@ def main(argv=None) -> int:
     p.add_argument("--on_error", default="fail", choices=("fail", "skip"), help="a bad record fails, or is skipped")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared corpus in --output")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--chat", action="store_true",
+                   help="JSONL conversations ({\"messages\": [...]} per line) for chat fine-tuning")
+    p.add_argument("--chat_template", default=None, help="--chat: a jinja template file (default: the tokenizer "
+                   "directory's, else plain role lines)")
+    p.add_argument("--targets", default="assistant", choices=("assistant", "last", "all"),
+                   help="--chat: which tokens the loss counts")
+    p.add_argument("--max_tokens", type=int, default=0, help="--chat: longer conversations are bad records (0: any)")
 
     def run():
         args = p.parse_args(argv)
+        if args.chat:
+            prepare_chat(args.input, args.tokenizer, args.output, chat_template=args.chat_template,
+                         targets=args.targets, max_tokens=args.max_tokens, val_fraction=args.val_fraction,
+                         shard_tokens=args.shard_tokens, on_error=args.on_error, overwrite=args.overwrite)
+            return 0
         prepare(args.input, args.tokenizer, args.output, val_fraction=args.val_fraction, workers=args.workers,
                 shard_tokens=args.shard_tokens, on_error=args.on_error, overwrite=args.overwrite,
                 progress=not args.no_progress)

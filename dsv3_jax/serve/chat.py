@@ -125,14 +125,17 @@ def message_text(content) -> str | None:
     return "\n".join(texts)
 
 
-def render_chat(messages: list[dict], template: dict | None, tools=None, **kwargs) -> str:
+def render_chat(messages: list[dict], template: dict | None, tools=None, generation_prompt: bool = True,
+                **kwargs) -> str:
+    """The chat template's text of `messages` (with the assistant's generation prompt after them unless
+    `generation_prompt=False`: a whole conversation to train on, `data/chat.py`)."""
     if template is not None and template.get("encoder") == V32:
         from dsv3_jax.serve.dsml import encode_v32
 
         return encode_v32(messages, tools, thinking=bool(kwargs.get("thinking")))
     if template is None:
         return "".join(PLAIN_TEMPLATE.format(role=m["role"], content=m["content"] or "") for m in messages) + \
-            "assistant:"
+            ("assistant:" if generation_prompt else "")
     import jinja2
 
     # The template comes with the checkpoint: rendered in jinja2's sandbox (no attribute of Python's internals, no
@@ -146,7 +149,7 @@ def render_chat(messages: list[dict], template: dict | None, tools=None, **kwarg
         reserved = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token", "raise_exception"}
         kwargs = {k: v for k, v in kwargs.items() if k not in reserved}
         return env.from_string(template["template"]).render(**kwargs, messages=messages, tools=tools,
-                                                           add_generation_prompt=True,
+                                                           add_generation_prompt=generation_prompt,
                                                            bos_token=template["bos_token"],
                                                            eos_token=template["eos_token"],
                                                            raise_exception=raise_exception)
