@@ -61,13 +61,14 @@ def main(argv):
             raise
         raise cli.ConfigError(str(e)) from e
     if FLAGS.dry_run:
-        from dsv3_jax.train.loop import microbatches
+        from dsv3_jax.train.loop import microbatches, trainable_filter
 
         m = FLAGS.config.mesh
         plan.dry_run(model_cfg, sizes, t.batch_size, t.seq_len, t.remat,
                      microbatches=microbatches(FLAGS.config, sizes["stage"]),
                      grad_accum=t.get("grad_accum_steps", 1), schedule=m.get("pipeline_schedule", "gpipe"),
-                     chunks=m.get("pipeline_chunks", 1), stage_layers=m.get("pipeline_stage_layers", ""))
+                     chunks=m.get("pipeline_chunks", 1), stage_layers=m.get("pipeline_stage_layers", ""),
+                     trainable=trainable_filter(FLAGS.config))
         return
     train(FLAGS.config, FLAGS.workdir)
 

@@ -14,12 +14,12 @@ line. The README's DSA training table is this output.
 """
 from __future__ import annotations
 
+import _common  # noqa: F401  (repository root on sys.path)
+
 import argparse
 import json
 import os
 import tempfile
-
-import _common  # noqa: F401  (repository root on sys.path)
 
 from dsv3_jax.analysis import load_config
 from dsv3_jax.train.loop import train

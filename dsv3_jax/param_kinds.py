@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("embedding", "lm_head", "norms", "bias", "attention", "routed_experts", "router", "shared_experts",
          "mtp_projection", "dense_ffn")
@@ -88,6 +89,17 @@ def in_mtp(path: Sequence) -> bool:
 def decays(path: Sequence) -> bool:
     """AdamW weight decay applies (everything but RMSNorm gains and biases)."""
     return param_kind(path) not in ("norms", "bias")
+
+
+def trainable_counts(params, trainable=None) -> dict:
+    """{'trainable_params', 'total_params'} of a parameter tree (arrays or ShapeDtypeStructs; any layout):
+    `trainable(path) -> bool` as the optimizer's (None: every parameter trains)."""
+    counts = {"trainable_params": 0, "total_params": 0}
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        n = int(np.prod(x.shape))
+        counts["total_params"] += n
+        counts["trainable_params"] += n if trainable is None or trainable(path) else 0
+    return counts
 
 
 def in_indexer(path: Sequence) -> bool:

@@ -158,7 +158,8 @@ def _config(stage: str, steps: int, init_from: str = ""):
 def test_two_stage_training(tmp_path):
     """Warm-up 8 steps: the KL falls (by a fifth at least) and resume from step 4 gives the same KLs; then the sparse
     stage starts from the warm-up's weights (`config.init_from`) and trains the model and the indexer."""
-    from dsv3_jax.train.loop import initial_weights, train
+    from dsv3_jax.train.init_from import initial_weights
+    from dsv3_jax.train.loop import train
 
     warm = train(_config("dense_warmup", 8), str(tmp_path / "warm"), quiet=True)
     kls = [r["indexer_kl"] for r in warm.history]
@@ -182,23 +183,27 @@ def test_two_stage_training(tmp_path):
     assert any(not param_kinds.in_indexer(p) for p in moved) and any(param_kinds.in_indexer(p) for p in moved)
 
 
-def test_dense_warmup_freezes_everything_else(tmp_path):
-    """Two warm-up steps from V3 weights without indexers (a converter-format checkpoint written here): every
-    weight but the indexer's and the router biases equal those weights, the indexers were added fresh, and the
-    optimizer holds moments for the indexer alone."""
-    from dsv3_jax.train.loop import make_schedules, train
+@pytest.mark.parametrize("source", ["converter", "hf"])
+def test_dense_warmup_freezes_everything_else(tmp_path, source):
+    """Two warm-up steps from V3 weights without indexers (a converter-format checkpoint, or a released-format
+    directory written by hf.save, made here): every weight but the indexer's and the router biases equal those
+    weights, the indexers were added fresh, the optimizer holds moments for the indexer alone, and the metrics
+    records count the trainable parameters."""
+    from dsv3_jax.interop import hf
+    from dsv3_jax.train.loop import make_schedules, train, validate_train_config
 
     config = _config("dense_warmup", 2)
-    from dsv3_jax.train.loop import validate_train_config
-
     cfg = validate_train_config(config)
     dense = DeepSeekV3(dataclasses.replace(cfg, index_topk=0), rngs=nnx.Rngs(7))
     _, params, biases = nnx.split(dense, nnx.Param, RouterBias)
     src = tmp_path / "v3"
-    ck = Checkpointer(src / "checkpoints", async_save=False)
-    ck.save(0, {"params": nnx.to_pure_dict(params), "biases": nnx.to_pure_dict(biases)},
-            {"format": "dsv3_jax.params"}, force=True)
-    ck.close()
+    if source == "hf":
+        hf.save(dense, None, str(src))
+    else:
+        ck = Checkpointer(src / "checkpoints", async_save=False)
+        ck.save(0, {"params": nnx.to_pure_dict(params), "biases": nnx.to_pure_dict(biases)},
+                {"format": "dsv3_jax.params"}, force=True)
+        ck.close()
     config.init_from = str(src)
     out = train(config, str(tmp_path / "run"), quiet=True)
     got = traverse_util.flatten_dict(out.state["params"])
@@ -212,3 +217,5 @@ def test_dense_warmup_freezes_everything_else(tmp_path):
     n_indexer = sum(v.size for p, v in got.items() if param_kinds.in_indexer(p))
     assert sum(x.size for x in moments) == 2 * n_indexer  # Adam's mu and nu of the indexer, nothing else
     assert make_schedules(config)[3](0) == 0.0  # gamma: the router biases do not move
+    total = sum(v.size for v in got.values())
+    assert {(r["trainable_params"], r["total_params"]) for r in out.history} == {(n_indexer, total)}

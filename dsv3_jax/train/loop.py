@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, traverse_util
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -38,12 +38,13 @@ from dsv3_jax.data import packing
 from dsv3_jax.data.bpe import EOS_ID
 from dsv3_jax.data.loader import val_batches
 from dsv3_jax.io import tokenizer as tokenizer_io
-from dsv3_jax.io.checkpoint import Checkpointer, Reshaped
+from dsv3_jax.io.checkpoint import Checkpointer
 from dsv3_jax.model import DeepSeekV3, split_model, with_runtime
 from dsv3_jax.moe import RouterBias
 from dsv3_jax.parallel.pipeline.schedules import check_microbatches
 from dsv3_jax.programs import Plain, program_for
 from dsv3_jax.runtime import Runtime
+from dsv3_jax.train import init_from
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import batch_size_at, make_optimizer
 from dsv3_jax.train.step import make_eval_step, make_train_step
@@ -145,11 +146,7 @@ def validate_train_config(config, num_devices: int | None = None) -> ModelConfig
         executor.check_config(model_cfg, sizes["stage"], microbatches(config, sizes["stage"]),
                               m.get("pipeline_schedule", "gpipe"), m.get("pipeline_chunks", 1),
                               m.get("pipeline_stage_layers", ""), t.seq_len)
-    src = config.get("init_from", "")
-    if src and not os.path.isdir(os.path.join(src, "checkpoints")):
-        raise ConfigError(f"config.init_from={src!r} holds no checkpoints/ directory; give another run's --workdir or "
-                          f"the converter's output (an HF checkpoint: python -m dsv3_jax.interop.convert it first).",
-                          key="init_from")
+    init_from.check(config.get("init_from", ""))
     if config.data.path and not os.path.exists(config.data.path):
         raise ConfigError(f"config.data.path={config.data.path!r} does not exist; point it at a text/JSONL "
                           f"file or directory, or set it to '' for the embedded corpus.")
@@ -174,8 +171,7 @@ def make_schedules(config, mesh_sizes=None):
     tx, schedule = make_optimizer(peak_lr=t.peak_lr, warmup_steps=warmup, constant_steps=constant,
                                   decay_steps=max(after_warmup - constant, 1), final_ratio=t.final_lr_ratio,
                                   b1=t.b1, b2=t.b2, eps=t.get("eps", 1e-8), weight_decay=t.weight_decay,
-                                  clip_norm=t.clip_norm,
-                                  trainable=param_kinds.in_indexer if dsa_warmup(config) else None)
+                                  clip_norm=t.clip_norm, trainable=trainable_filter(config))
 
     def lam(step):
         m = config.mtp
@@ -196,61 +192,15 @@ def make_schedules(config, mesh_sizes=None):
     return tx, schedule, lam, gamma, batch
 
 
+def trainable_filter(config):
+    """Which parameters train (`path -> bool` for `make_optimizer`; None: all): DSA's dense warm-up trains the
+    indexers only."""
+    return param_kinds.in_indexer if dsa_warmup(config) else None
+
+
 def dsa_warmup(config) -> bool:
     """The run is DeepSeek Sparse Attention's dense warm-up (`config.model.dsa.stage`): only the indexer trains."""
     return (config.model.get("dsa") or {}).get("stage", "sparse") == "dense_warmup"
-
-
-def tokenizer_path(config) -> str | None:
-    """The tokenizer a run uses: config.data.tokenizer_path, else that of the run it starts from (config.init_from),
-    else None (one is trained on the corpus)."""
-    if config.data.tokenizer_path:
-        return config.data.tokenizer_path
-    src = os.path.join(config.get("init_from", ""), tokenizer_io.TOKENIZER_FILENAME)
-    return src if config.get("init_from", "") and os.path.isfile(src) else None
-
-
-def initial_weights(src: str, target, fresh: dict, quiet: bool) -> dict:
-    """{params, biases} of the newest checkpoint in run directory `src` (another run's workdir or the converter's
-    output), read as this run holds them (`target(meta)`: its layout and shardings); the optimizer state, step and
-    data position there are not read. A checkpoint without sparse-attention indexers (V3 / V3.1 weights) into a
-    model with them (V3.2) is how DSA training starts: the indexers keep their `fresh` initialisation (said in
-    one line); any other difference of the trees is an error naming it."""
-    ckpt = Checkpointer(os.path.join(os.path.abspath(src), "checkpoints"), keep=None, async_save=False)
-    try:
-        if ckpt.latest_step() is None:
-            raise UserError(f"config.init_from={src!r}: its checkpoints/ directory holds no checkpoint")
-        saved = traverse_util.flatten_dict(ckpt.saved_abstract().get("params", {}))
-        new_indexers = not any(param_kinds.in_indexer(p) for p in saved)
-
-        def read(meta):
-            t = target(meta)
-            if not new_indexers:
-                return t
-            if isinstance(t, Reshaped):
-                raise UserError(f"config.init_from={src!r} has no sparse-attention indexers; start the dense "
-                                f"warm-up from it without a pipeline (config.mesh.stage=1)")
-            return dict(t, params=_without_indexers(t["params"]))
-
-        got = ckpt.load(read, log=lambda msg: print(msg, file=sys.stderr), partial=True)
-    finally:
-        ckpt.close()
-    out = {k: got[1][k] for k in ("params", "biases")}
-    n_new = 0
-    if new_indexers:
-        flat = traverse_util.flatten_dict(fresh["params"])
-        kept = {p: v for p, v in flat.items() if param_kinds.in_indexer(p)}
-        n_new = sum(int(np.prod(v.shape)) for v in kept.values())
-        out["params"] = traverse_util.unflatten_dict(traverse_util.flatten_dict(out["params"]) | kept)
-    if not quiet:
-        extra = f"; the sparse-attention indexers ({n_new:,} parameters) are new, initialised" if n_new else ""
-        print(f"initialised from the weights of {src} (step {got[0]}); optimizer, step and data start afresh{extra}")
-    return out
-
-
-def _without_indexers(params: dict) -> dict:
-    flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not param_kinds.in_indexer(p)})
 
 
 def check_writable(workdir: str) -> None:
@@ -360,7 +310,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         check_writable(workdir)
 
     def build():
-        return data_lib.build_data(config.data.path or None, tokenizer_path(config), workdir,
+        return data_lib.build_data(config.data.path or None, init_from.tokenizer_path(config), workdir,
                                    model_cfg.vocab_size, t.seq_len, config.data.val_fraction, t.seed,
                                    max_val_tokens=max(t.eval_batches, 1) * t.batch_size * (t.seq_len + 1),
                                    document_mask=config.data.get("document_mask", False))
@@ -413,7 +363,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         # stage of DSA training); once this run has checkpoints of its own, it resumes from those instead
         weights = lambda meta: program.restore_target({"params": abstract["params"],  # noqa: E731
                                                        "biases": abstract["biases"]}, meta)
-        state = dict(state, **initial_weights(config.init_from, weights, state, quiet))
+        state = dict(state, **init_from.initial_weights(config.init_from, weights, state, quiet, model_cfg,
+                                                        program, mesh))
     if restored is not None:
         step0, got, meta = restored
         if weights_only(meta):
@@ -436,6 +387,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                 if note:
                     print(note)
     writer = MetricsWriter(workdir, total_steps=t.steps, start_step=start, quiet=quiet, enabled=main)
+    sizes = param_kinds.trainable_counts(state["params"], trainable_filter(config))  # (in every metrics record)
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings,
@@ -457,7 +409,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                       "grad_norm": m["grad_norm"], "lr": m["lr"], "max_vio": m["max_vio"],
                       "skipped_steps": int(m["skipped_steps"]), "dropped_tokens": int(m["dropped_tokens"]),
                       "tokens_per_sec": tokens_seen / max(dt, 1e-9), "tokens_seen": tokens_total,
-                      "batch_size": int(window.shape[0]), "lambda": lam(step), "gamma": gamma(step)}
+                      "batch_size": int(window.shape[0]), "lambda": lam(step), "gamma": gamma(step)} | sizes
             record |= {k: m[k] for k in ("indexer_kl", "index_recall") if k in m}  # sparse attention (V3.2)
             if not m["finite"]:
                 record["skipped_this_step"] = True

@@ -34,11 +34,13 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
 
 def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 1, seq_len: int = 1,
             remat: bool = False, microbatches: int = 1, grad_accum: int = 1, schedule: str = "gpipe", chunks: int = 1,
-            stage_layers: str = "") -> dict:
+            stage_layers: str = "", trainable=None) -> dict:
     """Print the parameter table, the per-device memory plan (with `mesh_sizes`), the pipeline plan (with a
-    'stage' axis > 1) and, as the final line, the counts (and the pipeline's figures) as JSON."""
+    'stage' axis > 1) and, as the final line, the counts (and the pipeline's figures) as JSON; `trainable` as the
+    optimizer's (`train.loop.trainable_filter`) gives `trainable_params` of the `total_params`."""
     model = abstract_model(cfg)
     counts = param_counts(model)
+    counts |= param_kinds.trainable_counts(nnx.to_pure_dict(nnx.state(model, nnx.Param)), trainable)
     parts = component_counts(model)
     print(f"{'component':<28}{'parameters':>20}")
     for k, v in parts.items():

@@ -1,0 +1,148 @@
+"""`config.init_from`: a new run starting from weights made elsewhere.
+
+    --config.init_from=DIR     another run's workdir, the converter's output (checkpoints/ inside), or a released-
+                               format (Hugging Face) directory, BF16 or FP8 (config.json + safetensors)
+
+Only the parameters and router biases are taken; the step, the optimizer and the data position start afresh, and
+the run's own checkpoints then resume it as usual (the loop reads init_from only while its workdir has none). The
+tokenizer comes with the weights: DIR/tokenizer.json unless `config.data.tokenizer_path` names one (and with it
+a chat template, for `data.prepare --chat --tokenizer DIR`). The architecture must be the config's: a difference is
+an error naming the fields, before anything is trained. One difference is how DeepSeek-V3.2 was made: weights
+without sparse-attention indexers (V3 / V3.1) into a config with them start the indexers from their
+initialisation (said in one line), for DSA's dense warm-up (`config.model.dsa.stage`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+
+from dsv3_jax import param_kinds
+from dsv3_jax.cli import ConfigError, UserError
+from dsv3_jax.io import tokenizer as tokenizer_io
+from dsv3_jax.io.checkpoint import Checkpointer, Reshaped
+from dsv3_jax.moe import RouterBias
+
+
+def kind(src: str) -> str:
+    """'run' (checkpoints/ inside), 'hf' (config.json + safetensors) or '' (neither)."""
+    if os.path.isdir(os.path.join(src, "checkpoints")):
+        return "run"
+    if os.path.isfile(os.path.join(src, "config.json")):
+        return "hf"
+    return ""
+
+
+def check(src: str) -> None:
+    """A config error naming config.init_from unless it is empty or one of the kinds above."""
+    if src and not kind(src):
+        raise ConfigError(f"config.init_from={src!r} holds neither checkpoints/ (a run's workdir or the converter's "
+                          f"output) nor config.json (a released-format checkpoint); point it at one of those.",
+                          key="init_from")
+
+
+def tokenizer_path(config) -> str | None:
+    """The tokenizer a run uses: config.data.tokenizer_path, else that of the weights it starts from, else None (one
+    is trained on the corpus)."""
+    if config.data.tokenizer_path:
+        return config.data.tokenizer_path
+    src = os.path.join(config.get("init_from", ""), tokenizer_io.TOKENIZER_FILENAME)
+    return src if config.get("init_from", "") and os.path.isfile(src) else None
+
+
+def initial_weights(src: str, target, fresh: dict, quiet: bool, model_cfg=None, program=None, mesh=None) -> dict:
+    """{params, biases} from `src`, as this run holds them: `target(meta)` is the restore target of a run directory
+    (layout and shardings); `fresh` the run's initialised state (its shardings, and the indexers' values when the
+    weights have none). A released-format directory is read with `hf.load` (`model_cfg`, `program` for the state
+    layout, `mesh` to place it)."""
+    if kind(src) == "hf":
+        out, n_new = _from_hf(src, fresh, model_cfg, program, mesh)
+        step = "released weights"
+    else:
+        out, n_new, step = _from_run(src, target, fresh)
+        step = f"step {step}"
+    if not quiet:
+        extra = f"; the sparse-attention indexers ({n_new:,} parameters) are new, initialised" if n_new else ""
+        print(f"initialised from the weights of {src} ({step}); optimizer, step and data start afresh{extra}")
+    return out
+
+
+def _from_run(src: str, target, fresh: dict):
+    """A run directory's newest checkpoint (its optimizer state, step and data position are not read)."""
+    ckpt = Checkpointer(os.path.join(os.path.abspath(src), "checkpoints"), keep=None, async_save=False)
+    try:
+        if ckpt.latest_step() is None:
+            raise UserError(f"config.init_from={src!r}: its checkpoints/ directory holds no checkpoint")
+        saved = traverse_util.flatten_dict(ckpt.saved_abstract().get("params", {}))
+        new_indexers = not any(param_kinds.in_indexer(p) for p in saved)
+
+        def read(meta):
+            t = target(meta)
+            if not new_indexers:
+                return t
+            if isinstance(t, Reshaped):
+                raise UserError(f"config.init_from={src!r} has no sparse-attention indexers; start the dense "
+                                f"warm-up from it without a pipeline (config.mesh.stage=1)")
+            return dict(t, params=_without_indexers(t["params"]))
+
+        got = ckpt.load(read, log=lambda msg: print(msg, file=sys.stderr), partial=True)
+    finally:
+        ckpt.close()
+    out = {k: got[1][k] for k in ("params", "biases")}
+    n_new = 0
+    if new_indexers:
+        out["params"], n_new = _with_fresh_indexers(out["params"], fresh["params"])
+    return out, n_new, got[0]
+
+
+def _from_hf(src: str, fresh: dict, model_cfg, program, mesh):
+    """A released-format directory (BF16, or FP8 dequantised into the run's parameter dtype)."""
+    from dsv3_jax.interop import hf
+
+    hfc = hf.parse_config(hf.read_config(src))
+    want = model_cfg
+    new_indexers = model_cfg.dsa and not hfc.model.dsa
+    if new_indexers:  # V3 weights for a V3.2 run: the network without its indexers
+        want = dataclasses.replace(model_cfg, index_topk=0)
+    _check_same(src, hfc.model, want)
+    got, model = hf.load(src, want.compute_dtype, param_dtype=want.weight_dtype)
+    _check_same(src, got, want)  # (the MTP depth the tensors hold: transformers' save_pretrained drops it)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    biases = nnx.to_pure_dict(nnx.state(model, RouterBias))
+    n_new = 0
+    if new_indexers:
+        params, n_new = _with_fresh_indexers(params, _layers_layout(fresh, program)["params"])
+    state = program.to_layout({"params": params, "biases": biases})
+    shardings = jax.tree.map(lambda x: x.sharding, {"params": fresh["params"], "biases": fresh["biases"]})
+    return jax.device_put(state, shardings), n_new
+
+
+def _check_same(src: str, theirs, want) -> None:
+    """UserError naming every architecture field of `theirs` that is not the run's (`want`)."""
+    theirs = dataclasses.replace(theirs, dtype=want.dtype, param_dtype=want.param_dtype,
+                                 initializer_range=want.initializer_range)
+    diff = [f"{f.name} {getattr(theirs, f.name)!r} (config: {getattr(want, f.name)!r})"
+            for f in dataclasses.fields(want) if getattr(theirs, f.name) != getattr(want, f.name)]
+    if diff:
+        raise UserError(f"config.init_from={src!r} is another network: {'; '.join(diff[:6])}; set those "
+                        f"config.model keys to the checkpoint's")
+
+
+def _layers_layout(fresh: dict, program) -> dict:
+    return program.to_layers({"params": fresh["params"]})
+
+
+def _with_fresh_indexers(params: dict, fresh_params: dict) -> tuple[dict, int]:
+    flat = traverse_util.flatten_dict(fresh_params)
+    kept = {p: v for p, v in flat.items() if param_kinds.in_indexer(p)}
+    n = sum(int(np.prod(v.shape)) for v in kept.values())
+    return traverse_util.unflatten_dict(traverse_util.flatten_dict(params) | kept), n
+
+
+def _without_indexers(params: dict) -> dict:
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not param_kinds.in_indexer(p)})
