@@ -15,7 +15,13 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
 
     c.model = ml_collections.ConfigDict()  # ModelConfig fields, filled in by each configs/*.py
-    c.init_from = ""  # a new run starts from the weights of another run's workdir (or the converter's output)
+    c.init_from = ""  # a new run starts from the weights of another run's workdir, the converter's or an HF directory
+
+    c.lora = ml_collections.ConfigDict()  # low-rank adapters, the base frozen (dsv3_jax/lora.py); rank 0: off
+    c.lora.rank = 0
+    c.lora.alpha = 16.0  # the update is (alpha / rank) A B
+    c.lora.dropout = 0.0  # (not supported yet: 0 only)
+    c.lora.targets = "wq_a,wq_b,wkv_a,wkv_b,wo"  # MLA projections; also wq, dense_ffn, shared_experts
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000  # optimizer steps

@@ -86,14 +86,24 @@ class Einsum(nnx.Module):
 
     fp8: block-scaled FP8 GEMMs on the float32 master weight, forward and backward (training).
     fp8_weights: the weight itself is FP8-resident (`dsv3_jax.fp8.resident`): `kernel` holds the e4m3 values
-    in the checkpoint's [N..., K...] orientation and `kernel_scale` its 128x128 block scales (inference)."""
+    in the checkpoint's [N..., K...] orientation and `kernel_scale` its 128x128 block scales (inference).
+    lora: low-rank adapters `lora_a`, `lora_b` beside the weight (`dsv3_jax.lora`)."""
 
     def __init__(self, eq: str, shape, axes, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 fp8: Fp8Options | None = None, fp8_weights: Fp8Weights | None = None):
+                 fp8: Fp8Options | None = None, fp8_weights: Fp8Weights | None = None, lora=None):
         self.eq = eq
         self.dtype = dtype
         self.fp8 = fp8
         self.fp8_weights = fp8_weights
+        self.lora = lora
+        if lora is not None:
+            if fp8_weights is not None:
+                raise UserError("LoRA adapters over FP8-resident weights are not supported yet (their GEMMs are "
+                                "forward-only); load the base dequantised (without keep_fp8)", key="lora")
+            from dsv3_jax.lora import adapter_params
+
+            self.lora_a, self.lora_b = adapter_params(rngs, shape, axes, resident.contracted(eq), lora.rank,
+                                                      param_dtype)
         if fp8_weights is None:
             self.kernel = param(rngs, normal(std), shape, axes, param_dtype)
             return
@@ -105,6 +115,22 @@ class Einsum(nnx.Module):
         return resident.QWeight(self.kernel[...], self.kernel_scale[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base(x)
+        if self.lora is None:
+            return y
+        from dsv3_jax.lora import delta
+
+        return y + delta(self.eq, resident.contracted(self.eq), x.astype(self.dtype), self.lora_a[...],
+                         self.lora_b[...], self.lora.scale, self.dtype).astype(y.dtype)
+
+    def weight(self) -> jax.Array:
+        """The float weight this projection applies: the kernel, plus (alpha / r) A B with LoRA (float32 then)."""
+        if self.lora is None:
+            return self.kernel[...]
+        a, b = self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32)
+        return self.kernel[...].astype(jnp.float32) + self.lora.scale * jnp.tensordot(a, b, axes=([a.ndim - 1], [0]))
+
+    def base(self, x: jax.Array) -> jax.Array:
         if self.fp8_weights is not None:
             return resident.einsum(self.eq, x.astype(self.dtype), self.qweight, self.fp8_weights)
         if self.fp8 is not None:  # quantises the float32 master weight itself, per 128x128 block
@@ -127,8 +153,9 @@ class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
 
     def __init__(self, dim: int, hidden: int, *, std: float, dtype, param_dtype, rngs: nnx.Rngs,
-                 fp8: Fp8Options | None = None, fp8_weights: Fp8Weights | None = None):
-        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8, fp8_weights=fp8_weights)
+                 fp8: Fp8Options | None = None, fp8_weights: Fp8Weights | None = None, lora=None):
+        kw = dict(std=std, dtype=dtype, param_dtype=param_dtype, rngs=rngs, fp8=fp8, fp8_weights=fp8_weights,
+                  lora=lora)
         self.gate = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
         self.up = Einsum("...D,DF->...F", (dim, hidden), ("embed", "mlp"), **kw)
         self.down = Einsum("...F,FD->...D", (hidden, dim), ("mlp", "embed"), **kw)

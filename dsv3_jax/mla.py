@@ -143,18 +143,20 @@ class MLA(nnx.Module):
         dn, dr, dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         kw = dict(std=cfg.initializer_range, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
                   fp8=self.runtime.fp8_gemms, fp8_weights=self.runtime.fp8_resident)
+        lora = self.runtime.lora
+        ad = lambda name: dict(kw, lora=lora.on(name) if lora else None)  # noqa: E731  (LoRA targets, lora.py)
         nkw = dict(param_dtype=cfg.weight_dtype, rngs=rngs)
         if cfg.q_lora_rank is None:
-            self.wq = Einsum("BTD,DNH->BTNH", (D, N, dn + dr), ("embed", "heads", "qk_head_dim"), **kw)
+            self.wq = Einsum("BTD,DNH->BTNH", (D, N, dn + dr), ("embed", "heads", "qk_head_dim"), **ad("wq"))
         else:
             Q = cfg.q_lora_rank
-            self.wq_a = Einsum("BTD,DQ->BTQ", (D, Q), ("embed", "q_lora"), **kw)
+            self.wq_a = Einsum("BTD,DQ->BTQ", (D, Q), ("embed", "q_lora"), **ad("wq_a"))
             self.q_norm = RMSNorm(Q, cfg.rms_norm_eps, axis_name="q_lora", **nkw)
-            self.wq_b = Einsum("BTQ,QNH->BTNH", (Q, N, dn + dr), ("q_lora", "heads", "qk_head_dim"), **kw)
-        self.wkv_a = Einsum("BTD,DR->BTR", (D, R + dr), ("embed", "kv_lora"), **kw)
+            self.wq_b = Einsum("BTQ,QNH->BTNH", (Q, N, dn + dr), ("q_lora", "heads", "qk_head_dim"), **ad("wq_b"))
+        self.wkv_a = Einsum("BTD,DR->BTR", (D, R + dr), ("embed", "kv_lora"), **ad("wkv_a"))
         self.kv_norm = RMSNorm(R, cfg.rms_norm_eps, axis_name="kv_lora", **nkw)
-        self.wkv_b = Einsum("BTR,RNH->BTNH", (R, N, dn + dv), ("kv_lora", "heads", "kv_head_dim"), **kw)
-        self.wo = Einsum("BTNH,NHD->BTD", (N, dv, D), ("heads", "v_head_dim", "embed"), **kw)
+        self.wkv_b = Einsum("BTR,RNH->BTNH", (R, N, dn + dv), ("kv_lora", "heads", "kv_head_dim"), **ad("wkv_b"))
+        self.wo = Einsum("BTNH,NHD->BTD", (N, dv, D), ("heads", "v_head_dim", "embed"), **ad("wo"))
         if cfg.dsa:  # DeepSeek Sparse Attention (V3.2): the lightning indexer picks each query's keys (dsa.py)
             self.indexer = Indexer(cfg, rngs=rngs)
 
@@ -326,7 +328,7 @@ class MLA(nnx.Module):
         dequantised here from their 128x128 blocks, one layer at a time inside the decode step (what
         DeepSeek's inference code does in its absorbed mode): the resident copy stays FP8."""
         if self.wkv_b.fp8_weights is None:
-            return self.wkv_b.kernel[...].astype(dtype)
+            return self.wkv_b.weight().astype(dtype)
         qw = self.wkv_b.qweight  # [N, dn + dv, R] e4m3 and [ceil(N (dn + dv) / 128), ceil(R / 128)] scales
         N, H, R = qw.q.shape
         w = QWeight(qw.q.reshape(N * H, R), qw.s).dequantize(dtype)  # [N*H, R]

@@ -101,7 +101,8 @@ class Block(nnx.Module):
         else:
             self.ffn = MLP(D, cfg.intermediate_size, std=cfg.initializer_range, dtype=cfg.compute_dtype,
                            param_dtype=cfg.weight_dtype, rngs=rngs, fp8=runtime.fp8_gemms,
-                           fp8_weights=runtime.fp8_resident)
+                           fp8_weights=runtime.fp8_resident,
+                           lora=runtime.lora.on("dense_ffn") if runtime.lora else None)
         self.num_experts = cfg.n_routed_experts
 
     def __call__(self, x, cos, sin, segment_ids=None):

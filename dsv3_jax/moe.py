@@ -85,7 +85,8 @@ class MoE(nnx.Module):
         if cfg.n_shared_experts > 0:
             self.shared = MLP(D, cfg.shared_intermediate_size, std=std, dtype=cfg.compute_dtype,
                               param_dtype=pdt, rngs=rngs, fp8=self.runtime.fp8_gemms,
-                              fp8_weights=self.runtime.fp8_resident)
+                              fp8_weights=self.runtime.fp8_resident,
+                              lora=self.runtime.lora.on("shared_experts") if self.runtime.lora else None)
 
     def expert_weights(self):
         """(w_gate, w_up, w_down) as the expert strategy takes them: compute-dtype arrays, the float32 masters

@@ -221,6 +221,7 @@ class Runtime:
     attention_block: int = 512  # 'blockwise': query and key rows per tile
     dsa_stage: str = "sparse"  # DeepSeek Sparse Attention training: 'sparse' | 'dense_warmup' (models with an indexer)
     dsa_loss_weight: float = 1.0  # weight of the indexer's KL in the training loss
+    lora: Any = None  # lora.LoraOptions: low-rank adapters on the targeted projections (config.lora), or None
 
     def __post_init__(self):
         for name, value, choices in (("expert_impl", self.expert_impl, EXPERT_IMPLS),
@@ -350,6 +351,8 @@ class Runtime:
         attn = "" if self.attention == "einsum" else (
             f"; attention {self.attention}" + (" (einsum where cuDNN refuses)" if self.attention_fallback else ""))
         dsa = "; dsa dense warm-up (indexer only)" if self.dsa_stage == "dense_warmup" else ""
+        if self.lora is not None:
+            dsa += f"; LoRA rank {self.lora.rank} on {','.join(self.lora.targets)} (base frozen)"
         return (f"runtime: {self.backend}, {mesh}; experts {experts}, decode {self.decode_expert_impl}; "
                 f"layers {stack}, remat {'on' if self.remat else 'off'}; fp8 {fp8}{paged}{attn}{dsa}")
 
@@ -360,7 +363,7 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
             pipeline_stage_layers: str = "", fp8: bool = False,
             fp8_options: Fp8Options | None = None, emulate_ragged_all_to_all: bool | None = None,
             fp8_weights: str | None = None, attention: str = "auto", dsa_stage: str = "sparse",
-            dsa_loss_weight: float = 1.0) -> Runtime:
+            dsa_loss_weight: float = 1.0, lora=None) -> Runtime:
     """A concrete Runtime for this backend. 'auto' means:
       moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere
                        ('mgpu': the Mosaic GPU grouped GEMM on Hopper, grouped_gemm_mgpu.py, asked for by name);
@@ -413,7 +416,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                    pipeline_stage_layers=str(pipeline_stage_layers or ""), fp8=bool(fp8),
                    fp8_options=resolve_fp8(fp8_options),
                    fp8_weights=fp8_weights or None, attention_f32_core=p == "cpu", attention=attention,
-                   attention_fallback=fallback, dsa_stage=dsa_stage, dsa_loss_weight=float(dsa_loss_weight))
+                   attention_fallback=fallback, dsa_stage=dsa_stage, dsa_loss_weight=float(dsa_loss_weight),
+                   lora=lora)
 
 
 def default_microbatches(stages: int) -> int:
@@ -452,6 +456,8 @@ def fp8_options_from(section: Mapping[str, Any] | None) -> Fp8Options:
 
 def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
     """The Runtime a training config asks for on `mesh` (config errors name the key)."""
+    from dsv3_jax import lora as lora_lib
+
     _, run = split_model_section(config.model)
     mesh_section = config.get("mesh") or {}
     train = config.get("train") or {}
@@ -471,7 +477,8 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
                        pipeline_chunks=int(mesh_section.get("pipeline_chunks", 1)),
                        pipeline_stage_layers=mesh_section.get("pipeline_stage_layers", ""),
                        fp8_options=fp8_options_from(config.get("fp8")), attention=run["attention"],
-                       dsa_stage=dsa.get("stage", "sparse"), dsa_loss_weight=dsa.get("loss_weight", 1.0))
+                       dsa_stage=dsa.get("stage", "sparse"), dsa_loss_weight=dsa.get("loss_weight", 1.0),
+                       lora=lora_lib.from_config(config.get("lora")))
     except ConfigError:
         raise
     except UserError as e:

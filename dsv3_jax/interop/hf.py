@@ -217,15 +217,24 @@ def _leaf_shardings(ck: Checkpoint, mesh):
 # ---------------------------------------------------------------------- save
 
 def save(model: DeepSeekV3, config: ModelConfig | None, path: str, *, dtype=None, fp8: bool = False,
-         fp8_block=(128, 128), mtp: bool = True, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+         fp8_block=(128, 128), mtp: bool = True, tokenizer=None, max_shard_bytes: int = 5 * 2**30,
+         merge_lora: bool = False) -> list[str]:
     """Write `model` as a released-format directory at `path`; returns the safetensors file names.
 
     dtype: tensor dtype on disk (default: the model's parameter dtype). fp8: store projection weights
     (attention, dense MLP, routed and shared experts) as F8_E4M3 with `weight_scale_inv` 128x128 blocks,
     the rest in `dtype` (router bias always float32). mtp: include the MTP layers (with the
     `embed_tokens` / `shared_head.head` copies the release carries). tokenizer: a `tokenizers.Tokenizer`
-    to write as tokenizer.json.
+    to write as tokenizer.json. merge_lora: fold a LoRA model's adapters into its weights first (`lora.merged`;
+    with fp8 the merged weights are quantised again).
     """
+    if getattr(model.runtime, "lora", None) is not None:
+        if not merge_lora:
+            raise UserError("hf.save: the model carries LoRA adapters; pass merge_lora=True to fold them into the "
+                            "weights (the released format has no adapters)", key="merge_lora")
+        from dsv3_jax import lora
+
+        model = lora.merged(model)
     cfg = model.cfg if config is None else config
     dtypes = {"dtype", "param_dtype"}  # the checkpoint records neither (the caller picks them on load)
     differ = sorted(f.name for f in dataclasses.fields(cfg)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from flax import nnx, traverse_util
 
-from dsv3_jax import param_kinds
+from dsv3_jax import lora, param_kinds
 from dsv3_jax.cli import ConfigError, UserError
 from dsv3_jax.io import tokenizer as tokenizer_io
 from dsv3_jax.io.checkpoint import Checkpointer, Reshaped
@@ -66,7 +66,7 @@ def initial_weights(src: str, target, fresh: dict, quiet: bool, model_cfg=None, 
         out, n_new, step = _from_run(src, target, fresh)
         step = f"step {step}"
     if not quiet:
-        extra = f"; the sparse-attention indexers ({n_new:,} parameters) are new, initialised" if n_new else ""
+        extra = f"; {n_new:,} new parameters (indexers, adapters) initialised" if n_new else ""
         print(f"initialised from the weights of {src} ({step}); optimizer, step and data start afresh{extra}")
     return out
 
@@ -77,25 +77,23 @@ def _from_run(src: str, target, fresh: dict):
     try:
         if ckpt.latest_step() is None:
             raise UserError(f"config.init_from={src!r}: its checkpoints/ directory holds no checkpoint")
-        saved = traverse_util.flatten_dict(ckpt.saved_abstract().get("params", {}))
-        new_indexers = not any(param_kinds.in_indexer(p) for p in saved)
+        saved = {_key(p) for p in traverse_util.flatten_dict(ckpt.saved_abstract().get("params", {}))}
+        new = {p for p in traverse_util.flatten_dict(fresh["params"]) if _key(p) not in saved and _addable(p)}
 
         def read(meta):
             t = target(meta)
-            if not new_indexers:
+            if not new:
                 return t
             if isinstance(t, Reshaped):
-                raise UserError(f"config.init_from={src!r} has no sparse-attention indexers; start the dense "
-                                f"warm-up from it without a pipeline (config.mesh.stage=1)")
-            return dict(t, params=_without_indexers(t["params"]))
+                raise UserError(f"config.init_from={src!r} lacks the new parameters (sparse-attention indexers or "
+                                f"LoRA adapters); start from it without a pipeline (config.mesh.stage=1)")
+            return dict(t, params=_without(t["params"], new))
 
         got = ckpt.load(read, log=lambda msg: print(msg, file=sys.stderr), partial=True)
     finally:
         ckpt.close()
     out = {k: got[1][k] for k in ("params", "biases")}
-    n_new = 0
-    if new_indexers:
-        out["params"], n_new = _with_fresh_indexers(out["params"], fresh["params"])
+    out["params"], n_new = _with_fresh(out["params"], fresh["params"], new)
     return out, n_new, got[0]
 
 
@@ -105,17 +103,17 @@ def _from_hf(src: str, fresh: dict, model_cfg, program, mesh):
 
     hfc = hf.parse_config(hf.read_config(src))
     want = model_cfg
-    new_indexers = model_cfg.dsa and not hfc.model.dsa
-    if new_indexers:  # V3 weights for a V3.2 run: the network without its indexers
+    if model_cfg.dsa and not hfc.model.dsa:  # V3 weights for a V3.2 run: the network without its indexers
         want = dataclasses.replace(model_cfg, index_topk=0)
     _check_same(src, hfc.model, want)
-    got, model = hf.load(src, want.compute_dtype, param_dtype=want.weight_dtype)
+    got, model = hf.load(src, want.compute_dtype, param_dtype=want.weight_dtype)  # (no adapters: the base)
     _check_same(src, got, want)  # (the MTP depth the tensors hold: transformers' save_pretrained drops it)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     biases = nnx.to_pure_dict(nnx.state(model, RouterBias))
-    n_new = 0
-    if new_indexers:
-        params, n_new = _with_fresh_indexers(params, _layers_layout(fresh, program)["params"])
+    fresh_layers = _layers_layout(fresh, program)["params"]
+    have = {_key(p) for p in traverse_util.flatten_dict(params)}
+    new = {p for p in traverse_util.flatten_dict(fresh_layers) if _key(p) not in have and _addable(p)}
+    params, n_new = _with_fresh(params, fresh_layers, new)
     state = program.to_layout({"params": params, "biases": biases})
     shardings = jax.tree.map(lambda x: x.sharding, {"params": fresh["params"], "biases": fresh["biases"]})
     return jax.device_put(state, shardings), n_new
@@ -125,6 +123,8 @@ def _check_same(src: str, theirs, want) -> None:
     """UserError naming every architecture field of `theirs` that is not the run's (`want`)."""
     theirs = dataclasses.replace(theirs, dtype=want.dtype, param_dtype=want.param_dtype,
                                  initializer_range=want.initializer_range)
+    if not want.dsa and not theirs.dsa:  # (the indexer's shape fields mean nothing without one)
+        theirs = dataclasses.replace(theirs, index_n_heads=want.index_n_heads, index_head_dim=want.index_head_dim)
     diff = [f"{f.name} {getattr(theirs, f.name)!r} (config: {getattr(want, f.name)!r})"
             for f in dataclasses.fields(want) if getattr(theirs, f.name) != getattr(want, f.name)]
     if diff:
@@ -136,13 +136,25 @@ def _layers_layout(fresh: dict, program) -> dict:
     return program.to_layers({"params": fresh["params"]})
 
 
-def _with_fresh_indexers(params: dict, fresh_params: dict) -> tuple[dict, int]:
+def _key(path) -> tuple[str, ...]:
+    """A parameter path compared across trees (a checkpoint's metadata names list items '0', a state 0)."""
+    return tuple(str(k) for k in path)
+
+
+def _addable(path) -> bool:
+    """Parameters a run may add to the weights it starts from: sparse-attention indexers (V3 -> V3.2) and LoRA
+    adapters (the base of a fine-tune)."""
+    return param_kinds.in_indexer(path) or lora.is_adapter(path)
+
+
+def _with_fresh(params: dict, fresh_params: dict, new: set) -> tuple[dict, int]:
+    """`params` with the `new` leaves taken from `fresh_params` (their initialisation), and how many values."""
     flat = traverse_util.flatten_dict(fresh_params)
-    kept = {p: v for p, v in flat.items() if param_kinds.in_indexer(p)}
+    kept = {p: flat[p] for p in new}
     n = sum(int(np.prod(v.shape)) for v in kept.values())
     return traverse_util.unflatten_dict(traverse_util.flatten_dict(params) | kept), n
 
 
-def _without_indexers(params: dict) -> dict:
+def _without(params: dict, paths: set) -> dict:
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not param_kinds.in_indexer(p)})
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if p not in paths})

@@ -177,9 +177,10 @@ def make_schedules(config, mesh_sizes=None):
         m = config.mtp
         return m.loss_weight_after if 0 <= m.switch_step <= step else m.loss_weight
 
-    def gamma(step):  # (DSA's dense warm-up trains the indexer only: the router biases stay as they are)
+    def gamma(step):  # (DSA's dense warm-up and LoRA train only some weights: the router biases stay as they are)
         stop = config.moe.bias_update_stop_step
-        return 0.0 if 0 <= stop <= step or dsa_warmup(config) else config.moe.bias_update_rate
+        frozen = trainable_filter(config) is not None
+        return 0.0 if 0 <= stop <= step or frozen else config.moe.bias_update_rate
 
     def batch(step):
         start = t.batch_size_start if t.batch_size_start > 0 else t.batch_size
@@ -193,8 +194,15 @@ def make_schedules(config, mesh_sizes=None):
 
 
 def trainable_filter(config):
-    """Which parameters train (`path -> bool` for `make_optimizer`; None: all): DSA's dense warm-up trains the
-    indexers only."""
+    """Which parameters train (`path -> bool` for `make_optimizer`; None: all): a LoRA run its adapters only
+    (`config.lora`), DSA's dense warm-up the indexers only."""
+    from dsv3_jax import lora
+
+    if lora.from_config(config.get("lora")) is not None:
+        if dsa_warmup(config):
+            raise ConfigError("config.lora and config.model.dsa.stage=dense_warmup each choose what trains; use one "
+                              "of them.", key="lora")
+        return lora.is_adapter
     return param_kinds.in_indexer if dsa_warmup(config) else None
 
 

@@ -1,0 +1,121 @@
+"""LoRA: low-rank adapters on the model's projections, the base weights frozen (`config.lora`).
+
+A targeted projection y = x W (an `Einsum`, W [K..., N...]) gains two parameters, `lora_a` [K..., r] and `lora_b`
+[r, N...], and computes
+
+    y = x W + (alpha / r) (x A) B        A ~ N(0, 1/K) at initialisation, B = 0: the model starts as the base
+
+Only the adapters train: the optimizer holds no moments for anything else (`trainable`), so a rank-16 run holds
+two small matrices per projection beside the frozen base. `merged` folds them into the weights
+(W + (alpha / r) A B) and gives the plain model back, the form `hf.save` writes (`merge_lora=True`) and any
+reader loads.
+
+Targets (`config.lora.targets`, comma-separated names): the MLA projections `wq` (no query latent), `wq_a`, `wq_b`,
+`wkv_a`, `wkv_b`, `wo`; `dense_ffn` (the dense layers' SwiGLU) and `shared_experts` (the MoE layers' shared
+expert). Routed experts take no adapter here. Not yet: dropout on the adapters' input, and adapters over
+FP8-resident base weights (their GEMMs are forward-only); both are refused in one line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv3_jax import param_kinds
+from dsv3_jax.cli import ConfigError
+
+ATTENTION = ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
+TARGETS = ATTENTION + ("dense_ffn", "shared_experts")
+ADAPTERS = ("lora_a", "lora_b")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraOptions:
+    rank: int
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def on(self, name: str) -> LoraOptions | None:
+        """These options when `name` is a target, else None."""
+        return self if name in self.targets else None
+
+
+def from_config(section) -> LoraOptions | None:
+    """`config.lora` (rank 0 or absent: none) -> LoraOptions, every key checked (ConfigError naming it)."""
+    d = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
+    unknown = sorted(set(d) - {"rank", "alpha", "dropout", "targets"})
+    if unknown:
+        raise ConfigError(f"config.lora has unknown key(s) {unknown}; valid keys are alpha, dropout, rank, targets.",
+                          key="lora")
+    rank = int(d.get("rank", 0))
+    if rank <= 0:
+        return None
+    if float(d.get("dropout", 0.0)) != 0.0:
+        raise ConfigError(f"config.lora.dropout={d['dropout']}: dropout on the adapters is not supported yet; set it "
+                          f"to 0.", key="lora.dropout")
+    targets = d.get("targets", ",".join(LoraOptions.targets))
+    targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip())
+    bad = sorted(set(targets) - set(TARGETS))
+    if bad or not targets:
+        raise ConfigError(f"config.lora.targets names {bad or 'nothing'}; choose from {', '.join(TARGETS)}.",
+                          key="lora.targets")
+    alpha = float(d.get("alpha", 16.0))
+    if not alpha > 0:
+        raise ConfigError(f"config.lora.alpha={alpha} must be > 0.", key="lora.alpha")
+    return LoraOptions(rank=rank, alpha=alpha, targets=targets)
+
+
+def adapter_params(rngs: nnx.Rngs, shape, axes, nc: int, rank: int, param_dtype):
+    """(lora_a [K..., r], lora_b [r, N...]) of a weight of `shape` whose first `nc` axes contract."""
+    from dsv3_jax.layers import normal, param
+
+    k = math.prod(shape[:nc])
+    a = param(rngs, normal(k ** -0.5), (*shape[:nc], rank), (*axes[:nc], None), param_dtype)
+    b = param(rngs, jax.nn.initializers.zeros, (rank, *shape[nc:]), (None, *axes[nc:]), param_dtype)
+    return a, b
+
+
+def delta(eq: str, nc: int, x, a, b, scale: float, dtype):
+    """(alpha / r) (x A) B for the projection `eq` ('BTD,DNH->BTNH': x's trailing axes contract with W's first nc)."""
+    lhs, out = eq.replace(" ", "").split("->")
+    xs, ws = lhs.split(",")
+    k_axes, n_axes = ws[:nc], ws[nc:]
+    batch = out[: len(out) - len(n_axes)]
+    r = next(c for c in "ZYXWVU" if c not in eq)
+    h = jnp.einsum(f"{xs},{k_axes}{r}->{batch}{r}", x, a.astype(dtype))
+    return jnp.einsum(f"{batch}{r},{r}{n_axes}->{out}", h, b.astype(dtype)) * jnp.asarray(scale, dtype)
+
+
+def is_adapter(path) -> bool:
+    """True for the adapters' parameters (what a LoRA run trains)."""
+    names = param_kinds.path_names(path)
+    return bool(names) and names[-1] in ADAPTERS
+
+
+def merged(model):
+    """The same model with every adapter folded into its weight (W + (alpha / r) A B) and no adapters: built without
+    LoRA under the model's runtime otherwise."""
+    from flax import traverse_util
+
+    from dsv3_jax.model import DeepSeekV3, split_model
+
+    opts = model.runtime.lora
+    _, params, biases = split_model(model)
+    flat = traverse_util.flatten_dict(params)
+    for path in [p for p in flat if p[-1] == "lora_a"]:
+        a, b, w = flat.pop(path), flat.pop(path[:-1] + ("lora_b",)), flat[path[:-1] + ("kernel",)]
+        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+        outer = lambda a, b: jnp.tensordot(a, b, axes=([a.ndim - 1], [0]))  # noqa: E731
+        stacked = w.ndim == a.ndim + b.ndim - 3  # a leading layer axis on all three: one update per layer
+        upd = jax.vmap(outer)(a, b) if stacked else outer(a, b)
+        flat[path[:-1] + ("kernel",)] = (w.astype(jnp.float32) + opts.scale * upd).astype(w.dtype)
+    rt = dataclasses.replace(model.runtime, lora=None)
+    graphdef = split_model(nnx.eval_shape(lambda: DeepSeekV3(model.cfg, rngs=nnx.Rngs(0), runtime=rt)))[0]
+    return nnx.merge(graphdef, traverse_util.unflatten_dict(flat), biases)

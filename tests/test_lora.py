@@ -1,0 +1,135 @@
+"""LoRA (dsv3_jax/lora.py): the adapters' forward and gradients against float64 numpy, the merged model equal to the
+base plus its adapters (logits, the engine's absorbed decode, and a released-format round trip), and a fine-tuning
+run that trains the adapters alone from a base it does not move."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx, traverse_util
+
+from dsv3_jax import lora, runtime
+from dsv3_jax.cli import ConfigError, UserError
+from dsv3_jax.config import ModelConfig
+from dsv3_jax.layers import Einsum
+from dsv3_jax.model import DeepSeekV3
+from dsv3_jax.moe import RouterBias
+
+CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+                  num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                  v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+                  first_k_dense_replace=1, max_position_embeddings=64, dtype="float32", rope_scaling=None)
+ALL = lora.LoraOptions(rank=3, alpha=6.0, targets=lora.TARGETS)
+
+
+def _randomize_adapters(model, seed=0):
+    """B = 0 at initialisation (the model starts as its base): give every adapter values."""
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
+    rng = np.random.default_rng(seed)
+    flat = {p: (jnp.asarray(rng.normal(size=v.shape) * 0.3, v.dtype) if p[-1] in lora.ADAPTERS else v)
+            for p, v in flat.items()}
+    nnx.update(model, traverse_util.unflatten_dict(flat))
+    return model
+
+
+def test_adapter_forward_and_gradients_against_float64():
+    """y = x W + (alpha / r) (x A) B for 'BTD,DNH->BTNH' and its gradients in A, B and x, against numpy float64."""
+    e = Einsum("BTD,DNH->BTNH", (6, 2, 5), ("embed", "heads", "qk_head_dim"), std=0.5, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs=nnx.Rngs(0), lora=ALL)
+    _randomize_adapters(e, 1)
+    x = np.random.default_rng(2).normal(size=(2, 3, 6))
+    g = np.random.default_rng(3).normal(size=(2, 3, 2, 5))
+    W, A, B = (np.asarray(v[...], np.float64) for v in (e.kernel, e.lora_a, e.lora_b))
+    s = ALL.alpha / ALL.rank
+    want = np.einsum("btd,dnh->btnh", x, W) + s * np.einsum("btd,dr,rnh->btnh", x, A, B)
+    gd, params = nnx.split(e, nnx.Param)
+
+    def loss(p, x):
+        return jnp.sum(nnx.merge(gd, p)(x) * g)
+
+    np.testing.assert_allclose(nnx.merge(gd, params)(jnp.asarray(x, jnp.float32)), want, rtol=1e-5, atol=1e-5)
+    dp, dx = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(dp["lora_a"][...], s * np.einsum("btd,btnh,rnh->dr", x, g, B), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dp["lora_b"][...], s * np.einsum("btd,dr,btnh->rnh", x, A, g), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, np.einsum("btnh,dnh->btd", g, W + s * np.einsum("dr,rnh->dnh", A, B)),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_merged_model_equals_base_plus_adapters(tmp_path):
+    """Adapters on every target (MLA, dense and shared-expert MLPs), stacked layers and the MTP block: the merged
+    model's logits equal the LoRA model's; the engine's absorbed decode (which folds wkv_b's adapter into the
+    weight it absorbs) gives the merged model's greedy tokens; hf.save(merge_lora=True) loads back to them."""
+    from dsv3_jax.infer.engine import Engine
+    from dsv3_jax.interop import hf
+
+    from reference import decoding
+
+    rt = dataclasses.replace(runtime.resolve(), lora=ALL)
+    model = _randomize_adapters(DeepSeekV3(CFG, rngs=nnx.Rngs(0), runtime=rt))
+    merged = lora.merged(model)
+    assert not any(p[-1] in lora.ADAPTERS for p, _ in nnx.to_flat_state(nnx.state(merged, nnx.Param)))
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 12)))
+    ours, ref = jax.jit(lambda t: model(t))(tokens), jax.jit(lambda t: merged(t))(tokens)
+    np.testing.assert_allclose(ours.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.mtp_logits[0], ref.mtp_logits[0], rtol=1e-4, atol=1e-4)
+    base = DeepSeekV3(CFG, rngs=nnx.Rngs(0))  # the same base weights without adapters: other logits
+    assert np.abs(jax.jit(lambda t: base(t))(tokens).logits - ref.logits).max() > 1e-2
+
+    prompts = [[3, 9, 4, 11, 2], [7, 7, 1, 30]]
+    want = decoding.greedy(merged, prompts, 6)
+    eng = Engine.for_batch(model, 2, 16, page_size=4)
+    assert [r.tokens for r in eng.generate(prompts, 6, stop_tokens=())] == want
+    with pytest.raises(UserError, match="merge_lora=True"):
+        hf.save(model, None, str(tmp_path / "x"))
+    hf.save(model, None, str(tmp_path / "hf"), merge_lora=True)
+    _, loaded = hf.load(str(tmp_path / "hf"))
+    np.testing.assert_allclose(jax.jit(lambda t: loaded(t))(tokens).logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_run_trains_only_the_adapters(tmp_path):
+    """Two steps from a base in the converter's format: every base weight and router bias as it was, the adapters
+    moved, the optimizer's moments the adapters' alone, and the records count them as the trainable parameters."""
+    from dsv3_jax.analysis import load_config
+    from dsv3_jax.io.checkpoint import Checkpointer
+    from dsv3_jax.train.loop import train, validate_train_config
+
+    c = load_config("tiny")
+    m = c.model
+    m.hidden_size, m.intermediate_size, m.moe_intermediate_size, m.num_hidden_layers = 64, 96, 32, 2
+    c.lora = ml_collections.ConfigDict({"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "wq_a,wkv_b,wo,dense_ffn"})
+    t = c.train
+    t.steps, t.batch_size, t.seq_len, t.log_every, t.eval_every, t.sample_tokens, t.eval_batches = 2, 4, 32, 1, 2, 0, 1
+    c.mesh.data = 1
+    cfg = validate_train_config(c)
+    base = DeepSeekV3(cfg, rngs=nnx.Rngs(5))
+    _, params, biases = nnx.split(base, nnx.Param, RouterBias)
+    ck = Checkpointer(tmp_path / "base" / "checkpoints", async_save=False)
+    ck.save(0, {"params": nnx.to_pure_dict(params), "biases": nnx.to_pure_dict(biases)},
+            {"format": "dsv3_jax.params"}, force=True)
+    ck.close()
+    c.init_from = str(tmp_path / "base")
+    out = train(c, str(tmp_path / "run"), quiet=True)
+    got = traverse_util.flatten_dict(out.state["params"])
+    want = traverse_util.flatten_dict(nnx.to_pure_dict(params))
+    adapters = {p for p in got if lora.is_adapter(p)}
+    assert set(got) - set(want) == adapters and len(adapters) == 2 * (3 * 3 + 3)  # 3 MLA x 3 blocks + dense MLP
+    for p, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(v), err_msg=str(p))
+    assert all(np.any(np.asarray(got[p])) for p in adapters if p[-1] == "lora_b")  # B left zero: moved
+    n = sum(got[p].size for p in adapters)
+    moments = [x for x in jax.tree.leaves(out.state["opt_state"]) if getattr(x, "ndim", 0) > 0]
+    assert sum(x.size for x in moments) == 2 * n
+    assert {(r["trainable_params"], r["total_params"]) for r in out.history} == {(n, sum(v.size for v in got.values()))}
+
+
+def test_bad_lora_configs():
+    with pytest.raises(ConfigError, match="targets"):
+        lora.from_config({"rank": 4, "targets": "q_proj"})
+    with pytest.raises(ConfigError, match="dropout"):
+        lora.from_config({"rank": 4, "dropout": 0.1})
+    with pytest.raises(ConfigError, match="unknown"):
+        lora.from_config({"rank": 4, "rnak": 2})
+    assert lora.from_config({"rank": 0}) is None
