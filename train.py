@@ -25,6 +25,8 @@ def define_flags():
     config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Training config file.", lock_config=True)
     flags.DEFINE_string("workdir", os.path.join(_HERE, "workdir", "demo"), "Checkpoints, metrics, tokenizer.")
     flags.DEFINE_bool("dry_run", False, "Print parameter counts from abstract shapes and exit.")
+    flags.DEFINE_float("hbm_gib", 0.0, "With --dry_run and config.lora.rank > 0: device memory (GiB) the fine-tuning "
+                       "plan is checked against (0: not checked).")
     flags.DEFINE_string("aot", None, "Compile the train step ahead of time for this TPU topology (e.g. v5p:8x8x16, "
                         "tpu7x:8x8x8) and print its per-device memory and cost; nothing runs.")
     flags.DEFINE_bool("verbose", False, "Print the traceback of a user error too (or set DSV3_VERBOSE=1).")
@@ -61,6 +63,7 @@ def main(argv):
             raise
         raise cli.ConfigError(str(e)) from e
     if FLAGS.dry_run:
+        from dsv3_jax import lora
         from dsv3_jax.train.loop import microbatches, trainable_filter
 
         m = FLAGS.config.mesh
@@ -68,7 +71,8 @@ def main(argv):
                      microbatches=microbatches(FLAGS.config, sizes["stage"]),
                      grad_accum=t.get("grad_accum_steps", 1), schedule=m.get("pipeline_schedule", "gpipe"),
                      chunks=m.get("pipeline_chunks", 1), stage_layers=m.get("pipeline_stage_layers", ""),
-                     trainable=trainable_filter(FLAGS.config))
+                     trainable=trainable_filter(FLAGS.config), lora_opts=lora.from_config(FLAGS.config.get("lora")),
+                     hbm_bytes=int(FLAGS.hbm_gib * 2**30) or None)
         return
     train(FLAGS.config, FLAGS.workdir)
 

@@ -133,3 +133,21 @@ def test_bad_lora_configs():
     with pytest.raises(ConfigError, match="unknown"):
         lora.from_config({"rank": 4, "rnak": 2})
     assert lora.from_config({"rank": 0}) is None
+
+
+def test_finetune_plan_counts_adapters_by_hand():
+    """The dry run's fine-tuning plan on one device: the adapters of wq_a and wo in 2 main layers and the MTP
+    block, r (D + Q) + r (N dv + D) values each, their bytes x 4 (float32 values, gradients, two moments) on top of
+    the base, and the fit against the memory given."""
+    from dsv3_jax import sharding
+    from dsv3_jax.train.plan import finetune_plan
+
+    opts = lora.LoraOptions(rank=4, targets=("wq_a", "wo"))
+    sizes = {a: 1 for a in sharding.MESH_AXES}
+    plan = finetune_plan(CFG, sizes, 2, 16, remat=False, lora_opts=opts, fp8_base=False, hbm_bytes=2**30)
+    D, Q, N, dv = CFG.hidden_size, CFG.q_lora_rank, CFG.num_attention_heads, CFG.v_head_dim
+    n = 3 * (4 * (D + Q) + 4 * (N * dv + D))
+    assert plan["lora_trainable_params"] == n and plan["lora_adapter_bytes_per_device"] == 16 * n
+    assert plan["lora_bytes_per_device"] == (plan["lora_base_bytes_per_device"] + 16 * n
+                                             + plan["activations_est_bytes_per_device"])
+    assert plan["lora_fits"] and plan["lora_bytes_per_device"] < plan["full_finetune_bytes_per_device"]

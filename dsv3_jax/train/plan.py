@@ -34,13 +34,21 @@ def component_counts(model: DeepSeekV3) -> dict[str, int]:
 
 def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 1, seq_len: int = 1,
             remat: bool = False, microbatches: int = 1, grad_accum: int = 1, schedule: str = "gpipe", chunks: int = 1,
-            stage_layers: str = "", trainable=None) -> dict:
+            stage_layers: str = "", trainable=None, lora_opts=None, hbm_bytes: int | None = None) -> dict:
     """Print the parameter table, the per-device memory plan (with `mesh_sizes`), the pipeline plan (with a
     'stage' axis > 1) and, as the final line, the counts (and the pipeline's figures) as JSON; `trainable` as the
-    optimizer's (`train.loop.trainable_filter`) gives `trainable_params` of the `total_params`."""
+    optimizer's (`train.loop.trainable_filter`) gives `trainable_params` of the `total_params`; with `lora_opts`
+    (config.lora) and a mesh, the fine-tuning plan (`finetune_plan`, FP8 base), fitting `hbm_bytes` or not."""
     model = abstract_model(cfg)
     counts = param_counts(model)
-    counts |= param_kinds.trainable_counts(nnx.to_pure_dict(nnx.state(model, nnx.Param)), trainable)
+    counted = model
+    if lora_opts is not None:  # the adapters are part of the trained tree
+        import dataclasses
+
+        from dsv3_jax import runtime as runtime_lib
+
+        counted = abstract_model(cfg, dataclasses.replace(runtime_lib.default(), lora=lora_opts))
+    counts |= param_kinds.trainable_counts(nnx.to_pure_dict(nnx.state(counted, nnx.Param)), trainable)
     parts = component_counts(model)
     print(f"{'component':<28}{'parameters':>20}")
     for k, v in parts.items():
@@ -59,6 +67,11 @@ def dry_run(cfg: ModelConfig, mesh_sizes: dict | None = None, batch_size: int = 
         counts["dsa_cache_bytes_per_token_layer"] = attention_costs(cfg, 1)["cache_bytes_per_token_sparse"]
     if mesh_sizes is not None:
         print_memory_plan(cfg, mesh_sizes, batch_size, seq_len, remat, microbatches, grad_accum)
+        if lora_opts is not None:
+            ft = finetune_plan(cfg, mesh_sizes, batch_size, seq_len, remat=remat, lora_opts=lora_opts,
+                               grad_accum=grad_accum, hbm_bytes=hbm_bytes)
+            print_finetune_plan(ft, mesh_sizes)
+            counts |= ft
         if mesh_sizes["stage"] > 1:
             counts |= print_pipeline_plan(model, mesh_sizes, batch_size, seq_len, microbatches, schedule, chunks,
                                           stage_layers, remat)
@@ -123,6 +136,62 @@ def print_memory_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: i
           f"train.grad_accum_steps={grad_accum}; within one, a GPipe pipeline keeps every micro-batch's activations "
           f"until the backward)")
     return plan
+
+
+def finetune_plan(cfg: ModelConfig, sizes: dict, batch_size: int, seq_len: int, *, remat: bool, lora_opts,
+                  fp8_base: bool = True, grad_accum: int = 1, hbm_bytes: int | None = None) -> dict:
+    """Per-device bytes of fine-tuning `cfg` on `sizes`: in full (float32 masters, gradients and AdamW moments, the
+    `memory_plan`) and with LoRA adapters (`lora_opts`) on a frozen base held as shipped (FP8 blocks plus scales
+    with `fp8_base`, else BF16: `infer.memory_plan.weight_bytes`), where only the adapters have float32 gradients and
+    moments. Activations are `memory_plan`'s estimate for both. `hbm_bytes`: whether each fits."""
+    import dataclasses
+
+    from dsv3_jax import lora
+    from dsv3_jax import runtime as runtime_lib
+    from dsv3_jax.infer.memory_plan import weight_bytes
+
+    full = memory_plan(cfg, sizes, batch_size, seq_len, remat=remat, grad_accum=grad_accum)
+    rt = dataclasses.replace(runtime_lib.default(), lora=lora_opts)
+    model = nnx.eval_shape(lambda: DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=rt))
+    state = nnx.state(model, nnx.Param)
+    specs = sharding.pure_specs(state)
+    adapters = adapter_params = 0
+    for path, var in nnx.to_flat_state(state):
+        if not lora.is_adapter(path):
+            continue
+        spec = specs
+        for k in path:
+            spec = spec[k]
+        shape = var.get_value().shape
+        adapters += sharding.shard_numel(shape, spec, sizes) * 4  # float32 adapters
+        adapter_params += math.prod(int(d) for d in shape)
+    base = weight_bytes(cfg, sizes, (128, 128) if fp8_base else None)["fp8" if fp8_base else "bf16"]
+    lora_total = base + adapters * 4 + full["activations_est"]  # adapters, their gradients and two moments
+    full_total = full["params"] + full["grads"] + full["adam_moments"] + full["activations_est"]
+    out = {"full_finetune_bytes_per_device": full_total, "lora_bytes_per_device": lora_total,
+           "lora_base_bytes_per_device": base, "lora_adapter_bytes_per_device": adapters * 4,
+           "activations_est_bytes_per_device": full["activations_est"], "lora_rank": lora_opts.rank,
+           "lora_trainable_params": adapter_params, "lora_fp8_base": fp8_base}
+    if hbm_bytes:
+        out |= {"hbm_bytes": hbm_bytes, "full_finetune_fits": full_total <= hbm_bytes,
+                "lora_fits": lora_total <= hbm_bytes}
+    return out
+
+
+def print_finetune_plan(plan: dict, sizes: dict) -> None:
+    gib = 1024 ** 3
+    mesh = " x ".join(f"{a} {s}" for a, s in sizes.items() if s > 1) or "1 device"
+    fits = lambda k: "" if "hbm_bytes" not in plan else ("  fits" if plan[k] else "  does not fit")  # noqa: E731
+    base = "FP8 as shipped" if plan["lora_fp8_base"] else "BF16"
+    each = f", {plan['hbm_bytes'] / gib:.0f} GiB each" if "hbm_bytes" in plan else ""
+    print(f"\nfine-tuning memory per device, mesh {mesh}{each}:")
+    print(f"  {'full (f32 masters, grads, AdamW)':<44}{plan['full_finetune_bytes_per_device'] / gib:>10.1f} GiB"
+          f"{fits('full_finetune_fits')}")
+    name = f"LoRA rank {plan['lora_rank']}, base {base}"
+    print(f"  {name:<44}{plan['lora_bytes_per_device'] / gib:>10.1f} GiB{fits('lora_fits')}")
+    print(f"    base weights {plan['lora_base_bytes_per_device'] / gib:.1f} GiB, adapters with grads and moments "
+          f"{plan['lora_adapter_bytes_per_device'] / gib:.2f} GiB ({plan['lora_trainable_params']:,} trainable), "
+          f"activations (est.) {plan['activations_est_bytes_per_device'] / gib:.1f} GiB")
 
 
 def _prod(xs) -> int:
