@@ -97,9 +97,6 @@ class Einsum(nnx.Module):
         self.fp8_weights = fp8_weights
         self.lora = lora
         if lora is not None:
-            if fp8_weights is not None:
-                raise UserError("LoRA adapters over FP8-resident weights are not supported yet (their GEMMs are "
-                                "forward-only); load the base dequantised (without keep_fp8)", key="lora")
             from dsv3_jax.lora import adapter_params
 
             self.lora_a, self.lora_b = adapter_params(rngs, shape, axes, resident.contracted(eq), lora.rank,

@@ -12,8 +12,10 @@ reader loads.
 
 Targets (`config.lora.targets`, comma-separated names): the MLA projections `wq` (no query latent), `wq_a`, `wq_b`,
 `wkv_a`, `wkv_b`, `wo`; `dense_ffn` (the dense layers' SwiGLU) and `shared_experts` (the MoE layers' shared
-expert). Routed experts take no adapter here. Not yet: dropout on the adapters' input, and adapters over
-FP8-resident base weights (their GEMMs are forward-only); both are refused in one line.
+expert). Routed experts take no adapter here. `config.lora.fp8_base`: the base is held FP8-resident as the release
+ships it (W8A8 GEMMs forward, the activations' gradients through the dequantised blocks, `fp8/resident.py`; from
+`init_from` of a released-format directory it is read with keep_fp8), so only the adapters are float. Not yet:
+dropout on the adapters' input (refused in one line).
 """
 from __future__ import annotations
 
@@ -50,10 +52,10 @@ class LoraOptions:
 def from_config(section) -> LoraOptions | None:
     """`config.lora` (rank 0 or absent: none) -> LoraOptions, every key checked (ConfigError naming it)."""
     d = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
-    unknown = sorted(set(d) - {"rank", "alpha", "dropout", "targets"})
+    unknown = sorted(set(d) - {"rank", "alpha", "dropout", "targets", "fp8_base"})
     if unknown:
-        raise ConfigError(f"config.lora has unknown key(s) {unknown}; valid keys are alpha, dropout, rank, targets.",
-                          key="lora")
+        raise ConfigError(f"config.lora has unknown key(s) {unknown}; valid keys are alpha, dropout, fp8_base, rank, "
+                          f"targets.", key="lora")
     rank = int(d.get("rank", 0))
     if rank <= 0:
         return None

@@ -75,9 +75,17 @@ def cast_for_compute(params, dtype):
     the model computes with (it casts them at use), but on a mesh XLA's FSDP all-gathers, and the gathered copies it
     keeps for the backward, move compute-dtype weights instead of float32 masters (V3 on v5p: 120 -> 91 GB per
     device, README). Gradients reach the float32 masters through the cast, as they did through the cast at use."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: x.astype(dtype) if param_kind(path) in CAST_AT_USE and jnp.issubdtype(x.dtype, jnp.floating)
-        else x, params)
+    def leaf(path, x):
+        if param_kind(path) not in CAST_AT_USE or not jnp.issubdtype(x.dtype, jnp.floating) or _fp8_resident(path, x):
+            return x  # (FP8-resident blocks and their scales are used as they are)
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def _fp8_resident(path, x) -> bool:
+    names = path_names(path)
+    return x.dtype == jnp.float8_e4m3fn or bool(names and names[-1].endswith("_scale"))
 
 
 def in_mtp(path: Sequence) -> bool:
@@ -100,6 +108,13 @@ def trainable_counts(params, trainable=None) -> dict:
         counts["total_params"] += n
         counts["trainable_params"] += n if trainable is None or trainable(path) else 0
     return counts
+
+
+def freeze_fp8(params):
+    """`params` with the gradient stopped at every FP8-resident leaf (float8 blocks and their `*_scale`s): a frozen
+    FP8 base (LoRA) is not differentiated, so its GEMMs only pass the activations' gradients (`fp8/resident.py`)."""
+    return jax.tree_util.tree_map_with_path(lambda p, x: jax.lax.stop_gradient(x) if _fp8_resident(p, x) else x,
+                                            params)
 
 
 def in_indexer(path: Sequence) -> bool:

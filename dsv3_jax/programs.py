@@ -28,7 +28,7 @@ import jax
 
 from dsv3_jax.objective import counted_predictions, indexer_setting, model_losses, total_loss
 from dsv3_jax.parallel.pipeline import slot_state
-from dsv3_jax.param_kinds import cast_for_compute
+from dsv3_jax.param_kinds import cast_for_compute, freeze_fp8
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -44,6 +44,7 @@ class Plain:
     mtp_depth: int = 0  # (with documents: the prediction terms counted per window, `prediction_counts`)
 
     def _params(self, params):
+        params = freeze_fp8(params)  # (a frozen FP8 base: no gradient asked of it)
         return params if self.compute_dtype is None else cast_for_compute(params, self.compute_dtype)
 
     def state_specs(self, specs: dict, shapes: dict, sizes: dict) -> dict:

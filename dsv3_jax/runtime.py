@@ -458,6 +458,12 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
     """The Runtime a training config asks for on `mesh` (config errors name the key)."""
     from dsv3_jax import lora as lora_lib
 
+    lora_opts = lora_lib.from_config(config.get("lora"))
+    fp8_base = bool((config.get("lora") or {}).get("fp8_base", False))
+    if fp8_base and lora_opts is None:
+        raise ConfigError("config.lora.fp8_base holds the base FP8 for LoRA; set config.lora.rank > 0 (only adapters "
+                          "can train beside FP8 weights).", key="lora.fp8_base")
+
     _, run = split_model_section(config.model)
     mesh_section = config.get("mesh") or {}
     train = config.get("train") or {}
@@ -478,7 +484,7 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
                        pipeline_stage_layers=mesh_section.get("pipeline_stage_layers", ""),
                        fp8_options=fp8_options_from(config.get("fp8")), attention=run["attention"],
                        dsa_stage=dsa.get("stage", "sparse"), dsa_loss_weight=dsa.get("loss_weight", 1.0),
-                       lora=lora_lib.from_config(config.get("lora")))
+                       lora=lora_opts, fp8_weights="w8a8" if fp8_base else None)
     except ConfigError:
         raise
     except UserError as e:

@@ -20,9 +20,12 @@ along their stacked layer/expert axes and replicated along the two block axes (t
 weight's bytes). Both are `Fp8Param`s: `nnx.Param`s, so checkpointing, placement and the HF plan treat
 them as parameters.
 
-These GEMMs are forward-only: differentiating through one raises a clear error (training needs float
-weights; load the checkpoint dequantised, i.e. without keep_fp8). Everything that is not a projection
-(embedding, head, norms, router, biases, MTP's eh_proj) stays in its stored float dtype.
+The weights themselves are frozen: differentiating with respect to them raises a clear error (training needs
+float weights; load the checkpoint dequantised, i.e. without keep_fp8). Gradients with respect to the activations
+flow (the "dgrad" of DeepSeek's recipe, here through the dequantised blocks), so adapters trained beside a frozen
+FP8 base (LoRA, `dsv3_jax/lora.py`) get theirs while the released weights stay FP8 in memory; the trainer stops
+the gradient at the FP8 leaves (`param_kinds.freeze_fp8`). Everything that is not a projection (embedding, head,
+norms, router, biases, MTP's eh_proj) stays in its stored float dtype.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dsv3_jax.cli import UserError
@@ -76,22 +80,40 @@ def quantize_weight(w_nk: jax.Array) -> QWeight:
     return QWeight(q[..., :N, :K], s)
 
 
-# ---------------------------------------------------------------------------------------------- no training
-@jax.custom_vjp
-def _forward_only(y):
-    return y
+# ---------------------------------------------------------------------------------------------- frozen weights
+FROZEN = ("FP8-resident weights are for inference and frozen fine-tuning: they have no gradient. To train them, "
+          "load the checkpoint dequantised (without keep_fp8 / --keep_fp8); to fine-tune beside them, use LoRA.")
 
 
-def _fwd(y):
-    return y, None
+def _frozen_gemm(forward, dgrad):
+    """A GEMM y = forward(x, q, s, *static) whose weights (q, s) are frozen: its VJP gives x's gradient by
+    `dgrad(g, q, s, *static)` and refuses (UserError, while tracing) to differentiate with respect to q or s."""
+
+    @jax.custom_vjp
+    def f(x, q, s, *static):
+        return forward(x, q, s, *static)
+
+    def fwd(x, q, s, *static):
+        if q.perturbed or s.perturbed:
+            raise UserError(FROZEN)
+        st = tuple(a.value for a in static)
+        return forward(x.value, q.value, s.value, *st), (q.value, s.value, st, jnp.zeros((), x.value.dtype))
+
+    def bwd(res, g):
+        q, s, st, like = res
+        if isinstance(g, jax.custom_derivatives.SymbolicZero):
+            g = jnp.zeros(g.aval.shape, g.aval.dtype)
+        dx = dgrad(g, q, s, *st).astype(like.dtype)
+        return (dx, jnp.zeros_like(q), jnp.zeros_like(s)) + tuple(_zero_cotangent(a) for a in st)
+
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
 
 
-def _bwd(_, g):
-    raise UserError("FP8-resident weights are for inference: their GEMMs have no gradient. To train or "
-                    "fine-tune, load the checkpoint dequantised (without keep_fp8 / --keep_fp8).")
-
-
-_forward_only.defvjp(_fwd, _bwd)
+def _zero_cotangent(a):
+    if jnp.issubdtype(a.dtype, jnp.inexact):
+        return jnp.zeros_like(a)
+    return np.zeros(a.shape, jax.dtypes.float0)
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs
@@ -102,12 +124,17 @@ def _kw(fw: Fp8Weights) -> dict:
 def matmul(x: jax.Array, w: QWeight, fw: Fp8Weights, out_dtype=None) -> jax.Array:
     """y = x @ W^T for x [M, K] and an FP8-resident W [N, K] -> [M, N] in x.dtype (or out_dtype)."""
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    if fw.mode == "w8a8":
-        qx, sx = quantize_tiles(x, pow2=fw.options.pow2_scales)
-        y = gemm(qx, sx, w.q, w.s, out_dtype=out_dtype, **_kw(fw))
-    else:
-        y = gemm(x, None, w.q, w.s, out_dtype=out_dtype, **_kw(fw))
-    return _forward_only(y)
+
+    def forward(x, q, s):
+        if fw.mode == "w8a8":
+            qx, sx = quantize_tiles(x, pow2=fw.options.pow2_scales)
+            return gemm(qx, sx, q, s, out_dtype=out_dtype, **_kw(fw))
+        return gemm(x, None, q, s, out_dtype=out_dtype, **_kw(fw))
+
+    def dgrad(g, q, s):  # dx = g @ W, W dequantised from its blocks
+        return jnp.dot(g.astype(jnp.float32), QWeight(q, s).dequantize(jnp.float32))
+
+    return _frozen_gemm(forward, dgrad)(x, w.q, w.s)
 
 
 def contracted(eq: str) -> int:
@@ -145,14 +172,19 @@ def expert_blocks(xb: jax.Array, w: QWeight, block_expert: jax.Array, fw: Fp8Wei
         if fp8_backend(o.backend) == "triton" and (b < 16 or b & (b - 1)):
             raise UserError(f"FP8 expert GEMM: block size {b} (config.model.moe_block_size) must be a power of two "
                             f">= 16 for the Triton kernel (64 or 128).")
-    x2 = xb.reshape(nb * b, K)
-    kw = dict(groups=block_expert.astype(jnp.int32), group_rows=b, out_dtype=xb.dtype, **_kw(fw))
-    if fw.mode == "w8a8":
-        qx, sx = quantize_tiles(x2, pow2=o.pow2_scales)
-        y = gemm(qx, sx, w.q, w.s, **kw)
-    else:
-        y = gemm(x2, None, w.q, w.s, **kw)
-    return _forward_only(y).reshape(nb, b, -1)
+    def forward(xb, q, s, block_expert):
+        x2 = xb.reshape(nb * b, K)
+        kw = dict(groups=block_expert.astype(jnp.int32), group_rows=b, out_dtype=xb.dtype, **_kw(fw))
+        if fw.mode == "w8a8":
+            qx, sx = quantize_tiles(x2, pow2=o.pow2_scales)
+            return gemm(qx, sx, q, s, **kw).reshape(nb, b, -1)
+        return gemm(x2, None, q, s, **kw).reshape(nb, b, -1)
+
+    def dgrad(g, q, s, block_expert):  # dx[n] = g[n] @ W[e_n], each block's expert dequantised
+        w_deq = QWeight(q, s).dequantize(jnp.float32)  # [E, N, K]
+        return jnp.einsum("nbN,nNK->nbK", g.astype(jnp.float32), w_deq[block_expert])
+
+    return _frozen_gemm(forward, dgrad)(xb, w.q, w.s, block_expert)
 
 
 def is_fp8(x) -> bool:

@@ -54,13 +54,13 @@ def tokenizer_path(config) -> str | None:
     return src if config.get("init_from", "") and os.path.isfile(src) else None
 
 
-def initial_weights(src: str, target, fresh: dict, quiet: bool, model_cfg=None, program=None, mesh=None) -> dict:
+def initial_weights(src: str, target, fresh: dict, quiet: bool, model_cfg=None, program=None, runtime=None) -> dict:
     """{params, biases} from `src`, as this run holds them: `target(meta)` is the restore target of a run directory
     (layout and shardings); `fresh` the run's initialised state (its shardings, and the indexers' values when the
     weights have none). A released-format directory is read with `hf.load` (`model_cfg`, `program` for the state
-    layout, `mesh` to place it)."""
+    layout, `runtime` the run's: an FP8-resident base is read FP8 as stored)."""
     if kind(src) == "hf":
-        out, n_new = _from_hf(src, fresh, model_cfg, program, mesh)
+        out, n_new = _from_hf(src, fresh, model_cfg, program, runtime)
         step = "released weights"
     else:
         out, n_new, step = _from_run(src, target, fresh)
@@ -97,8 +97,9 @@ def _from_run(src: str, target, fresh: dict):
     return out, n_new, got[0]
 
 
-def _from_hf(src: str, fresh: dict, model_cfg, program, mesh):
-    """A released-format directory (BF16, or FP8 dequantised into the run's parameter dtype)."""
+def _from_hf(src: str, fresh: dict, model_cfg, program, runtime):
+    """A released-format directory (BF16, or FP8 dequantised into the run's parameter dtype; kept FP8 when the run
+    holds its base FP8-resident, `config.lora.fp8_base`)."""
     from dsv3_jax.interop import hf
 
     hfc = hf.parse_config(hf.read_config(src))
@@ -106,7 +107,9 @@ def _from_hf(src: str, fresh: dict, model_cfg, program, mesh):
     if model_cfg.dsa and not hfc.model.dsa:  # V3 weights for a V3.2 run: the network without its indexers
         want = dataclasses.replace(model_cfg, index_topk=0)
     _check_same(src, hfc.model, want)
-    got, model = hf.load(src, want.compute_dtype, param_dtype=want.weight_dtype)  # (no adapters: the base)
+    fp8 = runtime is not None and runtime.fp8_resident is not None
+    got, model = hf.load(src, want.compute_dtype, param_dtype=want.weight_dtype, keep_fp8=fp8,
+                         fp8_mode=runtime.fp8_weights if fp8 else "w8a8")  # (no adapters: the base)
     _check_same(src, got, want)  # (the MTP depth the tensors hold: transformers' save_pretrained drops it)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     biases = nnx.to_pure_dict(nnx.state(model, RouterBias))

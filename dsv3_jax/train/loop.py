@@ -372,7 +372,7 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
         weights = lambda meta: program.restore_target({"params": abstract["params"],  # noqa: E731
                                                        "biases": abstract["biases"]}, meta)
         state = dict(state, **init_from.initial_weights(config.init_from, weights, state, quiet, model_cfg,
-                                                        program, mesh))
+                                                        program, rt))
     if restored is not None:
         step0, got, meta = restored
         if weights_only(meta):
