@@ -204,3 +204,37 @@ def test_fp8_base_lora_against_the_dequantised_base(tmp_path):
     print(f"FP8 W8A8 base vs float32 base: loss {float(l8):.5f} vs {float(l32):.5f}, adapter gradients {rel:.2%} "
           f"relative L2")
     assert abs(float(l8) - float(l32)) < 1e-4 * float(l32) and rel < 0.05
+
+
+def test_lora_run_on_an_fp8_release(tmp_path):
+    """train.py's loop with config.lora.fp8_base from a released-format directory stored in FP8: the base stays
+    FP8 in the train state (the release's blocks and scales as loaded with keep_fp8, unchanged by two steps), the
+    adapters move, and the optimizer holds moments for the adapters alone."""
+    from dsv3_jax.analysis import load_config
+    from dsv3_jax.interop import hf
+    from dsv3_jax.train.loop import train, validate_train_config
+
+    c = load_config("tiny")
+    m = c.model
+    m.hidden_size, m.intermediate_size, m.moe_intermediate_size, m.num_hidden_layers = 64, 96, 32, 2
+    m.num_nextn_predict_layers = 0
+    c.lora = ml_collections.ConfigDict({"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": "wq_a,wkv_b,wo",
+                                        "fp8_base": True})
+    t = c.train
+    t.steps, t.batch_size, t.seq_len, t.log_every, t.eval_every, t.sample_tokens, t.eval_batches = 2, 4, 32, 1, 2, 0, 1
+    c.mesh.data = 1
+    cfg = validate_train_config(c)
+    hf.save(DeepSeekV3(cfg, rngs=nnx.Rngs(5)), None, str(tmp_path / "fp8"), fp8=True)
+    c.init_from = str(tmp_path / "fp8")
+    out = train(c, str(tmp_path / "run"), quiet=True)
+    _, base = hf.load(str(tmp_path / "fp8"), keep_fp8=True)
+    want = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(base, nnx.Param)))
+    got = traverse_util.flatten_dict(out.state["params"])
+    assert sum(v.dtype == jnp.float8_e4m3fn for v in got.values()) > 10
+    for p, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[p]).astype(np.float32), np.asarray(v).astype(np.float32),
+                                      err_msg=str(p))
+    adapters = [p for p in got if lora.is_adapter(p)]
+    assert all(np.any(np.asarray(got[p])) for p in adapters if p[-1] == "lora_b")
+    moments = [x for x in jax.tree.leaves(out.state["opt_state"]) if getattr(x, "ndim", 0) > 0]
+    assert sum(x.size for x in moments) == 2 * sum(got[p].size for p in adapters)

@@ -102,7 +102,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     def step(state: dict[str, Any], window, lam, alpha, gamma):
         (total, (terms, stats)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha)
         counts = layer_stats.stacked_counts(stats, 0)
-        grad_norm = optax.tree.norm(grads)
+        # (a frozen FP8 base's gradients are zeros in a dtype without arithmetic promotion: left out)
+        grad_norm = optax.tree.norm([g for g in jax.tree.leaves(grads) if g.dtype != jnp.float8_e4m3fn])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         biases = update_biases(state["biases"], stats, gamma)
