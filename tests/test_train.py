@@ -170,9 +170,12 @@ def test_config_override_reaches_model():
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout.strip().splitlines()[-1])
     cfg = ModelConfig.from_dict(tiny_config().model).replace(num_hidden_layers=2, n_routed_experts=8, q_lora_rank=48)
-    assert printed == param_counts(abstract_model(cfg))
+    counts = param_counts(abstract_model(cfg))
+    assert {k: printed[k] for k in counts} == counts
+    # every parameter trains (no LoRA, no DSA warm-up): all of them, the MTP modules' included
+    assert printed["trainable_params"] == printed["total_params"] == counts["params_total"] + counts["params_mtp"]
     base = param_counts(abstract_model(ModelConfig.from_dict(tiny_config().model)))
-    assert printed != base
+    assert {k: printed[k] for k in counts} != base
 
 
 @pytest.mark.parametrize("args,needle", [
