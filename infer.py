@@ -50,6 +50,8 @@ flags.DEFINE_enum("paged_attention", "auto", ["auto", "jnp", "pallas"], "How att
 flags.DEFINE_string("cache_dtype", None, "Dtype of the latent cache (float32, bfloat16); default: compute dtype.")
 flags.DEFINE_bool("dry_run", False, "With --hf: print the per-device serving memory plan (weights, latent cache) for "
                   "--mesh and --hbm_gib from config.json alone, and exit.")
+flags.DEFINE_string("lora", None, "LoRA adapters exported from a fine-tuning run (python -m dsv3_jax.lora export), "
+                    "applied to the base given by --hf or --checkpoint.")
 flags.DEFINE_bool("keep_fp8", False, "With --hf: keep projection and expert weights FP8 as shipped (float8_e4m3fn + "
                   "128x128 block scales; a BF16 checkpoint is quantised on load) and run FP8 GEMMs on them; with "
                   "--dry_run: plan the weights kept FP8.")
@@ -178,6 +180,11 @@ def main(argv):
                                 "as written; convert with --keep_fp8 for an FP8-resident workdir)")
         model, tokenizer, _, step = load_trained(FLAGS.checkpoint, fp8_mode=FLAGS.fp8_mode)
         source = f"{FLAGS.checkpoint} step {step}"
+    if FLAGS.lora:  # the base plus a fine-tune's adapters (dsv3_jax/lora.py)
+        from dsv3_jax import lora_io
+
+        model = lora_io.attach(model, FLAGS.lora)
+        source = f"{source} + {FLAGS.lora}"
     cfg = model.cfg
     if FLAGS.mesh and mesh is None:
         mesh = make_mesh(FLAGS.mesh, cfg)

@@ -27,6 +27,8 @@ def parser():
     p.add_argument("--checkpoint", default="workdir/demo", help="a train.py or converter workdir")
     p.add_argument("--hf", default=None, help="a released-format directory (overrides --checkpoint)")
     p.add_argument("--keep_fp8", action="store_true", help="with --hf: keep the FP8 weights FP8 (W8A8 GEMMs)")
+    p.add_argument("--lora", default=None, help="LoRA adapters exported from a fine-tuning run (python -m "
+                   "dsv3_jax.lora export), served on the base given by --hf or --checkpoint")
     p.add_argument("--fp8_mode", default="w8a8", choices=("w8a8", "weight_only"))
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,tensor=4")
     p.add_argument("--host", default="127.0.0.1")
@@ -119,6 +121,10 @@ def main(argv=None) -> int:
                 sizes = sharding.mesh_sizes(sharding.parse_mesh(args.mesh), jax.device_count())
                 sharding.validate_mesh(sizes, model.cfg)
                 mesh = sharding.make_mesh(sizes)
+        if args.lora:  # the base plus a fine-tune's adapters (dsv3_jax/lora.py)
+            from dsv3_jax import lora_io
+
+            model = lora_io.attach(model, args.lora)  # (the base's directory still gives the template and eos ids)
         engine = Engine(model, page_size=args.page_size, max_batch=args.batch_size,
                         max_batch_tokens=max(args.max_batch_tokens, args.batch_size),
                         cache_bytes=int(args.cache_mib * 2**20), decode_steps=args.decode_steps,

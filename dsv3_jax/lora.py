@@ -5,10 +5,10 @@ A targeted projection y = x W (an `Einsum`, W [K..., N...]) gains two parameters
 
     y = x W + (alpha / r) (x A) B        A ~ N(0, 1/K) at initialisation, B = 0: the model starts as the base
 
-Only the adapters train: the optimizer holds no moments for anything else (`trainable`), so a rank-16 run holds
+Only the adapters train: the optimizer holds no moments for anything else (`is_adapter`), so a rank-16 run holds
 two small matrices per projection beside the frozen base. `merged` folds them into the weights
 (W + (alpha / r) A B) and gives the plain model back, the form `hf.save` writes (`merge_lora=True`) and any
-reader loads.
+reader loads; `lora_io.py` writes the adapters alone and attaches them to a base.
 
 Targets (`config.lora.targets`, comma-separated names): the MLA projections `wq` (no query latent), `wq_a`, `wq_b`,
 `wkv_a`, `wkv_b`, `wo`; `dense_ffn` (the dense layers' SwiGLU) and `shared_experts` (the MoE layers' shared
@@ -76,11 +76,11 @@ def from_config(section) -> LoraOptions | None:
 
 def adapter_params(rngs: nnx.Rngs, shape, axes, nc: int, rank: int, param_dtype):
     """(lora_a [K..., r], lora_b [r, N...]) of a weight of `shape` whose first `nc` axes contract."""
-    from dsv3_jax.layers import normal, param
-
     k = math.prod(shape[:nc])
-    a = param(rngs, normal(k ** -0.5), (*shape[:nc], rank), (*axes[:nc], None), param_dtype)
-    b = param(rngs, jax.nn.initializers.zeros, (rank, *shape[nc:]), (None, *axes[nc:]), param_dtype)
+    a_shape, b_shape = (*shape[:nc], rank), (rank, *shape[nc:])
+    a = nnx.Param(jax.random.normal(rngs.params(), a_shape, param_dtype) * k ** -0.5,
+                  out_sharding=(*axes[:nc], None), eager_sharding=False)
+    b = nnx.Param(jnp.zeros(b_shape, param_dtype), out_sharding=(None, *axes[nc:]), eager_sharding=False)
     return a, b
 
 
@@ -103,14 +103,12 @@ def is_adapter(path) -> bool:
 
 def merged(model):
     """The same model with every adapter folded into its weight (W + (alpha / r) A B) and no adapters: built without
-    LoRA under the model's runtime otherwise."""
+    LoRA under the model's runtime otherwise (its own class, so this module imports nothing of the model)."""
     from flax import traverse_util
 
-    from dsv3_jax.model import DeepSeekV3, split_model
-
     opts = model.runtime.lora
-    _, params, biases = split_model(model)
-    flat = traverse_util.flatten_dict(params)
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
     for path in [p for p in flat if p[-1] == "lora_a"]:
         a, b, w = flat.pop(path), flat.pop(path[:-1] + ("lora_b",)), flat[path[:-1] + ("kernel",)]
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
@@ -119,5 +117,6 @@ def merged(model):
         upd = jax.vmap(outer)(a, b) if stacked else outer(a, b)
         flat[path[:-1] + ("kernel",)] = (w.astype(jnp.float32) + opts.scale * upd).astype(w.dtype)
     rt = dataclasses.replace(model.runtime, lora=None)
-    graphdef = split_model(nnx.eval_shape(lambda: DeepSeekV3(model.cfg, rngs=nnx.Rngs(0), runtime=rt)))[0]
-    return nnx.merge(graphdef, traverse_util.unflatten_dict(flat), biases)
+    plain = nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0), runtime=rt))
+    graphdef = nnx.split(plain, nnx.Param, ...)[0]
+    return nnx.merge(graphdef, traverse_util.unflatten_dict(flat), rest)
