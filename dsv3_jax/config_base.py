@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 10  # steps between metrics lines
     c.train.eval_every = 100  # steps between validation losses
     c.train.eval_batches = 4  # validation batches per evaluation
+    c.train.eval_generate = 0  # chat data: held-out conversations answered greedily at each evaluation (0: none)
     c.train.sample_tokens = 48  # tokens of greedy text printed at the end of training (0: none)
     c.train.remat = False  # rematerialise each block in the backward pass (saves activation memory)
     c.train.grad_accum_steps = 1  # split each step's batch into this many sequential micro-batches

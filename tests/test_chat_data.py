@@ -95,7 +95,8 @@ def test_plain_template_and_bad_conversations(demo_tokenizer, tmp_path):
 def test_training_from_chat_shards(demo_tokenizer, tmp_path):
     """Two steps of the tiny model on packed conversations: the run reads the shards' flags (its program counts
     targets only and keeps documents apart, as test_packing.py checks against a hand count and each document run
-    alone), and trains and evaluates from them."""
+    alone), and trains and evaluates from them; the generation check answers held-out questions whose prompts and
+    references are the held-out conversations' own."""
     from dsv3_jax.analysis import load_config
     from dsv3_jax.train.loop import train
 
@@ -109,7 +110,19 @@ def test_training_from_chat_shards(demo_tokenizer, tmp_path):
     c.data.path = str(tmp_path / "data")
     t = c.train
     t.steps, t.batch_size, t.seq_len, t.log_every, t.eval_every, t.sample_tokens, t.eval_batches = 2, 4, 32, 1, 2, 0, 1
+    t.eval_generate = 3
     c.mesh.data = 1
     out = train(c, str(tmp_path / "run"), quiet=True)
     assert out.program.documents and all(np.isfinite(r["loss"]) for r in out.history)
-    assert "val_loss" in out.history[-1]
+    last = out.history[-1]
+    assert "val_loss" in last and 0.0 <= last["eval_exact_match"] <= 1.0
+    # the generation check's held-out prompts and references are the val conversations' questions and answers
+    import re
+
+    assert len(last["eval_generation"]) == 3
+    for sample in last["eval_generation"]:
+        q = re.fullmatch(r"user: what is (\d) plus (\d)\?\nassistant:", sample["prompt"])
+        a, b = int(q.group(1)), int(q.group(2))
+        assert sample["reference"] == f"{a} plus {b} is {a + b}." and isinstance(sample["output"], str)
+    lines = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert lines[-1]["eval_generation"] == last["eval_generation"]

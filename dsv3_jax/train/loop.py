@@ -44,7 +44,7 @@ from dsv3_jax.moe import RouterBias
 from dsv3_jax.parallel.pipeline.schedules import check_microbatches
 from dsv3_jax.programs import Plain, program_for
 from dsv3_jax.runtime import Runtime
-from dsv3_jax.train import init_from
+from dsv3_jax.train import evaluation, init_from
 from dsv3_jax.train.metrics import MetricsWriter
 from dsv3_jax.train.optim import batch_size_at, make_optimizer
 from dsv3_jax.train.step import make_eval_step, make_train_step
@@ -403,6 +403,9 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
     eval_step = make_eval_step(graphdef, mesh, program)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)
+    gen_pairs = []  # the generation check on held-out conversations (chat data, config.train.eval_generate)
+    if t.get("eval_generate", 0) > 0 and data.documents and jax.process_count() == 1:
+        gen_pairs = evaluation.held_out_prompts(data.val, t.eval_generate)
     history, tokens_seen, t0 = [], 0, time.perf_counter()  # tokens_seen: since the last log line
     for step in range(start, t.steps):
         window = sharding.put_global_batch(data.train.next_batch(batch_size(step)), batch_sharding)
@@ -425,6 +428,10 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
                 record["val_loss"] = float(np.mean([float(eval_step(state["params"], state["biases"],
                                                                          sharding.put_global_batch(v, batch_sharding)))
                                                     for v in val]))
+            if gen_pairs and (done % t.eval_every == 0 or done == t.steps):
+                params = program.to_layers({"params": state["params"]})["params"]
+                now = with_runtime(nnx.merge(graphdef, params, state["biases"]), rt.local())
+                record |= evaluation.generation_check(now, data.tokenizer, gen_pairs, EOS_ID)
             writer.write(record)
             history.append(record)
             tokens_seen, t0 = 0, time.perf_counter()

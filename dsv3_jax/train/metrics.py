@@ -70,6 +70,12 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+                elif isinstance(v, list) and v and isinstance(v[0], dict):  # (samples: a markdown table)
+                    cols = list(v[0])
+                    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+                    rows += ["| " + " | ".join(str(r.get(c, "")).replace("\n", " ").replace("|", "/") for c in cols)
+                             + " |" for r in v]
+                    self.tb.add_text(k, "\n".join(rows), step)
         if self.bar is not None:
             self.advance()
             shown = {k: record[k] for k in ("loss", "mtp_loss", "val_loss", "max_vio", "tokens_per_sec") if k in record}
