@@ -8,18 +8,13 @@ of 32 dims, and MLA over each query's 32 keys scored highest of up to 128), for 
 The warm-up trains only the indexer, toward the dense attention's distribution (from the tiny model's weights:
 start it with --config.init_from=<a tiny run>); the sparse stage trains everything, the indexer toward the sparse
 attention's distribution. metrics.jsonl logs indexer_kl and index_recall."""
-import importlib.util
-import os
-
 import ml_collections
+
+from dsv3_jax.analysis import load_config
 
 
 def get_config():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny.py")
-    spec = importlib.util.spec_from_file_location("tiny_config", path)
-    tiny = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tiny)
-    c = tiny.get_config()
+    c = load_config("tiny")  # (the sibling config, this one's base)
     m = c.model
     m.index_topk = 32  # keys each query attends to (V3.2: 2048 of up to 128K)
     m.index_n_heads = 8  # indexer heads (V3.2: 64)

@@ -113,7 +113,7 @@ def _from_hf(src: str, fresh: dict, model_cfg, program, runtime):
     _check_same(src, got, want)  # (the MTP depth the tensors hold: transformers' save_pretrained drops it)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     biases = nnx.to_pure_dict(nnx.state(model, RouterBias))
-    fresh_layers = _layers_layout(fresh, program)["params"]
+    fresh_layers = program.to_layers({"params": fresh["params"]})["params"]
     have = {_key(p) for p in traverse_util.flatten_dict(params)}
     new = {p for p in traverse_util.flatten_dict(fresh_layers) if _key(p) not in have and _addable(p)}
     params, n_new = _with_fresh(params, fresh_layers, new)
@@ -133,10 +133,6 @@ def _check_same(src: str, theirs, want) -> None:
     if diff:
         raise UserError(f"config.init_from={src!r} is another network: {'; '.join(diff[:6])}; set those "
                         f"config.model keys to the checkpoint's")
-
-
-def _layers_layout(fresh: dict, program) -> dict:
-    return program.to_layers({"params": fresh["params"]})
 
 
 def _key(path) -> tuple[str, ...]:
