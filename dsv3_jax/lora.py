@@ -11,11 +11,15 @@ two small matrices per projection beside the frozen base. `merged` folds them in
 reader loads; `lora_io.py` writes the adapters alone and attaches them to a base.
 
 Targets (`config.lora.targets`, comma-separated names): the MLA projections `wq` (no query latent), `wq_a`, `wq_b`,
-`wkv_a`, `wkv_b`, `wo`; `dense_ffn` (the dense layers' SwiGLU) and `shared_experts` (the MoE layers' shared
-expert). Routed experts take no adapter here. `config.lora.fp8_base`: the base is held FP8-resident as the release
-ships it (W8A8 GEMMs forward, the activations' gradients through the dequantised blocks, `fp8/resident.py`; from
-`init_from` of a released-format directory it is read with keep_fp8), so only the adapters are float. Not yet:
-dropout on the adapters' input (refused in one line).
+`wkv_a`, `wkv_b`, `wo`; `dense_ffn` (the dense layers' SwiGLU), `shared_experts` (the MoE layers' shared expert) and
+`routed_experts`: one adapter per expert on each of w_gate, w_up, w_down (`ExpertAdapter`, A [E, K, r], B [E, r, N]),
+applied as the expert's weight W_e + (alpha / r) A_e B_e, so every expert layout and expert parallelism (the
+adapters shard over experts with the weights) run unchanged; over an FP8-resident base that layer's experts are
+dequantised for the step (one layer at a time under the scan).
+
+`config.lora.fp8_base`: the base is held FP8-resident as the release ships it (W8A8 GEMMs forward, the activations'
+gradients through the dequantised blocks, `fp8/resident.py`; from `init_from` of a released-format directory it is
+read with keep_fp8), so only the adapters are float. Not yet: dropout on the adapters' input (refused in one line).
 """
 from __future__ import annotations
 
@@ -30,8 +34,9 @@ from dsv3_jax import param_kinds
 from dsv3_jax.cli import ConfigError
 
 ATTENTION = ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
-TARGETS = ATTENTION + ("dense_ffn", "shared_experts")
+TARGETS = ATTENTION + ("dense_ffn", "shared_experts", "routed_experts")
 ADAPTERS = ("lora_a", "lora_b")
+EXPERT_SUFFIX = "_lora"  # a routed expert weight's adapter module: MoE.w_gate_lora beside MoE.w_gate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +100,26 @@ def delta(eq: str, nc: int, x, a, b, scale: float, dtype):
     return jnp.einsum(f"{batch}{r},{r}{n_axes}->{out}", h, b.astype(dtype)) * jnp.asarray(scale, dtype)
 
 
+class ExpertAdapter(nnx.Module):
+    """One low-rank adapter per routed expert on an [E, K, N] weight: lora_a [E, K, r], lora_b [E, r, N] (B = 0)."""
+
+    def __init__(self, rngs: nnx.Rngs, shape, axes, rank: int, param_dtype):
+        E, K, N = shape
+        self.lora_a = nnx.Param(jax.random.normal(rngs.params(), (E, K, rank), param_dtype) * K ** -0.5,
+                                out_sharding=(axes[0], axes[1], None), eager_sharding=False)
+        self.lora_b = nnx.Param(jnp.zeros((E, rank, N), param_dtype), out_sharding=(axes[0], None, axes[2]),
+                                eager_sharding=False)
+
+    def update(self, scale: float) -> jax.Array:
+        """(alpha / r) A_e B_e per expert, float32 [E, K, N]."""
+        return expert_update(self.lora_a[...], self.lora_b[...], scale)
+
+
+def expert_update(a, b, scale: float) -> jax.Array:
+    """(alpha / r) A B per expert ([..., E, K, r] x [..., E, r, N], leading layer axes allowed) in float32."""
+    return scale * jnp.einsum("...EKr,...ErN->...EKN", a.astype(jnp.float32), b.astype(jnp.float32))
+
+
 def is_adapter(path) -> bool:
     """True for the adapters' parameters (what a LoRA run trains)."""
     names = param_kinds.path_names(path)
@@ -110,12 +135,18 @@ def merged(model):
     _, params, rest = nnx.split(model, nnx.Param, ...)
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
     for path in [p for p in flat if p[-1] == "lora_a"]:
-        a, b, w = flat.pop(path), flat.pop(path[:-1] + ("lora_b",)), flat[path[:-1] + ("kernel",)]
-        a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-        outer = lambda a, b: jnp.tensordot(a, b, axes=([a.ndim - 1], [0]))  # noqa: E731
-        stacked = w.ndim == a.ndim + b.ndim - 3  # a leading layer axis on all three: one update per layer
-        upd = jax.vmap(outer)(a, b) if stacked else outer(a, b)
-        flat[path[:-1] + ("kernel",)] = (w.astype(jnp.float32) + opts.scale * upd).astype(w.dtype)
+        a, b = flat.pop(path), flat.pop(path[:-1] + ("lora_b",))
+        if path[:-1] + ("kernel",) in flat:  # a projection (`Einsum`)
+            wpath = path[:-1] + ("kernel",)
+            a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+            outer = lambda a, b: jnp.tensordot(a, b, axes=([a.ndim - 1], [0]))  # noqa: E731
+            stacked = flat[wpath].ndim == a.ndim + b.ndim - 3  # a leading layer axis on all three: one per layer
+            upd = opts.scale * (jax.vmap(outer)(a, b) if stacked else outer(a, b))
+        else:  # a routed expert weight's `ExpertAdapter` ('w_gate_lora' beside 'w_gate')
+            wpath = path[:-2] + (path[-2].removesuffix(EXPERT_SUFFIX),)
+            upd = expert_update(a, b, opts.scale)
+        w = flat[wpath]
+        flat[wpath] = (w.astype(jnp.float32) + upd).astype(w.dtype)
     rt = dataclasses.replace(model.runtime, lora=None)
     plain = nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0), runtime=rt))
     graphdef = nnx.split(plain, nnx.Param, ...)[0]

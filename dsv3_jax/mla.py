@@ -192,7 +192,7 @@ class MLA(nnx.Module):
         `blockwise_attention.py`: no [T, T] scores in memory) or `jax.nn.dot_product_attention` ('xla', 'cudnn').
         `keep` [B, T, T] (sparse attention's selection, causal already): the einsum core with that mask.
         `segment_ids` [B, T] (packed documents, `data/packing.py`): no query attends to another document's keys
-        (the einsum and blockwise cores; 'xla' / 'cudnn' then run the einsum)."""
+        (every core: 'xla' / 'cudnn' take it as a [B, 1, T, T] mask beside their causal one)."""
         cfg = self.cfg
         k_nope, v = jnp.split(self.wkv_b(c_kv), [cfg.qk_nope_head_dim], axis=-1)  # [B, S, N, dn], [B, S, N, dv]
         dense = keep is None  # sparse attention's selection is a [T, T] mask: the einsum core applies it (no
@@ -202,8 +202,8 @@ class MLA(nnx.Module):
             out = blockwise_attention(q, k, v, scale=cfg.softmax_scale, block_q=block, block_k=block,
                                       segment_ids=segment_ids)
             return self.wo(out.astype(dtype))
-        if dense and segment_ids is None and self.runtime.attention != "einsum":
-            out = self.fused_core(q_nope, q_pe, k_nope, k_pe, v)
+        if dense and self.runtime.attention != "einsum":
+            out = self.fused_core(q_nope, q_pe, k_nope, k_pe, v, segment_ids)
             if out is not None:
                 return self.wo(out.astype(dtype))
         f32 = jnp.float32
@@ -224,15 +224,18 @@ class MLA(nnx.Module):
         k_pe = jnp.broadcast_to(k_pe[:, :, None, :], k_pe.shape[:2] + (N, k_pe.shape[-1])).astype(k_nope.dtype)
         return q, jnp.concatenate([k_nope, k_pe], axis=-1)
 
-    def fused_core(self, q_nope, q_pe, k_nope, k_pe, v) -> jax.Array | None:
+    def fused_core(self, q_nope, q_pe, k_nope, k_pe, v, segment_ids=None) -> jax.Array | None:
         """softmax(q.k * scale, causal) v by `jax.nn.dot_product_attention` (cuDNN: flash attention, no [T, T]
         scores in memory; MLA's qk head dim 192 differs from v's 128, which cuDNN runs from Hopper and 9.10 on):
         q = [q_nope, q_pe], k = [k_nope, k_pe shared by the heads] -> [B, T, N, dv]. None when 'auto' chose
-        cuDNN and cuDNN refuses these shapes or dtype (the einsum runs); an explicit 'cudnn' raises."""
+        cuDNN and cuDNN refuses these shapes or dtype (the einsum runs); an explicit 'cudnn' raises. `segment_ids`
+        [B, T]: packed documents, a [B, 1, T, T] same-document mask beside the causal one."""
         rt = self.runtime
         q, k = self.full_heads(q_nope, q_pe, k_nope, k_pe)
+        mask = None if segment_ids is None else packing.same_document(segment_ids)[:, None]
+
         def core(v):
-            return jax.nn.dot_product_attention(q, k, v, scale=self.cfg.softmax_scale, is_causal=True,
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.cfg.softmax_scale, is_causal=True,
                                                 implementation=rt.attention)
 
         try:

@@ -35,6 +35,7 @@ from dsv3_jax.config import ModelConfig
 from dsv3_jax.fp8.resident import SCALE_SUFFIX, QWeight
 from dsv3_jax.layer_stats import LayerStats
 from dsv3_jax.layers import MLP, fp8_params, normal, param
+from dsv3_jax.lora import EXPERT_SUFFIX, ExpertAdapter
 from dsv3_jax.runtime import Runtime
 
 
@@ -82,6 +83,12 @@ class MoE(nnx.Module):
             self.w_up, self.w_up_scale = fp8_params(rngs, normal(std), (D,), (F,), ("embed",), ("expert_mlp",), **kw)
             self.w_down, self.w_down_scale = fp8_params(rngs, normal(std), (F,), (D,), ("expert_mlp",), ("embed",),
                                                         **kw)
+        self.adapted = self.runtime.lora is not None and self.runtime.lora.on("routed_experts") is not None
+        if self.adapted:  # one LoRA adapter per expert on each weight (`lora.ExpertAdapter`)
+            for n, shape, axes in (("w_gate", (E, D, F), ("experts", "embed", "expert_mlp")),
+                                   ("w_up", (E, D, F), ("experts", "embed", "expert_mlp")),
+                                   ("w_down", (E, F, D), ("experts", "expert_mlp", "embed"))):
+                setattr(self, n + EXPERT_SUFFIX, ExpertAdapter(rngs, shape, axes, self.runtime.lora.rank, pdt))
         if cfg.n_shared_experts > 0:
             self.shared = MLP(D, cfg.shared_intermediate_size, std=std, dtype=cfg.compute_dtype,
                               param_dtype=pdt, rngs=rngs, fp8=self.runtime.fp8_gemms,
@@ -92,6 +99,16 @@ class MoE(nnx.Module):
         """(w_gate, w_up, w_down) as the expert strategy takes them: compute-dtype arrays, the float32 masters
         (FP8 training GEMMs), or `QWeight`s (FP8-resident)."""
         names = ("w_gate", "w_up", "w_down")
+        if self.adapted:  # W_e + (alpha / r) A_e B_e, an FP8-resident base dequantised ([E, N, K] -> [E, K, N])
+            def base(n):
+                if self.runtime.fp8_resident is None:
+                    return getattr(self, n)[...].astype(jnp.float32)
+                q = QWeight(getattr(self, n)[...], getattr(self, n + SCALE_SUFFIX)[...])
+                return q.dequantize().swapaxes(-1, -2)
+
+            dt = jnp.float32 if self.runtime.fp8 else self.cfg.compute_dtype
+            return tuple((base(n) + getattr(self, n + EXPERT_SUFFIX).update(self.runtime.lora.scale)).astype(dt)
+                         for n in names)
         if self.runtime.fp8_resident is not None:
             return tuple(QWeight(getattr(self, n)[...], getattr(self, n + SCALE_SUFFIX)[...]) for n in names)
         if self.runtime.fp8:

@@ -254,3 +254,28 @@ def test_lora_run_on_an_fp8_release(tmp_path):
     assert all(np.any(np.asarray(got[p])) for p in adapters if p[-1] == "lora_b")
     moments = [x for x in jax.tree.leaves(out.state["opt_state"]) if getattr(x, "ndim", 0) > 0]
     assert sum(x.size for x in moments) == 2 * sum(got[p].size for p in adapters)
+
+
+def test_routed_expert_adapters_against_float64():
+    """One adapter per routed expert (`routed_experts`): each weight the strategies receive is W_e + (alpha / r) A_e
+    B_e, and the gradients of a loss on them in A and B, against numpy float64, expert by expert."""
+    from dsv3_jax.moe import MoE
+
+    opts = lora.LoraOptions(rank=3, alpha=6.0, targets=("routed_experts",))
+    moe = _randomize_adapters(MoE(CFG, rngs=nnx.Rngs(0), runtime=dataclasses.replace(runtime.resolve(), lora=opts)))
+    s = opts.alpha / opts.rank
+    gd, params, rest = nnx.split(moe, nnx.Param, ...)
+    gs = [np.random.default_rng(i).normal(size=w.shape) for i, w in enumerate(moe.expert_weights())]
+
+    def loss(p):
+        return sum(jnp.sum(w * g) for w, g in zip(nnx.merge(gd, p, rest).expert_weights(), gs))
+
+    grads = jax.grad(loss)(params)
+    for name, w, g in zip(("w_gate", "w_up", "w_down"), moe.expert_weights(), gs):
+        ad = getattr(moe, name + lora.EXPERT_SUFFIX)
+        W, A, B = (np.asarray(v, np.float64) for v in (getattr(moe, name)[...], ad.lora_a[...], ad.lora_b[...]))
+        assert A.shape[0] == B.shape[0] == CFG.n_routed_experts
+        np.testing.assert_allclose(w, W + s * np.einsum("ekr,ern->ekn", A, B), rtol=1e-6, atol=1e-6)
+        gad = grads[name + lora.EXPERT_SUFFIX]
+        np.testing.assert_allclose(gad["lora_a"][...], s * np.einsum("ekn,ern->ekr", g, B), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(gad["lora_b"][...], s * np.einsum("ekr,ekn->ern", A, g), rtol=1e-5, atol=1e-6)

@@ -30,11 +30,13 @@ def _model(dsa: bool, attention: str):
     return DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=rt)
 
 
-@pytest.mark.parametrize("dsa", [False, True], ids=["mla", "dsa"])
-@pytest.mark.parametrize("attention", ["einsum", "blockwise"])
+@pytest.mark.parametrize("dsa, attention", [(False, "einsum"), (True, "einsum"), (False, "blockwise"),
+                                            (True, "blockwise"), (False, "xla")],
+                         ids=["einsum-mla", "einsum-dsa", "blockwise-mla", "blockwise-dsa", "xla-mla"])
 def test_each_document_sees_only_itself(dsa, attention):
     """Main and MTP logits of every packed document equal those of the document alone (1e-5), with DSA's top-k 3
-    below the documents' lengths; without the flags the later documents' logits differ (the test can fail)."""
+    below the documents' lengths; without the flags the later documents' logits differ (the test can fail). 'xla':
+    `jax.nn.dot_product_attention` with the same-document mask (the cuDNN core takes the same argument)."""
     model = _model(dsa, attention)
     starts = np.cumsum([0] + [len(d) for d in DOCS[:-1]])
     flat = sum(DOCS, [])
