@@ -20,8 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict()  # low-rank adapters, the base frozen (dsv3_jax/lora.py); rank 0: off
     c.lora.rank = 0
     c.lora.alpha = 16.0  # the update is (alpha / rank) A B
-    c.lora.dropout = 0.0  # (not supported yet: 0 only)
-    c.lora.targets = "wq_a,wq_b,wkv_a,wkv_b,wo"  # MLA projections; also wq, dense_ffn, shared_experts
+    c.lora.dropout = 0.0  # dropout on the adapters' input while training (projections and MLPs; not with stage > 1)
+    c.lora.targets = "wq_a,wq_b,wkv_a,wkv_b,wo"  # MLA projections; also wq, dense_ffn, shared_experts, routed_experts
     c.lora.fp8_base = False  # hold the base as FP8 blocks (the release as shipped; W8A8 GEMMs), adapters float
 
     c.train = ml_collections.ConfigDict()

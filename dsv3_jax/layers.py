@@ -115,10 +115,12 @@ class Einsum(nnx.Module):
         y = self.base(x)
         if self.lora is None:
             return y
-        from dsv3_jax.lora import delta
+        from dsv3_jax.lora import delta, dropped
 
-        return y + delta(self.eq, resident.contracted(self.eq), x.astype(self.dtype), self.lora_a[...],
-                         self.lora_b[...], self.lora.scale, self.dtype).astype(y.dtype)
+        key = getattr(self, "lora_key", None)  # (a training forward with adapter dropout: `lora.set_dropout_keys`)
+        xa = dropped(x.astype(self.dtype), None if key is None else key[...], self.lora.dropout)
+        return y + delta(self.eq, resident.contracted(self.eq), xa, self.lora_a[...], self.lora_b[...],
+                         self.lora.scale, self.dtype).astype(y.dtype)
 
     def weight(self) -> jax.Array:
         """The float weight this projection applies: the kernel, plus (alpha / r) A B with LoRA (float32 then)."""

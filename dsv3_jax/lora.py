@@ -19,7 +19,11 @@ dequantised for the step (one layer at a time under the scan).
 
 `config.lora.fp8_base`: the base is held FP8-resident as the release ships it (W8A8 GEMMs forward, the activations'
 gradients through the dequantised blocks, `fp8/resident.py`; from `init_from` of a released-format directory it is
-read with keep_fp8), so only the adapters are float. Not yet: dropout on the adapters' input (refused in one line).
+read with keep_fp8), so only the adapters are float.
+
+`config.lora.dropout`: inverted dropout on the projections' adapter input while training (the base path sees x
+whole); each step draws from fold_in(key(train.seed), step) (and the micro-batch), so a resumed run drops the same
+inputs. Routed-expert adapters (a weight update, not a path) and the pipelined program take none.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class LoraOptions:
     rank: int
     alpha: float = 16.0
     targets: tuple[str, ...] = ("wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
+    dropout: float = 0.0  # on the adapters' input while training (`set_dropout_keys`); the base path never drops
 
     @property
     def scale(self) -> float:
@@ -64,9 +69,10 @@ def from_config(section) -> LoraOptions | None:
     rank = int(d.get("rank", 0))
     if rank <= 0:
         return None
-    if float(d.get("dropout", 0.0)) != 0.0:
-        raise ConfigError(f"config.lora.dropout={d['dropout']}: dropout on the adapters is not supported yet; set it "
-                          f"to 0.", key="lora.dropout")
+    dropout = float(d.get("dropout", 0.0))
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"config.lora.dropout={d['dropout']} must be in [0, 1) (the probability of zeroing an input "
+                          f"of the adapters).", key="lora.dropout")
     targets = d.get("targets", ",".join(LoraOptions.targets))
     targets = tuple(t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip())
     bad = sorted(set(targets) - set(TARGETS))
@@ -76,7 +82,7 @@ def from_config(section) -> LoraOptions | None:
     alpha = float(d.get("alpha", 16.0))
     if not alpha > 0:
         raise ConfigError(f"config.lora.alpha={alpha} must be > 0.", key="lora.alpha")
-    return LoraOptions(rank=rank, alpha=alpha, targets=targets)
+    return LoraOptions(rank=rank, alpha=alpha, targets=targets, dropout=dropout)
 
 
 def adapter_params(rngs: nnx.Rngs, shape, axes, nc: int, rank: int, param_dtype):
@@ -118,6 +124,36 @@ class ExpertAdapter(nnx.Module):
 def expert_update(a, b, scale: float) -> jax.Array:
     """(alpha / r) A B per expert ([..., E, K, r] x [..., E, r, N], leading layer axes allowed) in float32."""
     return scale * jnp.einsum("...EKr,...ErN->...EKN", a.astype(jnp.float32), b.astype(jnp.float32))
+
+
+class DropoutKey(nnx.Variable):
+    """The random key of one projection's adapter dropout for this step (per layer in a stack: [L] keys), set on the
+    merged model of a training forward by `set_dropout_keys`; absent everywhere else (evaluation, serving)."""
+
+
+def set_dropout_keys(model, key: jax.Array) -> None:
+    """Give every adapted projection of `model` (dropout > 0) its own key from `key`: the i-th such module
+    fold_in(key, i), split over its leading layer axes, so each layer and projection drops its own inputs."""
+    i = 0
+    for _, m in nnx.iter_modules(model):
+        opts, a = getattr(m, "lora", None), getattr(m, "lora_a", None)
+        if opts is None or a is None or not opts.dropout:
+            continue
+        lhs, out = m.eq.replace(" ", "").split("->")
+        nc = len([c for c in lhs.split(",")[1] if c not in out])  # the weight's contracted axes
+        lead = a.shape[: a.ndim - nc - 1]  # stacked layers
+        k = jax.random.fold_in(key, i)
+        m.lora_key = DropoutKey(jax.random.split(k, math.prod(lead)).reshape(lead) if lead else k)
+        i += 1
+
+
+def dropped(x: jax.Array, key: jax.Array | None, rate: float) -> jax.Array:
+    """The adapters' input: x with each element zeroed with probability `rate` and the rest scaled by 1 / (1 - rate)
+    (inverted dropout, as PEFT's `lora_dropout`), or x itself without a key."""
+    if key is None or not rate:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
 
 
 def is_adapter(path) -> bool:

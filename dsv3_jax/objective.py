@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dsv3_jax import lora
 from dsv3_jax.data import packing
 from dsv3_jax.model import mtp_valid_mask
 
@@ -59,13 +60,17 @@ def prediction_losses(logits, mtp_logits, window, documents: bool = False, denom
     return main, mtp
 
 
-def model_losses(graphdef, params, biases, window: jax.Array, documents: bool = False, denominators=None):
+def model_losses(graphdef, params, biases, window: jax.Array, documents: bool = False, denominators=None,
+                 dropout_key=None):
     """All loss terms of the model (`nnx.merge(graphdef, params, biases)`) on one window [B, T+1]: (dict of
     scalars, moe_stats: MoE module path -> LayerStats, see `ModelOutput`). A model with sparse attention adds
     'indexer_kl' and 'index_recall' (`dsa.indexer_terms`, means over its blocks). `documents`: the window carries
     packing flags (`data/packing.py`: loss masks and document boundaries, which attention does not cross);
-    `denominators` as in `prediction_losses` (gradient accumulation: the whole step's counts)."""
+    `denominators` as in `prediction_losses` (gradient accumulation: the whole step's counts); `dropout_key`: a
+    training forward with LoRA adapter dropout (`lora.set_dropout_keys`)."""
     model = nnx.merge(graphdef, params, biases)
+    if dropout_key is not None:
+        lora.set_dropout_keys(model, dropout_key)
     if documents:
         tokens, _, seg = packing.split(window)
         out = model(tokens[:, :-1], seg[:, :-1])

@@ -26,6 +26,7 @@ import dataclasses
 
 import jax
 
+from dsv3_jax.cli import UserError
 from dsv3_jax.objective import counted_predictions, indexer_setting, model_losses, total_loss
 from dsv3_jax.parallel.pipeline import slot_state
 from dsv3_jax.param_kinds import cast_for_compute, freeze_fp8
@@ -61,11 +62,14 @@ class Plain:
         T = window.shape[1] - 1
         return jax.numpy.stack([m.sum() for m in counted_predictions(window, T, self.mtp_depth)]).astype("float32")
 
-    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None, denominators=None):
+    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None, denominators=None,
+                       dropout_key=None):
         """`denominators` (packed documents under gradient accumulation): each term's divisor instead of this
-        window's own count, so that the mean over the step's windows is the step's mean (`make_train_step`)."""
+        window's own count, so that the mean over the step's windows is the step's mean (`make_train_step`);
+        `dropout_key`: LoRA adapter dropout's key for this window (`lora.set_dropout_keys`)."""
         def objective(params):
-            terms, stats = model_losses(graphdef, self._params(params), biases, window, self.documents, denominators)
+            terms, stats = model_losses(graphdef, self._params(params), biases, window, self.documents, denominators,
+                                        dropout_key)
             return total_loss(terms, lam, alpha, self.indexer), (terms, stats)
 
         return jax.value_and_grad(objective, has_aux=True)(params)
@@ -106,9 +110,12 @@ class Pipelined(Plain):
     def to_layers(self, state: dict) -> dict:
         return slot_state.to_layers(state, self.layout)
 
-    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None, denominators=None):
+    def value_and_grad(self, graphdef, params, biases, window, lam, alpha, *, mesh=None, denominators=None,
+                       dropout_key=None):
         from dsv3_jax.parallel.pipeline import executor
 
+        if dropout_key is not None:  # (refused with the config: `runtime.from_config`)
+            raise UserError("LoRA adapter dropout does not run in the pipelined program; set config.lora.dropout=0")
         return executor.step_grads(self.program, self.graphdefs, self.cfg, params, biases, window, lam, alpha,
                                    mesh=mesh, indexer=self.indexer, documents=self.documents,
                                    denominators=denominators)

@@ -466,6 +466,9 @@ def from_config(config, mesh: jax.sharding.Mesh | None = None) -> Runtime:
 
     _, run = split_model_section(config.model)
     mesh_section = config.get("mesh") or {}
+    if lora_opts is not None and lora_opts.dropout and int(mesh_section.get("stage", 1)) > 1:
+        raise ConfigError("config.lora.dropout does not run over pipeline stages (config.mesh.stage > 1) yet; set "
+                          "config.lora.dropout=0 or config.mesh.stage=1.", key="lora.dropout")
     train = config.get("train") or {}
     dsa = dict(run["dsa"].to_dict() if hasattr(run["dsa"], "to_dict") else run["dsa"] or {})
     unknown = sorted(set(dsa) - {"stage", "loss_weight"})

@@ -145,7 +145,8 @@ def test_bad_lora_configs():
     with pytest.raises(ConfigError, match="targets"):
         lora.from_config({"rank": 4, "targets": "q_proj"})
     with pytest.raises(ConfigError, match="dropout"):
-        lora.from_config({"rank": 4, "dropout": 0.1})
+        lora.from_config({"rank": 4, "dropout": 1.0})
+    assert lora.from_config({"rank": 4, "dropout": 0.1}).dropout == 0.1
     with pytest.raises(ConfigError, match="unknown"):
         lora.from_config({"rank": 4, "rnak": 2})
     assert lora.from_config({"rank": 0}) is None
@@ -279,3 +280,64 @@ def test_routed_expert_adapters_against_float64():
         gad = grads[name + lora.EXPERT_SUFFIX]
         np.testing.assert_allclose(gad["lora_a"][...], s * np.einsum("ekn,ern->ekr", g, B), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(gad["lora_b"][...], s * np.einsum("ekr,ekn->ern", A, g), rtol=1e-5, atol=1e-6)
+
+
+def test_adapter_dropout_against_float64():
+    """With a key, y = x W + (alpha / r) ((x * m / (1 - p)) A) B: the base path sees x whole, the adapters a dropped
+    and rescaled x (m the key's keep mask, about 1 - p of it); without a key (evaluation, serving) nothing drops."""
+    opts = lora.LoraOptions(rank=3, alpha=6.0, targets=lora.TARGETS, dropout=0.4)
+    e = _randomize_adapters(Einsum("BTD,DNH->BTNH", (6, 2, 5), ("embed", "heads", "qk_head_dim"), std=0.5,
+                                   dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0), lora=opts), 1)
+    x = np.random.default_rng(2).normal(size=(4, 50, 6))
+    W, A, B = (np.asarray(v[...], np.float64) for v in (e.kernel, e.lora_a, e.lora_b))
+    s, p = opts.alpha / opts.rank, opts.dropout
+    plain = np.einsum("btd,dnh->btnh", x, W) + s * np.einsum("btd,dr,rnh->btnh", x, A, B)
+    np.testing.assert_allclose(e(jnp.asarray(x, jnp.float32)), plain, rtol=1e-5, atol=1e-5)
+    lora.set_dropout_keys(e, jax.random.key(7))
+    m = np.asarray(lora.dropped(jnp.ones(x.shape), e.lora_key[...], p)) != 0
+    assert abs(m.mean() - (1 - p)) < 0.05
+    want = np.einsum("btd,dnh->btnh", x, W) + s * np.einsum("btd,dr,rnh->btnh", x * m / (1 - p), A, B)
+    np.testing.assert_allclose(e(jnp.asarray(x, jnp.float32)), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_keys_per_layer_and_step_in_the_train_step():
+    """Every adapted projection of a stacked model gets its own key per layer; the train step (two accumulated
+    micro-batches) computes the loss under fold_in(fold_in(key(seed), step), j) for micro-batch j, which differs
+    from the loss without dropout and from the next step's draw (the adapters are non-zero here)."""
+    import optax
+
+    from dsv3_jax.model import split_model
+    from dsv3_jax.objective import model_losses
+    from dsv3_jax.train.step import make_train_step
+
+    opts = lora.LoraOptions(rank=3, alpha=6.0, targets=("wq_a", "wo", "dense_ffn"), dropout=0.3)
+    cfg = dataclasses.replace(CFG, num_hidden_layers=3)  # 1 dense layer, 2 stacked MoE layers
+    model = _randomize_adapters(DeepSeekV3(cfg, rngs=nnx.Rngs(0), runtime=dataclasses.replace(runtime.resolve(),
+                                                                                               lora=opts)))
+    gd, params, biases = split_model(model)
+    probe = nnx.merge(gd, params, biases)
+    lora.set_dropout_keys(probe, jax.random.key(3))
+    keys = {"/".join(map(str, p)): m.lora_key[...] for p, m in nnx.iter_modules(probe) if hasattr(m, "lora_key")}
+    assert keys and all(("moe_layers" not in k) or v.shape == (2,) for k, v in keys.items())
+    data = [np.asarray(jax.random.key_data(v)).reshape(-1, jax.random.key_data(v).shape[-1]) for v in keys.values()]
+    rows = np.concatenate(data)
+    assert len({r.tobytes() for r in rows}) == len(rows)  # every layer of every projection: its own key
+
+    window = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (4, 13)))
+    tx = optax.sgd(0.0)
+    state = {"params": params, "biases": biases, "opt_state": tx.init(params), "step": jnp.int32(5),
+             "skipped": jnp.int32(0)}
+    step = make_train_step(gd, tx, lambda s: 0.0, grad_accum_steps=2, dropout_seed=11)
+    _, metrics = step(jax.tree.map(jnp.copy, state), window, jnp.float32(0.0), jnp.float32(0.0), jnp.float32(0.0))
+
+    def loss(key_step, w):
+        return [float(model_losses(gd, params, biases, w[j::2], dropout_key=None if key_step is None else
+                                   jax.random.fold_in(jax.random.fold_in(jax.random.key(11), key_step), j))[0]["loss"])
+                for j in range(2)]
+
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(loss(5, window)), rtol=1e-5)
+    assert abs(np.mean(loss(None, window)) - np.mean(loss(5, window))) > 1e-4
+    assert abs(np.mean(loss(6, window)) - np.mean(loss(5, window))) > 1e-4
+    with pytest.raises(ConfigError, match="stage"):
+        c = ml_collections.ConfigDict({"lora": {"rank": 2, "dropout": 0.1}, "mesh": {"stage": 2}, "model": {}})
+        runtime.from_config(c)

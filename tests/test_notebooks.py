@@ -25,7 +25,8 @@ from testenv import one_device_env  # noqa: E402
 NOTEBOOK_DIR = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 FIGURES = {"01_tour": "01_params.png", "02_mla_cache": "02_cache.png", "03_routing_balance": "03_balance.png",
-           "04_fp8_blocks": "04_fp8.png", "05_mtp_speculative": "05_mtp.png"}
+           "04_fp8_blocks": "04_fp8.png", "05_mtp_speculative": "05_mtp.png",
+           "06_chat_lora": "06_sft.png"}
 CELL_TIMEOUT_S = 600
 
 

@@ -399,7 +399,8 @@ def train(config, workdir: str, *, quiet: bool = False, interrupt_at: int | None
 
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     train_step = make_train_step(graphdef, tx, schedule, mesh, state_shardings,
-                                 grad_accum_steps=t.get("grad_accum_steps", 1), program=program)
+                                 grad_accum_steps=t.get("grad_accum_steps", 1), program=program,
+                                 dropout_seed=t.seed if rt.lora is not None and rt.lora.dropout else None)
     eval_step = make_eval_step(graphdef, mesh, program)
     batch_sharding = sharding.batch_sharding(mesh)
     alpha = jnp.float32(config.moe.seq_balance_alpha)

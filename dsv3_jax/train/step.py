@@ -53,7 +53,8 @@ def update_biases(biases, moe_stats, gamma):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, mesh=None,
-                    state_shardings=None, grad_accum_steps: int = 1, program: Plain | None = None) -> Callable:
+                    state_shardings=None, grad_accum_steps: int = 1, program: Plain | None = None,
+                    dropout_seed: int | None = None) -> Callable:
     """Returns step(state, window, lam, alpha, gamma) -> (state, metrics), jitted with the state donated.
 
     With a mesh, the step is traced and run under `jax.set_mesh(mesh)` (activation constraints and
@@ -67,40 +68,45 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
 
     `program` (`dsv3_jax.programs.program_for(rt, ...)`, default `Plain()`: `jax.value_and_grad` of the model) gives
     the loss and gradients of a window, on the state in its layout (the scheduled pipeline's slots).
+
+    `dropout_seed` (LoRA adapter dropout): micro-batch j of step s drops with the key
+    fold_in(fold_in(key(seed), s), j), so a resumed run draws what the uninterrupted one drew.
     """
     program = program or Plain()
 
-    def grads_and_terms(params, biases, window, lam, alpha):
+    def grads_and_terms(params, biases, window, lam, alpha, key):
         # packed documents: each micro-batch's terms are divided by the step's counts / k, so that their mean over the
         # k micro-batches is the step's mean over its counted predictions
         dens = (program.prediction_counts(window) / grad_accum_steps
                 if program.documents and grad_accum_steps > 1 else None)
 
-        def grad_fn(params, w):
-            return program.value_and_grad(graphdef, params, biases, w, lam, alpha, mesh=mesh, denominators=dens)
+        def grad_fn(params, w, j):
+            kw = {} if key is None else {"dropout_key": jax.random.fold_in(key, j)}
+            return program.value_and_grad(graphdef, params, biases, w, lam, alpha, mesh=mesh, denominators=dens, **kw)
 
         return _accumulate(grad_fn, params, window)
 
     def _accumulate(grad_fn, params, window):
         k = grad_accum_steps
         if k == 1:
-            return grad_fn(params, window)
+            return grad_fn(params, window, 0)
         B = window.shape[0]
         micro = window.reshape(B // k, k, -1).swapaxes(0, 1)  # [k, B/k, T+1]
         micro = constrain(micro, (None, "batch", None))
 
-        def body(acc, w):
-            out = grad_fn(params, w)
+        def body(acc, wj):
+            out = grad_fn(params, *wj)
             return jax.tree.map(jnp.add, acc, out), None
 
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, micro[0]))
-        (total, (terms, stats)), grads = jax.lax.scan(body, zero, micro)[0]
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(grad_fn, params, micro[0], 0))
+        (total, (terms, stats)), grads = jax.lax.scan(body, zero, (micro, jnp.arange(k)))[0]
         mean = lambda t: jax.tree.map(lambda x: x / k, t)  # noqa: E731
         stats = {key: s.per_microbatch(k) for key, s in stats.items()}  # counts and drops summed, means averaged
         return (total / k, (mean(terms) | {"dropped_tokens": terms["dropped_tokens"]}, stats)), mean(grads)
 
     def step(state: dict[str, Any], window, lam, alpha, gamma):
-        (total, (terms, stats)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha)
+        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+        (total, (terms, stats)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha, key)
         counts = layer_stats.stacked_counts(stats, 0)
         # (a frozen FP8 base's gradients are zeros in a dtype without arithmetic promotion: left out)
         grad_norm = optax.tree.norm([g for g in jax.tree.leaves(grads) if g.dtype != jnp.float8_e4m3fn])
