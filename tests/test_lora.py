@@ -302,7 +302,7 @@ def test_adapter_dropout_against_float64():
 
 def test_dropout_keys_per_layer_and_step_in_the_train_step():
     """Every adapted projection of a stacked model gets its own key per layer; the train step (two accumulated
-    micro-batches) computes the loss under fold_in(fold_in(key(seed), step), j) for micro-batch j, which differs
+    micro-batches) computes the loss under fold_in(lora.step_key(seed, step), j) for micro-batch j, which differs
     from the loss without dropout and from the next step's draw (the adapters are non-zero here)."""
     import optax
 
@@ -332,7 +332,7 @@ def test_dropout_keys_per_layer_and_step_in_the_train_step():
 
     def loss(key_step, w):
         return [float(model_losses(gd, params, biases, w[j::2], dropout_key=None if key_step is None else
-                                   jax.random.fold_in(jax.random.fold_in(jax.random.key(11), key_step), j))[0]["loss"])
+                                   jax.random.fold_in(lora.step_key(11, key_step), j))[0]["loss"])
                 for j in range(2)]
 
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(loss(5, window)), rtol=1e-5)

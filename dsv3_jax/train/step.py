@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsv3_jax import layer_stats
+from dsv3_jax import layer_stats, lora
 from dsv3_jax.objective import cross_entropy  # noqa: F401  (public here too: notebooks)
 from dsv3_jax.programs import Plain
 from dsv3_jax.sharding import constrain
@@ -70,7 +70,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     the loss and gradients of a window, on the state in its layout (the scheduled pipeline's slots).
 
     `dropout_seed` (LoRA adapter dropout): micro-batch j of step s drops with the key
-    fold_in(fold_in(key(seed), s), j), so a resumed run draws what the uninterrupted one drew.
+    fold_in(lora.step_key(seed, s), j), so a resumed run draws what the uninterrupted one drew.
     """
     program = program or Plain()
 
@@ -105,7 +105,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
         return (total / k, (mean(terms) | {"dropped_tokens": terms["dropped_tokens"]}, stats)), mean(grads)
 
     def step(state: dict[str, Any], window, lam, alpha, gamma):
-        key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state["step"])
+        key = None if dropout_seed is None else lora.step_key(dropout_seed, state["step"])
         (total, (terms, stats)), grads = grads_and_terms(state["params"], state["biases"], window, lam, alpha, key)
         counts = layer_stats.stacked_counts(stats, 0)
         # (a frozen FP8 base's gradients are zeros in a dtype without arithmetic promotion: left out)
