@@ -126,6 +126,24 @@ def fmt_flops(x: float) -> str:
     return f"{x / 1e6:.1f} MFLOP/s"
 
 
+class LoadWatch:
+    """The machine's state around a measurement: the 1-minute load average when made and when `line()` is called,
+    so a run on a busy machine shows in its own output (the run itself raises the 'after' figure towards the
+    threads it uses; a 'before' well above 0 means something else was running)."""
+
+    def __init__(self):
+        self.before = os.getloadavg()[0]
+        self.after = None
+
+    def line(self) -> str:
+        self.after = os.getloadavg()[0]
+        busy = "  [the machine was busy before the run: ratios are less reliable]" if self.before > 0.5 else ""
+        return f"load average (1 min): {self.before:.2f} before, {self.after:.2f} after, {cores()} cores{busy}"
+
+    def record(self) -> dict:
+        return {"load_before": self.before, "load_after": self.after, "cores": cores()}
+
+
 def versions(torch=None) -> str:
     import flax
     import transformers
@@ -138,7 +156,7 @@ def versions(torch=None) -> str:
 
 # ------------------------------------------------------------------ profiles
 
-def top_ops(trace_dir: str, n: int = 15) -> list[dict]:
+def top_ops(trace_dir: str, n: int | None = 15) -> list[dict]:
     """The ops that took the most time in a `jax.profiler.trace(trace_dir, create_perfetto_trace=True)`:
     [{name, ms, share}], summed over the trace, largest first. On an accelerator: the kernels on the device's
     streams (processes named /device:...); on CPU: the XLA ops run on XLA's threads."""
@@ -169,3 +187,46 @@ def top_ops(trace_dir: str, n: int = 15) -> list[dict]:
             total[e["name"]] += float(e.get("dur", 0.0))
     whole = sum(total.values()) or 1.0
     return [{"name": k, "ms": v / 1e3, "share": v / whole} for k, v in total.most_common(n)]
+
+
+# the model's named scopes (jax.named_scope in dsv3_jax), most specific first: a profiled op counts under the first
+# that its op_name (the HLO metadata: the scope path, "transpose(jvp(...))" in the backward) contains
+SCOPES = (("expert_gemms", "routed experts: GEMMs"), ("dispatch", "routed experts: dispatch"),
+          ("combine", "routed experts: combine"), ("routing", "router"), ("shared_experts", "shared expert"),
+          ("dense_ffn", "dense FFN"), ("attention", "attention"), ("mtp_", "MTP block"),
+          ("dense_layers", "dense layers (norms, residual)"), ("moe_layers", "MoE layers (norms, residual)"))
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its op_name metadata, from an optimized HLO module's text (`compiled.as_text()`)."""
+    import re
+
+    pat = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
+    return {m.group(1): m.group(2) for m in pat.finditer(hlo_text)}
+
+
+def scope_of(op_name: str) -> str:
+    """'<scope> (fwd|bwd)' of an op_name ('other' when no model scope: embedding, head, loss, optimizer)."""
+    half = "bwd" if "transpose(" in op_name else "fwd"
+    for key, label in SCOPES:
+        if key in op_name:
+            return f"{label} ({half})"
+    return "optimizer update" if op_name and "jvp(" not in op_name and "transpose(" not in op_name else \
+        f"embedding, head, loss ({half})"
+
+
+def scope_table(trace_dir: str, hlo_text: str) -> list[dict]:
+    """The traced time of every XLA op (`top_ops`, all of them) grouped by the model's named scopes: [{scope, ms,
+    share, ops}], largest first; ops whose name the module does not know count under 'unmapped'."""
+    import collections
+
+    names = hlo_op_names(hlo_text)
+    ops = top_ops(trace_dir, n=None)
+    total = collections.Counter()
+    count = collections.Counter()
+    for o in ops:
+        scope = scope_of(names[o["name"]]) if o["name"] in names else "unmapped"
+        total[scope] += o["ms"]
+        count[scope] += 1
+    whole = sum(total.values()) or 1.0
+    return [{"scope": k, "ms": v, "share": v / whole, "ops": count[k]} for k, v in total.most_common()]

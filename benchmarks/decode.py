@@ -221,6 +221,7 @@ def main():
               f"attn={ref.config._attn_implementation}, experts={getattr(ref.config, '_experts_implementation', None)}")
 
     rows, agree = [], {}
+    load = C.LoadWatch()
     for batch, prompts in ((1, ids[:4]), (16, ids[:16])):
         base, plain_out = None, None
         group = []
@@ -242,7 +243,7 @@ def main():
     for batch, mode, tps, rate, speedup, vs in rows:
         print(f"| {batch} | {mode} | {tps:.1f} | {'-' if rate is None else f'{rate:.2f}'} | {speedup:.2f}x | "
               f"{'-' if vs is None else f'{vs:.2f}x'} |")
-    print(f"(compilation, excluded above: {sum(e.compile_seconds for e in engines.values()):.1f}s)")
+    print(f"(compilation, excluded above: {sum(e.compile_seconds for e in engines.values()):.1f}s); {load.line()}")
     for batch, n in agree.items():
         full = sum(x == a.new_tokens for x in n)
         print(f"greedy agreement with transformers, batch {batch} ({dtype}): {full}/{len(n)} prompts agree on all "

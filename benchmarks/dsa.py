@@ -13,10 +13,11 @@ and few heads on accelerators), so the CPU ratio understates what the FLOP count
 """
 from __future__ import annotations
 
+import _common as C  # (puts the repository root on sys.path)
+
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import time
 
@@ -85,12 +86,11 @@ def main():
     ap.add_argument("--block", type=int, default=512)
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
-    load0 = os.getloadavg()
+    load = C.LoadWatch()
     rows = [measure(int(t), a.topk, a.block) for t in a.contexts.split(",")]
-    load1 = os.getloadavg()
     print(f"one MLA layer, small config (hidden {SMALL['hidden_size']}, {SMALL['num_attention_heads']} heads, "
           f"indexer {SMALL['index_n_heads']} x {SMALL['index_head_dim']}, index_topk {a.topk}), jax "
-          f"{jax.__version__} on {jax.devices()[0].platform}; load average {load0[0]:.2f} before, {load1[0]:.2f} after")
+          f"{jax.__version__} on {jax.devices()[0].platform}; {load.line()}")
     print(f"{'context':>8} {'dense prefill':>14} {'sparse prefill':>15} {'x':>6} {'dense decode':>13} "
           f"{'sparse decode':>14} {'x':>6}")
     for r in rows:
@@ -108,7 +108,7 @@ def main():
               f"{r['bytes_ratio']:>6.2f}")
     print(f"cache bytes per token and layer (BF16): dense {v32_rows[0]['cache_bytes_per_token_dense']}, sparse "
           f"{v32_rows[0]['cache_bytes_per_token_sparse']} (the indexer's key beside the latent)")
-    record = {"bench": "dsa", "cpu": rows, "v32": v32_rows, "load": [load0[0], load1[0]], "jax": jax.__version__}
+    record = {"bench": "dsa", "cpu": rows, "v32": v32_rows, "load": [load.before, load.after], "jax": jax.__version__}
     print(json.dumps(record))
     if a.json:
         with open(a.json, "a") as f:

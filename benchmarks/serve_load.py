@@ -348,6 +348,7 @@ def main(argv=None):
           f"{sum(w[2] for w in work)} output tokens; {arrivals}; {C.cores()} cores", flush=True)
     rows = []
     tf = None
+    load = C.LoadWatch()
     for s in systems:
         t = time.perf_counter()
         if s == "engine":
@@ -366,6 +367,9 @@ def main(argv=None):
             rows.append(run_transformers(tf, work, args.concurrency if s == "transformers_batched" else 1, s))
         print(f"  {s}: {rows[-1]['output_tokens_per_sec']:.1f} output tokens/s ({time.perf_counter() - t:.0f}s)",
               flush=True)
+    print(load.line())
+    for r in rows:
+        r.update(load.record())
     fmt = "{:<22}{:>12}{:>10}{:>11}{:>11}{:>11}{:>11}{:>11}{:>11}{:>9}"
     print(fmt.format("system", "out tok/s", "req/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "ITL p50",
                      "ITL p99", "vs eng"))

@@ -48,6 +48,7 @@ from __future__ import annotations
 import _common as C
 
 import argparse
+import os
 import time
 
 import jax  # noqa: E402
@@ -79,6 +80,8 @@ def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, st
         if i >= warmup:
             times.append(time.perf_counter() - t)
     if profile:
+        args = (state, w, jnp.float32(lam(0)), alpha, jnp.float32(gamma(0)))
+        HLO[:] = [train_step.lower(*args).compile().as_text()]  # (op names -> named scopes, `C.scope_table`)
         with jax.profiler.trace(profile, create_perfetto_trace=True):
             for i in range(3):
                 state, metrics = train_step(state, w, jnp.float32(lam(i)), alpha, jnp.float32(gamma(i)))
@@ -89,9 +92,10 @@ def jax_step_times(config, cfg: ModelConfig, window: np.ndarray, warmup: int, st
 
 
 def torch_step_times(torch, device, cfg: ModelConfig, window: np.ndarray, warmup: int, steps: int, mode: str,
-                     experts: str | None, seed: int):
+                     experts: str | None, seed: int, profile: str = ""):
     """Per-step seconds of transformers' DeepseekV3ForCausalLM: forward with labels, backward, clip, AdamW.
-    mode: 'float32', 'autocast' (bf16 autocast, f32 weights) or 'weights' (bf16 weights)."""
+    mode: 'float32', 'autocast' (bf16 autocast, f32 weights) or 'weights' (bf16 weights). `profile`: a directory
+    where 3 more steps are traced with torch.profiler (a Chrome trace; `torch_top_ops` reads the ops)."""
     import transformers
 
     kw = {} if not experts else {"experts_implementation": experts}
@@ -107,9 +111,8 @@ def torch_step_times(torch, device, cfg: ModelConfig, window: np.ndarray, warmup
     autocast = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if mode == "autocast"
                 else _null())
     times, first = [], None
-    t0 = time.perf_counter()
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def one_step(model, opt):
         with autocast:
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
@@ -117,13 +120,38 @@ def torch_step_times(torch, device, cfg: ModelConfig, window: np.ndarray, warmup
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+        return loss
+
+    t0 = time.perf_counter()
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        loss = one_step(model, opt)
         if i == 0:
             first = time.perf_counter() - t0
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(3):
+                loss = one_step(model, opt)
+        os.makedirs(profile, exist_ok=True)
+        prof.export_chrome_trace(os.path.join(profile, "torch_trace.json"))
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        evs = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+        whole = sum(getattr(e, key) for e in evs) or 1.0
+        TORCH_OPS[:] = [{"name": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / whole}
+                        for e in evs[:15]]
     out = float(loss.detach().float().cpu())
     del model, opt
     return times, first, out, impl
+
+
+HLO: list[str] = []  # the profiled dsv3_jax step's optimized HLO text
+TORCH_OPS: list[dict] = []  # the profiled transformers row's top ops (self time), filled by torch_step_times
 
 
 class _null:
@@ -154,7 +182,8 @@ def main():
     p.add_argument("--skip", default="", help="comma-separated rows to skip: mtp, nomtp, torch")
     p.add_argument("--fp8", action="store_true", help="also the step with model.fp8=True (the FP8 recipe), MTP as "
                                                        "configured: the BF16 / FP8 ratio")
-    p.add_argument("--profile", default="", help="trace 3 steps of the first dsv3_jax row into this directory and "
+    p.add_argument("--profile", default="", help="trace 3 steps of the first dsv3_jax row (jax.profiler) and of the "
+                                                 "first transformers row (torch.profiler) into this directory and "
                                                  "print the top ops by time")
     p.add_argument("--json", default="", help="also write the rows (and the profile's top ops) to this file")
     a = p.parse_args()
@@ -195,6 +224,7 @@ def main():
           f"(+{sum(counts['mtp']):,} params/token)")
 
     rows = []  # (name, seconds/step, flops/token, first-step seconds, final loss, note)
+    load = C.LoadWatch()
     profile = a.profile
     if cfg.num_nextn_predict_layers and "mtp" not in skip:
         t, first, loss = jax_step_times(config, cfg, window, a.warmup, a.steps, profile)
@@ -218,7 +248,8 @@ def main():
             for experts in (a.hf_experts.split(",") if a.hf_experts else [None]):
                 for mode in modes:
                     t, first, loss, (attn, exp) = torch_step_times(torch, device, cfg0, window, a.warmup, a.steps,
-                                                                   mode, experts, config.train.seed)
+                                                                   mode, experts, config.train.seed,
+                                                                   a.profile if not TORCH_OPS else "")
                     label = "transformers" + ("" if mode == "float32" else f" (bf16 {mode})")
                     if a.hf_experts:
                         label += f" [{exp}]"
@@ -237,12 +268,13 @@ def main():
         print(f"| {name} | {tokens / s:,.0f} | {s * 1e3:.1f} | {ratio} | {C.fmt_flops(f * tokens / s)} | "
               f"{f * tokens / s / peak:.1%} |")
     print()
+    print(load.line())
     print("vs transformers: the fastest transformers row's ms/step over this row's (tokens/s ratio). The MTP row "
           "does more work per token (its FLOPs/token include the MTP module); compare the 'MTP off' row for the "
           "same network.")
     for name, _, _, first, loss, note in rows:
         print(f"  {name}: first step {first:.1f}s (jax: includes compilation), loss after the run {loss:.3f}, {note}")
-    ops = []
+    ops, scopes = [], []
     if a.profile:
         ops = C.top_ops(a.profile)
         print(f"\ntop ops by time over 3 traced steps of the first dsv3_jax row ({a.profile}):")
@@ -250,6 +282,19 @@ def main():
         print("|---|---|---|")
         for o in ops:
             print(f"| {o['name'][:90]} | {o['ms']:.2f} | {o['share']:.1%} |")
+        scopes = C.scope_table(a.profile, HLO[0])
+        print("\nthe same trace by the model's named scopes (each op under its op_name's scope; bwd: the backward):")
+        print("| scope | ms | share | ops |")
+        print("|---|---|---|---|")
+        for o in scopes:
+            print(f"| {o['scope']} | {o['ms']:.2f} | {o['share']:.1%} | {o['ops']} |")
+        if TORCH_OPS:
+            print(f"\ntop ops by self time over 3 profiled steps of the first transformers row (torch.profiler; "
+                  f"{a.profile}/torch_trace.json):")
+            print("| op | ms | share |")
+            print("|---|---|---|")
+            for o in TORCH_OPS:
+                print(f"| {o['name'][:90]} | {o['ms']:.2f} | {o['share']:.1%} |")
     if a.json:
         import json
 
@@ -259,7 +304,7 @@ def main():
                          "model_flops_per_sec": f * tokens / s, "mfu": f * tokens / s / peak,
                          "vs_transformers": (ref / s) if ref else None, "first_step_s": first, "loss": loss,
                          "note": note} for name, s, f, first, loss, note in rows],
-               "top_ops": ops}
+               "top_ops": ops, "scopes": scopes, "torch_top_ops": TORCH_OPS} | load.record()
         with open(a.json, "w") as fh:
             json.dump(out, fh, indent=1)
 
