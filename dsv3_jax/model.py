@@ -154,7 +154,7 @@ def scan_prefill(stack: Block, x, cos, sin):
         h, c_kv, k_pe = nnx.merge(graphdef, layer_state).prefill(h, cos, sin)
         return h, (c_kv, k_pe)
 
-    x, (c_kv, k_pe) = jax.lax.scan(body, x, state)
+    x, (c_kv, k_pe) = jax.lax.scan(body, x, state, unroll=stack.attn.runtime.unroll_layers)
     return x, c_kv, k_pe
 
 
@@ -169,7 +169,8 @@ def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions):
         h, cache = nnx.merge(graphdef, layer_state).decode(h, cos, sin, cache, positions, layer=i)
         return (h, cache), None
 
-    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cache.c_kv.shape[0])))
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (state, jnp.arange(cache.c_kv.shape[0])),
+                                 unroll=stack.attn.runtime.unroll_layers)
     return x, cache
 
 

@@ -207,6 +207,7 @@ class Runtime:
     capacity_factor: float = 0.0
     emulate_ragged_all_to_all: bool = False
     remat: bool = False
+    unroll_layers: bool = False  # the layer stacks' lax.scan unrolled (CPU; accelerators keep the loop, `resolve`)
     microbatches: int = 1
     pipeline_schedule: str = "gpipe"
     pipeline_chunks: int = 1
@@ -338,7 +339,7 @@ class Runtime:
             experts = self.expert_impl + (f" (blocks of {self.block_size})" if self.expert_impl == "blocks" else "")
         chunks = f" x {self.pipeline_chunks} chunks" if self.pipeline_chunks > 1 else ""
         stack = (f"pipeline {self.pipeline_schedule} {self.stages} stages{chunks} x {self.microbatches} micro-batches"
-                 if self.stages > 1 else "scan")
+                 if self.stages > 1 else ("scan unrolled" if self.unroll_layers else "scan"))
         fp8 = "off"
         if self.fp8:
             o = self.fp8_options
@@ -411,7 +412,8 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
                    expert_dispatch=expert_dispatch, capacity_factor=float(expert_capacity_factor),
                    emulate_ragged_all_to_all=(p == "cpu") if emulate_ragged_all_to_all is None
                    else emulate_ragged_all_to_all,
-                   remat=bool(remat), microbatches=int(microbatches) or default_microbatches(stages),
+                   remat=bool(remat), unroll_layers=p == "cpu",
+                   microbatches=int(microbatches) or default_microbatches(stages),
                    pipeline_schedule=pipeline_schedule, pipeline_chunks=int(pipeline_chunks),
                    pipeline_stage_layers=str(pipeline_stage_layers or ""), fp8=bool(fp8),
                    fp8_options=resolve_fp8(fp8_options),

@@ -15,10 +15,12 @@ from flax import nnx
 from dsv3_jax.sharding import constrain
 
 
-def scan_blocks(stack, x, cos, sin, *, remat: bool, segment_ids=None):
+def scan_blocks(stack, x, cos, sin, *, remat: bool, segment_ids=None, unroll: bool = False):
     """Apply a stacked Block layer by layer; returns x and the layers' LayerStats stacked [L, ...]. Each
     block's output is constrained to the batch sharding (the block boundary). `segment_ids` [B, T]: packed
-    documents (`data/packing.py`)."""
+    documents (`data/packing.py`). `unroll` (`Runtime.unroll_layers`, on CPU): the scan unrolled, so the step
+    has no while loop, no per-layer slices of the stacked weights and no zero-filled stacked residual buffers
+    (8% of the tiny config's CPU train step, `benchmarks/train_throughput.py --profile`); the same ops otherwise."""
     graphdef, state = nnx.split(stack)
 
     def body(h, layer_state):
@@ -27,14 +29,16 @@ def scan_blocks(stack, x, cos, sin, *, remat: bool, segment_ids=None):
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    return jax.lax.scan(body, x, state)
+    return jax.lax.scan(body, x, state, unroll=unroll)
 
 
 @dataclasses.dataclass(frozen=True)
 class ScanStack:
-    """Stack strategy: every layer on every device, one `lax.scan` (rematerialised per layer if asked)."""
+    """Stack strategy: every layer on every device, one `lax.scan` (rematerialised per layer if asked; unrolled
+    on CPU)."""
 
     remat: bool = False
+    unroll: bool = False
 
     def __call__(self, stack, x, cos, sin, segment_ids=None):
-        return scan_blocks(stack, x, cos, sin, remat=self.remat, segment_ids=segment_ids)
+        return scan_blocks(stack, x, cos, sin, remat=self.remat, segment_ids=segment_ids, unroll=self.unroll)

@@ -28,4 +28,4 @@ def experts(rt: Runtime):
 
 
 def stack(rt: Runtime):
-    return ScanStack(remat=rt.remat)
+    return ScanStack(remat=rt.remat, unroll=rt.unroll_layers)

@@ -122,12 +122,16 @@ def test_strategies_follow_the_runtime():
     mesh = sharding.make_mesh(dict(expert=4, stage=2))
     rt = runtime.resolve(mesh=mesh, moe_block_size=8)
     assert isinstance(strategies.experts(rt), ExpertParallel) and strategies.experts(rt).block == 8
-    assert strategies.stack(rt) == ScanStack(remat=False)  # a pipeline is a train program, not a stack strategy
+    # a pipeline is a train program, not a stack strategy; on CPU the scan is unrolled, on accelerators a loop
+    assert strategies.stack(rt) == ScanStack(remat=False, unroll=True)
     piped = program_for(rt, ModelConfig(**MODEL), 16)
     assert isinstance(piped, Pipelined) and (piped.program.table.name, piped.program.table.M) == ("gpipe", 4)
     local = runtime.resolve(moe_impl="dense")
     assert strategies.experts(local) == LocalExperts("dense", 64, None)
-    assert strategies.stack(local) == ScanStack(remat=False)
+    assert strategies.stack(local) == ScanStack(remat=False, unroll=True)
+    chip = type("Chip", (), {"platform": "tpu", "device_kind": "TPU v5p"})()
+    with runtime.compiling_for([chip]):  # (as dsv3_jax.aot resolves for a pod: the layer loop kept)
+        assert strategies.stack(runtime.resolve()) == ScanStack(remat=False, unroll=False)
     assert type(program_for(local, ModelConfig(**MODEL), 16)) is Plain
 
 
