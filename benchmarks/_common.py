@@ -72,6 +72,21 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
+def timed(fn, *args, reps: int = 3, long_s: float | None = None) -> float:
+    """Median seconds of `reps` calls of fn(*args) after one untimed call (compilation), each waited for with
+    block_until_ready; with `long_s`, a first call longer than that is followed by one timed call only."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    if long_s is not None and time.perf_counter() - t0 > long_s:
+        reps = 1
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def hf_config(cfg: ModelConfig, **kwargs):
     """transformers.DeepseekV3Config from our ModelConfig, through the config.json converter of
     dsv3_jax.interop.hf (so the benchmark builds exactly the model `hf.save` would write).

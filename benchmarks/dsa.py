@@ -18,8 +18,6 @@ import _common as C  # (puts the repository root on sys.path)
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -38,19 +36,6 @@ SMALL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_
              dtype="float32", max_position_embeddings=1 << 17)
 
 
-def timed(fn, *args, reps: int = 3) -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))  # compile
-    if time.perf_counter() - t0 > 20:  # long calls (64K prefill on CPU): one timed run
-        reps = 1
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def layer(cfg: ModelConfig, block: int):
     rt = dataclasses.replace(runtime.resolve(attention="blockwise"), attention_block=block)
     return MLA(cfg, rngs=nnx.Rngs(0), runtime=rt)
@@ -66,14 +51,14 @@ def measure(T: int, topk: int, block: int) -> dict:
         pos = jnp.arange(T)[None]
         cos, sin = rope_tables(cfg, pos)
         prefill = jax.jit(lambda st, x, cos, sin, gd=gd: nnx.merge(gd, st).prefill(x, cos, sin))
-        out[f"{name}_prefill_s"] = timed(prefill, st, x, cos, sin)
+        out[f"{name}_prefill_s"] = C.timed(prefill, st, x, cos, sin, long_s=20)  # (64K prefill on CPU: one run)
         _, c_kv, k_pe = prefill(st, x, cos, sin)
         cache = LatentCache.zeros(cfg, 1, T, jnp.float32).fill(c_kv, k_pe)
         q = x[:, -1:]
         qpos = jnp.full((1, 1), T - 1)
         qcos, qsin = rope_tables(cfg, qpos)
         decode = jax.jit(lambda st, q, c, s, cache, p, gd=gd: nnx.merge(gd, st).decode(q, c, s, cache, p)[0])
-        out[f"{name}_decode_ms"] = 1e3 * timed(decode, st, q, qcos, qsin, cache, qpos)
+        out[f"{name}_decode_ms"] = 1e3 * C.timed(decode, st, q, qcos, qsin, cache, qpos, long_s=20)
     out["prefill_speedup"] = out["dense_prefill_s"] / out["sparse_prefill_s"]
     out["decode_speedup"] = out["dense_decode_ms"] / out["sparse_decode_ms"]
     return out

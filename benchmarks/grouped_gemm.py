@@ -24,7 +24,6 @@ import _common as C
 
 import argparse
 import json
-import time
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -43,17 +42,6 @@ def group_sizes(R: int, E: int, dist: str) -> np.ndarray:
     sizes = np.floor(w / w.sum() * R).astype(np.int32)
     sizes[0] += R - sizes.sum()
     return sizes
-
-
-def timed(fn, args, iters: int) -> float:
-    """Median seconds of fn(*args) (jitted, one warm-up call first)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return C.median(times)
 
 
 def reference_error(x, w, sizes, got) -> float:
@@ -99,7 +87,7 @@ def bench(R: int, K: int, N: int, E: int, dist: str, dtype, iters: int, impl: st
     for name, mult, g_fn, d_fn in (("fwd", 1, jax.jit(grouped), jax.jit(dense)),
                                    ("fwd+bwd", 3, fwd_bwd(grouped), fwd_bwd(dense))):
         g_args, d_args = ((x, w), (x, w0)) if name == "fwd" else ((x, w, ct), (x, w0, ct))
-        tg, td = timed(g_fn, g_args, iters), timed(d_fn, d_args, iters)
+        tg, td = C.timed(g_fn, *g_args, reps=iters), C.timed(d_fn, *d_args, reps=iters)
         rows.append({"impl": impl, "R": R, "K": K, "N": N, "E": E, "load": dist, "pass": name, "grouped_ms": tg * 1e3,
                      "dense_ms": td * 1e3, "grouped_tflops": mult * flops / tg / 1e12,
                      "dense_tflops": mult * flops / td / 1e12, "ratio": td / tg, "max_rel_err": err})

@@ -15,11 +15,11 @@ says that they mean nothing for speed.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import _common as C  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -27,16 +27,6 @@ import numpy as np  # noqa: E402
 
 from dsv3_jax import runtime  # noqa: E402
 from dsv3_jax.infer.paged_attention import paged_attention  # noqa: E402
-
-
-def _time(f, *args, iters):
-    jax.block_until_ready(f(*args))
-    out = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
 
 
 def case(B, context, *, N, R, dr, G, layers, dtype, iters, seed=0):
@@ -55,7 +45,7 @@ def case(B, context, *, N, R, dr, G, layers, dtype, iters, seed=0):
     args = (q_abs, q_pe, c, pe, table, positions, layer)
     ref = fns["jnp"](*args)
     err = float(jnp.max(jnp.abs(fns["pallas"](*args) - ref)) / jnp.max(jnp.abs(ref)))
-    t = {impl: _time(f, *args, iters=iters) for impl, f in fns.items()}
+    t = {impl: C.timed(f, *args, reps=iters) for impl, f in fns.items()}
     read = int(jnp.sum(positions + 1)) * (R + dr) * jnp.dtype(dtype).itemsize
     return {"batch": B, "context": context, "jnp_ms": t["jnp"] * 1e3, "pallas_ms": t["pallas"] * 1e3,
             "speedup": t["jnp"] / t["pallas"], "cache_mb_read": read / 1e6,
