@@ -7,7 +7,9 @@ Input: tokens x [N, D] with their routing (expert ids idx [N, K] int32, combine 
 and the expert weights w_gate / w_up [E, D, F], w_down [E, F, D]. Output y [N, D] float32:
     y[n] = sum_k w[n, k] * SwiGLU_{idx[n, k]}(x[n]),   SwiGLU_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e
 All are dropless and tested against each other (tests/test_moe.py):
-  * 'dense'  - every expert on every token, combined with a one-hot weight matrix. The reference.
+  * 'dense'  - every expert on every token, combined with a one-hot weight matrix. The reference. With fewer
+               token-expert rows than experts (decoding a small batch) the chosen experts' weights are gathered
+               per row instead (`experts_gathered`).
   * 'ragged' - rows sorted by expert, `jax.lax.ragged_dot` grouped GEMMs. For GPU/TPU.
   * 'mgpu'   - the same rows through the Mosaic GPU grouped GEMM (Hopper; `grouped_gemm_mgpu.py`).
   * 'blocks' - rows sorted by expert into per-expert padded blocks of `b` rows (at most
@@ -60,6 +62,17 @@ def experts_dense(x, idx, w, w_gate, w_up, w_down, fp8_weights: Fp8Weights | Non
     with jax.named_scope("combine"):
         combine = jnp.einsum("NK,NKE->NE", w, jax.nn.one_hot(idx, E, dtype=w.dtype))
         return jnp.einsum("NE,NED->ND", combine, y.astype(jnp.float32))
+
+
+def experts_gathered(x, idx, w, w_gate, w_up, w_down):
+    """Each token through its K chosen experts only, their weights gathered per row ([N, K, D, F]): the layout for a
+    few tokens (decoding a small batch), where `experts_dense` would multiply every one of the E experts.
+    x [N, D] -> [N, D] (f32); exact, like the others."""
+    with jax.named_scope("expert_gemms"):
+        h = jax.nn.silu(jnp.einsum("ND,NKDF->NKF", x, w_gate[idx])) * jnp.einsum("ND,NKDF->NKF", x, w_up[idx])
+        y = jnp.einsum("NKF,NKFD->NKD", h, w_down[idx])
+    with jax.named_scope("combine"):
+        return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
 
 
 def experts_ragged(x, idx, w, w_gate, w_up, w_down, gemm=jax.lax.ragged_dot):
@@ -166,6 +179,12 @@ def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options 
         return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
 
 
+def gathers(x, idx, w_gate) -> bool:
+    """'dense' on fewer token-expert rows than experts (N K < E: decoding a few rows) gathers the chosen experts'
+    weights instead (`experts_gathered`: N K expert matrices read, not E); float weights only."""
+    return not isinstance(w_gate, resident.QWeight) and idx.shape[0] * idx.shape[1] < _num_experts(w_gate)
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalExperts:
     """Expert strategy: every routed expert on this device, in layout `impl`. Dropless."""
@@ -177,7 +196,9 @@ class LocalExperts:
 
     def __call__(self, x, idx, w, w_gate, w_up, w_down):
         """x [N, D], idx/w [N, K], weights -> (y [N, D] float32, dropped rows (always 0))."""
-        if self.impl == "dense":
+        if self.impl == "dense" and gathers(x, idx, w_gate):
+            y = experts_gathered(x, idx, w, w_gate, w_up, w_down)
+        elif self.impl == "dense":
             y = experts_dense(x, idx, w, w_gate, w_up, w_down, self.fp8_weights)
         elif self.impl == "ragged":
             y = experts_ragged(x, idx, w, w_gate, w_up, w_down)

@@ -1,5 +1,5 @@
 """DeepSeekMoE: the router against a numpy port of REFERENCE section 3 and constructed hand cases; the
-three expert layouts (dense one-hot, ragged_dot, padded blocks) against a numpy one-hot reference
+expert layouts (dense one-hot, gathered, ragged_dot, padded blocks) against a numpy one-hot reference
 and against each other in gradients; the block layout's invariants; the MoE module (routed + shared)
 against numpy; expert counts; the balance loss; the router bias staying out of the optimizer."""
 
@@ -10,7 +10,15 @@ import optax
 import pytest
 from flax import nnx
 
-from dsv3_jax.experts import block_layout, experts_blocks, experts_dense, experts_ragged
+from dsv3_jax.experts import (
+    LocalExperts,
+    block_layout,
+    experts_blocks,
+    experts_dense,
+    experts_gathered,
+    experts_ragged,
+    gathers,
+)
 from dsv3_jax.moe import MoE, RouterBias, balance_loss, route
 
 from reference import build, tiny_config, tiny_runtime, to_numpy
@@ -113,6 +121,7 @@ def _expert_inputs(N=24, D=8, F=6, E=8, K=3, skewed=False, seed=0):
 
 IMPLS = {
     "dense": experts_dense,
+    "gathered": experts_gathered,
     "ragged": experts_ragged,
     "block1": lambda *a: experts_blocks(*a, block=1),
     "block3": lambda *a: experts_blocks(*a, block=3),
@@ -146,11 +155,22 @@ def test_expert_layout_gradients_agree(skewed):
     per_k = np.stack([np.einsum("nd,nd->n", ct, np.stack([ref.swiglu(x[n], wg[e], wu[e], wd[e])
                                                           for n, e in enumerate(idx[:, k])])) for k in range(3)], 1)
     np.testing.assert_allclose(np.asarray(base[1]), per_k, rtol=1e-5, atol=1e-5)
-    for name in ("ragged", "block1", "block4", "block_big"):
+    for name in ("gathered", "ragged", "block1", "block4", "block_big"):
         g = grads(IMPLS[name])
         for a, b, what in zip(g, base, ("x", "w", "w_gate", "w_up", "w_down")):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                        atol=1e-5 * np.abs(np.asarray(b)).max(), err_msg=f"{name}: d/d{what}")
+
+
+def test_dense_gathers_the_chosen_experts_for_a_few_rows():
+    """'dense' on fewer token-expert rows than experts (2 tokens x 3 of 8) runs the gathered layout, on more the
+    one-hot one; both against numpy."""
+    x, idx, w, wg, wu, wd = _expert_inputs()
+    assert gathers(x[:2], idx[:2], wg) and not gathers(x, idx, wg)
+    for n in (2, 24):
+        got = jax.jit(LocalExperts("dense"))(x[:n], idx[:n], w[:n], wg, wu, wd)[0]
+        want = ref.experts_onehot(x[:n], idx[:n], w[:n], wg, wu, wd)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def _check_layout(idx, E, b):
