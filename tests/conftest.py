@@ -40,11 +40,55 @@ def pytest_unconfigure(config):
         shutil.rmtree(_OWNER, ignore_errors=True)
 
 
-# File order: `--dist loadfile` hands whole files to the workers; pytest-xdist (3.x) queues them by their number of
-# tests, most first (so a file of few long tests, like test_pipeline_training.py, runs last). Forcing the slowest
-# files to the front instead (collection order under --no-loadscope-reorder) was not faster on 2 cores (18 min
-# 35 s at 2c861f3, against 14 min 36 s for xdist's own order at 18480ce earlier the same evening; the machine's
-# speed varied that evening, so the comparison is weak), so the order is left to xdist.
+# Work order under `--dist loadfile`: pytest-xdist (3.x) hands whole files to the workers and queues them by their
+# number of tests, most first, so a file of a few long tests (test_pipeline_training.py: 3 tests, ~4 min) ran last,
+# alone on one worker while the other idled (the last 3% of the tests took 5 of 26 minutes at 715ee60). Instead the
+# queue is longest first, by each file's seconds (SECONDS, measured with `--durations=0` on 2 busy cores; files not
+# listed count 1.5 s per test), and the notebooks are one unit each (their tests share no fixture), so that the
+# short files fill the end of the run on both workers.
+SECONDS = {  # per file, or per test where the file's tests are separate units (ONE_UNIT_PER_TEST); at 715ee60
+    "tests/test_notebooks.py::test_notebook_runs[06_chat_lora]": 129,
+    "tests/test_notebooks.py::test_notebook_runs[05_mtp_speculative]": 93,
+    "tests/test_notebooks.py::test_notebook_runs[03_routing_balance]": 70,
+    "tests/test_notebooks.py::test_notebook_runs[02_mla_cache]": 25,
+    "tests/test_notebooks.py::test_notebook_runs[01_tour]": 23,
+    "tests/test_notebooks.py::test_notebook_runs[04_fp8_blocks]": 16,
+    "tests/test_pipeline_schedules.py": 290, "tests/test_bad_inputs.py": 257, "tests/test_engine.py": 250,
+    "tests/test_pipeline_training.py": 232, "tests/test_parallel.py": 165, "tests/test_lora.py": 137,
+    "tests/test_serve.py": 132, "tests/test_train.py": 129, "tests/test_dsa_training.py": 117,
+    "tests/test_fp8_resident.py": 112, "tests/test_distributed.py": 108, "tests/test_packing.py": 89,
+    "tests/test_dsa.py": 77, "tests/test_fp8.py": 65, "tests/test_structured.py": 61, "tests/test_prepare.py": 56,
+    "tests/test_interop.py": 43, "tests/test_infer.py": 32, "tests/test_chat_data.py": 29,
+    "tests/test_paged_attention.py": 27, "tests/test_moe.py": 24, "tests/test_memory_plan.py": 21,
+}
+ONE_UNIT_PER_TEST = ("tests/test_notebooks.py",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            file = nodeid.split("::", 1)[0]
+            return nodeid if file in ONE_UNIT_PER_TEST else super()._split_scope(nodeid)
+
+        def schedule(self):
+            collections = list(self.registered_collections.values())
+            if self.collection is None and all(c == collections[0] for c in collections):  # (else xdist reports)
+                ids = collections[0]
+                tests = {}
+                for nodeid in ids:
+                    tests.setdefault(self._split_scope(nodeid), []).append(nodeid)
+                cost = {s: SECONDS.get(s, 1.5 * len(t)) for s, t in tests.items()}
+                order = [n for s in sorted(tests, key=lambda s: -cost[s]) for n in tests[s]]
+                for node in self.registered_collections:
+                    self.registered_collections[node] = order
+                self.config.option.loadscopereorder = False  # (keep this order)
+            super().schedule()
+
+    return LongestFirst(config, log)
 
 
 # Memory maps: every compiled XLA CPU program holds mmaps of its code, and jit's caches keep every program a test
