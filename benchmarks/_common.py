@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import statistics
 import sys
 import time
@@ -171,10 +172,13 @@ def versions(torch=None) -> str:
 
 # ------------------------------------------------------------------ profiles
 
-def top_ops(trace_dir: str, n: int | None = 15) -> list[dict]:
-    """The ops that took the most time in a `jax.profiler.trace(trace_dir, create_perfetto_trace=True)`:
-    [{name, ms, share}], summed over the trace, largest first. On an accelerator: the kernels on the device's
-    streams (processes named /device:...); on CPU: the XLA ops run on XLA's threads."""
+CONTROL_FLOW = re.compile(r"(while|conditional|call|closed_call)(\.\d+)?$")
+
+
+def traced_ops(trace_dir: str) -> dict[tuple[str, str], float]:
+    """(HLO module, op) -> milliseconds, summed over a `jax.profiler.trace(trace_dir, create_perfetto_trace=True)`.
+    On an accelerator: the kernels on the device's streams (processes named /device:...); on CPU: the XLA ops run
+    on XLA's threads (each event names its module: 'jit_decode_step', ...)."""
     import collections
     import glob
     import gzip
@@ -194,14 +198,86 @@ def top_ops(trace_dir: str, n: int | None = 15) -> list[dict]:
     def counted(e):
         if device:
             return e["pid"] in device
-        return threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA") and "::" not in e["name"]
+        return (threads.get((e["pid"], e["tid"]), "").startswith("tf_XLA") and "::" not in e["name"]
+                and not e["name"].startswith("end: ")  # (the thunk executor's end markers, ~2 us each)
+                and not CONTROL_FLOW.match(e["name"]))  # (a loop or branch: its body's ops are counted)
 
     total = collections.Counter()
     for e in events:
         if e.get("ph") == "X" and counted(e):
-            total[e["name"]] += float(e.get("dur", 0.0))
+            total[(e.get("args", {}).get("hlo_module", ""), e["name"])] += float(e.get("dur", 0.0)) / 1e3
+    return dict(total)
+
+
+def top_ops(trace_dir: str, n: int | None = 15, by_module: bool = False) -> list[dict]:
+    """The ops that took the most time in a trace (`traced_ops`): [{name, ms, share}], summed over the trace,
+    largest first; with by_module, each name is 'module/op' (several programs in one trace)."""
+    import collections
+
+    total = collections.Counter()
+    for (module, op), ms in traced_ops(trace_dir).items():
+        total[f"{module}/{op}" if by_module and module else op] += ms
     whole = sum(total.values()) or 1.0
-    return [{"name": k, "ms": v / 1e3, "share": v / whole} for k, v in total.most_common(n)]
+    return [{"name": k, "ms": v, "share": v / whole} for k, v in total.most_common(n)]
+
+
+class CompiledTexts:
+    """While active, records the abstract arguments of the named `jax.jit` functions of `module` (patched by
+    attribute, so callers that look them up there, like the engine's `steps.decode_step`, are seen); then
+    `texts()` gives their optimized HLO text by the module name a trace shows ('jit_<name>'), compiled again for
+    every distinct set of shapes and static arguments they were called with (several programs of one function
+    share its module name in a trace: their texts are joined, and an op name two of them use maps to the later
+    one's scope)."""
+
+    def __init__(self, module, *names: str):
+        self.module, self.names, self.calls = module, names, {}
+
+    def __enter__(self):
+        self.saved = {n: getattr(self.module, n) for n in self.names}
+        for n, fn in self.saved.items():
+            def spy(*args, _fn=fn, _name=n, **kw):
+                abstract = lambda x: (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+                                      if isinstance(x, jax.Array) else x)
+                call = (jax.tree.map(abstract, args), jax.tree.map(abstract, kw))  # (before donation)
+                self.calls.setdefault(_name, {}).setdefault(repr(call), call)
+                return _fn(*args, **kw)
+            setattr(self.module, n, spy)
+        return self
+
+    def __exit__(self, *exc):
+        for n, fn in self.saved.items():
+            setattr(self.module, n, fn)
+        return False
+
+    def texts(self) -> dict[str, str]:
+        return {f"jit_{n}": "\n".join(self.saved[n].lower(*args, **kw).compile().as_text()
+                                      for args, kw in calls.values())
+                for n, calls in self.calls.items()}
+
+
+def torch_profiled(torch, device, fn, path: str, n: int = 15) -> tuple:
+    """Runs `fn()` under torch.profiler and writes the Chrome trace to `path`: -> (what fn returned, the top `n`
+    ops by self time [{name, ms, share}])."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        out = fn()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    prof.export_chrome_trace(path)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    evs = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    whole = sum(getattr(e, key) for e in evs) or 1.0
+    return out, [{"name": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / whole} for e in evs[:n]]
+
+
+def print_ops(title: str, ops: list[dict], first: str = "op"):
+    print(f"\n{title}")
+    print(f"| {first} | ms | share |" + (" ops |" if ops and "ops" in ops[0] else ""))
+    print("|---|---|---|" + ("---|" if ops and "ops" in ops[0] else ""))
+    for o in ops:
+        name = o.get("scope", o.get("name", ""))[:90]
+        print(f"| {name} | {o['ms']:.2f} | {o['share']:.1%} |" + (f" {o['ops']} |" if "ops" in o else ""))
 
 
 # the model's named scopes (jax.named_scope in dsv3_jax), most specific first: a profiled op counts under the first
@@ -213,35 +289,60 @@ SCOPES = (("expert_gemms", "routed experts: GEMMs"), ("dispatch", "routed expert
 
 
 def hlo_op_names(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> its op_name metadata, from an optimized HLO module's text (`compiled.as_text()`)."""
-    import re
+    """Instruction name -> its op_name metadata, from an optimized HLO module's text (`compiled.as_text()`). A
+    fusion or call that XLA made without metadata takes the first op_name of the computation it calls."""
+    inst = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=')
+    meta = re.compile(r'metadata=\{[^}]*?op_name="([^"]*)"')
+    calls = re.compile(r'calls=%?([\w.\-]+)')
+    names, called, first_in, comp = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        if not line.startswith(" ") and "{" in line:  # a computation's header: '%fused_computation.45 (...) {'
+            comp = line.split()[0].lstrip("%") if not line.startswith("ENTRY") else line.split()[1].lstrip("%")
+            continue
+        m = inst.match(line)
+        if not m:
+            continue
+        op = meta.search(line)
+        if op:
+            names[m.group(1)] = op.group(1)
+            first_in.setdefault(comp, op.group(1))
+        else:
+            c = calls.search(line)
+            if c:
+                called[m.group(1)] = c.group(1)
+    for name, comp in called.items():
+        if comp in first_in:
+            names.setdefault(name, first_in[comp])
+    return names
 
-    pat = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"', re.M)
-    return {m.group(1): m.group(2) for m in pat.finditer(hlo_text)}
 
-
-def scope_of(op_name: str) -> str:
-    """'<scope> (fwd|bwd)' of an op_name ('other' when no model scope: embedding, head, loss, optimizer)."""
+def scope_of(op_name: str, training: bool = True) -> str:
+    """'<scope> (fwd|bwd)' of an op_name; ops in no model scope are 'embedding, head, loss' or 'optimizer update'
+    in a training step, 'embedding, head, sampling, cache' in inference (training=False: no fwd/bwd either)."""
     half = "bwd" if "transpose(" in op_name else "fwd"
     for key, label in SCOPES:
         if key in op_name:
-            return f"{label} ({half})"
+            return f"{label} ({half})" if training else label
+    if not training:
+        return "embedding, head, sampling, cache"
     return "optimizer update" if op_name and "jvp(" not in op_name and "transpose(" not in op_name else \
         f"embedding, head, loss ({half})"
 
 
-def scope_table(trace_dir: str, hlo_text: str) -> list[dict]:
-    """The traced time of every XLA op (`top_ops`, all of them) grouped by the model's named scopes: [{scope, ms,
-    share, ops}], largest first; ops whose name the module does not know count under 'unmapped'."""
+def scope_table(trace_dir: str, hlo: str | dict[str, str], training: bool = True) -> list[dict]:
+    """The traced time of every XLA op (`traced_ops`) grouped by the model's named scopes: [{scope, ms, share,
+    ops}], largest first. `hlo`: the optimized HLO text of the traced program, or {module name: text} of several
+    (`CompiledTexts`); ops of no known module, or whose name the module does not know, count under 'unmapped'."""
     import collections
 
-    names = hlo_op_names(hlo_text)
-    ops = top_ops(trace_dir, n=None)
+    names = ({m: hlo_op_names(t) for m, t in hlo.items()} if isinstance(hlo, dict) else None)
+    single = hlo_op_names(hlo) if isinstance(hlo, str) else None
     total = collections.Counter()
     count = collections.Counter()
-    for o in ops:
-        scope = scope_of(names[o["name"]]) if o["name"] in names else "unmapped"
-        total[scope] += o["ms"]
+    for (module, op), ms in traced_ops(trace_dir).items():
+        known = single if single is not None else names.get(module, {})
+        scope = scope_of(known[op], training) if op in known else "unmapped"
+        total[scope] += ms
         count[scope] += 1
     whole = sum(total.values()) or 1.0
     return [{"scope": k, "ms": v, "share": v / whole, "ops": count[k]} for k, v in total.most_common()]

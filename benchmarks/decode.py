@@ -4,6 +4,7 @@ transformers' `generate` on the same weights, and the cache's size against a pla
     python benchmarks/decode.py [--workdir workdir/demo] [--new_tokens 128] [--repeats 3]
     python benchmarks/decode.py --random_init            # a randomly initialised tiny model: no training first
     python benchmarks/decode.py --skip_hf                 # dsv3_jax rows only (no torch needed)
+    python benchmarks/decode.py --random_init --profile /tmp/decode_prof   # and where the time goes, both sides
 
 Uses the demo model from `python train.py` (trains a short one into --workdir first if there is none), or
 with --random_init (alias --quick) the model section of configs/tiny.py (or --config) initialised from
@@ -101,37 +102,60 @@ def timed(eng: Engine, ids, new_tokens: int, batch: int, repeats: int):
     return best, rate, outs
 
 
+def hf_generate(torch, device, model, chunk, n: int):
+    """transformers' greedy `generate` of `n` tokens for the prompts `chunk`, left-padded into one batch."""
+    L = max(map(len, chunk))
+    inp = torch.zeros((len(chunk), L), dtype=torch.long)
+    mask = torch.zeros((len(chunk), L), dtype=torch.long)
+    for r, p in enumerate(chunk):
+        inp[r, L - len(p):] = torch.as_tensor(p)
+        mask[r, L - len(p):] = 1
+    out = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=n, do_sample=False)
+    return [row[L:].tolist() for row in out.cpu()]
+
+
 def hf_timed(torch, device, model, ids, new_tokens: int, batch: int, repeats: int):
     """Best-of-`repeats` (tokens/s, tokens of the last run per prompt) of transformers' greedy `generate`
     over `ids` in left-padded batches of `batch`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def run(chunk, n):
-        L = max(map(len, chunk))
-        inp = torch.zeros((len(chunk), L), dtype=torch.long)
-        mask = torch.zeros((len(chunk), L), dtype=torch.long)
-        for r, p in enumerate(chunk):
-            inp[r, L - len(p):] = torch.as_tensor(p)
-            mask[r, L - len(p):] = 1
-        out = model.generate(input_ids=inp.to(device), attention_mask=mask.to(device), max_new_tokens=n,
-                             do_sample=False)
-        return [row[L:].tolist() for row in out.cpu()]
-
     best, outs = 0.0, []
     with torch.inference_mode():
-        run(ids[:batch], 4)  # warm up
+        hf_generate(torch, device, model, ids[:batch], 4)  # warm up
         sync()
         for _ in range(repeats):
             tokens, seconds, outs = 0, 0.0, []
             for i in range(0, len(ids), batch):
                 t0 = time.perf_counter()
-                res = run(ids[i:i + batch], new_tokens)
+                res = hf_generate(torch, device, model, ids[i:i + batch], new_tokens)
                 sync()
                 seconds += time.perf_counter() - t0
                 tokens += sum(len(r) for r in res)
                 outs += res
             best = max(best, tokens / seconds)
     return best, outs
+
+
+def profiled(eng: Engine, ids, new_tokens: int, out_dir: str, torch=None, device=None, ref=None):
+    """--profile: one more run of plain decoding per batch size (1: one prompt, 16: sixteen) traced with
+    jax.profiler (the engine's prefill and decode programs: top ops, then by the model's named scopes), and the
+    same prompts through transformers' `generate` under torch.profiler."""
+    from dsv3_jax.infer import steps
+
+    for batch in (1, 16):
+        d = os.path.join(out_dir, f"jax_batch{batch}")
+        with C.CompiledTexts(steps, "prefill_step", "decode_step") as seen:
+            with jax.profiler.trace(d, create_perfetto_trace=True):
+                eng.generate(ids[:batch], new_tokens, stop_tokens=())
+        C.print_ops(f"dsv3_jax, plain decoding, batch {batch}, {new_tokens} tokens: top ops by time ({d})",
+                    C.top_ops(d, by_module=True))
+        C.print_ops("the same trace by the model's named scopes (prefill and decode programs):",
+                    C.scope_table(d, seen.texts(), training=False), "scope")
+        if ref is not None:
+            path = os.path.join(out_dir, f"torch_batch{batch}.json")
+            with torch.inference_mode():
+                _, ops = C.torch_profiled(torch, device, lambda b=batch: hf_generate(torch, device, ref, ids[:b],
+                                                                                  new_tokens), path)
+            C.print_ops(f"transformers generate, batch {batch}: top ops by self time (torch.profiler; {path}):", ops)
 
 
 def agreement(a, b) -> list[int]:
@@ -189,6 +213,9 @@ def main():
                    help="weights, compute and cache of both (default: float32 on CPU, bfloat16 on GPU)")
     p.add_argument("--skip_hf", action="store_true", help="no transformers rows (torch not needed)")
     p.add_argument("--torch_threads", type=int, default=None, help="torch intra-op threads (default: usable cores)")
+    p.add_argument("--profile", default="", help="after the timed runs, trace one more plain run per batch size "
+                                                 "(jax.profiler) and transformers' (torch.profiler) into this "
+                                                 "directory and print their top ops and the model's scopes")
     a = p.parse_args()
     dtype = a.dtype or ("bfloat16" if C.on_gpu() else "float32")
     if dtype == "float32":
@@ -248,6 +275,8 @@ def main():
         full = sum(x == a.new_tokens for x in n)
         print(f"greedy agreement with transformers, batch {batch} ({dtype}): {full}/{len(n)} prompts agree on all "
               f"{a.new_tokens} tokens; leading tokens that agree per prompt: {n}")
+    if a.profile:
+        profiled(eng, ids, a.new_tokens, a.profile, torch, device, ref)
 
     print()
     print("| model | cache | bytes/token (main layers) | vs multi-head K/V |")

@@ -5,6 +5,7 @@ run on one machine.
     python benchmarks/serve_load.py [--requests 128] [--concurrency 16] [--rate R] [--output_json FILE]
                                     [--systems engine,engine_c1,static,transformers_batched,transformers_single]
     python benchmarks/serve_load.py --http [--clients 32] [--duration 300] [--concurrency 16]   # the soak
+    python benchmarks/serve_load.py --systems engine,transformers_batched --profile /tmp/prof   # where time goes
 
 --http starts `python serve.py` (with --warmup) on a free localhost port and runs --clients streaming clients
 (plain HTTP, one request after another each, cycling through the same workload, greedy) for --duration
@@ -43,6 +44,7 @@ compilations, pages in use at peak, prefix-cache hits (prompts here share no pre
 preemptions.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -52,6 +54,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402  (puts the repository root on sys.path)
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from decode import ensure_demo  # noqa: E402
 
@@ -105,7 +108,9 @@ def make_engine(model, concurrency, args, name):
     return eng
 
 
-def run_engine(model, work, concurrency, args, grammars=None):
+def run_engine(model, work, concurrency, args, grammars=None, profile=""):
+    """The engine at `concurrency` over `work` (after its warm-up); `profile`: a directory where the run (not the
+    warm-up) is traced with jax.profiler."""
     name = ("engine" if concurrency > 1 else "engine_c1") + ("_json" if grammars is not None else "")
     eng = make_engine(model, concurrency, args, name)
     c0, n0 = eng.compile_seconds, eng.compilations
@@ -122,16 +127,17 @@ def run_engine(model, work, concurrency, args, grammars=None):
         arrival[rid] = time.perf_counter() if work[i][0] is None else t0 + work[i][0]
 
     live = 0
-    while pending or not eng.idle:
-        now = time.perf_counter()
-        while pending and (live < concurrency if pending[0][1][0] is None else now >= t0 + pending[0][1][0]):
-            i, (_, p, m) = pending.pop(0)
-            submit(i, p, m)
-            live += 1
-        if eng.idle:
-            time.sleep(0.001)
-            continue
-        live -= len(eng.step())
+    with jax.profiler.trace(profile, create_perfetto_trace=True) if profile else contextlib.nullcontext():
+        while pending or not eng.idle:
+            now = time.perf_counter()
+            while pending and (live < concurrency if pending[0][1][0] is None else now >= t0 + pending[0][1][0]):
+                i, (_, p, m) = pending.pop(0)
+                submit(i, p, m)
+                live += 1
+            if eng.idle:
+                time.sleep(0.001)
+                continue
+            live -= len(eng.step())
     wall = time.perf_counter() - t0 - (eng.compile_seconds - c0)  # shapes the warm-up missed: not service time
     records = [(arrival[r], times[r], len(eng.result(r).output)) for r in times]
     return summarise(name, records, wall,
@@ -321,6 +327,11 @@ def main(argv=None):
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--torch_threads", type=int, default=None)
     p.add_argument("--output_json", default=None)
+    p.add_argument("--profile", default="", help="after the measured runs, trace the engine (jax.profiler) and, "
+                                                 "when it ran, transformers_batched (torch.profiler) over the "
+                                                 "first --profile_requests requests into this directory; print "
+                                                 "their top ops and the model's scopes")
+    p.add_argument("--profile_requests", type=int, default=32)
     p.add_argument("--http", action="store_true", help="soak: streaming clients against `python serve.py`")
     p.add_argument("--clients", type=int, default=32, help="--http: concurrent streaming clients")
     p.add_argument("--duration", type=float, default=300.0, help="--http: seconds of load")
@@ -386,10 +397,32 @@ def main(argv=None):
                   f"measured run ({r['compile_seconds']:.1f}s), "
                   f"pages peak {r['pages_peak']} of {r['pages']}, prefix-cache hits {r['prefix_hits']} pages, "
                   f"preemptions {r['preemptions']}")
+    if args.profile:
+        profiled(model, work[:args.profile_requests], args, tf if "transformers_batched" in systems else None)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(rows, f, indent=1)
     print(json.dumps(rows))
+
+
+def profiled(model, work, args, tf):
+    """--profile: the engine's run over `work` traced (its prefill and decode programs: top ops, then by the
+    model's named scopes; ops of a program shape other than the last one compiled count as 'unmapped'), and
+    transformers' padded batches under torch.profiler."""
+    from dsv3_jax.infer import steps
+
+    d = os.path.join(args.profile, "engine")
+    with C.CompiledTexts(steps, "prefill_step", "decode_step") as seen:
+        run_engine(model, work, args.concurrency, args, profile=d)
+    C.print_ops(f"engine over {len(work)} requests at concurrency {args.concurrency}: top ops by time ({d})",
+                C.top_ops(d, by_module=True))
+    C.print_ops("the same trace by the model's named scopes:", C.scope_table(d, seen.texts(), training=False),
+                "scope")
+    if tf is not None:
+        path = os.path.join(args.profile, "transformers_batched.json")
+        _, ops = C.torch_profiled(tf[0], tf[1], lambda: run_transformers(tf, work, args.concurrency, "profile"), path)
+        C.print_ops(f"transformers_batched over the same requests: top ops by self time (torch.profiler; {path}):",
+                    ops)
 
 
 if __name__ == "__main__":

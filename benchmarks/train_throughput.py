@@ -131,20 +131,11 @@ def torch_step_times(torch, device, cfg: ModelConfig, window: np.ndarray, warmup
         if i >= warmup:
             times.append(time.perf_counter() - t)
     if profile:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=acts) as prof:
+        def three(model=model, opt=opt):
             for _ in range(3):
-                loss = one_step(model, opt)
-        os.makedirs(profile, exist_ok=True)
-        prof.export_chrome_trace(os.path.join(profile, "torch_trace.json"))
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        evs = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
-        whole = sum(getattr(e, key) for e in evs) or 1.0
-        TORCH_OPS[:] = [{"name": e.key, "ms": getattr(e, key) / 1e3, "share": getattr(e, key) / whole}
-                        for e in evs[:15]]
+                one_step(model, opt)
+
+        _, TORCH_OPS[:] = C.torch_profiled(torch, device, three, os.path.join(profile, "torch_trace.json"))
     out = float(loss.detach().float().cpu())
     del model, opt
     return times, first, out, impl
@@ -277,24 +268,13 @@ def main():
     ops, scopes = [], []
     if a.profile:
         ops = C.top_ops(a.profile)
-        print(f"\ntop ops by time over 3 traced steps of the first dsv3_jax row ({a.profile}):")
-        print("| op | ms | share |")
-        print("|---|---|---|")
-        for o in ops:
-            print(f"| {o['name'][:90]} | {o['ms']:.2f} | {o['share']:.1%} |")
+        C.print_ops(f"top ops by time over 3 traced steps of the first dsv3_jax row ({a.profile}):", ops)
         scopes = C.scope_table(a.profile, HLO[0])
-        print("\nthe same trace by the model's named scopes (each op under its op_name's scope; bwd: the backward):")
-        print("| scope | ms | share | ops |")
-        print("|---|---|---|---|")
-        for o in scopes:
-            print(f"| {o['scope']} | {o['ms']:.2f} | {o['share']:.1%} | {o['ops']} |")
+        C.print_ops("the same trace by the model's named scopes (each op under its op_name's scope; bwd: the "
+                    "backward):", scopes, "scope")
         if TORCH_OPS:
-            print(f"\ntop ops by self time over 3 profiled steps of the first transformers row (torch.profiler; "
-                  f"{a.profile}/torch_trace.json):")
-            print("| op | ms | share |")
-            print("|---|---|---|")
-            for o in TORCH_OPS:
-                print(f"| {o['name'][:90]} | {o['ms']:.2f} | {o['share']:.1%} |")
+            C.print_ops(f"top ops by self time over 3 profiled steps of the first transformers row (torch.profiler; "
+                        f"{a.profile}/torch_trace.json):", TORCH_OPS)
     if a.json:
         import json
 

@@ -102,3 +102,38 @@ def test_top_ops_sums_device_kernels(tmp_path):
     ops = _common.top_ops(str(tmp_path))
     assert [o["name"] for o in ops] == ["gemm_fusion", "loop_fusion"]
     assert ops[0]["ms"] == pytest.approx(0.9) and ops[0]["share"] == pytest.approx(0.9)
+
+
+def test_scope_table_maps_a_cpu_trace_to_the_named_scopes(tmp_path):
+    """A real jax.profiler trace on CPU of a jitted function called through a module attribute (as the engine calls
+    `steps.decode_step`): `CompiledTexts` records its arguments, and `scope_table` puts its two matmuls under the
+    scopes they were written in (hand-known: the 'attention' one is 4x the FLOPs of the 'shared_experts' one)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import _common
+
+    def step(a, b, c):
+        with jax.named_scope("attention"):
+            x = jnp.tanh(a @ b)
+        with jax.named_scope("shared_experts"):
+            return x @ c
+
+    mod = types.SimpleNamespace(step=jax.jit(step))
+    a, b, c = (jnp.ones(s, jnp.float32) for s in ((256, 512), (512, 256), (256, 128)))
+    mod.step(a, b, c).block_until_ready()
+    with _common.CompiledTexts(mod, "step") as seen:
+        with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+            for _ in range(5):
+                mod.step(a, b, c).block_until_ready()
+    assert mod.step is seen.saved["step"]  # restored
+    texts = seen.texts()
+    assert list(texts) == ["jit_step"]
+    scopes = {r["scope"]: r for r in _common.scope_table(str(tmp_path), texts, training=False)}
+    assert {"attention", "shared expert"} <= set(scopes), scopes
+    assert scopes["attention"]["ms"] > scopes["shared expert"]["ms"] > 0
+    assert scopes["attention"]["share"] + scopes["shared expert"]["share"] > 0.5, scopes
+    assert {o["name"].split("/")[0] for o in _common.top_ops(str(tmp_path), n=None, by_module=True)} == {"jit_step"}
