@@ -255,16 +255,17 @@ class CompiledTexts:
                 for n, calls in self.calls.items()}
 
 
-def torch_profiled(torch, device, fn, path: str, n: int = 15) -> tuple:
-    """Runs `fn()` under torch.profiler and writes the Chrome trace to `path`: -> (what fn returned, the top `n`
-    ops by self time [{name, ms, share}])."""
+def torch_profiled(torch, device, fn, path: str | None, n: int = 15) -> tuple:
+    """Runs `fn()` under torch.profiler and writes the Chrome trace to `path` (None: not written; a long run's
+    trace takes minutes to write): -> (what fn returned, the top `n` ops by self time [{name, ms, share}])."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         out = fn()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    prof.export_chrome_trace(path)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        prof.export_chrome_trace(path)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     evs = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
     whole = sum(getattr(e, key) for e in evs) or 1.0
