@@ -64,6 +64,7 @@ SECONDS = {  # per file, or per test where the file's tests are separate units (
 ONE_UNIT_PER_TEST = ("tests/test_notebooks.py",)
 
 
+@pytest.hookimpl(optionalhook=True)  # (an xdist hook: without pytest-xdist installed, pytest would refuse it)
 def pytest_xdist_make_scheduler(config, log):
     if config.getoption("dist") != "loadfile":
         return None
