@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 from tqdm import tqdm
 
@@ -37,6 +38,23 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def summary_writer():
+    """tensorboardX's SummaryWriter class, imported without torch. tensorboardX's writer imports torch when it is
+    installed, only to accept torch tensors (this module passes Python floats and strings), and that import was
+    most of a training process's start on CPU (2.6 s of 3.6 s with torch 2.13). Unless torch is loaded already,
+    the import sees it as absent (None in sys.modules is Python's mark for a module that is not available), and
+    the mark is removed at once, so a later `import torch` works as usual."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, quiet: bool = False,
                  enabled: bool = True):
@@ -50,9 +68,7 @@ class MetricsWriter:
             return
         _truncate_jsonl(self.path, start_step)
         try:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self.tb = summary_writer()(os.path.join(workdir, "tensorboard"))
         except ImportError:  # tensorboardX is a dependency; tolerate its absence in stripped installs
             self.tb = None
 
