@@ -49,19 +49,21 @@ def experts_dense(x, idx, w, w_gate, w_up, w_down, fp8_weights: Fp8Weights | Non
     (`resident.QWeight`s [E, N, K]) run as a grouped FP8 GEMM with one group of all N rows per expert."""
     E = _num_experts(w_gate)
     with jax.named_scope("expert_gemms"):
+        # the tokens broadcast to every expert, [E, N, D]: a GEMM batched over E reads the weights in their
+        # stored [E, D, F] layout ("ND,EDF->NEF" had XLA:CPU copy w_gate and w_up to [D, E F] first, every call)
+        xe = jnp.broadcast_to(x, (E,) + x.shape)
         if isinstance(w_gate, resident.QWeight):
-            experts = jnp.arange(E, dtype=jnp.int32)
-            xe = jnp.broadcast_to(x, (E,) + x.shape)  # [E, N, D]: block e is expert e
+            experts = jnp.arange(E, dtype=jnp.int32)  # block e is expert e
 
             def gemm(a, wt):
                 return resident.expert_blocks(a, wt, experts, fp8_weights)
 
-            y = gemm(jax.nn.silu(gemm(xe, w_gate)) * gemm(xe, w_up), w_down).transpose(1, 0, 2)  # [N, E, D]
+            y = gemm(jax.nn.silu(gemm(xe, w_gate)) * gemm(xe, w_up), w_down)  # [E, N, D]
         else:
-            y = _swiglu(x, w_gate, w_up, w_down, "ND,EDF->NEF", "NEF,EFD->NED")  # [N, E, D]
+            y = _swiglu(xe, w_gate, w_up, w_down, "END,EDF->ENF", "ENF,EFD->END")
     with jax.named_scope("combine"):
         combine = jnp.einsum("NK,NKE->NE", w, jax.nn.one_hot(idx, E, dtype=w.dtype))
-        return jnp.einsum("NE,NED->ND", combine, y.astype(jnp.float32))
+        return jnp.sum(combine.T[:, :, None] * y.astype(jnp.float32), axis=0)
 
 
 def experts_gathered(x, idx, w, w_gate, w_up, w_down):

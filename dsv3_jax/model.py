@@ -158,10 +158,16 @@ def scan_prefill(stack: Block, x, cos, sin):
     return x, c_kv, k_pe
 
 
-def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions):
+def scan_decode(stack: Block, x, cos, sin, cache: LatentCache, positions, layers=None):
     """Decode through a stacked Block with its stacked cache [L, B, S, *] in the loop carry, so each layer
-    writes only its new slots in place. -> x [B, T, D], cache."""
+    writes only its new slots in place. `layers`: the stack's per-layer states, already sliced by the caller
+    (`DeepSeekV3.layer_states`, outside its loop over tokens); the layers then run one after the other from them.
+    -> x [B, T, D], cache."""
     graphdef, state = nnx.split(stack)
+    if layers is not None:
+        for i, layer_state in enumerate(layers):
+            x, cache = nnx.merge(graphdef, layer_state).decode(x, cos, sin, cache, positions, layer=i)
+        return x, cache
 
     def body(carry, xs):
         h, cache = carry
@@ -314,15 +320,33 @@ class DeepSeekV3(nnx.Module):
         h = self.norm(x)
         return self.head(h), h, cache.replace(**new)
 
-    def decode(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache):
+    def layer_states(self) -> dict | None:
+        """Each layer stack's weights sliced into per-layer states ({'dense': [...], 'moe': [...]}) for `decode`, when
+        the Runtime unrolls the stacks (CPU); None otherwise. A decode loop over tokens takes them once, before
+        the loop: sliced inside it, every layer's weights were copied again for every token (XLA leaves slices
+        and transposes of loop-invariant weights inside a while loop), 11% of the tiny config's decode time."""
+        stacks = (("dense", self.dense_layers), ("moe", self.moe_layers))
+        if not any(s is not None and s.attn.runtime.unroll_layers for _, s in stacks):
+            return None
+        out = {}
+        for name, stack in stacks:
+            if stack is not None:
+                state = nnx.state(stack)
+                n = jax.tree.leaves(state)[0].shape[0]
+                out[name] = [jax.tree.map(lambda a, i=i: a[i], state) for i in range(n)]
+        return out
+
+    def decode(self, tokens: jax.Array, positions: jax.Array, cache: ModelCache, layers: dict | None = None):
         """Absorbed-attention forward of tokens [B, T] at positions [B, T] (consecutive per row; slots
-        before them must hold that row's earlier tokens). -> (logits [B, T, V] f32, h [B, T, D], cache)."""
+        before them must hold that row's earlier tokens); `layers`: `layer_states()`, taken before a loop over
+        tokens. -> (logits [B, T, V] f32, h [B, T, D], cache)."""
         cos, sin = rope_tables(self.cfg, positions)
         x = self.embed(tokens)
         new = {}
         for name, stack in (("dense", self.dense_layers), ("moe", self.moe_layers)):
             if stack is not None:
-                x, new[name] = scan_decode(stack, x, cos, sin, getattr(cache, name), positions)
+                x, new[name] = scan_decode(stack, x, cos, sin, getattr(cache, name), positions,
+                                           None if layers is None else layers[name])
         h = self.norm(x)
         return self.head(h), h, cache.replace(**new)
 

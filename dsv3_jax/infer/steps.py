@@ -102,13 +102,14 @@ def decode_step(graphdef, steps, nlogprobs, state, pools, table, token, position
     for the next): -> (tokens [B, steps], log-probabilities ([B, steps], [B, steps, K] ids, [B, steps, K]) or
     None, pools)."""
     model = nnx.merge(graphdef, state)
+    layers = model.layer_states()  # (sliced once, outside the loop over tokens)
     knobs = (temperature, top_k, top_p, min_p)
     rows = jnp.arange(token.shape[0])
 
     def body(carry, k):
         pools, tok, pen = carry
         pos = jnp.where(valid, position + k, -1)
-        logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table))
+        logits, _, cache = model.decode(tok[:, None], pos[:, None], _with_table(pools, table), layers)
         step_logits = penalize(logits[:, 0], pen)
         nxt = sample_rows(seeds, index + k, step_logits, knobs)
         lps = logprob_rows(step_logits, nxt, knobs, nlogprobs) if nlogprobs else None
@@ -177,13 +178,14 @@ def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft,
     -> emitted [B, steps, 2], n_new [B, steps], log-probabilities of emitted (each [B, steps, 2, ...]) or None,
     draft [B], q [B, V], pools."""
     model = nnx.merge(graphdef, state)
+    layers = model.layer_states()  # (sliced once, outside the loop over tokens)
     rows = jnp.arange(pending.shape[0])
     knobs = (temperature, top_k, top_p, min_p)
 
     def body(carry, _):
         pools, pending, draft, q, position, index = carry
         pos = jnp.where(valid[:, None], position[:, None] + jnp.arange(2), -1)
-        logits, h, cache = model.decode(jnp.stack([pending, draft], 1), pos, _with_table(pools, table))
+        logits, h, cache = model.decode(jnp.stack([pending, draft], 1), pos, _with_table(pools, table), layers)
         if allowed is not None:
             logits = jnp.where(allowed, logits, -jnp.inf)
         a1_g = greedy(logits[:, 0])
