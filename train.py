@@ -35,6 +35,9 @@ def define_flags():
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    from dsv3_jax.train.hyperparams import check_hyperparameters
+
+    check_hyperparameters(FLAGS.config)  # (before JAX is loaded: a bad number is reported at once)
     from dsv3_jax import sharding
     from dsv3_jax.config import ModelConfig
     from dsv3_jax.train import plan
