@@ -320,13 +320,18 @@ class DeepSeekV3(nnx.Module):
         h = self.norm(x)
         return self.head(h), h, cache.replace(**new)
 
-    def layer_states(self) -> dict | None:
-        """Each layer stack's weights sliced into per-layer states ({'dense': [...], 'moe': [...]}) for `decode`, when
-        the Runtime unrolls the stacks (CPU); None otherwise. A decode loop over tokens takes them once, before
-        the loop: sliced inside it, every layer's weights were copied again for every token (XLA leaves slices
-        and transposes of loop-invariant weights inside a while loop), 11% of the tiny config's decode time."""
+    def layer_states(self, rows: int) -> dict | None:
+        """Each layer stack's weights sliced into per-layer states ({'dense': [...], 'moe': [...]}) for `decode` of
+        `rows` tokens per step, when the Runtime unrolls the stacks (CPU) and each step reads every routed expert
+        (rows x top-k >= experts: the 'dense' layout); None otherwise. A decode loop over tokens takes them once,
+        before the loop: sliced inside it, every layer's expert weights were copied again for every token (XLA
+        leaves slices of loop-invariant weights inside a while loop), ~11% of the tiny config's decode time at
+        batch 16. With fewer rows the chosen experts are gathered straight from the stacked weights, and slicing
+        every expert once per dispatch would copy more than the steps read."""
         stacks = (("dense", self.dense_layers), ("moe", self.moe_layers))
         if not any(s is not None and s.attn.runtime.unroll_layers for _, s in stacks):
+            return None
+        if self.cfg.n_routed_experts and rows * self.cfg.num_experts_per_tok < self.cfg.n_routed_experts:
             return None
         out = {}
         for name, stack in stacks:

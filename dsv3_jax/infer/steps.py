@@ -102,7 +102,7 @@ def decode_step(graphdef, steps, nlogprobs, state, pools, table, token, position
     for the next): -> (tokens [B, steps], log-probabilities ([B, steps], [B, steps, K] ids, [B, steps, K]) or
     None, pools)."""
     model = nnx.merge(graphdef, state)
-    layers = model.layer_states()  # (sliced once, outside the loop over tokens)
+    layers = model.layer_states(token.shape[0])  # (sliced once, outside the loop over tokens)
     knobs = (temperature, top_k, top_p, min_p)
     rows = jnp.arange(token.shape[0])
 
@@ -178,7 +178,7 @@ def verify_step(graphdef, steps, nlogprobs, state, pools, table, pending, draft,
     -> emitted [B, steps, 2], n_new [B, steps], log-probabilities of emitted (each [B, steps, 2, ...]) or None,
     draft [B], q [B, V], pools."""
     model = nnx.merge(graphdef, state)
-    layers = model.layer_states()  # (sliced once, outside the loop over tokens)
+    layers = model.layer_states(2 * pending.shape[0])  # (sliced once, outside the loop over tokens)
     rows = jnp.arange(pending.shape[0])
     knobs = (temperature, top_k, top_p, min_p)
 
