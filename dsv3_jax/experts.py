@@ -181,10 +181,15 @@ def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options 
         return jnp.einsum("NK,NKD->ND", w, y.astype(jnp.float32))
 
 
+def fewer_rows_than_experts(tokens: int, top_k: int, num_experts: int) -> bool:
+    """N K < E: fewer token-expert rows than experts (decoding a few rows), where 'dense' gathers."""
+    return tokens * top_k < num_experts
+
+
 def gathers(x, idx, w_gate) -> bool:
     """'dense' on fewer token-expert rows than experts (N K < E: decoding a few rows) gathers the chosen experts'
     weights instead (`experts_gathered`: N K expert matrices read, not E); float weights only."""
-    return not isinstance(w_gate, resident.QWeight) and idx.shape[0] * idx.shape[1] < _num_experts(w_gate)
+    return not isinstance(w_gate, resident.QWeight) and fewer_rows_than_experts(*idx.shape, _num_experts(w_gate))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from dsv3_jax import layer_stats, param_kinds, strategies
+from dsv3_jax import experts, layer_stats, param_kinds, strategies
 from dsv3_jax import runtime as runtime_lib
 from dsv3_jax.cli import UserError
 from dsv3_jax.config import ModelConfig
@@ -331,7 +331,8 @@ class DeepSeekV3(nnx.Module):
         stacks = (("dense", self.dense_layers), ("moe", self.moe_layers))
         if not any(s is not None and s.attn.runtime.unroll_layers for _, s in stacks):
             return None
-        if self.cfg.n_routed_experts and rows * self.cfg.num_experts_per_tok < self.cfg.n_routed_experts:
+        if self.cfg.n_routed_experts and experts.fewer_rows_than_experts(rows, self.cfg.num_experts_per_tok,
+                                                                        self.cfg.n_routed_experts):
             return None
         out = {}
         for name, stack in stacks:
