@@ -134,12 +134,8 @@ class Stream:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax.numpy as jnp
-
-    from dsv3_jax import sharding
-    from dsv3_jax.data.bpe import EOS_ID
-    from dsv3_jax.infer.engine import Engine
-    from dsv3_jax.infer.sampling import SamplingParams
+    from dsv3_jax.infer.sampling_params import SamplingParams
+    from dsv3_jax.mesh_axes import parse_mesh
 
     if FLAGS.dry_run:
         return dry_run()
@@ -162,7 +158,13 @@ def main(argv):
             raise cli.UserError(f"--{name}={getattr(FLAGS, name)} must be >= 1")
     cache_dtype = cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype") if FLAGS.cache_dtype else None
     if FLAGS.mesh:
-        sharding.parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
+        parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
+    # (every check above reads only the flags, before JAX is imported: a bad flag is answered at once)
+    import jax.numpy as jnp
+
+    from dsv3_jax.data.bpe import EOS_ID
+    from dsv3_jax.infer.engine import Engine
+
     mesh = None
     if FLAGS.hf:
         from dsv3_jax.infer.load import load_hf

@@ -70,13 +70,8 @@ def main(argv=None) -> int:
     args = parser().parse_args(argv)
 
     def run():
-        import uvicorn
-
-        from dsv3_jax import sharding
-        from dsv3_jax.infer.engine import Engine
-        from dsv3_jax.serve.app import build_app
+        from dsv3_jax.mesh_axes import parse_mesh
         from dsv3_jax.serve.chat import eos_ids, load_chat_template
-        from dsv3_jax.serve.worker import EngineWorker
 
         for name in ("batch_size", "page_size", "max_batch_tokens", "decode_steps", "max_waiting", "max_tokens"):
             if getattr(args, name) < 1:
@@ -86,7 +81,7 @@ def main(argv=None) -> int:
                 raise cli.UserError(f"--{name}={getattr(args, name)} must be > 0")
         mesh = None
         if args.mesh:
-            sharding.parse_mesh(args.mesh)
+            parse_mesh(args.mesh)
         template = load_chat_template(args.hf or args.checkpoint, args.chat_template)  # (refused before loading)
         from dsv3_jax.serve.tools import PARSERS, detect_parser
 
@@ -96,6 +91,14 @@ def main(argv=None) -> int:
             raise cli.UserError(f"--tool_parser={args.tool_parser}: one of auto, none, {', '.join(sorted(PARSERS))}")
         reasoning = args.reasoning_parser == "deepseek_r1" or (args.reasoning_parser == "auto" and text is not None
                                                                and ("</think>" in text or text == "deepseek_v32"))
+        # (every check above reads only the flags and the chat template, before JAX is imported)
+        import uvicorn
+
+        from dsv3_jax import sharding
+        from dsv3_jax.infer.engine import Engine
+        from dsv3_jax.serve.app import build_app
+        from dsv3_jax.serve.worker import EngineWorker
+
         if args.hf:
             from dsv3_jax.infer.load import load_hf
             from dsv3_jax.interop import hf

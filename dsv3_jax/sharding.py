@@ -27,11 +27,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dsv3_jax.cli import UserError
+from dsv3_jax.mesh_axes import MESH_AXES, MESH_OPTIONS, parse_mesh  # noqa: F401  (re-exported)
 
-MESH_AXES = ("data", "stage", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
-MESH_OPTIONS = ("microbatches", "pipeline_schedule", "pipeline_chunks",  # keys of config.mesh that are not axes
-                "pipeline_stage_layers")
 
 # logical name -> mesh axis (None: replicated)
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -100,21 +98,6 @@ def state_shardings(state: nnx.State, mesh: Mesh):
 
 
 # ----------------------------------------------------------------------------- mesh
-
-
-def parse_mesh(text: str, flag: str = "--mesh") -> dict[str, int]:
-    """'data=2,tensor=4' -> {'data': 2, 'tensor': 4}: the one parser of mesh strings (infer.py, the converter).
-    Sizes are >= 1, or -1 for "the remaining devices" (resolved by `mesh_sizes`); '' is no axis at all."""
-    sizes: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, eq, size = (x.strip() for x in part.partition("="))
-        ok = eq and name in MESH_AXES and size.lstrip("-").isdigit() and (int(size) >= 1 or int(size) == -1)
-        if not ok or name in sizes:
-            raise UserError(f"{flag} {text!r}: write AXIS=SIZE pairs separated by commas, each axis once, with AXIS "
-                            f"in {', '.join(MESH_AXES)} and SIZE >= 1 (or -1 for the remaining devices), e.g. "
-                            f"data=2,tensor=4")
-        sizes[name] = int(size)
-    return sizes
 
 
 def mesh_sizes(mesh_cfg: Mapping[str, int], num_devices: int) -> dict[str, int]:
