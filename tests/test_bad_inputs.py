@@ -305,6 +305,23 @@ def test_infer_cli(trained, case, args, needle):
     assert digest(trained) == before
 
 
+@pytest.mark.parametrize("script,args,needle", [
+    ("infer.py", ["--prompt=The", "--temperature=-1"], "--temperature=-1"),
+    ("infer.py", ["--prompt=The", "--mesh=data=2,data=2"], "--mesh 'data=2,data=2'"),
+    ("serve.py", ["--batch_size=0"], "--batch_size=0"),
+    ("serve.py", ["--mesh=garbage"], "--mesh 'garbage'"),
+])
+def test_flag_errors_come_before_jax_is_imported(script, args, needle):
+    """A bad flag is answered from the flags alone: the process ends with its one line without importing JAX
+    (checked from inside the process, at exit)."""
+    probe = ("import atexit, runpy, sys; atexit.register(lambda: print('jax imported:', 'jax' in sys.modules, "
+             f"file=sys.stderr)); sys.argv = [{script!r}] + {args!r}; runpy.run_path({script!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env=one_device_env())
+    check(r, needle, script)
+    assert "jax imported: False" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("case,src,mutate,needle", HF_CASES, ids=[c[0] for c in HF_CASES])
 def test_infer_hf_checkpoint(trained, hf_dir, tmp_path, case, src, mutate, needle):
     d = clone(hf_dir[src], tmp_path / "hf")
