@@ -159,6 +159,9 @@ def main(argv):
     cache_dtype = cli.parse_dtype(FLAGS.cache_dtype, "--cache_dtype") if FLAGS.cache_dtype else None
     if FLAGS.mesh:
         parse_mesh(FLAGS.mesh)  # syntax, before any weight is read
+    if FLAGS.keep_fp8 and not FLAGS.hf:
+        raise cli.UserError("--keep_fp8 applies to --hf DIR (a train.py or converter workdir keeps the weights "
+                            "as written; convert with --keep_fp8 for an FP8-resident workdir)")
     # (every check above reads only the flags, before JAX is imported: a bad flag is answered at once)
     import jax.numpy as jnp
 
@@ -177,9 +180,6 @@ def main(argv):
     else:
         from dsv3_jax.infer.load import load_trained
 
-        if FLAGS.keep_fp8:
-            raise cli.UserError("--keep_fp8 applies to --hf DIR (a train.py or converter workdir keeps the weights "
-                                "as written; convert with --keep_fp8 for an FP8-resident workdir)")
         model, tokenizer, _, step = load_trained(FLAGS.checkpoint, fp8_mode=FLAGS.fp8_mode)
         source = f"{FLAGS.checkpoint} step {step}"
     if FLAGS.lora:  # the base plus a fine-tune's adapters (dsv3_jax/lora.py)

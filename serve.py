@@ -82,6 +82,8 @@ def main(argv=None) -> int:
         mesh = None
         if args.mesh:
             parse_mesh(args.mesh)
+        if args.keep_fp8 and not args.hf:
+            raise cli.UserError("--keep_fp8 applies to --hf DIR")
         template = load_chat_template(args.hf or args.checkpoint, args.chat_template)  # (refused before loading)
         from dsv3_jax.serve.tools import PARSERS, detect_parser
 
@@ -114,8 +116,6 @@ def main(argv=None) -> int:
         else:
             from dsv3_jax.infer.load import load_trained
 
-            if args.keep_fp8:
-                raise cli.UserError("--keep_fp8 applies to --hf DIR")
             model, tokenizer, _, _ = load_trained(args.checkpoint, fp8_mode=args.fp8_mode)
             source = args.checkpoint
             if args.mesh:

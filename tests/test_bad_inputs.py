@@ -310,6 +310,8 @@ def test_infer_cli(trained, case, args, needle):
     ("infer.py", ["--prompt=The", "--mesh=data=2,data=2"], "--mesh 'data=2,data=2'"),
     ("serve.py", ["--batch_size=0"], "--batch_size=0"),
     ("serve.py", ["--mesh=garbage"], "--mesh 'garbage'"),
+    ("infer.py", ["--prompt=The", "--keep_fp8"], "--keep_fp8 applies to --hf DIR"),
+    ("serve.py", ["--keep_fp8"], "--keep_fp8 applies to --hf DIR"),
 ])
 def test_flag_errors_come_before_jax_is_imported(script, args, needle):
     """A bad flag is answered from the flags alone: the process ends with its one line without importing JAX
