@@ -11,11 +11,19 @@ _EXPORTS = {"ModelConfig": "config", "RopeScaling": "config", "LayerStats": "lay
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"dsv3_jax.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'dsv3_jax' has no attribute {name!r}")
+def lazy_exports(package: str, exports: dict[str, str], namespace: dict):
+    """A package's module `__getattr__` and `__dir__` (PEP 562) that import `exports` (name -> submodule of
+    `package`) on first use; `namespace` is the package's globals()."""
+
+    def __getattr__(name: str):
+        if name in exports:
+            return getattr(importlib.import_module(f"{package}.{exports[name]}"), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    def __dir__():
+        return sorted(list(namespace) + list(exports))
+
+    return __getattr__, __dir__
 
 
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
