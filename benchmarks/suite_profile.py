@@ -25,15 +25,18 @@ EVENTS = {"/jax/core/compile/backend_compile_duration": "compile",
           "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load"}
 _totals: collections.Counter = collections.Counter()
 _rows: list = []
+_programs: dict = collections.defaultdict(collections.Counter)  # compiled function name -> n, seconds (per process)
 
 
 def pytest_configure(config):
     from jax import monitoring
 
-    def on_duration(event, duration, **_):
+    def on_duration(event, duration, fun_name=None, **_):
         if event in EVENTS:
             _totals[EVENTS[event]] += duration
             _totals["n_" + EVENTS[event]] += 1
+        if EVENTS.get(event) == "compile":
+            _programs[str(fun_name)].update(n=1, seconds=duration)
 
     monitoring.register_event_duration_secs_listener(on_duration)
 
@@ -61,6 +64,8 @@ def pytest_sessionfinish(session):
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, f"rows-{os.getpid()}.json"), "w") as f:
             json.dump(_rows, f)
+        with open(os.path.join(out, f"programs-{os.getpid()}.json"), "w") as f:
+            json.dump({k: dict(v) for k, v in _programs.items()}, f)
 
 
 COLUMNS = ("wall", "cpu", "child_cpu", "compile", "n_compile", "lower", "trace", "cache_load", "n_cache_load")
@@ -83,5 +88,21 @@ def table(directory: str, top: int = 30) -> str:
     return "\n".join(lines)
 
 
+def programs(directory: str, top: int = 25) -> str:
+    """The compiled functions that took the most XLA compile time, over all test processes (a name counts every
+    program compiled under it: each shape, sharding and static argument is one more)."""
+    total: dict = collections.defaultdict(collections.Counter)
+    for path in glob.glob(os.path.join(directory, "programs-*.json")):
+        for name, c in json.load(open(path)).items():
+            total[name].update(c)
+    lines = ["| compiled function | programs | compile seconds |", "|---|---|---|"]
+    for name, c in sorted(total.items(), key=lambda kv: -kv[1]["seconds"])[:top]:
+        lines.append(f"| {name} | {c['n']} | {c['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(table(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 30))
+    if glob.glob(os.path.join(sys.argv[1], "programs-*.json")):
+        print()
+        print(programs(sys.argv[1]))
