@@ -46,22 +46,20 @@ def pytest_unconfigure(config):
 # queue is longest first, by each file's seconds (SECONDS: wall seconds per file from benchmarks/suite_profile.py
 # over the whole suite on 2 busy cores; files not listed count 1.5 s per test), and the notebooks are one unit each
 # (their tests share no fixture), so that the short files fill the end of the run on both workers.
-SECONDS = {  # per file, or per test where the file's tests are separate units (ONE_UNIT_PER_TEST); at 401a03a
-    "tests/test_notebooks.py::test_notebook_runs[06_chat_lora]": 148,
-    "tests/test_notebooks.py::test_notebook_runs[05_mtp_speculative]": 110,
-    "tests/test_notebooks.py::test_notebook_runs[03_routing_balance]": 88,
-    "tests/test_notebooks.py::test_notebook_runs[02_mla_cache]": 21,
-    "tests/test_notebooks.py::test_notebook_runs[01_tour]": 20,
-    "tests/test_notebooks.py::test_notebook_runs[04_fp8_blocks]": 18,
-    "tests/test_engine.py": 458, "tests/test_bad_inputs.py": 420, "tests/test_lora.py": 306,
-    "tests/test_dsa_training.py": 290, "tests/test_pipeline_schedules.py": 284, "tests/test_pipeline_training.py": 270,
-    "tests/test_fp8_resident.py": 242, "tests/test_parallel.py": 208, "tests/test_train.py": 188,
-    "tests/test_dsa.py": 170, "tests/test_serve.py": 155, "tests/test_distributed.py": 149, "tests/test_fp8.py": 116,
-    "tests/test_packing.py": 95, "tests/test_infer.py": 85, "tests/test_memory_plan.py": 80,
-    "tests/test_interop.py": 76, "tests/test_structured.py": 56, "tests/test_chat_data.py": 50,
-    "tests/test_prepare.py": 48, "tests/test_gpu_suite.py": 38, "tests/test_mla.py": 35, "tests/test_model.py": 33,
-    "tests/test_grouped_gemm_mgpu.py": 31, "tests/test_moe.py": 27, "tests/test_checkpoint_families.py": 26,
-    "tests/test_paged_attention.py": 24, "tests/test_checkpoint.py": 23,
+SECONDS = {  # per file, or per test where the file's tests are separate units (ONE_UNIT_PER_TEST); at af07418
+    "tests/test_notebooks.py::test_notebook_runs[06_chat_lora]": 167,
+    "tests/test_notebooks.py::test_notebook_runs[05_mtp_speculative]": 101,
+    "tests/test_notebooks.py::test_notebook_runs[03_routing_balance]": 92,
+    "tests/test_notebooks.py::test_notebook_runs[02_mla_cache]": 22,
+    "tests/test_notebooks.py::test_notebook_runs[01_tour]": 16,
+    "tests/test_notebooks.py::test_notebook_runs[04_fp8_blocks]": 15,
+    "tests/test_bad_inputs.py": 298, "tests/test_pipeline_schedules.py": 280, "tests/test_engine.py": 268,
+    "tests/test_pipeline_training.py": 266, "tests/test_train.py": 213, "tests/test_parallel.py": 202,
+    "tests/test_serve.py": 157, "tests/test_dsa_training.py": 145, "tests/test_lora.py": 143,
+    "tests/test_fp8_resident.py": 126, "tests/test_distributed.py": 107, "tests/test_packing.py": 94,
+    "tests/test_dsa.py": 88, "tests/test_prepare.py": 64, "tests/test_fp8.py": 58, "tests/test_structured.py": 53,
+    "tests/test_interop.py": 43, "tests/test_chat_data.py": 36, "tests/test_infer.py": 33,
+    "tests/test_paged_attention.py": 29, "tests/test_memory_plan.py": 23,
 }
 ONE_UNIT_PER_TEST = ("tests/test_notebooks.py",)
 
