@@ -138,6 +138,37 @@ def test_restore_into_requested_sharding(tmp_path):
     np.testing.assert_array_equal(np.asarray(got["b"]), np.ones((8,)))
 
 
+def test_saving_replicated_arrays_in_one_process_compiles_nothing(tmp_path):
+    """Arrays replicated over 8 devices (the whole array on each, or half of it on each of 4 pairs) are written by
+    one replica each: no program is compiled to cut them into per-replica slices (orbax's replica-parallel save
+    compiled one slice per shape and device: 148 for the tiny config's pipelined state), and they read back
+    exactly."""
+    from jax import monitoring
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
+    state = {"full": jax.device_put(jnp.arange(64, dtype=jnp.float32).reshape(8, 8), NamedSharding(mesh, P())),
+             "half": jax.device_put(jnp.arange(48, dtype=jnp.float32).reshape(6, 8), NamedSharding(mesh, P("x")))}
+    jax.block_until_ready(state)
+    compiled = []
+
+    def listener(event, _seconds, fun_name=None, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(fun_name)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with Checkpointer(tmp_path / "ckpt", async_save=False) as ck:
+            ck.save(1, state)
+            ck.wait()
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compiled == [], compiled
+    with Checkpointer(tmp_path / "ckpt") as ck:
+        _, got, _ = ck.restore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
+    for k in state:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(state[k]))
+
+
 def _tmp_dirs(d):
     return [n for n in os.listdir(d) if ".orbax-checkpoint-tmp" in n]
 
