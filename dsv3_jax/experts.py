@@ -16,7 +16,10 @@ All are dropless and tested against each other (tests/test_moe.py):
                M + E*(b-1) rows in all, so no token is ever dropped), each block multiplied by its
                expert's weights with one batched einsum, or with the FP8 grouped GEMM
                (`dsv3_jax.fp8.fp8_expert_blocks`). XLA:CPU lowers ragged_dot densely (~25x slower,
-               REFERENCE.md section 9), so the resolver picks 'blocks' on CPU.
+               REFERENCE.md section 9), so the resolver picks 'blocks' on CPU, where the float GEMMs run
+               as a loop over the blocks that hold rows (`swiglu_block_loop`: XLA:CPU runs a block's flat
+               dots at about twice the speed of the same dots batched, and the loop skips the empty blocks
+               of the static bound); the batched einsum beside it is the reference.
 `block_layout` and `permute_rows` are also the row bookkeeping of expert parallelism
 (`parallel/expert.py`), which runs `experts_blocks` on the rows each rank receives.
 
@@ -140,15 +143,86 @@ def _permute_bwd(res, g):
 permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
+def _used_blocks(dest, block: int, nb: int):
+    """[nb] bool: the blocks that hold rows. `block_layout` packs the experts' blocks from the start and every
+    block it assigns holds at least one row, so the used blocks are those up to the one of the highest row."""
+    return jnp.arange(nb) <= jnp.max(dest) // block
+
+
+@jax.custom_vjp
+def swiglu_block_loop(xb, block_expert, used, w_gate, w_up, w_down):
+    """Each block's SwiGLU with its expert's weights, one block at a time (`jax.lax.map`), blocks not `used`
+    skipped (zeros): xb [nb, b, D], block_expert [nb], used [nb] -> [nb, b, D]. The CPU form of the batched
+    einsum in `experts_blocks` (the reference): the same products row by row. Its backward is another loop that
+    adds each block's weight gradients into its expert's (the einsum's transpose would be a GEMM against the
+    one-hot [nb, E] selection)."""
+    return _block_loop(xb, block_expert, used, w_gate, w_up, w_down, keep=False)
+
+
+def _block_loop(xb, block_expert, used, w_gate, w_up, w_down, keep: bool):
+    """The forward loop: y [nb, b, D], and with `keep` the pre-activations x Wg, x Wu [nb, b, F] as well."""
+    b, D, F = xb.shape[1], xb.shape[2], w_gate.shape[-1]
+    dt = jnp.result_type(xb, w_gate)
+
+    def one(args):
+        xi, e, u = args
+
+        def run():
+            a, g = xi @ w_gate[e], xi @ w_up[e]
+            y = (jax.nn.silu(a) * g) @ w_down[e]
+            return (y, a, g) if keep else y
+
+        def skip():
+            y = jnp.zeros((b, D), dt)
+            return (y, jnp.zeros((b, F), dt), jnp.zeros((b, F), dt)) if keep else y
+
+        return jax.lax.cond(u, run, skip)
+
+    return jax.lax.map(one, (xb, block_expert, used))
+
+
+def _block_loop_fwd(xb, block_expert, used, w_gate, w_up, w_down):
+    y, a, g = _block_loop(xb, block_expert, used, w_gate, w_up, w_down, keep=True)
+    return y, (xb, block_expert, used, w_gate, w_up, w_down, a, g)
+
+
+def _block_loop_bwd(res, dy):
+    xb, block_expert, used, w_gate, w_up, w_down, a, g = res
+
+    def one(grads, args):
+        xi, e, u, ai, gi, dyi = args
+
+        def run():
+            s = jax.nn.sigmoid(ai)
+            silu = ai * s
+            dh = dyi @ w_down[e].T
+            da = dh * gi * (s + silu * (1 - s))  # silu'(a) = s (1 + a (1 - s))
+            dg = dh * silu
+            dwg, dwu, dwd = grads
+            added = (dwg.at[e].add((xi.T @ da).astype(dwg.dtype)), dwu.at[e].add((xi.T @ dg).astype(dwu.dtype)),
+                     dwd.at[e].add(((silu * gi).T @ dyi).astype(dwd.dtype)))
+            return (da @ w_gate[e].T + dg @ w_up[e].T).astype(xi.dtype), added
+
+        return jax.lax.cond(u, run, lambda: (jnp.zeros_like(xi), grads))[::-1]
+
+    zeros = tuple(jnp.zeros_like(t) for t in (w_gate, w_up, w_down))
+    grads, dx = jax.lax.scan(one, zeros, (xb, block_expert, used, a, g, dy))
+    return (dx, None, None) + grads
+
+
+swiglu_block_loop.defvjp(_block_loop_fwd, _block_loop_bwd)
+
+
 def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options | None = None,
-                   fp8_weights: Fp8Weights | None = None):
+                   fp8_weights: Fp8Weights | None = None, loop: bool = False):
     """Rows sorted into per-expert padded blocks, one batched einsum per matrix. x [N, D] -> [N, D] (f32).
 
     Row moves use `permute_rows` (gathers both ways) and each block's expert weights are selected with
     a one-hot matmul ([nb, E] x [E, D, F]), whose transpose is a GEMM rather than a scatter-add.
     `fp8`: run the three GEMMs as grouped block-scaled FP8 GEMMs with these options (weights: float32
     masters) over the same block layout. FP8-resident weights (`resident.QWeight`s [E, N, K] with their
-    block scales) run the same grouped GEMM forward-only, in `fp8_weights.mode`.
+    block scales) run the same grouped GEMM forward-only, in `fp8_weights.mode`. `loop` (float weights): the
+    GEMMs as `swiglu_block_loop` over the blocks that hold rows (the CPU form).
     """
     N, K = idx.shape
     D, E = x.shape[1], _num_experts(w_gate)
@@ -171,6 +245,9 @@ def experts_blocks(x, idx, w, w_gate, w_up, w_down, block: int, fp8: Fp8Options 
 
             h = jax.nn.silu(gemm(xb, w_gate)) * gemm(xb, w_up)
             y = gemm(h, w_down).reshape(P, D)
+        elif loop:
+            y = swiglu_block_loop(xb, block_expert, _used_blocks(dest, block, nb), w_gate, w_up, w_down)
+            y = y.reshape(P, D)
         else:
             pick = jax.nn.one_hot(block_expert, E, dtype=w_gate.dtype)  # [nb, E]
             hi = jax.lax.Precision.HIGHEST  # a selection must not round the weights (e.g. TF32 on GPU)
@@ -200,6 +277,7 @@ class LocalExperts:
     block: int = 64
     fp8: Fp8Options | None = None
     fp8_weights: Fp8Weights | None = None
+    loop: bool = False  # 'blocks' with float weights: the GEMMs as a loop over the used blocks (the CPU form)
 
     def __call__(self, x, idx, w, w_gate, w_up, w_down):
         """x [N, D], idx/w [N, K], weights -> (y [N, D] float32, dropped rows (always 0))."""
@@ -214,7 +292,7 @@ class LocalExperts:
 
             y = experts_ragged(x, idx, w, w_gate, w_up, w_down, grouped_gemm_mgpu())
         elif self.impl == "blocks":
-            y = experts_blocks(x, idx, w, w_gate, w_up, w_down, self.block, self.fp8, self.fp8_weights)
+            y = experts_blocks(x, idx, w, w_gate, w_up, w_down, self.block, self.fp8, self.fp8_weights, self.loop)
         else:
             raise UserError(f"unknown expert layout {self.impl!r}")
         return y, jnp.zeros((), jnp.float32)

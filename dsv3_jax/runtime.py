@@ -18,9 +18,9 @@ What it holds, and who reads it:
     mesh, stages, microbatches, pipeline_schedule,           the train program (`programs.program_for`): the
     pipeline_chunks, pipeline_stage_layers                   scheduled pipeline over the mesh axis 'stage' when
                                                              it has more than one stage
-    expert_impl, block_size, expert_dispatch,               the routed-expert strategy (`strategies.experts`):
-    capacity_factor, emulate_ragged_all_to_all               dense / blocks / ragged on the local device, or
-                                                             expert parallelism over the mesh axis 'expert'
+    expert_impl, block_size, expert_blocks_loop,            the routed-expert strategy (`strategies.experts`):
+    expert_dispatch, capacity_factor,                        dense / blocks / ragged on the local device, or
+    emulate_ragged_all_to_all                                expert parallelism over the mesh axis 'expert'
     decode_expert_impl                                       the local layout for cached decode steps
                                                              (`for_decode()`)
     fp8, fp8_options                                         FP8 block-scaled GEMMs and how they run
@@ -203,6 +203,7 @@ class Runtime:
     expert_impl: str = "blocks"
     decode_expert_impl: str = "dense"
     block_size: int = 64
+    expert_blocks_loop: bool = False  # 'blocks' GEMMs as a loop over the used blocks (CPU; `resolve`)
     expert_dispatch: str = "padded"
     capacity_factor: float = 0.0
     emulate_ragged_all_to_all: bool = False
@@ -368,7 +369,10 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
     """A concrete Runtime for this backend. 'auto' means:
       moe_impl         'blocks' on CPU (XLA:CPU lowers ragged_dot densely, ~25x slower), 'ragged' elsewhere
                        ('mgpu': the Mosaic GPU grouped GEMM on Hopper, grouped_gemm_mgpu.py, asked for by name);
-                       'blocks' with fp8 or fp8_weights (the FP8 grouped GEMM uses the block layout)
+                       'blocks' with fp8 or fp8_weights (the FP8 grouped GEMM uses the block layout); on CPU the
+                       float 'blocks' GEMMs loop over the blocks that hold rows (expert_blocks_loop: XLA:CPU runs
+                       the batched small dots at about half a flat dot's speed and computes every block of the
+                       static bound), elsewhere one batched einsum
       decode_moe_impl  'dense' on CPU (cheapest at decode sizes there), else the training layout
       expert_dispatch  'ragged' (ragged_all_to_all; with a capacity factor, a receive buffer of cf x a balanced
                        rank's rows) on GPU/TPU, else 'padded' (all_to_all; XLA:CPU has no ragged_all_to_all)
@@ -409,6 +413,7 @@ def resolve(*, mesh: jax.sharding.Mesh | None = None, moe_impl: str = "auto", mo
         expert_dispatch = "ragged" if p in ("gpu", "tpu") else "padded"
     stages = 1 if mesh is None or "stage" not in mesh.axis_names else int(mesh.shape["stage"])
     return Runtime(backend=p, mesh=mesh, expert_impl=impl, decode_expert_impl=decode, block_size=int(moe_block_size),
+                   expert_blocks_loop=p == "cpu",
                    expert_dispatch=expert_dispatch, capacity_factor=float(expert_capacity_factor),
                    emulate_ragged_all_to_all=(p == "cpu") if emulate_ragged_all_to_all is None
                    else emulate_ragged_all_to_all,

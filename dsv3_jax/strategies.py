@@ -23,8 +23,8 @@ def experts(rt: Runtime):
     if rt.expert_parallel:
         return ExpertParallel(mesh=rt.mesh, block=rt.block_size, capacity_factor=rt.capacity_factor,
                               dispatch=rt.expert_dispatch, emulate=rt.emulate_ragged_all_to_all, fp8=fp8,
-                              fp8_weights=rt.fp8_resident, impl=rt.expert_impl)
-    return LocalExperts(rt.expert_impl, rt.block_size, fp8, rt.fp8_resident)
+                              fp8_weights=rt.fp8_resident, impl=rt.expert_impl, loop=rt.expert_blocks_loop)
+    return LocalExperts(rt.expert_impl, rt.block_size, fp8, rt.fp8_resident, rt.expert_blocks_loop)
 
 
 def stack(rt: Runtime):

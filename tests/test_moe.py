@@ -127,6 +127,9 @@ IMPLS = {
     "block3": lambda *a: experts_blocks(*a, block=3),
     "block4": lambda *a: experts_blocks(*a, block=4),
     "block_big": lambda *a: experts_blocks(*a, block=40),  # > N: larger than any expert's group
+    # the CPU form: the GEMMs as a loop over the blocks that hold rows (skewed: most blocks empty, skipped)
+    "block3_loop": lambda *a: experts_blocks(*a, block=3, loop=True),
+    "block_big_loop": lambda *a: experts_blocks(*a, block=40, loop=True),
 }
 
 
@@ -155,7 +158,8 @@ def test_expert_layout_gradients_agree(skewed):
     per_k = np.stack([np.einsum("nd,nd->n", ct, np.stack([ref.swiglu(x[n], wg[e], wu[e], wd[e])
                                                           for n, e in enumerate(idx[:, k])])) for k in range(3)], 1)
     np.testing.assert_allclose(np.asarray(base[1]), per_k, rtol=1e-5, atol=1e-5)
-    for name in ("gathered", "ragged", "block1", "block4", "block_big"):
+    # (the loop's backward is written by hand, `experts._block_loop_bwd`: against autodiff of the dense einsums)
+    for name in ("gathered", "ragged", "block1", "block4", "block_big", "block3_loop", "block_big_loop"):
         g = grads(IMPLS[name])
         for a, b, what in zip(g, base, ("x", "w", "w_gate", "w_up", "w_down")):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,

@@ -127,11 +127,15 @@ def test_strategies_follow_the_runtime():
     piped = program_for(rt, ModelConfig(**MODEL), 16)
     assert isinstance(piped, Pipelined) and (piped.program.table.name, piped.program.table.M) == ("gpipe", 4)
     local = runtime.resolve(moe_impl="dense")
-    assert strategies.experts(local) == LocalExperts("dense", 64, None)
+    assert strategies.experts(local) == LocalExperts("dense", 64, None, None, loop=True)
+    # the float 'blocks' GEMMs loop over the used blocks on CPU only (experts.swiglu_block_loop)
+    assert strategies.experts(runtime.resolve()) == LocalExperts("blocks", 64, None, None, loop=True)
+    assert strategies.experts(rt).loop
     assert strategies.stack(local) == ScanStack(remat=False, unroll=True)
     chip = type("Chip", (), {"platform": "tpu", "device_kind": "TPU v5p"})()
     with runtime.compiling_for([chip]):  # (as dsv3_jax.aot resolves for a pod: the layer loop kept)
         assert strategies.stack(runtime.resolve()) == ScanStack(remat=False, unroll=False)
+        assert strategies.experts(runtime.resolve(moe_impl="blocks")) == LocalExperts("blocks", 64, None, None)
     assert type(program_for(local, ModelConfig(**MODEL), 16)) is Plain
 
 

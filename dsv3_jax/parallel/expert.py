@@ -79,7 +79,7 @@ def _num_local_experts(w) -> int:
 
 
 def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, fp8=None,
-                   fp8_weights=None, impl="blocks"):
+                   fp8_weights=None, impl="blocks", loop=False):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
@@ -102,7 +102,7 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
     with jax.named_scope("dispatch"):
         recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
 
-    y = LocalExperts(impl, block, fp8, fp8_weights)(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
+    y = LocalExperts(impl, block, fp8, fp8_weights, loop)(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
                                                     recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up,
                                                     w_down)[0]
     if sizes.get("tensor", 1) > 1:  # F was split: partial sums of the down projection
@@ -117,14 +117,15 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
 
 def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int, capacity_factor: float,
                             fp8: Fp8Options | None = None, dispatch: str = "padded", emulate: bool | None = None,
-                            fp8_weights: Fp8Weights | None = None, impl: str = "blocks"):
+                            fp8_weights: Fp8Weights | None = None, impl: str = "blocks", loop: bool = False):
     """x [N, D], idx/w [N, K] (global, split over the batch axes), weights [E, D, F] / [E, F, D].
     dispatch: 'padded' (all_to_all, capacity per (source, destination) pair) or 'ragged' (ragged_all_to_all;
     dropless, or with a capacity factor a receive buffer of ceil(cf * M) rows per rank).
     emulate: ragged exchange through all_gather (default: on CPU only; False forces the real op, e.g. to
     lower for a GPU from a CPU machine). impl: the layout the local experts run in ('blocks', 'ragged'
     (ragged_dot), 'mgpu', 'dense': `experts.LocalExperts`); the Runtime passes its expert_impl ('ragged' on
-    GPU/TPU). fp8: FP8 grouped GEMMs for the local experts with these options.
+    GPU/TPU); loop: 'blocks' GEMMs as a loop over the used blocks (`experts.swiglu_block_loop`, the Runtime's
+    choice on CPU). fp8: FP8 grouped GEMMs for the local experts with these options.
     FP8-resident weights come as `QWeight`s ([E, F, D] / [E, D, F] with block scales) and run with
     `fp8_weights`; they need tensor=1 (a tensor-split F would cut through the 128x128 scale blocks).
 
@@ -148,12 +149,12 @@ def experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, *, mesh, block: int
     if dispatch == "ragged":
         fn = partial(_local_experts_ragged, block=block, capacity_factor=capacity_factor,
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
-                     fp8_weights=fp8_weights, impl=impl,
+                     fp8_weights=fp8_weights, impl=impl, loop=loop,
                      emulate=runtime.platform() == "cpu" if emulate is None else emulate)
     else:
         fn = partial(_local_experts, block=block, capacity_factor=capacity_factor,
                      mesh_axes=tuple(a for a in BATCH_AXES if a in mesh.axis_names), sizes=sizes, fp8=fp8,
-                     fp8_weights=fp8_weights, impl=impl)
+                     fp8_weights=fp8_weights, impl=impl, loop=loop)
     with jax.named_scope("expert_parallel"):
         return jax.shard_map(fn, mesh=sharding.inner_mesh(mesh), in_specs=(batch, batch, batch, wspec, wspec, dspec),
                              out_specs=(batch, P()), check_vma=False)(x, idx, w, w_gate, w_up, w_down)
@@ -172,11 +173,13 @@ class ExpertParallel:
     fp8: Fp8Options | None = None
     fp8_weights: Fp8Weights | None = None
     impl: str = "blocks"  # the local experts' layout (experts.LocalExperts): the Runtime's expert_impl
+    loop: bool = False  # 'blocks': the GEMMs as a loop over the used blocks (the Runtime's expert_blocks_loop)
 
     def __call__(self, x, idx, w, w_gate, w_up, w_down):
         return experts_expert_parallel(x, idx, w, w_gate, w_up, w_down, mesh=self.mesh, block=self.block,
                                        capacity_factor=self.capacity_factor, fp8=self.fp8, dispatch=self.dispatch,
-                                       emulate=self.emulate, fp8_weights=self.fp8_weights, impl=self.impl)
+                                       emulate=self.emulate, fp8_weights=self.fp8_weights, impl=self.impl,
+                                       loop=self.loop)
 
 
 # ----------------------------------------------------------------------------- ragged dispatch
@@ -201,7 +204,7 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
 
 
 def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, mesh_axes, sizes, emulate,
-                          fp8=None, fp8_weights=None, impl="blocks"):
+                          fp8=None, fp8_weights=None, impl="blocks", loop=False):
     ep = sizes["expert"]
     n, K = idx.shape
     M, D = n * K, x.shape[1]
@@ -233,8 +236,8 @@ def _local_experts_ragged(x, idx, w, w_gate, w_up, w_down, *, block, capacity_fa
     rows = jnp.arange(R)
     seg = jnp.minimum(jnp.searchsorted(ends, rows, side="right"), ep * e_loc - 1)
     valid = (rows < ends[-1]).astype(jnp.float32)
-    y = LocalExperts(impl, block, fp8, fp8_weights)(recv, (seg % e_loc)[:, None].astype(jnp.int32), valid[:, None],
-                                                    w_gate, w_up, w_down)[0]
+    local = LocalExperts(impl, block, fp8, fp8_weights, loop)
+    y = local(recv, (seg % e_loc)[:, None].astype(jnp.int32), valid[:, None], w_gate, w_up, w_down)[0]
     if sizes.get("tensor", 1) > 1:
         y = jax.lax.psum(y, "tensor")
     with jax.named_scope("combine"):  # (rows that were not sent come back as zeros)
