@@ -337,7 +337,10 @@ class Runtime:
             cf = "dropless" if self.capacity_factor <= 0 else f"capacity factor {self.capacity_factor:g}"
             experts = (f"expert-parallel ({self.expert_dispatch} dispatch, {cf}, local blocks of {self.block_size})")
         else:
-            experts = self.expert_impl + (f" (blocks of {self.block_size})" if self.expert_impl == "blocks" else "")
+            loop = (", a loop over the used blocks" if self.expert_blocks_loop and not (self.fp8 or self.fp8_weights)
+                    else "")
+            experts = self.expert_impl + (f" (blocks of {self.block_size}{loop})" if self.expert_impl == "blocks"
+                                          else "")
         chunks = f" x {self.pipeline_chunks} chunks" if self.pipeline_chunks > 1 else ""
         stack = (f"pipeline {self.pipeline_schedule} {self.stages} stages{chunks} x {self.microbatches} micro-batches"
                  if self.stages > 1 else ("scan unrolled" if self.unroll_layers else "scan"))
