@@ -146,7 +146,7 @@ permute_rows.defvjp(_permute_fwd, _permute_bwd)
 def _used_blocks(dest, block: int, nb: int):
     """[nb] bool: the blocks that hold rows. `block_layout` packs the experts' blocks from the start and every
     block it assigns holds at least one row, so the used blocks are those up to the one of the highest row."""
-    return jnp.arange(nb) <= jnp.max(dest) // block
+    return jnp.arange(nb) <= jnp.max(dest, initial=-1) // block  # (no rows: none)
 
 
 @jax.custom_vjp
@@ -155,7 +155,8 @@ def swiglu_block_loop(xb, block_expert, used, w_gate, w_up, w_down):
     skipped (zeros): xb [nb, b, D], block_expert [nb], used [nb] -> [nb, b, D]. The CPU form of the batched
     einsum in `experts_blocks` (the reference): the same products row by row. Its backward is another loop that
     adds each block's weight gradients into its expert's (the einsum's transpose would be a GEMM against the
-    one-hot [nb, E] selection)."""
+    one-hot [nb, E] selection), summed in float32 at least whatever the weights' dtype (bf16 sums of many blocks
+    would lose what the einsum's single dot keeps)."""
     return _block_loop(xb, block_expert, used, w_gate, w_up, w_down, keep=False)
 
 
@@ -205,9 +206,10 @@ def _block_loop_bwd(res, dy):
 
         return jax.lax.cond(u, run, lambda: (jnp.zeros_like(xi), grads))[::-1]
 
-    zeros = tuple(jnp.zeros_like(t) for t in (w_gate, w_up, w_down))
+    weights = (w_gate, w_up, w_down)
+    zeros = tuple(jnp.zeros(t.shape, jnp.promote_types(t.dtype, jnp.float32)) for t in weights)
     grads, dx = jax.lax.scan(one, zeros, (xb, block_expert, used, a, g, dy))
-    return (dx, None, None) + grads
+    return (dx, None, None) + tuple(d.astype(t.dtype) for d, t in zip(grads, weights))
 
 
 swiglu_block_loop.defvjp(_block_loop_fwd, _block_loop_bwd)

@@ -333,12 +333,13 @@ class Runtime:
         else:
             axes = " x ".join(f"{a} {s}" for a, s in self.mesh.shape.items() if s > 1)
             mesh = f"mesh {axes} ({self.mesh.size} devices)" if axes else "a one-device mesh"
+        loop = (", a loop over the used blocks" if self.expert_blocks_loop and not (self.fp8 or self.fp8_weights)
+                else "")
         if self.expert_parallel:
             cf = "dropless" if self.capacity_factor <= 0 else f"capacity factor {self.capacity_factor:g}"
-            experts = (f"expert-parallel ({self.expert_dispatch} dispatch, {cf}, local blocks of {self.block_size})")
+            experts = (f"expert-parallel ({self.expert_dispatch} dispatch, {cf}, local blocks of {self.block_size}"
+                       f"{loop if self.expert_impl == 'blocks' else ''})")
         else:
-            loop = (", a loop over the used blocks" if self.expert_blocks_loop and not (self.fp8 or self.fp8_weights)
-                    else "")
             experts = self.expert_impl + (f" (blocks of {self.block_size}{loop})" if self.expert_impl == "blocks"
                                           else "")
         chunks = f" x {self.pipeline_chunks} chunks" if self.pipeline_chunks > 1 else ""
