@@ -118,8 +118,9 @@ def test_sparse_stage_separates_the_gradients():
     """Sparse stage: the model's gradients are the language-model objective's alone (the KL's target and the indexer's
     inputs are detached), the indexer's are w x the KL's alone (the top-k selection passes no gradient)."""
     total, lm, kl = (_split(g) for g in _grads("sparse", 0.5))
-    for p, g in total[1].items():
-        np.testing.assert_allclose(g, lm[1][p], rtol=1e-6, atol=1e-9, err_msg=str(p))
+    for p, g in total[1].items():  # (two compiled programs: float32 rounding of the leaf's own scale, no more; a
+        #                              leaked KL would add 0.5 x its gradient, and the last line checks that it is 0)
+        np.testing.assert_allclose(g, lm[1][p], rtol=1e-6, atol=1e-6 * np.abs(lm[1][p]).max(), err_msg=str(p))
     for p, g in total[0].items():
         assert not np.any(lm[0][p]), p  # no language-model gradient reaches the indexer
         np.testing.assert_allclose(g, 0.5 * kl[0][p], rtol=1e-6, atol=1e-9, err_msg=str(p))
