@@ -102,9 +102,9 @@ def _local_experts(x, idx, w, w_gate, w_up, w_down, *, block, capacity_factor, m
     with jax.named_scope("dispatch"):
         recv, recv_eid, recv_valid = a2a(send), a2a(send_eid), a2a(valid.reshape(ep, C))
 
-    y = LocalExperts(impl, block, fp8, fp8_weights, loop)(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1),
-                                                    recv_valid.reshape(-1, 1).astype(jnp.float32), w_gate, w_up,
-                                                    w_down)[0]
+    local = LocalExperts(impl, block, fp8, fp8_weights, loop)
+    y = local(recv.reshape(ep * C, D), recv_eid.reshape(-1, 1), recv_valid.reshape(-1, 1).astype(jnp.float32),
+              w_gate, w_up, w_down)[0]
     if sizes.get("tensor", 1) > 1:  # F was split: partial sums of the down projection
         y = jax.lax.psum(y, "tensor")
     with jax.named_scope("combine"):
